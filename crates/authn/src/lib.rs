@@ -1,0 +1,1 @@
+//! unhidra-authn

@@ -1,0 +1,159 @@
+//! The message bus every Unhidra service talks through: one [`Bus`] trait with
+//! two implementations, [`NatsBus`] (NATS core + JetStream, for the scaled-out
+//! deployment) and [`MemoryBus`] (in-process, for the embedded default). The
+//! conformance suite in `tests/` holds both to the same behaviour.
+
+mod memory;
+mod nats;
+mod subject;
+
+use std::{collections::BTreeMap, fmt, time::Duration};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+pub use memory::MemoryBus;
+pub use nats::NatsBus;
+pub use subject::matches;
+
+/// Message headers (trace context, request id, schema version...).
+pub type Headers = BTreeMap<String, String>;
+
+/// A message as a subscriber or consumer sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Message {
+    pub subject: String,
+    pub headers: Headers,
+    pub payload: Bytes,
+    /// Where to send the answer, for a request.
+    pub reply: Option<String>,
+}
+
+/// A stream persisting every message published on its subjects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSpec {
+    pub name: String,
+    pub subjects: Vec<String>,
+    /// Messages older than this are discarded.
+    pub max_age: Duration,
+    /// Publishes with the same message id within this window are stored once.
+    pub duplicate_window: Duration,
+}
+
+/// A durable consumer of a stream: its position survives restarts, and every
+/// message is redelivered until acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerSpec {
+    pub stream: String,
+    pub durable: String,
+    /// Only messages on subjects matching this pattern.
+    pub filter: Option<String>,
+    /// Unacknowledged deliveries are redelivered after this long.
+    pub ack_wait: Duration,
+    /// Give up on a message after this many deliveries; `None` never gives up.
+    pub max_deliver: Option<u32>,
+}
+
+/// Everything the bus can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("no service is listening on `{0}`")]
+    NoResponders(String),
+    #[error("no reply on `{0}` in time")]
+    Timeout(String),
+    #[error("no stream stores subject `{0}`")]
+    NoStream(String),
+    #[error("stream `{0}` does not exist")]
+    UnknownStream(String),
+    #[error("bus: {0}")]
+    Transport(String),
+}
+
+pub type Result<T, E = BusError> = std::result::Result<T, E>;
+
+/// A stream of messages from a subscription.
+pub type Subscription = BoxStream<'static, Message>;
+
+/// A stream of deliveries from a durable consumer.
+pub type Deliveries = BoxStream<'static, Result<Delivery>>;
+
+/// Settles one delivery; implemented by each bus.
+#[async_trait]
+trait Settle: Send + Sync {
+    async fn ack(&self) -> Result<()>;
+    async fn nak(&self, delay: Duration) -> Result<()>;
+}
+
+/// One delivery from a durable consumer; settle it with [`Delivery::ack`] once
+/// its effects are committed, or [`Delivery::nak`] to have it redelivered.
+pub struct Delivery {
+    pub message: Message,
+    /// 1 on the first delivery, more on redeliveries.
+    pub attempt: u64,
+    settle: Box<dyn Settle>,
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .field("attempt", &self.attempt)
+            .finish()
+    }
+}
+
+impl Delivery {
+    /// Done with it: it will not be delivered again.
+    pub async fn ack(self) -> Result<()> {
+        self.settle.ack().await
+    }
+
+    /// Not done: deliver it again after `delay`.
+    pub async fn nak(self, delay: Duration) -> Result<()> {
+        self.settle.nak(delay).await
+    }
+}
+
+/// Publish/subscribe with `*` and `>` wildcards, request/reply, and durable
+/// streams with explicit acknowledgement.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Fire-and-forget publish; subscribers that are listening now receive it.
+    async fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<()>;
+
+    /// Publish into the stream that stores `subject`; returns once it is stored.
+    /// A repeated `msg_id` within the stream's duplicate window is stored once.
+    async fn publish_durable(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        headers: Headers,
+        payload: Bytes,
+    ) -> Result<()>;
+
+    /// Every message on subjects matching `pattern`.
+    async fn subscribe(&self, pattern: &str) -> Result<Subscription>;
+
+    /// Like `subscribe`, but each message goes to one member of `group`: how
+    /// service replicas share requests.
+    async fn subscribe_queue(&self, pattern: &str, group: &str) -> Result<Subscription>;
+
+    /// Sends a request and waits up to `timeout` for the first reply.
+    async fn request(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Message>;
+
+    /// Creates the stream, or updates it to `spec` if it exists.
+    async fn ensure_stream(&self, spec: &StreamSpec) -> Result<()>;
+
+    /// Creates (or resumes) a durable consumer and streams its deliveries.
+    async fn consume(&self, spec: &ConsumerSpec) -> Result<Deliveries>;
+
+    /// Whether the bus is usable right now (for readiness checks).
+    async fn healthy(&self) -> bool;
+}

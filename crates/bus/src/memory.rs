@@ -1,0 +1,466 @@
+//! The in-process bus of the embedded default. Same semantics as NATS within one
+//! process: subscriptions see what is published while they listen, queue groups
+//! share the load, streams keep messages in memory for `max_age` (at most
+//! `MAX_STREAM_MESSAGES`, oldest dropped first, like a JetStream limits stream),
+//! and unacknowledged deliveries are redelivered after `ack_wait` or when the
+//! consumer resumes. Nothing survives the process: the embedded mode relies on
+//! the services' own tables (chat-service's outbox) for durability.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{StreamExt, stream};
+use tokio::sync::{Notify, mpsc};
+
+use crate::{
+    Bus, BusError, ConsumerSpec, Deliveries, Delivery, Headers, Message, Result, Settle,
+    StreamSpec, Subscription, matches,
+};
+
+/// Messages buffered per subscription before new ones are dropped (as NATS does
+/// for a slow subscriber).
+const SUBSCRIPTION_CAPACITY: usize = 65_536;
+/// Messages a stream keeps at most (oldest dropped first), besides `max_age`.
+const MAX_STREAM_MESSAGES: usize = 100_000;
+/// Deliveries a consumer may hold unacknowledged before it gets no new ones.
+const MAX_ACK_PENDING: usize = 1_000;
+
+/// An in-process [`Bus`]; clones share the same subjects and streams.
+#[derive(Clone, Default)]
+pub struct MemoryBus {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for MemoryBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MemoryBus")
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    subscriptions: Mutex<Vec<Sub>>,
+    streams: Mutex<HashMap<String, Arc<MemStream>>>,
+    counter: AtomicU64,
+}
+
+struct Sub {
+    pattern: String,
+    group: Option<String>,
+    tx: mpsc::Sender<Message>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent data behind
+    // (every critical section is a few map operations), so poisoning is ignored.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl MemoryBus {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Hands `message` to matching subscribers; returns how many got it.
+    fn deliver(&self, message: &Message) -> usize {
+        let pick = self.inner.counter.fetch_add(1, Ordering::Relaxed) as usize;
+        let mut subscriptions = lock(&self.inner.subscriptions);
+        subscriptions.retain(|s| !s.tx.is_closed());
+        let mut groups: HashMap<&str, Vec<&Sub>> = HashMap::new();
+        let mut delivered = 0;
+        for sub in subscriptions
+            .iter()
+            .filter(|s| matches(&s.pattern, &message.subject))
+        {
+            match &sub.group {
+                Some(group) => groups.entry(group).or_default().push(sub),
+                None => delivered += usize::from(offer(sub, message)),
+            }
+        }
+        for members in groups.values() {
+            delivered += usize::from(offer(members[pick % members.len()], message));
+        }
+        delivered
+    }
+
+    fn stream_for(&self, subject: &str) -> Option<Arc<MemStream>> {
+        lock(&self.inner.streams)
+            .values()
+            .find(|s| {
+                lock(&s.state)
+                    .spec
+                    .subjects
+                    .iter()
+                    .any(|p| matches(p, subject))
+            })
+            .cloned()
+    }
+
+    fn add_subscription(&self, pattern: &str, group: Option<&str>) -> Subscription {
+        let (tx, rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
+        lock(&self.inner.subscriptions).push(Sub {
+            pattern: pattern.to_owned(),
+            group: group.map(str::to_owned),
+            tx,
+        });
+        stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) }).boxed()
+    }
+}
+
+fn offer(sub: &Sub, message: &Message) -> bool {
+    match sub.tx.try_send(message.clone()) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            tracing::warn!(subject = %message.subject, "slow subscriber, message dropped");
+            false
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+#[async_trait]
+impl Bus for MemoryBus {
+    async fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<()> {
+        let message = Message {
+            subject: subject.to_owned(),
+            headers,
+            payload,
+            reply: None,
+        };
+        if let Some(stream) = self.stream_for(subject) {
+            stream.append(None, message.clone());
+        }
+        self.deliver(&message);
+        Ok(())
+    }
+
+    async fn publish_durable(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        headers: Headers,
+        payload: Bytes,
+    ) -> Result<()> {
+        let stream = self
+            .stream_for(subject)
+            .ok_or_else(|| BusError::NoStream(subject.to_owned()))?;
+        let message = Message {
+            subject: subject.to_owned(),
+            headers,
+            payload,
+            reply: None,
+        };
+        if stream.append(Some(msg_id), message.clone()) {
+            self.deliver(&message);
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, pattern: &str) -> Result<Subscription> {
+        Ok(self.add_subscription(pattern, None))
+    }
+
+    async fn subscribe_queue(&self, pattern: &str, group: &str) -> Result<Subscription> {
+        Ok(self.add_subscription(pattern, Some(group)))
+    }
+
+    async fn request(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Message> {
+        let inbox = format!(
+            "_INBOX.{}",
+            self.inner.counter.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut replies = self.add_subscription(&inbox, None);
+        let request = Message {
+            subject: subject.to_owned(),
+            headers,
+            payload,
+            reply: Some(inbox),
+        };
+        if self.deliver(&request) == 0 {
+            return Err(BusError::NoResponders(subject.to_owned()));
+        }
+        match tokio::time::timeout(timeout, replies.next()).await {
+            Ok(Some(reply)) => Ok(reply),
+            Ok(None) => Err(BusError::Transport("reply subscription closed".into())),
+            Err(_) => Err(BusError::Timeout(subject.to_owned())),
+        }
+    }
+
+    async fn ensure_stream(&self, spec: &StreamSpec) -> Result<()> {
+        let mut streams = lock(&self.inner.streams);
+        match streams.get(&spec.name) {
+            Some(existing) => lock(&existing.state).spec = spec.clone(),
+            None => {
+                streams.insert(spec.name.clone(), Arc::new(MemStream::new(spec.clone())));
+            }
+        }
+        Ok(())
+    }
+
+    async fn consume(&self, spec: &ConsumerSpec) -> Result<Deliveries> {
+        let stream = lock(&self.inner.streams)
+            .get(&spec.stream)
+            .cloned()
+            .ok_or_else(|| BusError::UnknownStream(spec.stream.clone()))?;
+        stream.resume_consumer(spec);
+        let durable = spec.durable.clone();
+        Ok(
+            stream::unfold((stream, durable), |(stream, durable)| async move {
+                let delivery = stream.next_delivery(&durable).await?;
+                Some((Ok(delivery), (stream, durable)))
+            })
+            .boxed(),
+        )
+    }
+
+    async fn healthy(&self) -> bool {
+        true
+    }
+}
+
+struct MemStream {
+    state: Mutex<StreamState>,
+    changed: Notify,
+}
+
+struct StreamState {
+    spec: StreamSpec,
+    last_seq: u64,
+    messages: BTreeMap<u64, (Instant, Message)>,
+    recent_ids: VecDeque<(Instant, String)>,
+    recent_id_set: HashSet<String>,
+    consumers: HashMap<String, ConsumerState>,
+}
+
+struct ConsumerState {
+    spec: ConsumerSpec,
+    next_seq: u64,
+    pending: BTreeMap<u64, Pending>,
+}
+
+struct Pending {
+    due: Instant,
+    attempt: u64,
+}
+
+enum Next {
+    Deliver(u64, Message, u64),
+    Wait(Option<Instant>),
+    Gone,
+}
+
+impl MemStream {
+    fn new(spec: StreamSpec) -> Self {
+        Self {
+            state: Mutex::new(StreamState {
+                spec,
+                last_seq: 0,
+                messages: BTreeMap::new(),
+                recent_ids: VecDeque::new(),
+                recent_id_set: HashSet::new(),
+                consumers: HashMap::new(),
+            }),
+            changed: Notify::new(),
+        }
+    }
+
+    /// Stores a message unless `msg_id` was seen within the duplicate window;
+    /// returns whether it was stored.
+    fn append(&self, msg_id: Option<&str>, message: Message) -> bool {
+        let now = Instant::now();
+        let mut state = lock(&self.state);
+        let window = state.spec.duplicate_window;
+        while let Some((at, _)) = state.recent_ids.front() {
+            if now.duration_since(*at) < window {
+                break;
+            }
+            if let Some((_, id)) = state.recent_ids.pop_front() {
+                state.recent_id_set.remove(&id);
+            }
+        }
+        if let Some(id) = msg_id {
+            if !state.recent_id_set.insert(id.to_owned()) {
+                return false;
+            }
+            state.recent_ids.push_back((now, id.to_owned()));
+        }
+        let max_age = state.spec.max_age;
+        while let Some(entry) = state.messages.first_entry() {
+            if now.duration_since(entry.get().0) < max_age {
+                break;
+            }
+            entry.remove();
+        }
+        while state.messages.len() >= MAX_STREAM_MESSAGES {
+            state.messages.pop_first();
+        }
+        state.last_seq += 1;
+        let seq = state.last_seq;
+        state.messages.insert(seq, (now, message));
+        drop(state);
+        self.changed.notify_waiters();
+        true
+    }
+
+    /// Creates the consumer at the start of the stream, or resumes it with every
+    /// unacknowledged delivery due again now.
+    fn resume_consumer(&self, spec: &ConsumerSpec) {
+        let now = Instant::now();
+        let mut state = lock(&self.state);
+        let consumer = state
+            .consumers
+            .entry(spec.durable.clone())
+            .or_insert_with(|| ConsumerState {
+                spec: spec.clone(),
+                next_seq: 1,
+                pending: BTreeMap::new(),
+            });
+        consumer.spec = spec.clone();
+        for pending in consumer.pending.values_mut() {
+            pending.due = now;
+        }
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    async fn next_delivery(self: &Arc<Self>, durable: &str) -> Option<Delivery> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let next = lock(&self.state).next(durable, Instant::now());
+            match next {
+                Next::Deliver(seq, message, attempt) => {
+                    return Some(Delivery {
+                        message,
+                        attempt,
+                        settle: Box::new(MemorySettle {
+                            stream: Arc::clone(self),
+                            durable: durable.to_owned(),
+                            seq,
+                        }),
+                    });
+                }
+                Next::Gone => return None,
+                Next::Wait(until) => {
+                    let until = until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+                    tokio::select! {
+                        () = &mut changed => {}
+                        () = tokio::time::sleep_until(until.into()) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn settle(&self, durable: &str, seq: u64, redeliver_in: Option<Duration>) {
+        let mut state = lock(&self.state);
+        let Some(consumer) = state.consumers.get_mut(durable) else {
+            return;
+        };
+        match redeliver_in {
+            None => {
+                consumer.pending.remove(&seq);
+            }
+            Some(delay) => {
+                if let Some(p) = consumer.pending.get_mut(&seq) {
+                    p.due = Instant::now() + delay;
+                }
+            }
+        }
+        drop(state);
+        self.changed.notify_waiters();
+    }
+}
+
+impl StreamState {
+    fn next(&mut self, durable: &str, now: Instant) -> Next {
+        let Some(consumer) = self.consumers.get_mut(durable) else {
+            return Next::Gone;
+        };
+        let ack_wait = consumer.spec.ack_wait;
+        let max_deliver = consumer.spec.max_deliver.map(u64::from);
+        let due: Vec<u64> = consumer
+            .pending
+            .iter()
+            .filter(|(_, p)| p.due <= now)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in due {
+            let message = self.messages.get(&seq).map(|(_, m)| m.clone());
+            let Some(pending) = consumer.pending.get_mut(&seq) else {
+                continue;
+            };
+            match message {
+                Some(message) if max_deliver.is_none_or(|max| pending.attempt < max) => {
+                    pending.attempt += 1;
+                    pending.due = now + ack_wait;
+                    return Next::Deliver(seq, message, pending.attempt);
+                }
+                _ => {
+                    consumer.pending.remove(&seq);
+                }
+            }
+        }
+        if consumer.pending.len() < MAX_ACK_PENDING {
+            while consumer.next_seq <= self.last_seq {
+                let seq = consumer.next_seq;
+                consumer.next_seq += 1;
+                let Some((_, message)) = self.messages.get(&seq) else {
+                    continue;
+                };
+                let wanted = consumer
+                    .spec
+                    .filter
+                    .as_deref()
+                    .is_none_or(|f| matches(f, &message.subject));
+                if wanted {
+                    consumer.pending.insert(
+                        seq,
+                        Pending {
+                            due: now + ack_wait,
+                            attempt: 1,
+                        },
+                    );
+                    return Next::Deliver(seq, message.clone(), 1);
+                }
+            }
+        }
+        Next::Wait(consumer.pending.values().map(|p| p.due).min())
+    }
+}
+
+struct MemorySettle {
+    stream: Arc<MemStream>,
+    durable: String,
+    seq: u64,
+}
+
+#[async_trait]
+impl Settle for MemorySettle {
+    async fn ack(&self) -> Result<()> {
+        self.stream.settle(&self.durable, self.seq, None);
+        Ok(())
+    }
+
+    async fn nak(&self, delay: Duration) -> Result<()> {
+        self.stream.settle(&self.durable, self.seq, Some(delay));
+        Ok(())
+    }
+}

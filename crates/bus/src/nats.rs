@@ -1,0 +1,242 @@
+//! The scaled-out bus: NATS core subjects for pub/sub and request/reply,
+//! JetStream for streams and durable pull consumers.
+
+use std::time::Duration;
+
+use async_nats::{
+    HeaderMap,
+    jetstream::{self, AckKind, consumer::pull, context::PublishErrorKind, stream},
+};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::{
+    Bus, BusError, ConsumerSpec, Deliveries, Delivery, Headers, Message, Result, Settle,
+    StreamSpec, Subscription,
+};
+
+/// A [`Bus`] over a NATS server with JetStream enabled.
+#[derive(Clone, Debug)]
+pub struct NatsBus {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+}
+
+fn transport(e: impl std::fmt::Display) -> BusError {
+    BusError::Transport(e.to_string())
+}
+
+impl NatsBus {
+    /// Connects to `url` (`nats://host:4222`, credentials in the URL if any).
+    pub async fn connect(url: &str) -> Result<Self> {
+        let client = async_nats::ConnectOptions::new()
+            .name("unhidra")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(transport)?;
+        // retry_on_initial_connect returns at once; wait (briefly) for the first
+        // connection so a wrong URL is reported at start-up, not later.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while client.connection_state() != async_nats::connection::State::Connected {
+            if tokio::time::Instant::now() > deadline {
+                return Err(BusError::Transport(format!(
+                    "cannot reach NATS at {}",
+                    redact(url)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Self {
+            jetstream: jetstream::new(client.clone()),
+            client,
+        })
+    }
+}
+
+/// The URL without credentials, for messages.
+fn redact(url: &str) -> String {
+    match url.rsplit_once('@') {
+        Some((scheme_and_credentials, host)) => {
+            let scheme = scheme_and_credentials.split("://").next().unwrap_or("nats");
+            format!("{scheme}://***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+fn to_nats(headers: Headers) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in headers {
+        map.insert(name, value.as_str());
+    }
+    map
+}
+
+fn from_nats(message: async_nats::Message) -> Message {
+    let headers = message
+        .headers
+        .as_ref()
+        .map(|h| {
+            h.iter()
+                .filter_map(|(name, values)| {
+                    values
+                        .first()
+                        .map(|v| (name.to_string(), v.as_str().to_owned()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Message {
+        subject: message.subject.to_string(),
+        headers,
+        payload: message.payload,
+        reply: message.reply.map(|r| r.to_string()),
+    }
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    async fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<()> {
+        self.client
+            .publish_with_headers(subject.to_owned(), to_nats(headers), payload)
+            .await
+            .map_err(transport)
+    }
+
+    async fn publish_durable(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        headers: Headers,
+        payload: Bytes,
+    ) -> Result<()> {
+        let mut headers = to_nats(headers);
+        headers.insert("Nats-Msg-Id", msg_id);
+        let no_stream = |kind: PublishErrorKind| match kind {
+            PublishErrorKind::StreamNotFound => BusError::NoStream(subject.to_owned()),
+            other => BusError::Transport(format!("publish to {subject}: {other:?}")),
+        };
+        let ack = self
+            .jetstream
+            .publish_with_headers(subject.to_owned(), headers, payload)
+            .await
+            .map_err(|e| no_stream(e.kind()))?;
+        ack.await.map_err(|e| no_stream(e.kind()))?;
+        Ok(())
+    }
+
+    async fn subscribe(&self, pattern: &str) -> Result<Subscription> {
+        let subscriber = self
+            .client
+            .subscribe(pattern.to_owned())
+            .await
+            .map_err(transport)?;
+        Ok(subscriber.map(from_nats).boxed())
+    }
+
+    async fn subscribe_queue(&self, pattern: &str, group: &str) -> Result<Subscription> {
+        let subscriber = self
+            .client
+            .queue_subscribe(pattern.to_owned(), group.to_owned())
+            .await
+            .map_err(transport)?;
+        Ok(subscriber.map(from_nats).boxed())
+    }
+
+    async fn request(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Message> {
+        let request =
+            self.client
+                .request_with_headers(subject.to_owned(), to_nats(headers), payload);
+        match tokio::time::timeout(timeout, request).await {
+            Err(_) => Err(BusError::Timeout(subject.to_owned())),
+            Ok(Ok(reply)) => Ok(from_nats(reply)),
+            Ok(Err(e)) => Err(match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => {
+                    BusError::NoResponders(subject.to_owned())
+                }
+                async_nats::RequestErrorKind::TimedOut => BusError::Timeout(subject.to_owned()),
+                _ => transport(e),
+            }),
+        }
+    }
+
+    async fn ensure_stream(&self, spec: &StreamSpec) -> Result<()> {
+        self.jetstream
+            .create_or_update_stream(stream::Config {
+                name: spec.name.clone(),
+                subjects: spec.subjects.clone(),
+                max_age: spec.max_age,
+                duplicate_window: spec.duplicate_window,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(transport)?;
+        Ok(())
+    }
+
+    async fn consume(&self, spec: &ConsumerSpec) -> Result<Deliveries> {
+        let stream = self
+            .jetstream
+            .get_stream(&spec.stream)
+            .await
+            .map_err(|_| BusError::UnknownStream(spec.stream.clone()))?;
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(spec.durable.clone()),
+                filter_subject: spec.filter.clone().unwrap_or_default(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: spec.ack_wait,
+                max_deliver: spec.max_deliver.map_or(-1, i64::from),
+                ..Default::default()
+            })
+            .await
+            .map_err(transport)?;
+        let messages = consumer.messages().await.map_err(transport)?;
+        Ok(messages
+            .map(|next| {
+                let message = next.map_err(transport)?;
+                let attempt = message
+                    .info()
+                    .map(|info| u64::try_from(info.delivered).unwrap_or(1))
+                    .unwrap_or(1);
+                Ok(Delivery {
+                    message: from_nats(message.message.clone()),
+                    attempt,
+                    settle: Box::new(NatsSettle(message)),
+                })
+            })
+            .boxed())
+    }
+
+    async fn healthy(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+struct NatsSettle(jetstream::Message);
+
+#[async_trait]
+impl Settle for NatsSettle {
+    async fn ack(&self) -> Result<()> {
+        // Double ack: returns once the server has recorded the acknowledgement,
+        // so an acked message is never redelivered.
+        self.0.double_ack().await.map_err(transport)
+    }
+
+    async fn nak(&self, delay: Duration) -> Result<()> {
+        self.0
+            .ack_with(AckKind::Nak(Some(delay)))
+            .await
+            .map_err(transport)
+    }
+}

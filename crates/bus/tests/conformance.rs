@@ -1,0 +1,240 @@
+//! One behaviour, two buses: every test runs against the in-process bus and
+//! against NATS JetStream (skipped outside CI when no NATS answers).
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use unhidra_bus::{Bus, BusError, ConsumerSpec, Headers, MemoryBus, NatsBus, StreamSpec};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// The buses under test, each with a prefix of its own.
+async fn buses() -> Vec<(Arc<dyn Bus>, String)> {
+    let mut buses: Vec<(Arc<dyn Bus>, String)> =
+        vec![(Arc::new(MemoryBus::new()), unhidra_testkit::unique_prefix())];
+    if let Some(url) = unhidra_testkit::nats_url().await {
+        match NatsBus::connect(&url).await {
+            Ok(bus) => buses.push((Arc::new(bus), unhidra_testkit::unique_prefix())),
+            Err(e) => panic!("NATS at {url} answers TCP but not the protocol: {e}"),
+        }
+    }
+    buses
+}
+
+fn text(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+fn stream_spec(prefix: &str) -> StreamSpec {
+    StreamSpec {
+        name: format!("{prefix}_EVENTS"),
+        subjects: vec![format!("{prefix}.events.>")],
+        max_age: Duration::from_secs(600),
+        duplicate_window: Duration::from_secs(60),
+    }
+}
+
+fn consumer_spec(prefix: &str, durable: &str) -> ConsumerSpec {
+    ConsumerSpec {
+        stream: format!("{prefix}_EVENTS"),
+        durable: durable.to_owned(),
+        filter: None,
+        ack_wait: Duration::from_secs(1),
+        max_deliver: None,
+    }
+}
+
+#[tokio::test]
+async fn subscribers_see_matching_subjects_with_headers() -> TestResult {
+    for (bus, p) in buses().await {
+        let mut one = bus.subscribe(&format!("{p}.room.*.messages")).await?;
+        let mut all = bus.subscribe(&format!("{p}.>")).await?;
+        let mut headers = Headers::new();
+        headers.insert("x-request-id".into(), "r-1".into());
+        bus.publish(&format!("{p}.room.r1.messages"), headers, text("a"))
+            .await?;
+        bus.publish(&format!("{p}.other.thing"), Headers::new(), text("b"))
+            .await?;
+
+        let got = tokio::time::timeout(WAIT, one.next())
+            .await?
+            .ok_or("closed")?;
+        assert_eq!(got.subject, format!("{p}.room.r1.messages"));
+        assert_eq!(got.payload, text("a"));
+        assert_eq!(
+            got.headers.get("x-request-id").map(String::as_str),
+            Some("r-1")
+        );
+        let first = tokio::time::timeout(WAIT, all.next())
+            .await?
+            .ok_or("closed")?;
+        let second = tokio::time::timeout(WAIT, all.next())
+            .await?
+            .ok_or("closed")?;
+        assert_eq!((first.payload, second.payload), (text("a"), text("b")));
+        // `*` matches one token only: nothing else arrives on `one`.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), one.next())
+                .await
+                .is_err()
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_queue_group_gets_each_message_once() -> TestResult {
+    for (bus, p) in buses().await {
+        let subject = format!("{p}.work");
+        let a = bus.subscribe_queue(&subject, "workers").await?;
+        let b = bus.subscribe_queue(&subject, "workers").await?;
+        for i in 0..20 {
+            bus.publish(&subject, Headers::new(), text(&i.to_string()))
+                .await?;
+        }
+        let mut merged = futures::stream::select(a, b);
+        let mut seen = BTreeSet::new();
+        for _ in 0..20 {
+            let m = tokio::time::timeout(WAIT, merged.next())
+                .await?
+                .ok_or("closed")?;
+            assert!(
+                seen.insert(m.payload),
+                "a message reached two group members"
+            );
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), merged.next())
+                .await
+                .is_err()
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn request_reply_and_no_responders() -> TestResult {
+    for (bus, p) in buses().await {
+        let subject = format!("{p}.rpc.echo");
+        let mut requests = bus.subscribe_queue(&subject, "echo").await?;
+        let responder = Arc::clone(&bus);
+        tokio::spawn(async move {
+            while let Some(request) = requests.next().await {
+                if let Some(reply) = request.reply {
+                    let mut answer = request.payload.to_vec();
+                    answer.extend_from_slice(b"!");
+                    let _ = responder
+                        .publish(&reply, Headers::new(), answer.into())
+                        .await;
+                }
+            }
+        });
+        let reply = bus
+            .request(&subject, Headers::new(), text("hi"), WAIT)
+            .await?;
+        assert_eq!(reply.payload, text("hi!"));
+
+        let nobody = bus
+            .request(&format!("{p}.rpc.nobody"), Headers::new(), text("x"), WAIT)
+            .await;
+        assert!(
+            matches!(nobody, Err(BusError::NoResponders(_))),
+            "{nobody:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn durable_consumers_resume_redeliver_and_deduplicate() -> TestResult {
+    for (bus, p) in buses().await {
+        let spec = stream_spec(&p);
+        bus.ensure_stream(&spec).await?;
+        // Idempotent, and updates an existing stream.
+        bus.ensure_stream(&StreamSpec {
+            max_age: Duration::from_secs(900),
+            ..spec.clone()
+        })
+        .await?;
+        for (id, body) in [
+            ("m1", "1"),
+            ("m2", "2"),
+            ("m2", "2 again"),
+            ("m3", "3"),
+            ("m4", "4"),
+        ] {
+            bus.publish_durable(&format!("{p}.events.x"), id, Headers::new(), text(body))
+                .await?;
+        }
+
+        let consumer = consumer_spec(&p, "store");
+        let mut deliveries = bus.consume(&consumer).await?;
+        let mut bodies = Vec::new();
+        for _ in 0..4 {
+            let d = tokio::time::timeout(WAIT, deliveries.next())
+                .await?
+                .ok_or("closed")??;
+            assert_eq!(d.attempt, 1);
+            bodies.push(d.message.payload.clone());
+            if bodies.len() <= 2 {
+                d.ack().await?;
+            }
+        }
+        assert_eq!(bodies, vec![text("1"), text("2"), text("3"), text("4")]);
+        // The consumer goes away with 3 and 4 unacknowledged...
+        drop(deliveries);
+
+        // ...and after it resumes, exactly those come back.
+        let mut deliveries = bus.consume(&consumer).await?;
+        let mut again = Vec::new();
+        for _ in 0..2 {
+            let d = tokio::time::timeout(WAIT, deliveries.next())
+                .await?
+                .ok_or("closed")??;
+            assert!(d.attempt >= 2);
+            again.push(d.message.payload.clone());
+            if d.message.payload == text("3") {
+                d.ack().await?;
+            } else {
+                d.nak(Duration::from_millis(100)).await?;
+            }
+        }
+        again.sort();
+        assert_eq!(again, vec![text("3"), text("4")]);
+        let d = tokio::time::timeout(WAIT, deliveries.next())
+            .await?
+            .ok_or("closed")??;
+        assert_eq!(d.message.payload, text("4"));
+        d.ack().await?;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1500), deliveries.next())
+                .await
+                .is_err(),
+            "an acknowledged message came back"
+        );
+
+        // A second durable consumer starts from the beginning of the stream.
+        let mut other = bus.consume(&consumer_spec(&p, "audit")).await?;
+        let d = tokio::time::timeout(WAIT, other.next())
+            .await?
+            .ok_or("closed")??;
+        assert_eq!(d.message.payload, text("1"));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn durable_publish_needs_a_stream() -> TestResult {
+    for (bus, p) in buses().await {
+        let result = bus
+            .publish_durable(&format!("{p}.nowhere"), "id", Headers::new(), text("x"))
+            .await;
+        assert!(result.is_err(), "{result:?}");
+        let consume = bus.consume(&consumer_spec(&p, "ghost")).await;
+        assert!(matches!(consume, Err(BusError::UnknownStream(_))));
+    }
+    Ok(())
+}

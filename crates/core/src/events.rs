@@ -1,0 +1,136 @@
+//! Payloads that travel on the bus between services. Each carries the schema
+//! version `v`; events carry their idempotency key (`message_id`, `id`) which is
+//! also the JetStream `Nats-Msg-Id`.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{AuditEventId, MessageId, RoomId, UserId};
+
+/// Schema version of every payload in this module.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A message accepted into a room (stream `rooms`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RoomMessage {
+    pub v: u32,
+    pub room: RoomId,
+    pub seq: u64,
+    pub message_id: MessageId,
+    pub sender: UserId,
+    pub body: String,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// A user joined or left a room (core subject `membership.<user>`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MembershipChanged {
+    pub v: u32,
+    pub room: RoomId,
+    pub user: UserId,
+    pub joined: bool,
+}
+
+/// What happened, in an audit event.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditKind {
+    UserRegistered,
+    LoginSucceeded,
+    LoginFailed,
+    RoomCreated,
+}
+
+impl AuditKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UserRegistered => "user_registered",
+            Self::LoginSucceeded => "login_succeeded",
+            Self::LoginFailed => "login_failed",
+            Self::RoomCreated => "room_created",
+        }
+    }
+}
+
+/// A security event (stream `audit`). Never carries secrets.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AuditEvent {
+    pub v: u32,
+    pub id: AuditEventId,
+    pub kind: AuditKind,
+    /// Who did it, when known.
+    pub actor: Option<UserId>,
+    /// What it was done to: a room id, or the email a failed login named.
+    pub subject: Option<String>,
+    pub at: DateTime<Utc>,
+    pub detail: serde_json::Value,
+}
+
+impl AuditEvent {
+    pub fn new(kind: AuditKind, actor: Option<UserId>, subject: Option<String>) -> Self {
+        Self {
+            v: SCHEMA_VERSION,
+            id: AuditEventId::new(),
+            kind,
+            actor,
+            subject,
+            at: Utc::now(),
+            detail: serde_json::Value::Null,
+        }
+    }
+}
+
+/// Request `chat.send`: the gateway forwards a client's message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendRequest {
+    pub v: u32,
+    pub user: UserId,
+    pub room: RoomId,
+    pub body: String,
+}
+
+/// Reply to `chat.send`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendAccepted {
+    pub seq: u64,
+    pub message_id: MessageId,
+}
+
+/// Request `chat.rooms_of`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoomsOfRequest {
+    pub v: u32,
+    pub user: UserId,
+}
+
+/// Request `chat.membership`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MembershipRequest {
+    pub v: u32,
+    pub room: RoomId,
+    pub user: UserId,
+}
+
+/// Why a request was refused; `code` is one of the stable error codes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RpcError {
+    pub code: String,
+    pub message: String,
+}
+
+/// Every reply on the bus: `{"ok": ...}` or `{"err": {"code", "message"}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RpcReply<T> {
+    Ok(T),
+    Err(RpcError),
+}
+
+impl<T> RpcReply<T> {
+    pub fn err(code: &str, message: impl Into<String>) -> Self {
+        Self::Err(RpcError {
+            code: code.to_owned(),
+            message: message.into(),
+        })
+    }
+}

@@ -1,0 +1,223 @@
+//! The client wire protocol, version 1 (`unhidra.v1`): JSON text frames between
+//! a client and the gateway. `docs/protocol.md` documents every frame and code.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{MessageId, RoomId, UserId};
+
+/// The WebSocket subprotocol the gateway selects.
+pub const SUBPROTOCOL: &str = "unhidra.v1";
+/// A subprotocol entry `bearer.<jwt>` carries the access token (browsers cannot
+/// set `Authorization` on a WebSocket).
+pub const BEARER_PROTOCOL_PREFIX: &str = "bearer.";
+/// Longest client id a command may carry.
+pub const MAX_CLIENT_ID_LEN: usize = 128;
+
+/// Close codes the gateway uses, besides the standard 1000/1001/1009.
+pub mod close {
+    /// The server is shutting down; reconnect elsewhere.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The frame exceeded the hard transport limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// The client did not read its frames fast enough.
+    pub const SLOW_CONSUMER: u16 = 4008;
+}
+
+/// A command from the client.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientFrame {
+    /// Post `body` to `room`.
+    Send {
+        id: String,
+        room: RoomId,
+        body: String,
+    },
+    /// Liveness check at the application level.
+    Ping {
+        #[serde(default)]
+        id: Option<String>,
+    },
+}
+
+/// A frame from the server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// The message with client id `id` was accepted with room sequence `seq`.
+    Ack {
+        id: String,
+        room: RoomId,
+        seq: u64,
+        message_id: MessageId,
+    },
+    /// A message in one of the user's rooms (including the user's own).
+    Message {
+        room: RoomId,
+        seq: u64,
+        message_id: MessageId,
+        sender: UserId,
+        body: String,
+        sent_at: DateTime<Utc>,
+    },
+    Pong {
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        id: Option<String>,
+    },
+    /// A command was refused; `id` is the client id when one could be read.
+    Error {
+        id: Option<String>,
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// Stable error codes of `error` frames.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not JSON, not an object, a missing or mistyped field.
+    InvalidFrame,
+    /// A `type` this protocol version does not have.
+    UnknownType,
+    /// Larger than `max_frame_bytes`.
+    TooLarge,
+    /// Not a member of the room.
+    Forbidden,
+    /// No such room.
+    NotFound,
+    /// A service behind the gateway did not answer; retry later.
+    Unavailable,
+    /// Something broke on the server; the cause is in its logs.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Maps a bus reply code onto a frame code.
+    pub fn from_rpc(code: &str) -> Self {
+        match code {
+            "forbidden" => Self::Forbidden,
+            "not_found" => Self::NotFound,
+            "invalid_input" => Self::InvalidFrame,
+            "unavailable" => Self::Unavailable,
+            _ => Self::Internal,
+        }
+    }
+}
+
+/// A frame the gateway refuses, with the client id when one could be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    pub id: Option<String>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl From<FrameError> for ServerFrame {
+    fn from(e: FrameError) -> Self {
+        Self::Error {
+            id: e.id,
+            code: e.code,
+            message: e.message,
+        }
+    }
+}
+
+const KNOWN_TYPES: [&str; 2] = ["send", "ping"];
+
+/// Parses a text frame, telling malformed frames from unknown types.
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
+    let fail = |id: Option<String>, code, message: String| FrameError { id, code, message };
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| fail(None, ErrorCode::InvalidFrame, format!("not JSON: {e}")))?;
+    let Some(object) = value.as_object() else {
+        return Err(fail(
+            None,
+            ErrorCode::InvalidFrame,
+            "expected a JSON object".into(),
+        ));
+    };
+    let id = object.get("id").and_then(|v| v.as_str()).map(str::to_owned);
+    let Some(kind) = object.get("type").and_then(|v| v.as_str()) else {
+        return Err(fail(
+            id,
+            ErrorCode::InvalidFrame,
+            "missing string field `type`".into(),
+        ));
+    };
+    if !KNOWN_TYPES.contains(&kind) {
+        let kind: String = kind.chars().take(64).collect();
+        return Err(fail(
+            id,
+            ErrorCode::UnknownType,
+            format!("unknown type `{kind}`"),
+        ));
+    }
+    let frame: ClientFrame = serde_json::from_value(value)
+        .map_err(|e| fail(id.clone(), ErrorCode::InvalidFrame, e.to_string()))?;
+    if let ClientFrame::Send { id, .. } = &frame {
+        if id.is_empty() || id.len() > MAX_CLIENT_ID_LEN {
+            return Err(fail(
+                Some(id.chars().take(MAX_CLIENT_ID_LEN).collect()),
+                ErrorCode::InvalidFrame,
+                format!("`id` must be 1 to {MAX_CLIENT_ID_LEN} bytes"),
+            ));
+        }
+    }
+    Ok(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code_of(text: &str) -> Option<(Option<String>, ErrorCode)> {
+        parse_client_frame(text).err().map(|e| (e.id, e.code))
+    }
+
+    #[test]
+    fn parses_send_and_ping() {
+        let room = RoomId::new();
+        let text = format!(r#"{{"type":"send","id":"c1","room":"{room}","body":"hi"}}"#);
+        assert_eq!(
+            parse_client_frame(&text),
+            Ok(ClientFrame::Send {
+                id: "c1".into(),
+                room,
+                body: "hi".into()
+            })
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"ping"}"#),
+            Ok(ClientFrame::Ping { id: None })
+        );
+    }
+
+    #[test]
+    fn tells_malformed_from_unknown() {
+        assert_eq!(code_of("{nope"), Some((None, ErrorCode::InvalidFrame)));
+        assert_eq!(code_of("[1]"), Some((None, ErrorCode::InvalidFrame)));
+        assert_eq!(
+            code_of(r#"{"type":"dance","id":"x"}"#),
+            Some((Some("x".into()), ErrorCode::UnknownType))
+        );
+        assert_eq!(
+            code_of(r#"{"type":"send","id":"c2","room":"not-a-uuid","body":"hi"}"#),
+            Some((Some("c2".into()), ErrorCode::InvalidFrame))
+        );
+        assert_eq!(
+            code_of(r#"{"type":"send","id":"c3","room":5}"#),
+            Some((Some("c3".into()), ErrorCode::InvalidFrame))
+        );
+        assert_eq!(
+            code_of(&format!(
+                r#"{{"type":"send","id":"{}","room":"{}","body":""}}"#,
+                "x".repeat(200),
+                RoomId::new()
+            ))
+            .map(|(_, c)| c),
+            Some(ErrorCode::InvalidFrame)
+        );
+    }
+}

@@ -1,0 +1,180 @@
+//! Database access shared by the services: sqlx `Any` pools over SQLite (the
+//! embedded default) or Postgres, and per-service migrations applied at start.
+//! Services write one SQL dialect that both accept (TEXT ids, BIGINT times in
+//! Unix milliseconds, `$n` parameters, `ON CONFLICT`, `RETURNING`).
+
+use std::{path::Path, time::Duration};
+
+use anyhow::Context;
+use sqlx::{
+    AnyConnection, AnyPool, Connection, Executor,
+    any::{AnyPoolOptions, install_default_drivers},
+};
+
+/// Which database a pool talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn of_url(url: &str) -> anyhow::Result<Self> {
+        if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres)
+        } else {
+            anyhow::bail!("unsupported database URL scheme (expected sqlite: or postgres://)")
+        }
+    }
+}
+
+/// A connection pool and the backend behind it.
+#[derive(Debug, Clone)]
+pub struct Database {
+    pub pool: AnyPool,
+    pub backend: Backend,
+}
+
+/// One schema change of one service, applied once, in version order.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub version: i64,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// The SQLite URL of a service's own database file under `data_dir`.
+pub fn sqlite_url(data_dir: &Path, service: &str) -> String {
+    format!(
+        "sqlite://{}?mode=rwc",
+        data_dir.join(format!("{service}.db")).display()
+    )
+}
+
+impl Database {
+    /// Opens a pool; SQLite files (and their directory) are created if missing
+    /// and use write-ahead logging.
+    pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
+        install_default_drivers();
+        let backend = Backend::of_url(url)?;
+        if backend == Backend::Sqlite {
+            let path = url
+                .trim_start_matches("sqlite://")
+                .trim_start_matches("sqlite:")
+                .split('?')
+                .next()
+                .unwrap_or_default();
+            if let Some(dir) = Path::new(path)
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+            {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating data directory {}", dir.display()))?;
+            }
+        }
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        conn.execute("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000;")
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await
+            .context("connecting to the database")?;
+        Ok(Self { pool, backend })
+    }
+
+    /// Applies `service`'s migrations that are not applied yet, each in its own
+    /// transaction. Safe to run from several replicas at once on Postgres.
+    pub async fn migrate(&self, service: &str, migrations: &[Migration]) -> anyhow::Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        if self.backend == Backend::Postgres {
+            // Serialises concurrent migrators (released below, or when the
+            // connection closes).
+            sqlx::query("SELECT pg_advisory_lock(7325481)")
+                .execute(&mut *conn)
+                .await?;
+        }
+        let result = apply(&mut conn, service, migrations).await;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_unlock(7325481)")
+                .execute(&mut *conn)
+                .await?;
+        }
+        result
+    }
+
+    /// Whether the database answers (for readiness checks).
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+}
+
+async fn apply(
+    conn: &mut AnyConnection,
+    service: &str,
+    migrations: &[Migration],
+) -> anyhow::Result<()> {
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS unhidra_migrations (
+            service TEXT NOT NULL,
+            version BIGINT NOT NULL,
+            name TEXT NOT NULL,
+            applied_at BIGINT NOT NULL,
+            PRIMARY KEY (service, version)
+        )",
+    )
+    .await
+    .context("creating the migrations table")?;
+    for migration in migrations {
+        let applied: Option<i64> = sqlx::query_scalar(
+            "SELECT version FROM unhidra_migrations WHERE service = $1 AND version = $2",
+        )
+        .bind(service)
+        .bind(migration.version)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if applied.is_some() {
+            continue;
+        }
+        let mut tx = conn.begin().await?;
+        sqlx::raw_sql(migration.sql)
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("{service} migration {}", migration.name))?;
+        sqlx::query(
+            "INSERT INTO unhidra_migrations (service, version, name, applied_at)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(service)
+        .bind(migration.version)
+        .bind(migration.name)
+        .bind(now_millis())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::info!(service, migration = migration.name, "migration applied");
+    }
+    Ok(())
+}
+
+/// Whether an error is a unique-constraint violation.
+pub fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e) if e.is_unique_violation())
+}
+
+/// The current time in Unix milliseconds, how every table stores time.
+pub fn now_millis() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}

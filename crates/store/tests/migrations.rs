@@ -1,0 +1,99 @@
+//! The migration runner and the shared SQL dialect, on SQLite and Postgres.
+
+use unhidra_store::{Database, Migration, is_unique_violation};
+use unhidra_testkit::TestDatabase;
+
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "notes",
+        sql: "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT NOT NULL, at BIGINT NOT NULL);",
+    },
+    Migration {
+        version: 2,
+        name: "notes_index",
+        sql: "CREATE INDEX notes_at ON notes (at); ALTER TABLE notes ADD COLUMN author TEXT;",
+    },
+];
+
+async fn exercise(db: &Database) -> anyhow::Result<()> {
+    db.migrate("notes-service", MIGRATIONS).await?;
+    // Applying again is a no-op, as at every restart.
+    db.migrate("notes-service", MIGRATIONS).await?;
+    let applied: Vec<i64> = sqlx::query_scalar(
+        "SELECT version FROM unhidra_migrations WHERE service = $1 ORDER BY version",
+    )
+    .bind("notes-service")
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(applied, vec![1, 2]);
+
+    let hostile = "'); DROP TABLE notes; --";
+    sqlx::query("INSERT INTO notes (id, body, at, author) VALUES ($1, $2, $3, NULL)")
+        .bind("n1")
+        .bind(hostile)
+        .bind(i64::MAX)
+        .execute(&db.pool)
+        .await?;
+    let duplicate = sqlx::query("INSERT INTO notes (id, body, at) VALUES ($1, $2, $3)")
+        .bind("n1")
+        .bind("again")
+        .bind(1_i64)
+        .execute(&db.pool)
+        .await
+        .err();
+    assert!(
+        duplicate.as_ref().is_some_and(is_unique_violation),
+        "{duplicate:?}"
+    );
+    let inserted =
+        sqlx::query("INSERT INTO notes (id, body, at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+            .bind("n1")
+            .bind("again")
+            .bind(1_i64)
+            .execute(&db.pool)
+            .await?
+            .rows_affected();
+    assert_eq!(inserted, 0);
+    let (body, at): (String, i64) = sqlx::query_as("SELECT body, at FROM notes WHERE id = $1")
+        .bind("n1")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!((body.as_str(), at), (hostile, i64::MAX));
+    assert!(db.ping().await);
+    Ok(())
+}
+
+#[tokio::test]
+async fn migrations_and_dialect_on_sqlite() -> anyhow::Result<()> {
+    let db = TestDatabase::sqlite().await?;
+    exercise(&Database::connect(db.url(), 2).await?).await
+}
+
+#[tokio::test]
+async fn migrations_and_dialect_on_postgres() -> anyhow::Result<()> {
+    let Some(db) = TestDatabase::postgres().await? else {
+        return Ok(());
+    };
+    exercise(&Database::connect(db.url(), 2).await?).await
+}
+
+#[tokio::test]
+async fn concurrent_migrators_on_postgres_apply_once() -> anyhow::Result<()> {
+    let Some(db) = TestDatabase::postgres().await? else {
+        return Ok(());
+    };
+    let a = Database::connect(db.url(), 2).await?;
+    let b = Database::connect(db.url(), 2).await?;
+    let (ra, rb) = tokio::join!(
+        a.migrate("notes-service", MIGRATIONS),
+        b.migrate("notes-service", MIGRATIONS)
+    );
+    ra?;
+    rb?;
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM unhidra_migrations")
+        .fetch_one(&a.pool)
+        .await?;
+    assert_eq!(count, 2);
+    Ok(())
+}

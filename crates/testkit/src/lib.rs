@@ -1,0 +1,136 @@
+//! Test support: finds the NATS and Postgres servers the integration tests need
+//! (addresses from `UNHIDRA_TEST_NATS_URL` and `UNHIDRA_TEST_POSTGRES_URL`, with
+//! loopback defaults), and gives each test isolated data: its own database and
+//! its own bus prefix. Outside CI a missing server skips the test with a message
+//! saying why; with `CI=true` it fails the test.
+
+use std::time::Duration;
+
+use sqlx::{Connection, Executor, PgConnection};
+
+/// Whether the suite runs under CI, where every service is required.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Reports a missing service: panics under CI, otherwise prints why the test is
+/// skipped.
+fn missing(service: &str, url: &str, why: &str) {
+    assert!(
+        !in_ci(),
+        "{service} is required under CI=true but is not usable at {url}: {why}"
+    );
+    eprintln!("SKIPPED: {service} not usable at {url} ({why}); set CI=true to make this a failure");
+}
+
+async fn reachable(url: &str) -> Result<(), String> {
+    let host_port = url
+        .split("://")
+        .nth(1)
+        .unwrap_or(url)
+        .rsplit('@')
+        .next()
+        .unwrap_or_default()
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(&host_port),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("connect timed out".to_owned()),
+    }
+}
+
+/// The NATS URL, if a server answers there.
+pub async fn nats_url() -> Option<String> {
+    let url = std::env::var("UNHIDRA_TEST_NATS_URL")
+        .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
+    match reachable(&url).await {
+        Ok(()) => Some(url),
+        Err(why) => {
+            missing("NATS", &url, &why);
+            None
+        }
+    }
+}
+
+/// A bus prefix no other test uses.
+pub fn unique_prefix() -> String {
+    format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// A database that belongs to one test.
+#[derive(Debug)]
+pub struct TestDatabase {
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDatabase {
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A fresh SQLite file in a temporary directory.
+    pub async fn sqlite() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("test.db").display());
+        Ok(Self {
+            url,
+            _dir: Some(dir),
+        })
+    }
+
+    /// A freshly created Postgres database with a random name, if Postgres
+    /// answers. Test databases left by runs over an hour old are dropped.
+    pub async fn postgres() -> anyhow::Result<Option<Self>> {
+        let admin = std::env::var("UNHIDRA_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let mut conn = match PgConnection::connect(&admin).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                missing("Postgres", &admin, &e.to_string());
+                return Ok(None);
+            }
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let stale: Vec<String> = sqlx::query_scalar(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'unhidra_test_%'",
+        )
+        .fetch_all(&mut conn)
+        .await?;
+        for name in stale {
+            let created = name
+                .split('_')
+                .nth(2)
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0);
+            if created + 3600 < now {
+                let _ = conn
+                    .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+                    .await;
+            }
+        }
+        let name = format!(
+            "unhidra_test_{now}_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        conn.execute(format!("CREATE DATABASE \"{name}\"").as_str())
+            .await?;
+        let base = admin
+            .rsplit_once('/')
+            .map_or(admin.as_str(), |(base, _)| base);
+        Ok(Some(Self {
+            url: format!("{base}/{name}"),
+            _dir: None,
+        }))
+    }
+}
