@@ -1,1 +1,52 @@
-//! audit-service
+//! audit-service records the security events the other services publish
+//! (registrations, logins and their failures, room creation) from a durable
+//! consumer of the audit stream: stored once per event id, acknowledged after
+//! the commit. Query, export, hash chaining and retention come later.
+
+mod recorder;
+
+use axum::Router;
+use tokio::net::TcpListener;
+use unhidra_core::Config;
+use unhidra_runtime::{Service, ServiceContext, consumer};
+use unhidra_store::{Database, Migration};
+
+pub const NAME: &str = "audit-service";
+pub const DEFAULT_PORT: u16 = 9500;
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "audit_events",
+    sql: include_str!("../migrations/0001_audit_events.sql"),
+}];
+
+/// Migrates and starts the durable consumer of the audit stream.
+pub async fn build(ctx: &ServiceContext, db: Database) -> anyhow::Result<Service> {
+    db.migrate(NAME, MIGRATIONS).await?;
+    ctx.bus.ensure_stream(&ctx.subjects.audit_stream()).await?;
+    let recorder = {
+        let db = db.clone();
+        consumer::spawn_consumer(ctx, ctx.subjects.audit_consumer(), move |delivery| {
+            recorder::handle(db.clone(), delivery)
+        })
+        .await?
+    };
+    Ok(Service {
+        name: NAME,
+        router: Router::new(),
+        database: Some(db),
+        tasks: vec![recorder],
+    })
+}
+
+/// Runs audit-service alone on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let ctx = ServiceContext::connect(config, shutdown).await?;
+    let db = ctx.open_database(NAME).await?;
+    let service = build(&ctx, db).await?;
+    ctx.serve(listener, vec![service]).await
+}

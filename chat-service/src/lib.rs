@@ -1,1 +1,99 @@
-//! chat-service
+//! chat-service owns rooms and membership: it creates rooms, admits members,
+//! and accepts messages from members, giving each the room's next sequence
+//! number (gap-free, from 1) and publishing it to the rooms stream through a
+//! transactional outbox, so an acknowledged message is never lost.
+
+mod membership;
+mod messages;
+mod rooms;
+
+use std::sync::Arc;
+
+use axum::{Router, extract::FromRef, routing::post};
+use tokio::net::TcpListener;
+use unhidra_authn::TokenVerifier;
+use unhidra_core::Config;
+use unhidra_runtime::{Service, ServiceContext, rpc};
+use unhidra_store::{Database, Migration};
+
+pub const NAME: &str = "chat-service";
+pub const DEFAULT_PORT: u16 = 9300;
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "rooms",
+    sql: include_str!("../migrations/0001_rooms.sql"),
+}];
+
+#[derive(Clone)]
+struct ChatState {
+    ctx: ServiceContext,
+    db: Database,
+    verifier: Arc<TokenVerifier>,
+}
+
+impl FromRef<ChatState> for Arc<TokenVerifier> {
+    fn from_ref(state: &ChatState) -> Self {
+        Arc::clone(&state.verifier)
+    }
+}
+
+/// Migrates, answers the chat requests on the bus, and starts the outbox relay.
+pub async fn build(ctx: &ServiceContext, db: Database) -> anyhow::Result<Service> {
+    db.migrate(NAME, MIGRATIONS).await?;
+    ctx.bus.ensure_stream(&ctx.subjects.rooms_stream()).await?;
+    ctx.bus.ensure_stream(&ctx.subjects.audit_stream()).await?;
+    let state = ChatState {
+        ctx: ctx.clone(),
+        db: db.clone(),
+        verifier: Arc::new(TokenVerifier::new(
+            &ctx.config,
+            Arc::clone(&ctx.bus),
+            &ctx.subjects,
+        )),
+    };
+    let send = {
+        let state = state.clone();
+        rpc::respond(ctx, ctx.subjects.chat_send(), NAME, move |request| {
+            messages::send(state.clone(), request)
+        })
+        .await?
+    };
+    let rooms_of = {
+        let state = state.clone();
+        rpc::respond(ctx, ctx.subjects.chat_rooms_of(), NAME, move |request| {
+            membership::rooms_of(state.clone(), request)
+        })
+        .await?
+    };
+    let membership = {
+        let state = state.clone();
+        rpc::respond(ctx, ctx.subjects.chat_membership(), NAME, move |request| {
+            membership::role(state.clone(), request)
+        })
+        .await?
+    };
+    let relay = tokio::spawn(messages::relay_outbox(state.clone()));
+    let router = Router::new()
+        .route("/api/v1/rooms", post(rooms::create).get(rooms::mine))
+        .route("/api/v1/rooms/{room_id}/join", post(rooms::join))
+        .with_state(state);
+    Ok(Service {
+        name: NAME,
+        router,
+        database: Some(db),
+        tasks: vec![send, rooms_of, membership, relay],
+    })
+}
+
+/// Runs chat-service alone on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let ctx = ServiceContext::connect(config, shutdown).await?;
+    let db = ctx.open_database(NAME).await?;
+    let service = build(&ctx, db).await?;
+    ctx.serve(listener, vec![service]).await
+}

@@ -1,1 +1,61 @@
-//! gateway-service
+//! gateway-service terminates client WebSockets (`GET /ws`, subprotocol
+//! `unhidra.v1`): it verifies the access token against the cached JWKS before
+//! the upgrade, enforces allowed origins and frame sizes, keeps the registry of
+//! its connections, forwards client commands to chat-service over the bus, and
+//! fans room events out to the member connections it holds, with one bus
+//! subscription per gateway node.
+
+mod connection;
+mod fanout;
+mod handshake;
+mod registry;
+
+use std::sync::Arc;
+
+use axum::{Router, routing::get};
+use tokio::net::TcpListener;
+use unhidra_authn::TokenVerifier;
+use unhidra_core::Config;
+use unhidra_runtime::{Service, ServiceContext};
+
+use crate::registry::Registry;
+
+pub const NAME: &str = "gateway-service";
+pub const DEFAULT_PORT: u16 = 9000;
+
+/// What every connection of this gateway shares.
+struct Gateway {
+    ctx: ServiceContext,
+    verifier: TokenVerifier,
+    registry: Registry,
+}
+
+/// Subscribes to room events and serves `/ws`.
+pub async fn build(ctx: &ServiceContext) -> anyhow::Result<Service> {
+    let gateway = Arc::new(Gateway {
+        ctx: ctx.clone(),
+        verifier: TokenVerifier::new(&ctx.config, Arc::clone(&ctx.bus), &ctx.subjects),
+        registry: Registry::default(),
+    });
+    let fanout = fanout::spawn(Arc::clone(&gateway)).await?;
+    let router = Router::new()
+        .route("/ws", get(handshake::upgrade))
+        .with_state(gateway);
+    Ok(Service {
+        name: NAME,
+        router,
+        database: None,
+        tasks: vec![fanout],
+    })
+}
+
+/// Runs the gateway alone on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let ctx = ServiceContext::connect(config, shutdown).await?;
+    let service = build(&ctx).await?;
+    ctx.serve(listener, vec![service]).await
+}

@@ -1,1 +1,80 @@
-//! history-service
+//! history-service keeps every room message: a durable consumer of the rooms
+//! stream stores each event (acknowledged only after the commit, idempotent on
+//! `message_id`), and members read a room's history page by page.
+
+mod pages;
+mod recorder;
+
+use std::sync::Arc;
+
+use axum::{Router, extract::FromRef, routing::get};
+use tokio::net::TcpListener;
+use unhidra_authn::TokenVerifier;
+use unhidra_core::Config;
+use unhidra_runtime::{Service, ServiceContext, consumer};
+use unhidra_store::{Database, Migration};
+
+pub const NAME: &str = "history-service";
+pub const DEFAULT_PORT: u16 = 9400;
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "messages",
+    sql: include_str!("../migrations/0001_messages.sql"),
+}];
+
+#[derive(Clone)]
+struct HistoryState {
+    ctx: ServiceContext,
+    db: Database,
+    verifier: Arc<TokenVerifier>,
+}
+
+impl FromRef<HistoryState> for Arc<TokenVerifier> {
+    fn from_ref(state: &HistoryState) -> Self {
+        Arc::clone(&state.verifier)
+    }
+}
+
+/// Migrates and starts the durable consumer of the rooms stream.
+pub async fn build(ctx: &ServiceContext, db: Database) -> anyhow::Result<Service> {
+    db.migrate(NAME, MIGRATIONS).await?;
+    ctx.bus.ensure_stream(&ctx.subjects.rooms_stream()).await?;
+    let state = HistoryState {
+        ctx: ctx.clone(),
+        db: db.clone(),
+        verifier: Arc::new(TokenVerifier::new(
+            &ctx.config,
+            Arc::clone(&ctx.bus),
+            &ctx.subjects,
+        )),
+    };
+    let recorder = {
+        let db = db.clone();
+        consumer::spawn_consumer(ctx, ctx.subjects.history_consumer(), move |delivery| {
+            recorder::handle(db.clone(), delivery)
+        })
+        .await?
+    };
+    let router = Router::new()
+        .route("/api/v1/rooms/{room_id}/messages", get(pages::messages))
+        .with_state(state);
+    Ok(Service {
+        name: NAME,
+        router,
+        database: Some(db),
+        tasks: vec![recorder],
+    })
+}
+
+/// Runs history-service alone on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let ctx = ServiceContext::connect(config, shutdown).await?;
+    let db = ctx.open_database(NAME).await?;
+    let service = build(&ctx, db).await?;
+    ctx.serve(listener, vec![service]).await
+}

@@ -120,3 +120,15 @@ impl From<JsonRejection> for ApiError {
 #[derive(Debug, axum::extract::FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct ApiJson<T>(pub T);
+
+impl From<crate::events::RpcError> for ApiError {
+    fn from(e: crate::events::RpcError) -> Self {
+        match e.code.as_str() {
+            "forbidden" => Self::Forbidden(e.message),
+            "not_found" => Self::NotFound(e.message),
+            "invalid_input" => Self::Invalid(e.message),
+            "unavailable" => Self::Unavailable(e.message),
+            _ => Self::Unexpected(anyhow::anyhow!("{}: {}", e.code, e.message)),
+        }
+    }
+}

@@ -111,6 +111,12 @@ pub struct MembershipRequest {
     pub user: UserId,
 }
 
+/// Request `auth.jwks`: the public signing keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JwksRequest {
+    pub v: u32,
+}
+
 /// Why a request was refused; `code` is one of the stable error codes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RpcError {

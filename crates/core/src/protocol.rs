@@ -18,8 +18,12 @@ pub const MAX_CLIENT_ID_LEN: usize = 128;
 pub mod close {
     /// The server is shutting down; reconnect elsewhere.
     pub const GOING_AWAY: u16 = 1001;
-    /// The frame exceeded the hard transport limit.
+    /// The frame exceeded the hard transport limit, or was not valid WebSocket.
     pub const TOO_BIG: u16 = 1009;
+    /// The server could not load the user's rooms; reconnect later.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// The access token expired; reconnect with a fresh one.
+    pub const TOKEN_EXPIRED: u16 = 4001;
     /// The client did not read its frames fast enough.
     pub const SLOW_CONSUMER: u16 = 4008;
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use unhidra_bus::{ConsumerSpec, StreamSpec};
 
-use crate::ids::{RoomId, UserId};
+use crate::ids::RoomId;
 
 /// Subject and stream names under one prefix.
 #[derive(Debug, Clone)]
@@ -31,13 +31,16 @@ impl Subjects {
         format!("{}.room.*.messages", self.prefix)
     }
 
-    /// A user's membership changes (core NATS): gateways add or drop rooms.
-    pub fn membership(&self, user: UserId) -> String {
-        format!("{}.membership.{user}", self.prefix)
+    /// A room's membership changes (core NATS, not stored): gateways add or
+    /// drop the room for the member's connections.
+    pub fn room_members(&self, room: RoomId) -> String {
+        format!("{}.room.{room}.members", self.prefix)
     }
 
-    pub fn all_memberships(&self) -> String {
-        format!("{}.membership.*", self.prefix)
+    /// Messages and membership changes of every room, on one subscription so a
+    /// gateway sees a join before the messages sent after it.
+    pub fn all_room_events(&self) -> String {
+        format!("{}.room.>", self.prefix)
     }
 
     /// A security event of one kind (JetStream, stream `audit`).

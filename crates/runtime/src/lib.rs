@@ -1,1 +1,220 @@
-//! unhidra-runtime
+//! What every Unhidra service process shares: connecting the bus and database
+//! the configuration names, request/reply plumbing, audit publishing, the
+//! `/healthz`, `/readyz` and `/metrics` routes, and serving until shutdown.
+//! A service is a [`Service`] built on a [`ServiceContext`]; the all-in-one
+//! binary serves several on one listener, each service binary serves its own.
+
+pub mod consumer;
+pub mod rpc;
+
+use std::{future::Future, sync::Arc};
+
+use axum::{Json, Router, http::StatusCode, response::IntoResponse, routing::get};
+use secrecy::ExposeSecret;
+use serde_json::json;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use unhidra_bus::{Bus, MemoryBus, NatsBus};
+use unhidra_core::{Config, events::AuditEvent, subjects::Subjects};
+use unhidra_store::{Database, sqlite_url};
+
+/// One service, ready to serve: its routes, its database (for readiness) and
+/// its background tasks (which stop when the context's shutdown fires).
+pub struct Service {
+    pub name: &'static str,
+    pub router: Router,
+    pub database: Option<Database>,
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+/// Configuration, bus and shutdown signal, shared by the services of a process.
+#[derive(Clone)]
+pub struct ServiceContext {
+    pub config: Arc<Config>,
+    pub bus: Arc<dyn Bus>,
+    pub subjects: Subjects,
+    pub shutdown: CancellationToken,
+}
+
+impl ServiceContext {
+    /// Connects the bus (`nats_url`, else in-process) and arms shutdown.
+    pub async fn connect(
+        config: Config,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<Self> {
+        let bus: Arc<dyn Bus> = match &config.nats_url {
+            Some(url) => Arc::new(NatsBus::connect(url.expose_secret()).await?),
+            None => Arc::new(MemoryBus::new()),
+        };
+        let token = CancellationToken::new();
+        let trigger = token.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            trigger.cancel();
+        });
+        Ok(Self {
+            subjects: Subjects::new(&config.bus_prefix),
+            config: Arc::new(config),
+            bus,
+            shutdown: token,
+        })
+    }
+
+    /// The service's database: `database_url`, else its own SQLite file.
+    pub async fn open_database(&self, service: &str) -> anyhow::Result<Database> {
+        let url = match &self.config.database_url {
+            Some(url) => url.expose_secret().to_owned(),
+            None => sqlite_url(&self.config.data_dir, service),
+        };
+        Database::connect(&url, self.config.database_max_connections).await
+    }
+
+    /// Records a security event; a failure is logged, never shown to the user.
+    pub async fn audit(&self, event: AuditEvent) {
+        let subject = self.subjects.audit(event.kind.as_str());
+        let payload = match serde_json::to_vec(&event) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "audit event not serialisable");
+                return;
+            }
+        };
+        let id = event.id.to_string();
+        if let Err(e) = self
+            .bus
+            .publish_durable(&subject, &id, Default::default(), payload.into())
+            .await
+        {
+            tracing::error!(error = %e, kind = event.kind.as_str(), event_id = %id, "audit event lost");
+        }
+    }
+
+    /// Serves `services` on `listener` until shutdown, then waits (up to the
+    /// configured deadline) for in-flight requests and background tasks.
+    pub async fn serve(&self, listener: TcpListener, services: Vec<Service>) -> anyhow::Result<()> {
+        let mut router = Router::new();
+        let mut databases = Vec::new();
+        let mut tasks = Vec::new();
+        for service in services {
+            tracing::info!(service = service.name, "service started");
+            router = router.merge(service.router);
+            if let Some(db) = service.database {
+                databases.push((service.name, db));
+            }
+            tasks.extend(service.tasks);
+        }
+        let router = router.merge(health_routes(Arc::clone(&self.bus), Arc::new(databases)));
+        tracing::info!(address = %listener.local_addr()?, "listening");
+        let shutdown = self.shutdown.clone();
+        let server = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await });
+        let server = tokio::spawn(async move { server.await });
+        self.shutdown.cancelled().await;
+        let deadline = self.config.shutdown_timeout();
+        let drained = tokio::time::timeout(deadline, async {
+            let served = server.await;
+            for task in tasks {
+                let _ = task.await;
+            }
+            served
+        })
+        .await;
+        match drained {
+            Ok(Ok(Ok(()))) => {
+                tracing::info!("shut down");
+                Ok(())
+            }
+            Ok(Ok(Err(e))) => Err(e.into()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => {
+                tracing::warn!(?deadline, "shutdown deadline passed with work in flight");
+                Ok(())
+            }
+        }
+    }
+}
+
+fn health_routes(bus: Arc<dyn Bus>, databases: Arc<Vec<(&'static str, Database)>>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route(
+            "/readyz",
+            get(move || {
+                let bus = Arc::clone(&bus);
+                let databases = Arc::clone(&databases);
+                async move {
+                    let mut checks = serde_json::Map::new();
+                    let mut ready = bus.healthy().await;
+                    checks.insert("bus".into(), json!(if ready { "ok" } else { "unreachable" }));
+                    for (service, db) in databases.iter() {
+                        let ok = db.ping().await;
+                        ready &= ok;
+                        checks.insert(
+                            format!("database:{service}"),
+                            json!(if ok { "ok" } else { "unreachable" }),
+                        );
+                    }
+                    let status = if ready {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    let body = json!({"status": if ready { "ready" } else { "not_ready" }, "checks": checks});
+                    (status, Json(body))
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [("content-type", "text/plain; version=0.0.4")],
+                    unhidra_telemetry::metrics::render(),
+                )
+                    .into_response()
+            }),
+        )
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutdown requested");
+}
+
+/// The body of every service binary: logging, configuration, listener, run.
+pub async fn main_for<F, Fut>(default_port: u16, run: F) -> anyhow::Result<()>
+where
+    F: FnOnce(TcpListener, Config) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let config = Config::load()?;
+    unhidra_telemetry::init_logging(
+        config.log_format == unhidra_core::config::LogFormat::Json,
+        &config.log,
+    );
+    let address = config.bind_or(default_port);
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {address}: {e}"))?;
+    run(listener, config).await
+}

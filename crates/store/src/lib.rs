@@ -6,6 +6,7 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::Context;
+use futures::future::BoxFuture;
 use sqlx::{
     AnyConnection, AnyPool, Connection, Executor,
     any::{AnyPoolOptions, install_default_drivers},
@@ -94,7 +95,17 @@ impl Database {
 
     /// Applies `service`'s migrations that are not applied yet, each in its own
     /// transaction. Safe to run from several replicas at once on Postgres.
-    pub async fn migrate(&self, service: &str, migrations: &[Migration]) -> anyhow::Result<()> {
+    ///
+    /// Boxed so callers' futures stay `Send` (rust-lang/rust#100013).
+    pub fn migrate<'a>(
+        &'a self,
+        service: &'a str,
+        migrations: &'a [Migration],
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(self.migrate_now(service, migrations))
+    }
+
+    async fn migrate_now(&self, service: &str, migrations: &[Migration]) -> anyhow::Result<()> {
         let mut conn = self.pool.acquire().await?;
         if self.backend == Backend::Postgres {
             // Serialises concurrent migrators (released below, or when the
@@ -123,7 +134,7 @@ async fn apply(
     service: &str,
     migrations: &[Migration],
 ) -> anyhow::Result<()> {
-    conn.execute(
+    sqlx::query(
         "CREATE TABLE IF NOT EXISTS unhidra_migrations (
             service TEXT NOT NULL,
             version BIGINT NOT NULL,
@@ -132,6 +143,7 @@ async fn apply(
             PRIMARY KEY (service, version)
         )",
     )
+    .execute(&mut *conn)
     .await
     .context("creating the migrations table")?;
     for migration in migrations {
@@ -146,8 +158,7 @@ async fn apply(
             continue;
         }
         let mut tx = conn.begin().await?;
-        sqlx::raw_sql(migration.sql)
-            .execute(&mut *tx)
+        tx.execute(migration.sql)
             .await
             .with_context(|| format!("{service} migration {}", migration.name))?;
         sqlx::query(

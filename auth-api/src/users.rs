@@ -1,0 +1,150 @@
+//! Registration: `POST /api/v1/auth/register`.
+
+use axum::{Json, extract::State, http::StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use unhidra_core::{
+    ApiError,
+    error::ApiJson,
+    events::{AuditEvent, AuditKind},
+    ids::UserId,
+};
+use unhidra_store::{is_unique_violation, now_millis};
+
+use crate::AuthState;
+
+const MIN_PASSWORD_CHARS: usize = 8;
+/// Bounds the work an attacker can make argon2 do per request.
+const MAX_PASSWORD_BYTES: usize = 1024;
+const MAX_DISPLAY_NAME_CHARS: usize = 64;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    email: String,
+    password: SecretString,
+    display_name: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct Registered {
+    user_id: UserId,
+    email: String,
+    display_name: String,
+}
+
+/// Lower-cased, trimmed, and plausibly an address; `None` otherwise.
+pub fn normalize_email(raw: &str) -> Option<String> {
+    let email = raw.trim().to_lowercase();
+    let (local, domain) = email.split_once('@')?;
+    let plausible = (3..=254).contains(&email.len())
+        && !local.is_empty()
+        && !domain.is_empty()
+        && !domain.contains('@')
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
+    plausible.then_some(email)
+}
+
+fn display_name(requested: Option<String>, email: &str) -> Result<String, ApiError> {
+    let name = match requested {
+        Some(name) => name.trim().to_owned(),
+        None => email.split('@').next().unwrap_or_default().to_owned(),
+    };
+    let length = name.chars().count();
+    if length == 0 || length > MAX_DISPLAY_NAME_CHARS || name.chars().any(char::is_control) {
+        return Err(ApiError::Invalid(format!(
+            "display_name must be 1 to {MAX_DISPLAY_NAME_CHARS} printable characters"
+        )));
+    }
+    Ok(name)
+}
+
+pub async fn register(
+    State(state): State<AuthState>,
+    ApiJson(request): ApiJson<RegisterRequest>,
+) -> Result<(StatusCode, Json<Registered>), ApiError> {
+    let email = normalize_email(&request.email)
+        .ok_or_else(|| ApiError::Invalid("email is not a valid address".into()))?;
+    let password = request.password.expose_secret();
+    if password.chars().count() < MIN_PASSWORD_CHARS || password.len() > MAX_PASSWORD_BYTES {
+        return Err(ApiError::Invalid(format!(
+            "password must be at least {MIN_PASSWORD_CHARS} characters and at most {MAX_PASSWORD_BYTES} bytes"
+        )));
+    }
+    let display_name = display_name(request.display_name, &email)?;
+    let taken = || ApiError::Conflict {
+        code: "email_taken",
+        message: "an account with this email exists".into(),
+    };
+    // Checked before hashing so a taken email costs no argon2 work; the unique
+    // index still decides races.
+    let existing: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE email = $1")
+        .bind(&email)
+        .fetch_optional(&state.db.pool)
+        .await
+        .map_err(anyhow::Error::from)?;
+    if existing.is_some() {
+        return Err(taken());
+    }
+    let hash = state.passwords.hash(request.password).await?;
+    let user_id = UserId::new();
+    sqlx::query(
+        "INSERT INTO users (id, email, display_name, password_hash, created_at)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(user_id.to_string())
+    .bind(&email)
+    .bind(&display_name)
+    .bind(&hash)
+    .bind(now_millis())
+    .execute(&state.db.pool)
+    .await
+    .map_err(|e| {
+        if is_unique_violation(&e) {
+            taken()
+        } else {
+            ApiError::Unexpected(e.into())
+        }
+    })?;
+    tracing::info!(%user_id, "user registered");
+    state
+        .ctx
+        .audit(AuditEvent::new(
+            AuditKind::UserRegistered,
+            Some(user_id),
+            None,
+        ))
+        .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(Registered {
+            user_id,
+            email,
+            display_name,
+        }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_email;
+
+    #[test]
+    fn emails_are_normalised_or_refused() {
+        assert_eq!(
+            normalize_email("  Ann@Example.COM "),
+            Some("ann@example.com".into())
+        );
+        for bad in [
+            "",
+            "ann",
+            "@example.com",
+            "ann@",
+            "a b@example.com",
+            "a@b@c",
+            "a@\u{7}b",
+        ] {
+            assert_eq!(normalize_email(bad), None, "{bad:?}");
+        }
+    }
+}

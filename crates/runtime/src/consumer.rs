@@ -1,0 +1,74 @@
+//! Running a durable consumer until shutdown: each delivery goes to a handler
+//! (which acks or naks it); if the delivery stream ends, the consumer resumes.
+
+use std::{future::Future, time::Duration};
+
+use futures::StreamExt;
+use tokio::task::JoinHandle;
+use unhidra_bus::{ConsumerSpec, Delivery};
+
+use crate::ServiceContext;
+
+const RESUME_DELAY: Duration = Duration::from_secs(1);
+
+/// Creates (or resumes) the durable consumer `spec`, then hands deliveries to
+/// `handle` one at a time until shutdown. Creation errors are returned, so a
+/// service refuses to start without its stream.
+pub async fn spawn_consumer<F, Fut>(
+    ctx: &ServiceContext,
+    spec: ConsumerSpec,
+    handle: F,
+) -> anyhow::Result<JoinHandle<()>>
+where
+    F: Fn(Delivery) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let mut deliveries = ctx.bus.consume(&spec).await?;
+    let bus = ctx.bus.clone();
+    let shutdown = ctx.shutdown.clone();
+    Ok(tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                () = shutdown.cancelled() => return,
+                next = deliveries.next() => next,
+            };
+            match next {
+                Some(Ok(delivery)) => handle(delivery).await,
+                Some(Err(e)) => {
+                    tracing::warn!(consumer = %spec.durable, error = %e, "delivery failed")
+                }
+                None => loop {
+                    tracing::warn!(consumer = %spec.durable, "delivery stream ended; resuming");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(RESUME_DELAY) => {}
+                    }
+                    match bus.consume(&spec).await {
+                        Ok(resumed) => {
+                            deliveries = resumed;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(consumer = %spec.durable, error = %e, "cannot resume")
+                        }
+                    }
+                },
+            }
+        }
+    }))
+}
+
+/// Acknowledges, logging (not failing) when the ack is lost: the message then
+/// comes back and the idempotent handler absorbs it.
+pub async fn ack(delivery: Delivery) {
+    if let Err(e) = delivery.ack().await {
+        tracing::warn!(error = %e, "ack failed; the message will be redelivered");
+    }
+}
+
+/// Asks for redelivery after `delay`.
+pub async fn retry(delivery: Delivery, delay: Duration) {
+    if let Err(e) = delivery.nak(delay).await {
+        tracing::warn!(error = %e, "nak failed; the message will be redelivered after ack_wait");
+    }
+}

@@ -1,0 +1,166 @@
+//! The embedded default, as a newcomer runs it: one process, SQLite, the
+//! in-process bus.
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::harness::*;
+
+/// Two users, one room, one message: acked with seq 1, delivered to the other
+/// member, and in the history.
+pub async fn one_message_end_to_end(api: &Api, ws_url: &str) -> TestResult {
+    let alice = api.user("alice").await?;
+    let bob = api.user("bob").await?;
+    let mut alice_ws = connect(ws_url, &alice.token).await?;
+    let mut bob_ws = connect(ws_url, &bob.token).await?;
+
+    // The room is created and joined after both connected: the connections
+    // pick it up without reconnecting.
+    let room = api.create_room(&alice, "public").await?;
+    let (status, joined) = api.join(&bob, &room).await?;
+    assert_eq!(status, StatusCode::OK, "{joined}");
+    assert_eq!(joined["role"], "member");
+
+    send(
+        &mut alice_ws,
+        json!({"type": "send", "id": "c-1", "room": room, "body": "hello bob"}),
+    )
+    .await?;
+    // The sender gets the ack and its own message, in either order.
+    let mut frames = [
+        next_frame(&mut alice_ws).await?,
+        next_frame(&mut alice_ws).await?,
+    ];
+    frames.sort_by_key(|f| f["type"] != "ack");
+    let (ack, own) = (&frames[0], &frames[1]);
+    assert_eq!(ack["id"], "c-1");
+    assert_eq!(ack["room"], room.as_str());
+    assert_eq!(ack["seq"], 1);
+    let message_id = str_of(ack, "message_id")?;
+    assert_eq!(own["type"], "message");
+    assert_eq!(own["message_id"], message_id.as_str());
+    assert_eq!(own["seq"], 1);
+
+    let delivered = next_of(&mut bob_ws, "message").await?;
+    assert_eq!(delivered["room"], room.as_str());
+    assert_eq!(delivered["seq"], 1);
+    assert_eq!(delivered["message_id"], message_id.as_str());
+    assert_eq!(delivered["sender"], alice.id.as_str());
+    assert_eq!(delivered["body"], "hello bob");
+    assert!(
+        delivered["sent_at"]
+            .as_str()
+            .is_some_and(|t| t.contains('T'))
+    );
+
+    // A second message takes the next sequence number.
+    send(
+        &mut bob_ws,
+        json!({"type": "send", "id": "c-2", "room": room, "body": "hi alice"}),
+    )
+    .await?;
+    let ack = next_of(&mut bob_ws, "ack").await?;
+    assert_eq!(ack["seq"], 2);
+
+    // History (written asynchronously by the consumer) returns both, newest first.
+    let page = wait_for_history(api, &bob, &room, 2).await?;
+    let messages = page["messages"].as_array().ok_or("no messages")?;
+    assert_eq!(messages[0]["seq"], 2);
+    assert_eq!(messages[0]["body"], "hi alice");
+    assert_eq!(messages[1]["seq"], 1);
+    assert_eq!(messages[1]["message_id"], message_id.as_str());
+    assert_eq!(messages[1]["sender"], alice.id.as_str());
+    let (_, older) = api.history(&bob, &room, "?before=2&limit=10").await?;
+    assert_eq!(older["messages"].as_array().map(Vec::len), Some(1));
+    assert_eq!(older["messages"][0]["seq"], 1);
+
+    // Application-level ping.
+    send(&mut bob_ws, json!({"type": "ping"})).await?;
+    assert_eq!(next_of(&mut bob_ws, "pong").await?["type"], "pong");
+    Ok(())
+}
+
+#[tokio::test]
+async fn embedded_two_users_one_message() -> TestResult {
+    let stack = Embedded::start().await?;
+    one_message_end_to_end(&stack.api(), &stack.app.ws()).await?;
+
+    let (status, health) = get(&format!("{}/healthz", stack.app.http()), None).await?;
+    assert_eq!(
+        (status, health["status"].as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
+    let (status, ready) = get(&format!("{}/readyz", stack.app.http()), None).await?;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    assert_eq!(ready["checks"]["database:history-service"], "ok");
+    let metrics = http()
+        .get(format!("{}/metrics", stack.app.http()))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains("unhidra_messages_accepted_total"),
+        "{metrics}"
+    );
+
+    // Every service kept its own SQLite file.
+    for service in [
+        "auth-api",
+        "chat-service",
+        "history-service",
+        "audit-service",
+    ] {
+        assert!(
+            stack.data_dir.join(format!("{service}.db")).exists(),
+            "{service}"
+        );
+    }
+    stack.app.stop().await
+}
+
+#[tokio::test]
+async fn embedded_restart_keeps_users_rooms_history_and_the_signing_key() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let config = unhidra_core::Config {
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let first = Running::start(config.clone(), unhidra::run).await?;
+    let api = Api {
+        auth: first.http(),
+        chat: first.http(),
+        history: first.http(),
+    };
+    let alice = api.user("alice").await?;
+    let room = api.create_room(&alice, "private").await?;
+    let mut ws = connect(&first.ws(), &alice.token).await?;
+    send(
+        &mut ws,
+        json!({"type": "send", "id": "a", "room": room, "body": "before restart"}),
+    )
+    .await?;
+    assert_eq!(next_of(&mut ws, "ack").await?["seq"], 1);
+    wait_for_history(&api, &alice, &room, 1).await?;
+    drop(ws);
+    first.stop().await?;
+
+    let second = Running::start(config, unhidra::run).await?;
+    let api = Api {
+        auth: second.http(),
+        chat: second.http(),
+        history: second.http(),
+    };
+    // The token issued before the restart still verifies: the key persisted.
+    let mut ws = connect(&second.ws(), &alice.token).await?;
+    send(
+        &mut ws,
+        json!({"type": "send", "id": "b", "room": room, "body": "after restart"}),
+    )
+    .await?;
+    assert_eq!(next_of(&mut ws, "ack").await?["seq"], 2);
+    let page = wait_for_history(&api, &alice, &room, 2).await?;
+    assert_eq!(page["messages"][0]["body"], "after restart");
+    assert_eq!(page["messages"][1]["body"], "before restart");
+    second.stop().await
+}

@@ -1,0 +1,310 @@
+//! Starts stacks on port 0 with isolated data, and speaks to them as a client
+//! would: JSON over HTTP, JSON frames over a WebSocket.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use futures::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream, connect_async,
+    tungstenite::{self, Message, client::IntoClientRequest, http::HeaderValue},
+};
+use tokio_util::sync::CancellationToken;
+use unhidra_core::Config;
+
+pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// One running service (or the all-in-one process).
+pub struct Running {
+    pub address: SocketAddr,
+    stop: CancellationToken,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub async fn start<F, Fut>(config: Config, run: F) -> Result<Self, Error>
+    where
+        F: FnOnce(TcpListener, Config, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let signal = stop.clone();
+        let handle = tokio::spawn(run(
+            listener,
+            config,
+            Box::pin(async move { signal.cancelled().await }),
+        ));
+        Ok(Self {
+            address,
+            stop,
+            handle,
+        })
+    }
+
+    pub fn http(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    pub fn ws(&self) -> String {
+        format!("ws://{}/ws", self.address)
+    }
+
+    /// Shuts it down and waits until it has stopped.
+    pub async fn stop(self) -> Result<(), Error> {
+        self.stop.cancel();
+        tokio::time::timeout(WAIT, self.handle).await???;
+        Ok(())
+    }
+}
+
+/// Every service in one process with SQLite in a temporary directory.
+pub struct Embedded {
+    pub app: Running,
+    pub data_dir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Embedded {
+    pub async fn start() -> Result<Self, Error> {
+        Self::start_with(Config::default()).await
+    }
+
+    pub async fn start_with(config: Config) -> Result<Self, Error> {
+        let dir = tempfile::tempdir()?;
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..config
+        };
+        let app = Running::start(config, unhidra::run).await?;
+        Ok(Self {
+            app,
+            data_dir: dir.path().to_path_buf(),
+            _dir: dir,
+        })
+    }
+
+    pub fn api(&self) -> Api {
+        Api {
+            auth: self.app.http(),
+            chat: self.app.http(),
+            history: self.app.http(),
+        }
+    }
+}
+
+/// Where each HTTP API lives.
+#[derive(Clone)]
+pub struct Api {
+    pub auth: String,
+    pub chat: String,
+    pub history: String,
+}
+
+/// A logged-in user.
+#[derive(Clone, Debug)]
+pub struct User {
+    pub id: String,
+    pub token: String,
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+pub async fn post(
+    url: &str,
+    token: Option<&str>,
+    body: Value,
+) -> Result<(StatusCode, Value), Error> {
+    let mut request = http().post(url).json(&body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await?;
+    let status = response.status();
+    let body = response.json().await.unwrap_or(Value::Null);
+    Ok((status, body))
+}
+
+pub async fn get(url: &str, token: Option<&str>) -> Result<(StatusCode, Value), Error> {
+    let mut request = http().get(url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await?;
+    let status = response.status();
+    let body = response.json().await.unwrap_or(Value::Null);
+    Ok((status, body))
+}
+
+fn unique_email(name: &str) -> String {
+    format!("{name}-{}@example.com", uuid::Uuid::new_v4().simple())
+}
+
+impl Api {
+    /// Registers a fresh user and logs in.
+    pub async fn user(&self, name: &str) -> Result<User, Error> {
+        let email = unique_email(name);
+        let password = "correct horse battery";
+        let (status, body) = post(
+            &format!("{}/api/v1/auth/register", self.auth),
+            None,
+            json!({"email": email, "password": password, "display_name": name}),
+        )
+        .await?;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let (status, login) = post(
+            &format!("{}/api/v1/auth/login", self.auth),
+            None,
+            json!({"email": email, "password": password}),
+        )
+        .await?;
+        assert_eq!(status, StatusCode::OK, "{login}");
+        assert_eq!(login["token_type"], "Bearer");
+        assert_eq!(login["expires_in"], 900);
+        assert_eq!(login["user_id"], body["user_id"]);
+        Ok(User {
+            id: str_of(&body, "user_id")?,
+            token: str_of(&login, "access_token")?,
+        })
+    }
+
+    pub async fn create_room(&self, owner: &User, visibility: &str) -> Result<String, Error> {
+        let (status, body) = post(
+            &format!("{}/api/v1/rooms", self.chat),
+            Some(&owner.token),
+            json!({"name": "general", "visibility": visibility}),
+        )
+        .await?;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["role"], "owner");
+        str_of(&body, "room_id")
+    }
+
+    pub async fn join(&self, user: &User, room: &str) -> Result<(StatusCode, Value), Error> {
+        post(
+            &format!("{}/api/v1/rooms/{room}/join", self.chat),
+            Some(&user.token),
+            json!({}),
+        )
+        .await
+    }
+
+    pub async fn history(
+        &self,
+        user: &User,
+        room: &str,
+        query: &str,
+    ) -> Result<(StatusCode, Value), Error> {
+        get(
+            &format!("{}/api/v1/rooms/{room}/messages{query}", self.history),
+            Some(&user.token),
+        )
+        .await
+    }
+}
+
+pub fn str_of(value: &Value, field: &str) -> Result<String, Error> {
+    value[field]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("no string `{field}` in {value}").into())
+}
+
+pub type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket with the token in the subprotocol header, as a browser does.
+pub async fn connect(ws_url: &str, token: &str) -> Result<Socket, Error> {
+    let mut request = ws_url.into_client_request()?;
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_str(&format!("unhidra.v1, bearer.{token}"))?,
+    );
+    let (socket, response) = connect_async(request).await?;
+    assert_eq!(
+        response
+            .headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.as_bytes()),
+        Some(&b"unhidra.v1"[..])
+    );
+    Ok(socket)
+}
+
+/// The HTTP status and body a refused WebSocket handshake got.
+pub async fn refused(
+    request: tungstenite::handshake::client::Request,
+) -> Result<(u16, Value), Error> {
+    match connect_async(request).await {
+        Ok(_) => Err("the handshake was accepted".into()),
+        Err(tungstenite::Error::Http(response)) => {
+            let body = response
+                .body()
+                .as_ref()
+                .and_then(|b| serde_json::from_slice(b).ok())
+                .unwrap_or(Value::Null);
+            Ok((response.status().as_u16(), body))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn send(socket: &mut Socket, frame: Value) -> Result<(), Error> {
+    socket.send(Message::text(frame.to_string())).await?;
+    Ok(())
+}
+
+/// The next JSON frame (control frames skipped).
+pub async fn next_frame(socket: &mut Socket) -> Result<Value, Error> {
+    loop {
+        let message = tokio::time::timeout(WAIT, socket.next())
+            .await?
+            .ok_or("connection closed")??;
+        match message {
+            Message::Text(text) => return Ok(serde_json::from_str(text.as_str())?),
+            Message::Close(frame) => return Err(format!("closed: {frame:?}").into()),
+            _ => {}
+        }
+    }
+}
+
+/// The next frame of `type` (others, such as the user's own messages, skipped).
+pub async fn next_of(socket: &mut Socket, kind: &str) -> Result<Value, Error> {
+    loop {
+        let frame = next_frame(socket).await?;
+        if frame["type"] == kind {
+            return Ok(frame);
+        }
+    }
+}
+
+/// The first page of a room's history once it holds `count` messages.
+pub async fn wait_for_history(
+    api: &Api,
+    user: &User,
+    room: &str,
+    count: usize,
+) -> Result<Value, Error> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, page) = api.history(user, room, "?limit=200").await?;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        if page["messages"]
+            .as_array()
+            .is_some_and(|m| m.len() == count)
+        {
+            return Ok(page);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("history never reached {count} messages: {page}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,8 @@
+//! End-to-end tests: real HTTP and WebSocket clients against the embedded
+//! all-in-one process and against the services scaled out over real NATS
+//! JetStream and Postgres.
+
+mod bad_input;
+mod embedded;
+mod harness;
+mod scaled;

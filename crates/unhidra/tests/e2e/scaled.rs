@@ -1,0 +1,216 @@
+//! Scaled out: every service on its own listener with its own bus connection,
+//! talking only through real NATS JetStream and Postgres.
+
+use std::time::Instant;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use unhidra_core::Config;
+
+use crate::{embedded::one_message_end_to_end, harness::*};
+
+/// The five services, each started with `run` as its own binary would.
+pub struct Scaled {
+    pub config: Config,
+    pub gateway: Running,
+    pub auth: Running,
+    pub chat: Running,
+    /// None while a test has it stopped.
+    pub history: Option<Running>,
+    pub audit: Running,
+    db: unhidra_testkit::TestDatabase,
+}
+
+impl Scaled {
+    /// None (test skipped) outside CI when NATS or Postgres is missing.
+    pub async fn start() -> Result<Option<Self>, Error> {
+        let Some(nats) = unhidra_testkit::nats_url().await else {
+            return Ok(None);
+        };
+        let Some(db) = unhidra_testkit::TestDatabase::postgres().await? else {
+            return Ok(None);
+        };
+        let config = Config {
+            nats_url: Some(nats.into()),
+            database_url: Some(db.url().to_owned().into()),
+            bus_prefix: unhidra_testkit::unique_prefix(),
+            ..Config::default()
+        };
+        // auth-api and chat-service answer the others' requests, so they go first.
+        let auth = Running::start(config.clone(), auth_api::run).await?;
+        let chat = Running::start(config.clone(), chat_service::run).await?;
+        let history = Running::start(config.clone(), history_service::run).await?;
+        let audit = Running::start(config.clone(), audit_service::run).await?;
+        let gateway = Running::start(config.clone(), gateway_service::run).await?;
+        for service in [&auth, &chat, &history, &audit, &gateway] {
+            wait_ready(service).await?;
+        }
+        Ok(Some(Self {
+            config,
+            gateway,
+            auth,
+            chat,
+            history: Some(history),
+            audit,
+            db,
+        }))
+    }
+
+    pub fn api(&self) -> Api {
+        Api {
+            auth: self.auth.http(),
+            chat: self.chat.http(),
+            history: self.history.as_ref().map(Running::http).unwrap_or_default(),
+        }
+    }
+
+    pub async fn stop(self) -> TestResult {
+        let services = [
+            Some(self.gateway),
+            self.history,
+            Some(self.audit),
+            Some(self.chat),
+            Some(self.auth),
+        ];
+        for service in services.into_iter().flatten() {
+            service.stop().await?;
+        }
+        Ok(())
+    }
+}
+
+async fn wait_ready(service: &Running) -> TestResult {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match get(&format!("{}/readyz", service.http()), None).await {
+            Ok((status, _)) if status.is_success() => return Ok(()),
+            _ if tokio::time::Instant::now() > deadline => return Err("service never ready".into()),
+            _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn scaled_out_two_users_one_message() -> TestResult {
+    let started = Instant::now();
+    let Some(stack) = Scaled::start().await? else {
+        return Ok(());
+    };
+    one_message_end_to_end(&stack.api(), &stack.gateway.ws()).await?;
+
+    // The audit log recorded the registrations, logins and the room.
+    let pool = sqlx::PgPool::connect(stack.db.url()).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let kinds: Vec<String> =
+            sqlx::query_scalar("SELECT kind FROM audit_events ORDER BY occurred_at")
+                .fetch_all(&pool)
+                .await?;
+        let count = |k: &str| kinds.iter().filter(|x| *x == k).count();
+        if count("user_registered") == 2
+            && count("login_succeeded") == 2
+            && count("room_created") == 1
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "audit log incomplete: {kinds:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    stack.stop().await?;
+    eprintln!("scaled-out scenario wall time: {:?}", started.elapsed());
+    Ok(())
+}
+
+#[tokio::test]
+async fn history_down_during_1000_sends_then_stores_each_exactly_once() -> TestResult {
+    const COUNT: usize = 1000;
+    let Some(mut stack) = Scaled::start().await? else {
+        return Ok(());
+    };
+    let api = stack.api();
+    let alice = api.user("alice").await?;
+    let room = api.create_room(&alice, "public").await?;
+
+    // history-service goes away before the messages are sent.
+    stack
+        .history
+        .take()
+        .ok_or("history not running")?
+        .stop()
+        .await?;
+
+    let socket = connect(&stack.gateway.ws(), &alice.token).await?;
+    let (mut sink, mut stream) = socket.split();
+    let reader = tokio::spawn(async move {
+        let mut acks = Vec::new();
+        while acks.len() < COUNT {
+            let Some(Ok(Message::Text(text))) = stream.next().await else {
+                return Err::<Vec<Value>, String>("connection ended".into());
+            };
+            let frame: Value = serde_json::from_str(text.as_str()).map_err(|e| e.to_string())?;
+            match frame["type"].as_str() {
+                Some("ack") => acks.push(frame),
+                Some("message") => {}
+                _ => return Err(format!("unexpected frame {frame}")),
+            }
+        }
+        Ok(acks)
+    });
+    for i in 0..COUNT {
+        let frame = json!({"type": "send", "id": format!("c{i}"), "room": room, "body": format!("message {i}")});
+        sink.send(Message::text(frame.to_string())).await?;
+    }
+    let acks = tokio::time::timeout(WAIT * 6, reader).await???;
+    let mut seqs: Vec<u64> = acks.iter().filter_map(|a| a["seq"].as_u64()).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=COUNT as u64).collect::<Vec<_>>());
+
+    // history-service comes back (same durable consumer) and catches up.
+    stack.history = Some(Running::start(stack.config.clone(), history_service::run).await?);
+    let history_api = stack.api();
+    let deadline = tokio::time::Instant::now() + WAIT * 6;
+    let mut stored = Vec::new();
+    while stored.len() < COUNT {
+        stored.clear();
+        let mut before = String::new();
+        loop {
+            let (status, page) = history_api
+                .history(&alice, &room, &format!("?limit=200{before}"))
+                .await?;
+            assert!(status.is_success(), "{page}");
+            let messages = page["messages"].as_array().cloned().unwrap_or_default();
+            let Some(last) = messages.last() else { break };
+            before = format!("&before={}", last["seq"]);
+            stored.extend(messages);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "history has {} of {COUNT}",
+            stored.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let mut stored_seqs: Vec<u64> = stored.iter().filter_map(|m| m["seq"].as_u64()).collect();
+    stored_seqs.sort_unstable();
+    assert_eq!(
+        stored_seqs,
+        (1..=COUNT as u64).collect::<Vec<_>>(),
+        "each message exactly once"
+    );
+    let mut acked_ids: Vec<&str> = acks
+        .iter()
+        .filter_map(|a| a["message_id"].as_str())
+        .collect();
+    let mut stored_ids: Vec<&str> = stored
+        .iter()
+        .filter_map(|m| m["message_id"].as_str())
+        .collect();
+    acked_ids.sort_unstable();
+    stored_ids.sort_unstable();
+    assert_eq!(acked_ids, stored_ids);
+    stack.stop().await
+}

@@ -1,0 +1,231 @@
+//! One client connection: a reader that handles client frames in order, and a
+//! writer that drains the connection's bounded outbound queue and closes the
+//! socket (with a documented code) on shutdown, token expiry or slow reading.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::{SinkExt, StreamExt, stream::SplitSink};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use unhidra_authn::Authenticated;
+use unhidra_core::{
+    events::{RoomsOfRequest, SCHEMA_VERSION, SendAccepted, SendRequest},
+    ids::RoomId,
+    protocol::{ClientFrame, ErrorCode, ServerFrame, close, parse_client_frame},
+};
+use unhidra_runtime::rpc;
+use unhidra_telemetry::metrics;
+
+use crate::{
+    Gateway,
+    registry::{ConnId, Outbound},
+};
+
+pub async fn serve(gateway: Arc<Gateway>, socket: WebSocket, auth: Authenticated) {
+    metrics::WS_CONNECTIONS.inc();
+    let (sink, mut stream) = socket.split();
+    let (outbound, queue) = mpsc::channel(gateway.ctx.config.outbound_queue);
+    let slow = CancellationToken::new();
+    let done = CancellationToken::new();
+    let id = gateway
+        .registry
+        .register(auth.user, outbound.clone(), slow.clone());
+    tracing::debug!(conn = id, user_id = %auth.user, "connected");
+    let writer = tokio::spawn(write(
+        sink,
+        queue,
+        Closers {
+            slow,
+            done: done.clone(),
+            shutdown: gateway.ctx.shutdown.clone(),
+            expires_at: auth.expires_at,
+        },
+    ));
+
+    if subscribe_rooms(&gateway, id, &auth).await {
+        read(&gateway, &mut stream, &outbound, &auth, &done).await;
+    } else {
+        let _ = outbound
+            .send(Outbound::Close(close::TRY_AGAIN_LATER, "rooms unavailable"))
+            .await;
+    }
+
+    gateway.registry.unregister(id);
+    drop(outbound);
+    done.cancel();
+    let _ = writer.await;
+    metrics::WS_CONNECTIONS.dec();
+    tracing::debug!(conn = id, user_id = %auth.user, "disconnected");
+}
+
+/// Loads the user's rooms (after registering, so no join is missed).
+async fn subscribe_rooms(gateway: &Gateway, id: ConnId, auth: &Authenticated) -> bool {
+    let request = RoomsOfRequest {
+        v: SCHEMA_VERSION,
+        user: auth.user,
+    };
+    match rpc::call::<_, Vec<RoomId>>(
+        &gateway.ctx,
+        &gateway.ctx.subjects.chat_rooms_of(),
+        &request,
+    )
+    .await
+    {
+        Ok(rooms) => {
+            gateway.registry.add_rooms(id, &rooms);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(user_id = %auth.user, error = %e.message, "rooms of user unavailable");
+            false
+        }
+    }
+}
+
+async fn read(
+    gateway: &Gateway,
+    stream: &mut futures::stream::SplitStream<WebSocket>,
+    outbound: &mpsc::Sender<Outbound>,
+    auth: &Authenticated,
+    done: &CancellationToken,
+) {
+    let max_frame = gateway.ctx.config.max_frame_bytes;
+    loop {
+        let next = tokio::select! {
+            () = done.cancelled() => return,
+            next = stream.next() => next,
+        };
+        let reply = match next {
+            None | Some(Ok(Message::Close(_))) => return,
+            Some(Err(e)) => {
+                tracing::info!(user_id = %auth.user, error = %e, "WebSocket read failed");
+                let _ = outbound
+                    .send(Outbound::Close(
+                        close::TOO_BIG,
+                        "frame too large or malformed",
+                    ))
+                    .await;
+                return;
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Binary(_))) => {
+                metrics::WS_FRAMES_IN.inc();
+                error(
+                    None,
+                    ErrorCode::InvalidFrame,
+                    "binary frames are not supported; send JSON text",
+                )
+            }
+            Some(Ok(Message::Text(text))) => {
+                metrics::WS_FRAMES_IN.inc();
+                if text.len() > max_frame {
+                    error(
+                        None,
+                        ErrorCode::TooLarge,
+                        &format!("frame is {} bytes; the limit is {max_frame}", text.len()),
+                    )
+                } else {
+                    handle(gateway, auth, text.as_str()).await
+                }
+            }
+        };
+        let Ok(text) = serde_json::to_string(&reply) else {
+            continue;
+        };
+        if outbound
+            .send(Outbound::Frame(Utf8Bytes::from(text)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn error(id: Option<String>, code: ErrorCode, message: &str) -> ServerFrame {
+    ServerFrame::Error {
+        id,
+        code,
+        message: message.to_owned(),
+    }
+}
+
+async fn handle(gateway: &Gateway, auth: &Authenticated, text: &str) -> ServerFrame {
+    let frame = match parse_client_frame(text) {
+        Ok(frame) => frame,
+        Err(e) => {
+            tracing::debug!(user_id = %auth.user, code = ?e.code, "frame refused");
+            return e.into();
+        }
+    };
+    match frame {
+        ClientFrame::Ping { id } => ServerFrame::Pong { id },
+        ClientFrame::Send { id, room, body } => {
+            let request = SendRequest {
+                v: SCHEMA_VERSION,
+                user: auth.user,
+                room,
+                body,
+            };
+            let subject = gateway.ctx.subjects.chat_send();
+            match rpc::call::<_, SendAccepted>(&gateway.ctx, &subject, &request).await {
+                Ok(accepted) => ServerFrame::Ack {
+                    id,
+                    room,
+                    seq: accepted.seq,
+                    message_id: accepted.message_id,
+                },
+                Err(e) => error(Some(id), ErrorCode::from_rpc(&e.code), &e.message),
+            }
+        }
+    }
+}
+
+struct Closers {
+    slow: CancellationToken,
+    done: CancellationToken,
+    shutdown: CancellationToken,
+    /// Unix seconds.
+    expires_at: i64,
+}
+
+async fn write(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut queue: mpsc::Receiver<Outbound>,
+    closers: Closers,
+) {
+    let now = chrono::Utc::now().timestamp();
+    let expiry = Duration::from_secs(u64::try_from(closers.expires_at - now).unwrap_or(0));
+    let expired = tokio::time::sleep(expiry);
+    tokio::pin!(expired);
+    let close_with = loop {
+        tokio::select! {
+            biased;
+            () = closers.slow.cancelled() => break Some((close::SLOW_CONSUMER, "slow consumer")),
+            () = closers.shutdown.cancelled() => break Some((close::GOING_AWAY, "server shutting down")),
+            () = &mut expired => break Some((close::TOKEN_EXPIRED, "token expired")),
+            next = queue.recv() => match next {
+                Some(Outbound::Frame(text)) => {
+                    metrics::WS_FRAMES_OUT.inc();
+                    if sink.send(Message::Text(text)).await.is_err() {
+                        break None;
+                    }
+                }
+                Some(Outbound::Close(code, reason)) => break Some((code, reason)),
+                None => break None,
+            },
+            () = closers.done.cancelled(), if queue.is_empty() => break None,
+        }
+    };
+    if let Some((code, reason)) = close_with {
+        let frame = CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        };
+        let _ = sink.send(Message::Close(Some(frame))).await;
+    }
+    let _ = sink.close().await;
+    // Tells the reader to stop, if the writer stopped first.
+    closers.done.cancel();
+}

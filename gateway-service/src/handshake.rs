@@ -1,0 +1,148 @@
+//! `GET /ws`: origin and token are checked before the upgrade, so a refused
+//! client gets a plain HTTP 403 or 401 with the usual error body.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    extract::{
+        State,
+        ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection},
+    },
+    http::{HeaderMap, header},
+    response::{IntoResponse, Response},
+};
+use unhidra_authn::bearer_token;
+use unhidra_core::{
+    ApiError,
+    error::ErrorBody,
+    protocol::{BEARER_PROTOCOL_PREFIX, SUBPROTOCOL},
+};
+
+use crate::{Gateway, connection};
+
+/// Frames over `max_frame_bytes` get an error frame; frames over this many
+/// times that are refused by the WebSocket layer and close the connection.
+const HARD_LIMIT_FACTOR: usize = 32;
+
+pub async fn upgrade(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let config = &gateway.ctx.config;
+    if !origin_allowed(&headers, &config.allowed_origins) {
+        tracing::warn!(origin = ?headers.get(header::ORIGIN), "WebSocket refused: origin not allowed");
+        return ApiError::Forbidden("origin not allowed".into()).into_response();
+    }
+    let Some(token) = protocol_token(&headers).or_else(|| bearer_token(&headers)) else {
+        return ApiError::unauthenticated("missing access token").into_response();
+    };
+    let auth = match gateway.verifier.verify(token).await {
+        Ok(auth) => auth,
+        Err(e) => {
+            tracing::info!(code = e.code(), "WebSocket refused: token rejected");
+            return e.into_response();
+        }
+    };
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => {
+            let body = ErrorBody {
+                error: "websocket_upgrade_required".into(),
+                message: rejection.body_text(),
+            };
+            return (rejection.status(), Json(body)).into_response();
+        }
+    };
+    let hard_limit = config.max_frame_bytes.saturating_mul(HARD_LIMIT_FACTOR);
+    upgrade
+        .protocols([SUBPROTOCOL])
+        .max_message_size(hard_limit)
+        .max_frame_size(hard_limit)
+        .on_upgrade(move |socket| connection::serve(gateway, socket, auth))
+}
+
+/// The token of a `bearer.<jwt>` entry in `Sec-WebSocket-Protocol`.
+fn protocol_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find_map(|p| p.strip_prefix(BEARER_PROTOCOL_PREFIX))
+        .filter(|t| !t.is_empty())
+}
+
+/// Clients without `Origin` (not browsers) and same-origin pages are allowed;
+/// other origins only if listed (or `*` is).
+fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    let origin = origin.trim_end_matches('/');
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin.split_once("://").map(|(_, host)| host);
+    matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn headers(pairs: &[(header::HeaderName, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(name.clone(), HeaderValue::from_static(value));
+        }
+        map
+    }
+
+    #[test]
+    fn origins() {
+        let listed = vec!["https://app.example".to_owned()];
+        assert!(origin_allowed(&headers(&[]), &listed));
+        assert!(origin_allowed(
+            &headers(&[(header::ORIGIN, "https://app.example/")]),
+            &listed
+        ));
+        assert!(!origin_allowed(
+            &headers(&[(header::ORIGIN, "https://evil.example")]),
+            &listed
+        ));
+        assert!(origin_allowed(
+            &headers(&[
+                (header::ORIGIN, "http://chat.local:9000"),
+                (header::HOST, "chat.local:9000")
+            ]),
+            &[]
+        ));
+        assert!(origin_allowed(
+            &headers(&[(header::ORIGIN, "https://x.example")]),
+            &["*".to_owned()]
+        ));
+    }
+
+    #[test]
+    fn token_from_subprotocol() {
+        let h = headers(&[(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            "unhidra.v1, bearer.abc.def.ghi",
+        )]);
+        assert_eq!(protocol_token(&h), Some("abc.def.ghi"));
+        let h = headers(&[(header::SEC_WEBSOCKET_PROTOCOL, "unhidra.v1")]);
+        assert_eq!(protocol_token(&h), None);
+    }
+}

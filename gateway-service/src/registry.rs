@@ -1,0 +1,183 @@
+//! The connections of this gateway, indexed by user and by room so that a room
+//! event reaches its member connections without a lookup per recipient. No
+//! method holds entries of two maps at once, so they cannot deadlock.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use axum::extract::ws::Utf8Bytes;
+use dashmap::DashMap;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio_util::sync::CancellationToken;
+use unhidra_core::ids::{RoomId, UserId};
+use unhidra_telemetry::metrics;
+
+pub type ConnId = u64;
+
+/// What the writer of a connection sends.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    Frame(Utf8Bytes),
+    Close(u16, &'static str),
+}
+
+/// How to reach one connection: its bounded queue, and the switch that cuts
+/// it off when the queue is full.
+#[derive(Clone)]
+struct Handle {
+    outbound: mpsc::Sender<Outbound>,
+    slow: CancellationToken,
+}
+
+struct Conn {
+    user: UserId,
+    handle: Handle,
+    rooms: HashSet<RoomId>,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    next_id: AtomicU64,
+    conns: DashMap<ConnId, Conn>,
+    by_user: DashMap<UserId, HashSet<ConnId>>,
+    by_room: DashMap<RoomId, HashMap<ConnId, Handle>>,
+}
+
+impl Registry {
+    pub fn register(
+        &self,
+        user: UserId,
+        outbound: mpsc::Sender<Outbound>,
+        slow: CancellationToken,
+    ) -> ConnId {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.conns.insert(
+            id,
+            Conn {
+                user,
+                handle: Handle { outbound, slow },
+                rooms: HashSet::new(),
+            },
+        );
+        self.by_user.entry(user).or_default().insert(id);
+        id
+    }
+
+    /// Subscribes a connection to rooms.
+    pub fn add_rooms(&self, id: ConnId, rooms: &[RoomId]) {
+        let handle = match self.conns.get_mut(&id) {
+            Some(mut conn) => {
+                conn.rooms.extend(rooms.iter().copied());
+                conn.handle.clone()
+            }
+            None => return,
+        };
+        for room in rooms {
+            self.by_room
+                .entry(*room)
+                .or_default()
+                .insert(id, handle.clone());
+        }
+    }
+
+    /// Subscribes every connection of `user` to `room`.
+    pub fn user_joined(&self, user: UserId, room: RoomId) {
+        let ids: Vec<ConnId> = self
+            .by_user
+            .get(&user)
+            .map(|ids| ids.iter().copied().collect())
+            .unwrap_or_default();
+        for id in ids {
+            self.add_rooms(id, &[room]);
+        }
+    }
+
+    pub fn unregister(&self, id: ConnId) {
+        let Some((_, conn)) = self.conns.remove(&id) else {
+            return;
+        };
+        self.by_user.remove_if_mut(&conn.user, |_, ids| {
+            ids.remove(&id);
+            ids.is_empty()
+        });
+        for room in conn.rooms {
+            self.by_room.remove_if_mut(&room, |_, members| {
+                members.remove(&id);
+                members.is_empty()
+            });
+        }
+    }
+
+    /// Queues `frame` on every connection in `room`; a connection whose queue
+    /// is full is cut off as a slow consumer. Returns how many got it.
+    pub fn deliver(&self, room: RoomId, frame: &Utf8Bytes) -> usize {
+        let Some(mut members) = self.by_room.get_mut(&room) else {
+            return 0;
+        };
+        let mut delivered = 0;
+        members.retain(|id, handle| {
+            match handle.outbound.try_send(Outbound::Frame(frame.clone())) {
+                Ok(()) => {
+                    delivered += 1;
+                    true
+                }
+                Err(TrySendError::Full(_)) => {
+                    tracing::warn!(conn = id, %room, "outbound queue full; closing slow consumer");
+                    metrics::SLOW_CONSUMERS.inc();
+                    handle.slow.cancel();
+                    false
+                }
+                Err(TrySendError::Closed(_)) => false,
+            }
+        });
+        delivered
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(s: &str) -> Utf8Bytes {
+        Utf8Bytes::from(s.to_owned())
+    }
+
+    #[test]
+    fn room_events_reach_members_only_and_joins_apply_to_every_connection() {
+        let registry = Registry::default();
+        let (alice, bob, room) = (UserId::new(), UserId::new(), RoomId::new());
+        let (tx_a, mut rx_a) = mpsc::channel(4);
+        let (tx_b1, mut rx_b1) = mpsc::channel(4);
+        let (tx_b2, mut rx_b2) = mpsc::channel(4);
+        let a = registry.register(alice, tx_a, CancellationToken::new());
+        registry.register(bob, tx_b1, CancellationToken::new());
+        registry.register(bob, tx_b2, CancellationToken::new());
+        registry.add_rooms(a, &[room]);
+        assert_eq!(registry.deliver(room, &frame("one")), 1);
+        registry.user_joined(bob, room);
+        assert_eq!(registry.deliver(room, &frame("two")), 3);
+        assert!(matches!(rx_a.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "one"));
+        assert!(matches!(rx_b1.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "two"));
+        assert!(matches!(rx_b2.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "two"));
+
+        registry.unregister(a);
+        assert_eq!(registry.deliver(room, &frame("three")), 2);
+    }
+
+    #[test]
+    fn a_full_queue_cuts_the_connection_off() {
+        let registry = Registry::default();
+        let (user, room) = (UserId::new(), RoomId::new());
+        let (tx, _rx) = mpsc::channel(1);
+        let slow = CancellationToken::new();
+        let id = registry.register(user, tx, slow.clone());
+        registry.add_rooms(id, &[room]);
+        assert_eq!(registry.deliver(room, &frame("fits")), 1);
+        assert!(!slow.is_cancelled());
+        assert_eq!(registry.deliver(room, &frame("overflows")), 0);
+        assert!(slow.is_cancelled());
+        assert_eq!(registry.deliver(room, &frame("after")), 0);
+    }
+}

@@ -1,0 +1,10 @@
+//! The `history-service` binary: one Unhidra service in its own process, configured by
+//! `UNHIDRA_*` variables (see the README).
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    unhidra_runtime::main_for(history_service::DEFAULT_PORT, |listener, config| {
+        history_service::run(listener, config, unhidra_runtime::shutdown_signal())
+    })
+    .await
+}
