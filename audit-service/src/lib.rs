@@ -21,12 +21,12 @@ const MIGRATIONS: &[Migration] = &[Migration {
 }];
 
 /// Migrates and starts the durable consumer of the audit stream.
-pub async fn build(ctx: &ServiceContext, db: Database) -> anyhow::Result<Service> {
+pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service> {
     db.migrate(NAME, MIGRATIONS).await?;
     ctx.bus.ensure_stream(&ctx.subjects.audit_stream()).await?;
     let recorder = {
         let db = db.clone();
-        consumer::spawn_consumer(ctx, ctx.subjects.audit_consumer(), move |delivery| {
+        consumer::spawn_consumer(&ctx, ctx.subjects.audit_consumer(), move |delivery| {
             recorder::handle(db.clone(), delivery)
         })
         .await?
@@ -45,8 +45,5 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let ctx = ServiceContext::connect(config, shutdown).await?;
-    let db = ctx.open_database(NAME).await?;
-    let service = build(&ctx, db).await?;
-    ctx.serve(listener, vec![service]).await
+    unhidra_runtime::run_service(listener, config, shutdown, NAME, build).await
 }

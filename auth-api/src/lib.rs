@@ -42,7 +42,7 @@ struct AuthState {
 
 /// Migrates the database, loads (or creates) the signing key, and answers JWKS
 /// requests on the bus.
-pub async fn build(ctx: &ServiceContext, db: Database) -> anyhow::Result<Service> {
+pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service> {
     db.migrate(NAME, MIGRATIONS).await?;
     ctx.bus.ensure_stream(&ctx.subjects.audit_stream()).await?;
     let keys = SigningKeys::load_or_create(&db).await?;
@@ -53,7 +53,7 @@ pub async fn build(ctx: &ServiceContext, db: Database) -> anyhow::Result<Service
         keys: keys.clone(),
     };
     let jwks_responder = rpc::respond(
-        ctx,
+        &ctx,
         ctx.subjects.auth_jwks(),
         NAME,
         move |_: JwksRequest| {
@@ -86,8 +86,5 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let ctx = ServiceContext::connect(config, shutdown).await?;
-    let db = ctx.open_database(NAME).await?;
-    let service = build(&ctx, db).await?;
-    ctx.serve(listener, vec![service]).await
+    unhidra_runtime::run_service(listener, config, shutdown, NAME, build).await
 }

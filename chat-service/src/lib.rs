@@ -39,7 +39,7 @@ impl FromRef<ChatState> for Arc<TokenVerifier> {
 }
 
 /// Migrates, answers the chat requests on the bus, and starts the outbox relay.
-pub async fn build(ctx: &ServiceContext, db: Database) -> anyhow::Result<Service> {
+pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service> {
     db.migrate(NAME, MIGRATIONS).await?;
     ctx.bus.ensure_stream(&ctx.subjects.rooms_stream()).await?;
     ctx.bus.ensure_stream(&ctx.subjects.audit_stream()).await?;
@@ -54,21 +54,21 @@ pub async fn build(ctx: &ServiceContext, db: Database) -> anyhow::Result<Service
     };
     let send = {
         let state = state.clone();
-        rpc::respond(ctx, ctx.subjects.chat_send(), NAME, move |request| {
+        rpc::respond(&ctx, ctx.subjects.chat_send(), NAME, move |request| {
             messages::send(state.clone(), request)
         })
         .await?
     };
     let rooms_of = {
         let state = state.clone();
-        rpc::respond(ctx, ctx.subjects.chat_rooms_of(), NAME, move |request| {
+        rpc::respond(&ctx, ctx.subjects.chat_rooms_of(), NAME, move |request| {
             membership::rooms_of(state.clone(), request)
         })
         .await?
     };
     let membership = {
         let state = state.clone();
-        rpc::respond(ctx, ctx.subjects.chat_membership(), NAME, move |request| {
+        rpc::respond(&ctx, ctx.subjects.chat_membership(), NAME, move |request| {
             membership::role(state.clone(), request)
         })
         .await?
@@ -92,8 +92,5 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let ctx = ServiceContext::connect(config, shutdown).await?;
-    let db = ctx.open_database(NAME).await?;
-    let service = build(&ctx, db).await?;
-    ctx.serve(listener, vec![service]).await
+    unhidra_runtime::run_service(listener, config, shutdown, NAME, build).await
 }

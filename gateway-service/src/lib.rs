@@ -31,11 +31,11 @@ struct Gateway {
 }
 
 /// Subscribes to room events and serves `/ws`.
-pub async fn build(ctx: &ServiceContext) -> anyhow::Result<Service> {
+pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
     let gateway = Arc::new(Gateway {
-        ctx: ctx.clone(),
         verifier: TokenVerifier::new(&ctx.config, Arc::clone(&ctx.bus), &ctx.subjects),
         registry: Registry::default(),
+        ctx,
     });
     let fanout = fanout::spawn(Arc::clone(&gateway)).await?;
     let router = Router::new()
@@ -56,6 +56,6 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let ctx = ServiceContext::connect(config, shutdown).await?;
-    let service = build(&ctx).await?;
+    let service = build(ctx.clone()).await?;
     ctx.serve(listener, vec![service]).await
 }

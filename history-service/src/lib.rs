@@ -37,7 +37,7 @@ impl FromRef<HistoryState> for Arc<TokenVerifier> {
 }
 
 /// Migrates and starts the durable consumer of the rooms stream.
-pub async fn build(ctx: &ServiceContext, db: Database) -> anyhow::Result<Service> {
+pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service> {
     db.migrate(NAME, MIGRATIONS).await?;
     ctx.bus.ensure_stream(&ctx.subjects.rooms_stream()).await?;
     let state = HistoryState {
@@ -51,7 +51,7 @@ pub async fn build(ctx: &ServiceContext, db: Database) -> anyhow::Result<Service
     };
     let recorder = {
         let db = db.clone();
-        consumer::spawn_consumer(ctx, ctx.subjects.history_consumer(), move |delivery| {
+        consumer::spawn_consumer(&ctx, ctx.subjects.history_consumer(), move |delivery| {
             recorder::handle(db.clone(), delivery)
         })
         .await?
@@ -73,8 +73,5 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let ctx = ServiceContext::connect(config, shutdown).await?;
-    let db = ctx.open_database(NAME).await?;
-    let service = build(&ctx, db).await?;
-    ctx.serve(listener, vec![service]).await
+    unhidra_runtime::run_service(listener, config, shutdown, NAME, build).await
 }

@@ -176,6 +176,25 @@ fn health_routes(bus: Arc<dyn Bus>, databases: Arc<Vec<(&'static str, Database)>
         )
 }
 
+/// Runs one database-backed service alone on `listener` until `shutdown`
+/// resolves: what each service binary does.
+pub async fn run_service<F, Fut>(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    name: &'static str,
+    build: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(ServiceContext, Database) -> Fut,
+    Fut: Future<Output = anyhow::Result<Service>>,
+{
+    let ctx = ServiceContext::connect(config, shutdown).await?;
+    let db = ctx.open_database(name).await?;
+    let service = build(ctx.clone(), db).await?;
+    ctx.serve(listener, vec![service]).await
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

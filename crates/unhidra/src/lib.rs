@@ -19,12 +19,15 @@ pub async fn run(
     let ctx = ServiceContext::connect(config, shutdown).await?;
     // Responders first (auth-api's JWKS, chat-service's requests), then the
     // consumers and the gateway that depend on them.
-    let auth = auth_api::build(&ctx, ctx.open_database(auth_api::NAME).await?).await?;
-    let chat = chat_service::build(&ctx, ctx.open_database(chat_service::NAME).await?).await?;
+    let auth = auth_api::build(ctx.clone(), ctx.open_database(auth_api::NAME).await?).await?;
+    let chat =
+        chat_service::build(ctx.clone(), ctx.open_database(chat_service::NAME).await?).await?;
     let history =
-        history_service::build(&ctx, ctx.open_database(history_service::NAME).await?).await?;
-    let audit = audit_service::build(&ctx, ctx.open_database(audit_service::NAME).await?).await?;
-    let gateway = gateway_service::build(&ctx).await?;
+        history_service::build(ctx.clone(), ctx.open_database(history_service::NAME).await?)
+            .await?;
+    let audit =
+        audit_service::build(ctx.clone(), ctx.open_database(audit_service::NAME).await?).await?;
+    let gateway = gateway_service::build(ctx.clone()).await?;
     ctx.serve(listener, vec![auth, chat, history, audit, gateway])
         .await
 }

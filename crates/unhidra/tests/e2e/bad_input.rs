@@ -315,6 +315,10 @@ async fn http_apis_refuse_bad_input_with_stable_codes() -> TestResult {
     )
     .await?;
     assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (tokens["token_type"].as_str(), tokens["expires_in"].as_u64()),
+        (Some("Bearer"), Some(900))
+    );
     let refresh = format!("{base}/api/v1/auth/refresh");
     let (status, rotated) = post(
         &refresh,

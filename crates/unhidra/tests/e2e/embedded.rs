@@ -164,3 +164,84 @@ async fn embedded_restart_keeps_users_rooms_history_and_the_signing_key() -> Tes
     assert_eq!(page["messages"][1]["body"], "before restart");
     second.stop().await
 }
+
+/// Several connections sending into one room at once: every message gets its
+/// own sequence number, with no gaps.
+pub async fn concurrent_sends_get_gap_free_sequences(api: &Api, ws_url: &str) -> TestResult {
+    const CONNECTIONS: usize = 4;
+    const EACH: usize = 50;
+    let owner = api.user("owner").await?;
+    let room = api.create_room(&owner, "public").await?;
+    let mut senders = Vec::new();
+    for c in 0..CONNECTIONS {
+        let user = api.user("sender").await?;
+        let (status, _) = api.join(&user, &room).await?;
+        assert_eq!(status, StatusCode::OK);
+        let mut ws = connect(ws_url, &user.token).await?;
+        let room = room.clone();
+        senders.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..EACH {
+                let id = format!("{c}-{i}");
+                send(
+                    &mut ws,
+                    json!({"type": "send", "id": id, "room": room, "body": id}),
+                )
+                .await?;
+                let ack = next_of(&mut ws, "ack").await?;
+                assert_eq!(ack["id"], id.as_str());
+                seqs.push(ack["seq"].as_u64().ok_or("no seq")?);
+            }
+            Ok::<_, Error>(seqs)
+        }));
+    }
+    let mut all = Vec::new();
+    for sender in senders {
+        all.extend(sender.await??);
+    }
+    all.sort_unstable();
+    assert_eq!(all, (1..=(CONNECTIONS * EACH) as u64).collect::<Vec<_>>());
+    Ok(())
+}
+
+#[tokio::test]
+async fn embedded_concurrent_sends_get_gap_free_sequences() -> TestResult {
+    let stack = Embedded::start().await?;
+    concurrent_sends_get_gap_free_sequences(&stack.api(), &stack.app.ws()).await?;
+    stack.app.stop().await
+}
+
+#[tokio::test]
+async fn connections_close_with_documented_codes_on_token_expiry_and_shutdown() -> TestResult {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    async fn close_code(ws: &mut Socket) -> Result<Option<u16>, Error> {
+        loop {
+            match tokio::time::timeout(WAIT, ws.next()).await? {
+                Some(Ok(Message::Close(frame))) => return Ok(frame.map(|f| f.code.into())),
+                Some(Ok(_)) => continue,
+                other => return Err(format!("expected a close frame, got {other:?}").into()),
+            }
+        }
+    }
+
+    let stack = Embedded::start_with(unhidra_core::Config {
+        access_token_ttl_secs: 1,
+        ..Default::default()
+    })
+    .await?;
+    let alice = stack.api().user("alice").await?;
+    let mut ws = connect(&stack.app.ws(), &alice.token).await?;
+    assert_eq!(close_code(&mut ws).await?, Some(4001));
+
+    let stack_long = Embedded::start().await?;
+    let bob = stack_long.api().user("bob").await?;
+    let mut ws = connect(&stack_long.app.ws(), &bob.token).await?;
+    send(&mut ws, json!({"type": "ping"})).await?;
+    next_of(&mut ws, "pong").await?;
+    let stopping = tokio::spawn(stack_long.app.stop());
+    assert_eq!(close_code(&mut ws).await?, Some(1001));
+    stopping.await??;
+    stack.app.stop().await
+}

@@ -8,7 +8,10 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use unhidra_core::Config;
 
-use crate::{embedded::one_message_end_to_end, harness::*};
+use crate::{
+    embedded::{concurrent_sends_get_gap_free_sequences, one_message_end_to_end},
+    harness::*,
+};
 
 /// The five services, each started with `run` as its own binary would.
 pub struct Scaled {
@@ -212,5 +215,14 @@ async fn history_down_during_1000_sends_then_stores_each_exactly_once() -> TestR
     acked_ids.sort_unstable();
     stored_ids.sort_unstable();
     assert_eq!(acked_ids, stored_ids);
+    stack.stop().await
+}
+
+#[tokio::test]
+async fn scaled_out_concurrent_sends_get_gap_free_sequences() -> TestResult {
+    let Some(stack) = Scaled::start().await? else {
+        return Ok(());
+    };
+    concurrent_sends_get_gap_free_sequences(&stack.api(), &stack.gateway.ws()).await?;
     stack.stop().await
 }
