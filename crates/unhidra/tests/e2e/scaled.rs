@@ -101,8 +101,16 @@ async fn scaled_out_two_users_one_message() -> TestResult {
         return Ok(());
     };
     one_message_end_to_end(&stack.api(), &stack.gateway.ws()).await?;
+    let (status, _) = post(
+        &format!("{}/api/v1/auth/login", stack.auth.http()),
+        None,
+        json!({"email": "nobody@example.com", "password": "guessing"}),
+    )
+    .await?;
+    assert_eq!(status.as_u16(), 401);
 
-    // The audit log recorded the registrations, logins and the room.
+    // The audit log recorded the registrations, logins (and the failed one)
+    // and the room.
     let pool = sqlx::PgPool::connect(stack.db.url()).await?;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -113,6 +121,7 @@ async fn scaled_out_two_users_one_message() -> TestResult {
         let count = |k: &str| kinds.iter().filter(|x| *x == k).count();
         if count("user_registered") == 2
             && count("login_succeeded") == 2
+            && count("login_failed") == 1
             && count("room_created") == 1
         {
             break;
