@@ -76,6 +76,8 @@ async fn accept(state: &ChatState, request: SendRequest) -> anyhow::Result<SendA
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    tracing::debug!(room_id = %event.room, seq = event.seq, %message_id, "message accepted");
+    metrics::MESSAGES_ACCEPTED.inc();
 
     publish(
         state,
@@ -84,7 +86,6 @@ async fn accept(state: &ChatState, request: SendRequest) -> anyhow::Result<SendA
         payload,
     )
     .await;
-    metrics::MESSAGES_ACCEPTED.inc();
     Ok(SendAccepted {
         seq: event.seq,
         message_id,
@@ -105,6 +106,7 @@ async fn publish(state: &ChatState, message_id: &str, room: &str, payload: Strin
         .await;
     match published {
         Ok(()) => {
+            metrics::MESSAGES_PUBLISHED.inc();
             let deleted = sqlx::query("DELETE FROM outbox WHERE message_id = $1")
                 .bind(message_id)
                 .execute(&state.db.pool)

@@ -15,7 +15,7 @@ use unhidra_core::{
     protocol::{ClientFrame, ErrorCode, ServerFrame, close, parse_client_frame},
 };
 use unhidra_runtime::rpc;
-use unhidra_telemetry::metrics;
+use unhidra_telemetry::{metrics, request_id};
 
 use crate::{
     Gateway,
@@ -126,7 +126,8 @@ async fn read(
                         &format!("frame is {} bytes; the limit is {max_frame}", text.len()),
                     )
                 } else {
-                    handle(gateway, auth, text.as_str()).await
+                    request_id::scope(request_id::generate(), handle(gateway, auth, text.as_str()))
+                        .await
                 }
             }
         };
@@ -170,12 +171,21 @@ async fn handle(gateway: &Gateway, auth: &Authenticated, text: &str) -> ServerFr
             };
             let subject = gateway.ctx.subjects.chat_send();
             match rpc::call::<_, SendAccepted>(&gateway.ctx, &subject, &request).await {
-                Ok(accepted) => ServerFrame::Ack {
-                    id,
-                    room,
-                    seq: accepted.seq,
-                    message_id: accepted.message_id,
-                },
+                Ok(accepted) => {
+                    tracing::debug!(
+                        user_id = %auth.user,
+                        room_id = %room,
+                        seq = accepted.seq,
+                        message_id = %accepted.message_id,
+                        "message sent"
+                    );
+                    ServerFrame::Ack {
+                        id,
+                        room,
+                        seq: accepted.seq,
+                        message_id: accepted.message_id,
+                    }
+                }
                 Err(e) => error(Some(id), ErrorCode::from_rpc(&e.code), &e.message),
             }
         }

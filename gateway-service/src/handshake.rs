@@ -60,7 +60,10 @@ pub async fn upgrade(
         .protocols([SUBPROTOCOL])
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
-        .on_upgrade(move |socket| connection::serve(gateway, socket, auth))
+        .on_upgrade(move |socket| {
+            let in_flight = gateway.ctx.in_flight.clone();
+            in_flight.track_future(connection::serve(gateway, socket, auth))
+        })
 }
 
 /// The token of a `bearer.<jwt>` entry in `Sec-WebSocket-Protocol`.

@@ -26,6 +26,7 @@ pub async fn handle(db: Database, delivery: Delivery) {
             if inserted {
                 metrics::MESSAGES_STORED.inc();
             }
+            tracing::debug!(room_id = %event.room, seq = event.seq, message_id = %event.message_id, inserted, "message stored");
             ack(delivery).await;
         }
         Err(e) => {

@@ -154,6 +154,9 @@ pub trait Bus: Send + Sync + 'static {
     /// Creates (or resumes) a durable consumer and streams its deliveries.
     async fn consume(&self, spec: &ConsumerSpec) -> Result<Deliveries>;
 
+    /// Messages the durable consumer has not acknowledged yet: its lag.
+    async fn consumer_pending(&self, spec: &ConsumerSpec) -> Result<u64>;
+
     /// Whether the bus is usable right now (for readiness checks).
     async fn healthy(&self) -> bool;
 }

@@ -229,6 +229,29 @@ impl Bus for MemoryBus {
         )
     }
 
+    async fn consumer_pending(&self, spec: &ConsumerSpec) -> Result<u64> {
+        let stream = lock(&self.inner.streams)
+            .get(&spec.stream)
+            .cloned()
+            .ok_or_else(|| BusError::UnknownStream(spec.stream.clone()))?;
+        let state = lock(&stream.state);
+        let Some(consumer) = state.consumers.get(&spec.durable) else {
+            return Ok(0);
+        };
+        let undelivered = state
+            .messages
+            .range(consumer.next_seq..)
+            .filter(|(_, (_, m))| {
+                consumer
+                    .spec
+                    .filter
+                    .as_deref()
+                    .is_none_or(|f| matches(f, &m.subject))
+            })
+            .count();
+        Ok((undelivered + consumer.pending.len()) as u64)
+    }
+
     async fn healthy(&self) -> bool {
         true
     }

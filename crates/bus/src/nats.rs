@@ -218,6 +218,19 @@ impl Bus for NatsBus {
             .boxed())
     }
 
+    async fn consumer_pending(&self, spec: &ConsumerSpec) -> Result<u64> {
+        let stream = self
+            .jetstream
+            .get_stream(&spec.stream)
+            .await
+            .map_err(|_| BusError::UnknownStream(spec.stream.clone()))?;
+        let info = stream
+            .consumer_info(&spec.durable)
+            .await
+            .map_err(transport)?;
+        Ok(info.num_pending + info.num_ack_pending as u64)
+    }
+
     async fn healthy(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }

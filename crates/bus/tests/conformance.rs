@@ -172,6 +172,7 @@ async fn durable_consumers_resume_redeliver_and_deduplicate() -> TestResult {
 
         let consumer = consumer_spec(&p, "store");
         let mut deliveries = bus.consume(&consumer).await?;
+        assert_eq!(bus.consumer_pending(&consumer).await?, 4);
         let mut bodies = Vec::new();
         for _ in 0..4 {
             let d = tokio::time::timeout(WAIT, deliveries.next())
@@ -184,6 +185,7 @@ async fn durable_consumers_resume_redeliver_and_deduplicate() -> TestResult {
             }
         }
         assert_eq!(bodies, vec![text("1"), text("2"), text("3"), text("4")]);
+        assert_eq!(bus.consumer_pending(&consumer).await?, 2);
         // The consumer goes away with 3 and 4 unacknowledged...
         drop(deliveries);
 
@@ -215,6 +217,7 @@ async fn durable_consumers_resume_redeliver_and_deduplicate() -> TestResult {
                 .is_err(),
             "an acknowledged message came back"
         );
+        assert_eq!(bus.consumer_pending(&consumer).await?, 0);
 
         // A second durable consumer starts from the beginning of the stream.
         let mut other = bus.consume(&consumer_spec(&p, "audit")).await?;

@@ -1,15 +1,19 @@
 //! Running a durable consumer until shutdown: each delivery goes to a handler
-//! (which acks or naks it); if the delivery stream ends, the consumer resumes.
+//! (which acks or naks it) inside the request scope named by its
+//! `x-request-id` header; if the delivery stream ends, the consumer resumes.
+//! Redeliveries are counted and the consumer's lag is sampled as metrics.
 
 use std::{future::Future, time::Duration};
 
 use futures::StreamExt;
 use tokio::task::JoinHandle;
-use unhidra_bus::{ConsumerSpec, Delivery};
+use unhidra_bus::{Bus, ConsumerSpec, Delivery};
+use unhidra_telemetry::{metrics, request_id};
 
 use crate::ServiceContext;
 
 const RESUME_DELAY: Duration = Duration::from_secs(1);
+const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Creates (or resumes) the durable consumer `spec`, then hands deliveries to
 /// `handle` one at a time until shutdown. Creation errors are returned, so a
@@ -27,13 +31,32 @@ where
     let bus = ctx.bus.clone();
     let shutdown = ctx.shutdown.clone();
     Ok(tokio::spawn(async move {
+        let mut lag_sample = tokio::time::interval(LAG_SAMPLE_INTERVAL);
         loop {
             let next = tokio::select! {
                 () = shutdown.cancelled() => return,
+                _ = lag_sample.tick() => {
+                    sample_lag(bus.as_ref(), &spec).await;
+                    continue;
+                }
                 next = deliveries.next() => next,
             };
             match next {
-                Some(Ok(delivery)) => handle(delivery).await,
+                Some(Ok(delivery)) => {
+                    if delivery.attempt > 1 {
+                        metrics::CONSUMER_REDELIVERIES
+                            .with_label_values(&[&spec.durable])
+                            .inc();
+                    }
+                    let id = request_id::accept(
+                        delivery
+                            .message
+                            .headers
+                            .get(request_id::HEADER)
+                            .map(String::as_str),
+                    );
+                    request_id::scope(id, handle(delivery)).await;
+                }
                 Some(Err(e)) => {
                     tracing::warn!(consumer = %spec.durable, error = %e, "delivery failed")
                 }
@@ -56,6 +79,15 @@ where
             }
         }
     }))
+}
+
+async fn sample_lag(bus: &dyn Bus, spec: &ConsumerSpec) {
+    match bus.consumer_pending(spec).await {
+        Ok(pending) => metrics::CONSUMER_PENDING
+            .with_label_values(&[&spec.durable])
+            .set(i64::try_from(pending).unwrap_or(i64::MAX)),
+        Err(e) => tracing::debug!(consumer = %spec.durable, error = %e, "lag not sampled"),
+    }
 }
 
 /// Acknowledges, logging (not failing) when the ack is lost: the message then

@@ -5,6 +5,7 @@
 //! binary serves several on one listener, each service binary serves its own.
 
 pub mod consumer;
+mod instrumented;
 pub mod rpc;
 
 use std::{future::Future, sync::Arc};
@@ -13,10 +14,12 @@ use axum::{Json, Router, http::StatusCode, response::IntoResponse, routing::get}
 use secrecy::ExposeSecret;
 use serde_json::json;
 use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use unhidra_bus::{Bus, MemoryBus, NatsBus};
 use unhidra_core::{Config, events::AuditEvent, subjects::Subjects};
 use unhidra_store::{Database, sqlite_url};
+
+use crate::instrumented::InstrumentedBus;
 
 /// One service, ready to serve: its routes, its database (for readiness) and
 /// its background tasks (which stop when the context's shutdown fires).
@@ -34,6 +37,9 @@ pub struct ServiceContext {
     pub bus: Arc<dyn Bus>,
     pub subjects: Subjects,
     pub shutdown: CancellationToken,
+    /// Work that shutdown waits for besides the background tasks: WebSocket
+    /// connections and requests being answered.
+    pub in_flight: TaskTracker,
 }
 
 impl ServiceContext {
@@ -46,6 +52,7 @@ impl ServiceContext {
             Some(url) => Arc::new(NatsBus::connect(url.expose_secret()).await?),
             None => Arc::new(MemoryBus::new()),
         };
+        let bus: Arc<dyn Bus> = Arc::new(InstrumentedBus::new(bus));
         let token = CancellationToken::new();
         let trigger = token.clone();
         tokio::spawn(async move {
@@ -57,6 +64,7 @@ impl ServiceContext {
             config: Arc::new(config),
             bus,
             shutdown: token,
+            in_flight: TaskTracker::new(),
         })
     }
 
@@ -103,7 +111,9 @@ impl ServiceContext {
             }
             tasks.extend(service.tasks);
         }
-        let router = router.merge(health_routes(Arc::clone(&self.bus), Arc::new(databases)));
+        let router = router
+            .merge(health_routes(Arc::clone(&self.bus), Arc::new(databases)))
+            .layer(axum::middleware::from_fn(unhidra_telemetry::http::track));
         tracing::info!(address = %listener.local_addr()?, "listening");
         let shutdown = self.shutdown.clone();
         let server = axum::serve(listener, router)
@@ -111,11 +121,14 @@ impl ServiceContext {
         let server = tokio::spawn(async move { server.await });
         self.shutdown.cancelled().await;
         let deadline = self.config.shutdown_timeout();
+        let in_flight = self.in_flight.clone();
         let drained = tokio::time::timeout(deadline, async {
             let served = server.await;
             for task in tasks {
                 let _ = task.await;
             }
+            in_flight.close();
+            in_flight.wait().await;
             served
         })
         .await;
@@ -135,6 +148,7 @@ impl ServiceContext {
 }
 
 fn health_routes(bus: Arc<dyn Bus>, databases: Arc<Vec<(&'static str, Database)>>) -> Router {
+    let pool_databases = Arc::clone(&databases);
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route(
@@ -166,7 +180,14 @@ fn health_routes(bus: Arc<dyn Bus>, databases: Arc<Vec<(&'static str, Database)>
         )
         .route(
             "/metrics",
-            get(|| async {
+            get(move || async move {
+                for (service, db) in pool_databases.iter() {
+                    let idle = i64::from(u32::try_from(db.pool.num_idle()).unwrap_or(u32::MAX));
+                    let size = i64::from(db.pool.size());
+                    let gauge = &unhidra_telemetry::metrics::DB_POOL_CONNECTIONS;
+                    gauge.with_label_values(&[service, "idle"]).set(idle);
+                    gauge.with_label_values(&[service, "in_use"]).set(size - idle);
+                }
                 (
                     [("content-type", "text/plain; version=0.0.4")],
                     unhidra_telemetry::metrics::render(),

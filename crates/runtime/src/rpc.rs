@@ -8,6 +8,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::{sync::Semaphore, task::JoinHandle};
 use unhidra_bus::{BusError, Headers};
 use unhidra_core::events::{RpcError, RpcReply};
+use unhidra_telemetry::request_id;
 
 use crate::ServiceContext;
 
@@ -31,6 +32,7 @@ where
     let mut requests = ctx.bus.subscribe_queue(&subject, group).await?;
     let bus = Arc::clone(&ctx.bus);
     let shutdown = ctx.shutdown.clone();
+    let in_flight = ctx.in_flight.clone();
     let handler = Arc::new(handler);
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     Ok(tokio::spawn(async move {
@@ -52,7 +54,9 @@ where
             let bus = Arc::clone(&bus);
             let handler = Arc::clone(&handler);
             let subject = subject.clone();
-            tokio::spawn(async move {
+            let id =
+                request_id::accept(request.headers.get(request_id::HEADER).map(String::as_str));
+            in_flight.spawn(request_id::scope(id, async move {
                 let _permit = permit;
                 let reply = match serde_json::from_slice::<Req>(&request.payload) {
                     Ok(req) => handler(req).await,
@@ -69,7 +73,7 @@ where
                     }
                     Err(e) => tracing::error!(%subject, error = %e, "reply not serialisable"),
                 }
-            });
+            }));
         }
     }))
 }

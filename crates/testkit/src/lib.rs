@@ -24,17 +24,7 @@ fn missing(service: &str, url: &str, why: &str) {
 }
 
 async fn reachable(url: &str) -> Result<(), String> {
-    let host_port = url
-        .split("://")
-        .nth(1)
-        .unwrap_or(url)
-        .rsplit('@')
-        .next()
-        .unwrap_or_default()
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
+    let host_port = host_port(url);
     match tokio::time::timeout(
         Duration::from_secs(2),
         tokio::net::TcpStream::connect(&host_port),
@@ -133,4 +123,91 @@ impl TestDatabase {
             _dir: None,
         }))
     }
+}
+
+/// A TCP proxy in front of a server, which a test can cut (dropping every
+/// connection and refusing new ones) and restore, to play an outage.
+#[derive(Debug)]
+pub struct Proxy {
+    pub address: std::net::SocketAddr,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Proxies `upstream` (`host:port`) from a fresh loopback port.
+    pub async fn start(upstream: &str) -> std::io::Result<Self> {
+        use std::sync::{
+            Arc, Mutex,
+            atomic::{AtomicBool, Ordering},
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let open = Arc::new(AtomicBool::new(true));
+        let connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let upstream = upstream.to_owned();
+        let accept = {
+            let (open, connections) = (Arc::clone(&open), Arc::clone(&connections));
+            tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if !open.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let upstream = upstream.clone();
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                    if let Ok(mut list) = connections.lock() {
+                        list.push(task.abort_handle());
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            address,
+            open,
+            connections,
+            accept,
+        })
+    }
+
+    /// Drops every proxied connection and refuses new ones.
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(mut list) = self.connections.lock() {
+            for connection in list.drain(..) {
+                connection.abort();
+            }
+        }
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// `host:port` of a URL such as `nats://127.0.0.1:4222` or
+/// `postgres://user@host:5432/db`.
+pub fn host_port(url: &str) -> String {
+    url.split("://")
+        .nth(1)
+        .unwrap_or(url)
+        .rsplit('@')
+        .next()
+        .unwrap_or_default()
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }

@@ -2,7 +2,7 @@
 //! in-process bus.
 
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::harness::*;
 
@@ -244,4 +244,144 @@ async fn connections_close_with_documented_codes_on_token_expiry_and_shutdown() 
     assert_eq!(close_code(&mut ws).await?, Some(1001));
     stopping.await??;
     stack.app.stop().await
+}
+
+#[tokio::test]
+async fn sigterm_during_traffic_closes_with_1001_and_loses_no_acknowledged_message() -> TestResult {
+    use std::process::{Command, Stdio};
+
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let start = || {
+        Command::new(env!("CARGO_BIN_EXE_unhidra"))
+            .env("UNHIDRA_BIND", format!("127.0.0.1:{port}"))
+            .env("UNHIDRA_DATA_DIR", dir.path())
+            .env("UNHIDRA_SHUTDOWN_TIMEOUT_SECS", "5")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    let await_up = || async {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while get(&format!("{base}/readyz"), None)
+            .await
+            .map(|(s, _)| s.as_u16())
+            .ok()
+            != Some(200)
+        {
+            if tokio::time::Instant::now() > deadline {
+                return Err::<(), Error>("unhidra never became ready".into());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        Ok(())
+    };
+    let mut process = start()?;
+    await_up().await?;
+    let api = Api {
+        auth: base.clone(),
+        chat: base.clone(),
+        history: base.clone(),
+    };
+    let alice = api.user("alice").await?;
+    let room = api.create_room(&alice, "public").await?;
+    let socket = connect(&format!("ws://127.0.0.1:{port}/ws"), &alice.token).await?;
+    let (mut sink, mut stream) = socket.split();
+
+    // A reader collects acks until the close frame.
+    let reader = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        loop {
+            match stream.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    let frame: Value =
+                        serde_json::from_str(text.as_str()).map_err(|e| e.to_string())?;
+                    if frame["type"] == "ack" {
+                        acked.push(frame["message_id"].as_str().unwrap_or_default().to_owned());
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Ok::<_, String>((acked, frame.map(|f| u16::from(f.code))));
+                }
+                Some(Ok(_)) => {}
+                other => return Err(format!("connection ended without a close frame: {other:?}")),
+            }
+        }
+    });
+    // A writer keeps sending; SIGTERM arrives in the middle.
+    let writer = tokio::spawn(async move {
+        for i in 0..10_000 {
+            let frame = json!({"type": "send", "id": format!("m{i}"), "room": room, "body": "x"});
+            if sink.send(Message::text(frame.to_string())).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let terminated_at = std::time::Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &process.id().to_string()])
+        .status()?;
+    assert!(killed.success());
+    let (acked, code) = tokio::time::timeout(WAIT, reader).await???;
+    assert_eq!(code, Some(1001));
+    assert!(
+        !acked.is_empty(),
+        "no message was acknowledged before SIGTERM"
+    );
+    let status = tokio::task::spawn_blocking(move || process.wait()).await??;
+    assert!(status.success(), "{status}");
+    assert!(
+        terminated_at.elapsed() < std::time::Duration::from_secs(6),
+        "exit took {:?}",
+        terminated_at.elapsed()
+    );
+    writer.abort();
+
+    // After a restart on the same data, every acknowledged message is in history.
+    let mut process = start()?;
+    await_up().await?;
+    let (status, page) = get(&format!("{base}/api/v1/rooms"), Some(&alice.token)).await?;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let room = str_of(&page["rooms"][0], "room_id")?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut stored = Vec::new();
+        let mut before = String::new();
+        loop {
+            let (_, page) = api
+                .history(&alice, &room, &format!("?limit=200{before}"))
+                .await?;
+            let messages = page["messages"].as_array().cloned().unwrap_or_default();
+            let Some(last) = messages.last() else { break };
+            before = format!("&before={}", last["seq"]);
+            stored.extend(
+                messages
+                    .iter()
+                    .filter_map(|m| m["message_id"].as_str().map(str::to_owned)),
+            );
+        }
+        let missing = acked.iter().filter(|id| !stored.contains(id)).count();
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{missing} of {} acknowledged messages lost",
+            acked.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &process.id().to_string()])
+        .status();
+    let _ = tokio::task::spawn_blocking(move || process.wait()).await?;
+    Ok(())
 }

@@ -235,3 +235,64 @@ async fn scaled_out_concurrent_sends_get_gap_free_sequences() -> TestResult {
     concurrent_sends_get_gap_free_sequences(&stack.api(), &stack.gateway.ws()).await?;
     stack.stop().await
 }
+
+async fn readiness(service: &Running) -> Result<(u16, Value), Error> {
+    let (status, body) = get(&format!("{}/readyz", service.http()), None).await?;
+    Ok((status.as_u16(), body))
+}
+
+/// Polls `/readyz` until `want` (status) or the deadline.
+async fn await_readiness(service: &Running, want: u16) -> Result<Value, Error> {
+    let deadline = tokio::time::Instant::now() + WAIT * 3;
+    loop {
+        let (status, body) = readiness(service).await?;
+        if status == want {
+            return Ok(body);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("readyz stayed {status}: {body}").into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn readyz_follows_postgres_and_nats_outages_without_a_restart() -> TestResult {
+    let Some(nats) = unhidra_testkit::nats_url().await else {
+        return Ok(());
+    };
+    let Some(db) = unhidra_testkit::TestDatabase::postgres().await? else {
+        return Ok(());
+    };
+    let nats_proxy = unhidra_testkit::Proxy::start(&unhidra_testkit::host_port(&nats)).await?;
+    let pg_proxy = unhidra_testkit::Proxy::start(&unhidra_testkit::host_port(db.url())).await?;
+    let db_name = db.url().rsplit('/').next().ok_or("database name")?;
+    let config = Config {
+        nats_url: Some(format!("nats://{}", nats_proxy.address).into()),
+        database_url: Some(format!("postgres://postgres@{}/{db_name}", pg_proxy.address).into()),
+        bus_prefix: unhidra_testkit::unique_prefix(),
+        ..Config::default()
+    };
+    let history = Running::start(config, history_service::run).await?;
+    let body = await_readiness(&history, 200).await?;
+    assert_eq!(body["checks"]["database:history-service"], "ok");
+
+    pg_proxy.cut();
+    let body = await_readiness(&history, 503).await?;
+    assert_eq!(body["status"], "not_ready");
+    assert_eq!(body["checks"]["database:history-service"], "unreachable");
+    assert_eq!(body["checks"]["bus"], "ok");
+    pg_proxy.restore();
+    await_readiness(&history, 200).await?;
+
+    nats_proxy.cut();
+    let body = await_readiness(&history, 503).await?;
+    assert_eq!(body["checks"]["bus"], "unreachable");
+    assert_eq!(body["checks"]["database:history-service"], "ok");
+    nats_proxy.restore();
+    await_readiness(&history, 200).await?;
+    // Liveness never wavered.
+    let (status, _) = get(&format!("{}/healthz", history.http()), None).await?;
+    assert_eq!(status.as_u16(), 200);
+    history.stop().await
+}

@@ -1,0 +1,99 @@
+//! The bus every service actually uses: the configured one, wrapped to time
+//! publishes and to stamp outgoing messages with the current request id.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use unhidra_bus::{
+    Bus, ConsumerSpec, Deliveries, Headers, Message, Result, StreamSpec, Subscription,
+};
+use unhidra_telemetry::{metrics, request_id};
+
+pub struct InstrumentedBus {
+    inner: Arc<dyn Bus>,
+}
+
+impl InstrumentedBus {
+    pub fn new(inner: Arc<dyn Bus>) -> Self {
+        Self { inner }
+    }
+}
+
+fn stamped(mut headers: Headers) -> Headers {
+    if let Some(id) = request_id::current() {
+        headers.entry(request_id::HEADER.to_owned()).or_insert(id);
+    }
+    headers
+}
+
+fn observe(kind: &str, started: Instant) {
+    metrics::BUS_PUBLISH_DURATION
+        .with_label_values(&[kind])
+        .observe(started.elapsed().as_secs_f64());
+}
+
+#[async_trait]
+impl Bus for InstrumentedBus {
+    async fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<()> {
+        let started = Instant::now();
+        let result = self.inner.publish(subject, stamped(headers), payload).await;
+        observe("core", started);
+        result
+    }
+
+    async fn publish_durable(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        headers: Headers,
+        payload: Bytes,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let result = self
+            .inner
+            .publish_durable(subject, msg_id, stamped(headers), payload)
+            .await;
+        observe("durable", started);
+        result
+    }
+
+    async fn subscribe(&self, pattern: &str) -> Result<Subscription> {
+        self.inner.subscribe(pattern).await
+    }
+
+    async fn subscribe_queue(&self, pattern: &str, group: &str) -> Result<Subscription> {
+        self.inner.subscribe_queue(pattern, group).await
+    }
+
+    async fn request(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Message> {
+        self.inner
+            .request(subject, stamped(headers), payload, timeout)
+            .await
+    }
+
+    async fn ensure_stream(&self, spec: &StreamSpec) -> Result<()> {
+        self.inner.ensure_stream(spec).await
+    }
+
+    async fn consume(&self, spec: &ConsumerSpec) -> Result<Deliveries> {
+        self.inner.consume(spec).await
+    }
+
+    async fn consumer_pending(&self, spec: &ConsumerSpec) -> Result<u64> {
+        self.inner.consumer_pending(spec).await
+    }
+
+    async fn healthy(&self) -> bool {
+        self.inner.healthy().await
+    }
+}

@@ -1,0 +1,214 @@
+//! What an operator sees of one real scenario: metrics that moved by exactly
+//! the right amounts, and one request id in the gateway, chat and history log
+//! lines of one message. Its own test binary, so no other test's traffic
+//! touches the process-wide metrics or logs.
+
+#[allow(dead_code)]
+#[path = "e2e/harness.rs"]
+mod harness;
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    sync::{Arc, Mutex},
+};
+
+use harness::*;
+use serde_json::{Value, json};
+use tracing_subscriber::{EnvFilter, fmt::MakeWriter, prelude::*};
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::ErrorKind::Other)?
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Captured {
+    type Writer = Captured;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+impl Captured {
+    fn lines(&self) -> Vec<Value> {
+        let bytes = self.0.lock().map(|b| b.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+/// `name{labels}` → value, from the Prometheus text exposition.
+async fn scrape(base: &str) -> Result<HashMap<String, f64>, Error> {
+    let text = http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect())
+}
+
+fn delta(before: &HashMap<String, f64>, after: &HashMap<String, f64>, series: &str) -> f64 {
+    after.get(series).copied().unwrap_or(0.0) - before.get(series).copied().unwrap_or(0.0)
+}
+
+fn request_id_of(line: &Value) -> Option<&str> {
+    line["spans"]
+        .as_array()?
+        .iter()
+        .find_map(|span| span["request_id"].as_str())
+}
+
+#[tokio::test]
+async fn one_scenario_moves_the_metrics_and_shares_one_request_id_across_services() -> TestResult {
+    let logs = Captured::default();
+    tracing_subscriber::registry()
+        .with(EnvFilter::new(
+            "info,gateway_service=debug,chat_service=debug,history_service=debug",
+        ))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_span_list(true)
+                .with_writer(logs.clone()),
+        )
+        .try_init()?;
+
+    let stack = Embedded::start().await?;
+    let base = stack.app.http();
+    let api = stack.api();
+    let before = scrape(&base).await?;
+
+    let alice = api.user("alice").await?;
+    let bob = api.user("bob").await?;
+    let room = api.create_room(&alice, "public").await?;
+    api.join(&bob, &room).await?;
+    let mut alice_ws = connect(&stack.app.ws(), &alice.token).await?;
+    let mut bob_ws = connect(&stack.app.ws(), &bob.token).await?;
+    let mut acked = Vec::new();
+    for i in 0..3 {
+        send(
+            &mut alice_ws,
+            json!({"type": "send", "id": format!("m{i}"), "room": room, "body": "hi"}),
+        )
+        .await?;
+        acked.push(str_of(&next_of(&mut alice_ws, "ack").await?, "message_id")?);
+    }
+    // Alice has read her 3 acks; her 3 own messages and Bob's 3 are read here.
+    for _ in 0..3 {
+        next_of(&mut bob_ws, "message").await?;
+    }
+    wait_for_history(&api, &bob, &room, 3).await?;
+
+    let after = scrape(&base).await?;
+    for (series, expected) in [
+        (r#"unhidra_logins_total{outcome="success"}"#, 2.0),
+        ("unhidra_tokens_issued_total", 2.0),
+        ("unhidra_messages_accepted_total", 3.0),
+        ("unhidra_messages_published_total", 3.0),
+        ("unhidra_history_messages_stored_total", 3.0),
+        ("unhidra_messages_delivered_total", 6.0),
+        ("unhidra_ws_frames_received_total", 3.0),
+        ("unhidra_ws_connections", 2.0),
+        (
+            r#"unhidra_http_requests_total{method="POST",route="/api/v1/auth/register",status="201"}"#,
+            2.0,
+        ),
+        (
+            r#"unhidra_http_requests_total{method="POST",route="/api/v1/rooms/{room_id}/join",status="200"}"#,
+            1.0,
+        ),
+        (
+            r#"unhidra_http_requests_total{method="GET",route="/ws",status="101"}"#,
+            2.0,
+        ),
+        ("unhidra_audit_events_stored_total", 5.0),
+    ] {
+        assert_eq!(delta(&before, &after, series), expected, "{series}");
+    }
+    // Alice's 3 acks and 3 messages, Bob's 3 messages; frames are counted as
+    // they are written, so at least these.
+    assert!(delta(&before, &after, "unhidra_ws_frames_sent_total") >= 9.0);
+    assert!(
+        delta(
+            &before,
+            &after,
+            r#"unhidra_bus_publish_duration_seconds_count{kind="durable"}"#
+        ) >= 3.0
+    );
+    assert!(
+        after
+            .contains_key(r#"unhidra_db_pool_connections{service="history-service",state="idle"}"#)
+    );
+
+    // The HTTP response echoes a request id, and keeps one the client sent.
+    let response = http()
+        .get(format!("{base}/healthz"))
+        .header("x-request-id", "ops-check-1")
+        .send()
+        .await?;
+    assert_eq!(
+        response.headers().get("x-request-id").map(|v| v.as_bytes()),
+        Some(&b"ops-check-1"[..])
+    );
+
+    // One message: its history line names a request id that the gateway's and
+    // chat-service's lines for the same message carry too.
+    let lines = logs.lines();
+    let message_id = &acked[1];
+    let stored = lines
+        .iter()
+        .find(|l| {
+            l["target"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("history_service"))
+                && l["message_id"] == message_id.as_str()
+        })
+        .ok_or("no history log line for the message")?;
+    let id = request_id_of(stored).ok_or("history line without request id")?;
+    for service in ["gateway_service", "chat_service"] {
+        assert!(
+            lines.iter().any(|l| {
+                l["target"].as_str().is_some_and(|t| t.starts_with(service))
+                    && l["message_id"] == message_id.as_str()
+                    && request_id_of(l) == Some(id)
+            }),
+            "no {service} line with request id {id}"
+        );
+    }
+    // Other messages have other ids.
+    let other = lines
+        .iter()
+        .find(|l| {
+            l["target"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("history_service"))
+                && l["message_id"] == acked[0].as_str()
+        })
+        .and_then(request_id_of);
+    assert!(other.is_some_and(|o| o != id));
+    stack.app.stop().await
+}
