@@ -3,8 +3,10 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    unhidra_runtime::main_for(audit_service::DEFAULT_PORT, |listener, config| {
-        audit_service::run(listener, config, unhidra_runtime::shutdown_signal())
-    })
+    unhidra_runtime::main_for(
+        audit_service::NAME,
+        audit_service::DEFAULT_PORT,
+        |listener, config| audit_service::run(listener, config, unhidra_runtime::shutdown_signal()),
+    )
     .await
 }

@@ -3,8 +3,10 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    unhidra_runtime::main_for(auth_api::DEFAULT_PORT, |listener, config| {
-        auth_api::run(listener, config, unhidra_runtime::shutdown_signal())
-    })
+    unhidra_runtime::main_for(
+        auth_api::NAME,
+        auth_api::DEFAULT_PORT,
+        |listener, config| auth_api::run(listener, config, unhidra_runtime::shutdown_signal()),
+    )
     .await
 }

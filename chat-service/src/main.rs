@@ -3,8 +3,10 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    unhidra_runtime::main_for(chat_service::DEFAULT_PORT, |listener, config| {
-        chat_service::run(listener, config, unhidra_runtime::shutdown_signal())
-    })
+    unhidra_runtime::main_for(
+        chat_service::NAME,
+        chat_service::DEFAULT_PORT,
+        |listener, config| chat_service::run(listener, config, unhidra_runtime::shutdown_signal()),
+    )
     .await
 }

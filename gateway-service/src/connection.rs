@@ -22,6 +22,9 @@ use crate::{
     registry::{ConnId, Outbound},
 };
 
+/// How long a closing connection waits for the client's close frame.
+const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub async fn serve(gateway: Arc<Gateway>, socket: WebSocket, auth: Authenticated) {
     metrics::WS_CONNECTIONS.inc();
     let (sink, mut stream) = socket.split();
@@ -93,7 +96,7 @@ async fn read(
     let max_frame = gateway.ctx.config.max_frame_bytes;
     loop {
         let next = tokio::select! {
-            () = done.cancelled() => return,
+            () = done.cancelled() => return drain(stream).await,
             next = stream.next() => next,
         };
         let reply = match next {
@@ -126,8 +129,12 @@ async fn read(
                         &format!("frame is {} bytes; the limit is {max_frame}", text.len()),
                     )
                 } else {
-                    request_id::scope(request_id::generate(), handle(gateway, auth, text.as_str()))
-                        .await
+                    request_id::scope(
+                        "ws frame",
+                        request_id::generate(),
+                        handle(gateway, auth, text.as_str()),
+                    )
+                    .await
                 }
             }
         };
@@ -142,6 +149,20 @@ async fn read(
             return;
         }
     }
+}
+
+/// After the server sent its close frame: reads (and drops) what the client
+/// still sends until its close frame, so the TCP connection ends cleanly and
+/// the client reads the close code instead of a reset.
+async fn drain(stream: &mut futures::stream::SplitStream<WebSocket>) {
+    let until_close = async {
+        while let Some(Ok(message)) = stream.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, until_close).await;
 }
 
 fn error(id: Option<String>, code: ErrorCode, message: &str) -> ServerFrame {

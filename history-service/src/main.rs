@@ -3,8 +3,12 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    unhidra_runtime::main_for(history_service::DEFAULT_PORT, |listener, config| {
-        history_service::run(listener, config, unhidra_runtime::shutdown_signal())
-    })
+    unhidra_runtime::main_for(
+        history_service::NAME,
+        history_service::DEFAULT_PORT,
+        |listener, config| {
+            history_service::run(listener, config, unhidra_runtime::shutdown_signal())
+        },
+    )
     .await
 }

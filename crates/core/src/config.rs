@@ -75,6 +75,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `UNHIDRA_LOG`: a tracing filter such as `info` or `info,chat_service=debug`.
     pub log: String,
+    /// `UNHIDRA_OTLP_ENDPOINT`: OTLP/HTTP collector for traces, such as
+    /// `http://otel-collector:4318`. Unset, no traces are recorded.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for Config {
@@ -98,6 +101,7 @@ impl Default for Config {
             shutdown_timeout_secs: 10,
             log_format: LogFormat::Pretty,
             log: "info".to_owned(),
+            otlp_endpoint: None,
         }
     }
 }
@@ -151,6 +155,11 @@ impl Config {
         }
         if self.access_token_ttl_secs == 0 || self.refresh_token_ttl_secs == 0 {
             return invalid("token lifetimes must be at least one second");
+        }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return invalid("otlp_endpoint must be an http:// or https:// URL");
+            }
         }
         if self.database_max_connections == 0 {
             return invalid("database_max_connections must be at least 1");

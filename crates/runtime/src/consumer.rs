@@ -48,14 +48,9 @@ where
                             .with_label_values(&[&spec.durable])
                             .inc();
                     }
-                    let id = request_id::accept(
-                        delivery
-                            .message
-                            .headers
-                            .get(request_id::HEADER)
-                            .map(String::as_str),
-                    );
-                    request_id::scope(id, handle(delivery)).await;
+                    let headers = delivery.message.headers.clone();
+                    let name = format!("consume {}", spec.durable);
+                    request_id::scope_from(&name, &headers, handle(delivery)).await;
                 }
                 Some(Err(e)) => {
                     tracing::warn!(consumer = %spec.durable, error = %e, "delivery failed")

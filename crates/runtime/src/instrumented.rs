@@ -1,5 +1,6 @@
 //! The bus every service actually uses: the configured one, wrapped to time
-//! publishes and to stamp outgoing messages with the current request id.
+//! publishes and to stamp outgoing messages with the current request id and
+//! trace context.
 
 use std::{
     sync::Arc,
@@ -24,9 +25,7 @@ impl InstrumentedBus {
 }
 
 fn stamped(mut headers: Headers) -> Headers {
-    if let Some(id) = request_id::current() {
-        headers.entry(request_id::HEADER.to_owned()).or_insert(id);
-    }
+    request_id::stamp(&mut headers);
     headers
 }
 

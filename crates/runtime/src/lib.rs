@@ -241,17 +241,20 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown requested");
 }
 
-/// The body of every service binary: logging, configuration, listener, run.
-pub async fn main_for<F, Fut>(default_port: u16, run: F) -> anyhow::Result<()>
+/// The body of every service binary: configuration, logs and traces,
+/// listener, run.
+pub async fn main_for<F, Fut>(service: &str, default_port: u16, run: F) -> anyhow::Result<()>
 where
     F: FnOnce(TcpListener, Config) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let config = Config::load()?;
-    unhidra_telemetry::init_logging(
-        config.log_format == unhidra_core::config::LogFormat::Json,
-        &config.log,
-    );
+    let _traces = unhidra_telemetry::init(&unhidra_telemetry::Reporting {
+        json: config.log_format == unhidra_core::config::LogFormat::Json,
+        filter: &config.log,
+        otlp_endpoint: config.otlp_endpoint.as_deref(),
+        service,
+    })?;
     let address = config.bind_or(default_port);
     let listener = TcpListener::bind(address)
         .await

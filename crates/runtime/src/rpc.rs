@@ -37,14 +37,14 @@ where
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     Ok(tokio::spawn(async move {
         loop {
-            let request = tokio::select! {
+            let mut request = tokio::select! {
                 () = shutdown.cancelled() => break,
                 next = requests.next() => match next {
                     Some(request) => request,
                     None => break,
                 },
             };
-            let Some(reply_to) = request.reply else {
+            let Some(reply_to) = request.reply.take() else {
                 tracing::warn!(%subject, "request without reply subject ignored");
                 continue;
             };
@@ -54,26 +54,30 @@ where
             let bus = Arc::clone(&bus);
             let handler = Arc::clone(&handler);
             let subject = subject.clone();
-            let id =
-                request_id::accept(request.headers.get(request_id::HEADER).map(String::as_str));
-            in_flight.spawn(request_id::scope(id, async move {
+            in_flight.spawn(async move {
                 let _permit = permit;
-                let reply = match serde_json::from_slice::<Req>(&request.payload) {
-                    Ok(req) => handler(req).await,
-                    Err(e) => {
-                        tracing::warn!(%subject, error = %e, "malformed request");
-                        RpcReply::err("invalid_input", "malformed request")
-                    }
-                };
-                match serde_json::to_vec(&reply) {
-                    Ok(body) => {
-                        if let Err(e) = bus.publish(&reply_to, Headers::new(), body.into()).await {
-                            tracing::warn!(%subject, error = %e, "reply not sent");
+                let headers = std::mem::take(&mut request.headers);
+                request_id::scope_from(&subject.clone(), &headers, async move {
+                    let reply = match serde_json::from_slice::<Req>(&request.payload) {
+                        Ok(req) => handler(req).await,
+                        Err(e) => {
+                            tracing::warn!(%subject, error = %e, "malformed request");
+                            RpcReply::err("invalid_input", "malformed request")
                         }
+                    };
+                    match serde_json::to_vec(&reply) {
+                        Ok(body) => {
+                            if let Err(e) =
+                                bus.publish(&reply_to, Headers::new(), body.into()).await
+                            {
+                                tracing::warn!(%subject, error = %e, "reply not sent");
+                            }
+                        }
+                        Err(e) => tracing::error!(%subject, error = %e, "reply not serialisable"),
                     }
-                    Err(e) => tracing::error!(%subject, error = %e, "reply not serialisable"),
-                }
-            }));
+                })
+                .await;
+            });
         }
     }))
 }

@@ -2,7 +2,7 @@
 //! or made, echoed in the response), one log line per request, and the
 //! request counter and latency histogram by route template.
 
-use std::time::Instant;
+use std::{collections::BTreeMap, time::Instant};
 
 use axum::{
     extract::{MatchedPath, Request},
@@ -20,13 +20,19 @@ pub async fn track(request: Request, next: Next) -> Response {
         .map_or("unmatched", |p| p.as_str())
         .to_owned();
     let method = request.method().as_str().to_owned();
-    let sent = request
-        .headers()
-        .get(request_id::HEADER)
-        .and_then(|v| v.to_str().ok());
-    let id = request_id::accept(sent);
+    // The request id and trace context a client may send.
+    let mut incoming: BTreeMap<String, String> = [request_id::HEADER, "traceparent", "tracestate"]
+        .into_iter()
+        .filter_map(|name| {
+            let value = request.headers().get(name)?.to_str().ok()?;
+            Some((name.to_owned(), value.to_owned()))
+        })
+        .collect();
+    let id = request_id::accept(incoming.get(request_id::HEADER).map(String::as_str));
+    incoming.insert(request_id::HEADER.to_owned(), id.clone());
     let started = Instant::now();
-    let mut response = request_id::scope(id.clone(), async {
+    let name = format!("{method} {route}");
+    let mut response = request_id::scope_from(&name, &incoming, async {
         let response = next.run(request).await;
         tracing::info!(
             %method,

@@ -1,11 +1,16 @@
-//! Request ids: every HTTP request, WebSocket command and bus message handled
-//! runs inside a `request` span carrying `request_id`, so one id ties together
-//! the log lines a single action causes in every service. The id travels in
-//! the `X-Request-Id` HTTP header and in the `x-request-id` bus header.
+//! Request ids and trace context: every HTTP request, WebSocket command and
+//! bus message handled runs inside a `request` span carrying `request_id`, so
+//! one id ties together the log lines a single action causes in every service,
+//! and (with tracing on) one trace holds its spans. The id travels in the
+//! `X-Request-Id` HTTP header and the `x-request-id` bus header, the trace
+//! context in `traceparent`/`tracestate`.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::traces;
 
 /// Header name, on HTTP and on the bus.
 pub const HEADER: &str = "x-request-id";
@@ -39,9 +44,41 @@ pub fn current() -> Option<String> {
     CURRENT.try_with(|id| id.to_string()).ok()
 }
 
-/// Runs `work` as part of request `id`: inside its span, with `current()` set.
-pub async fn scope<F: Future>(id: String, work: F) -> F::Output {
-    let span = tracing::info_span!("request", request_id = %id);
+/// Adds the current request id and trace context to outgoing headers.
+pub fn stamp(headers: &mut BTreeMap<String, String>) {
+    if let Some(id) = current() {
+        headers.entry(HEADER.to_owned()).or_insert(id);
+    }
+    traces::inject(headers);
+}
+
+/// Runs `work` as a new request `id`, in a span called `name`.
+pub async fn scope<F: Future>(name: &str, id: String, work: F) -> F::Output {
+    run(name, id, None, work).await
+}
+
+/// Runs `work` as the continuation of the request whose headers arrived: same
+/// request id (or a new one) and, with tracing on, same trace.
+pub async fn scope_from<F: Future>(
+    name: &str,
+    headers: &BTreeMap<String, String>,
+    work: F,
+) -> F::Output {
+    let id = accept(headers.get(HEADER).map(String::as_str));
+    run(name, id, Some(traces::extract(headers)), work).await
+}
+
+async fn run<F: Future>(
+    name: &str,
+    id: String,
+    parent: Option<opentelemetry::Context>,
+    work: F,
+) -> F::Output {
+    let span = tracing::info_span!("request", otel.name = %name, request_id = %id);
+    if let Some(parent) = parent {
+        // Fails only when no tracing layer is installed; nothing to link then.
+        let _ = span.set_parent(parent);
+    }
     CURRENT.scope(Arc::from(id), work.instrument(span)).await
 }
 
@@ -60,10 +97,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_current_id_is_scoped() {
+    async fn the_current_id_is_scoped_and_stamped() {
         assert_eq!(current(), None);
-        let inside = scope("r-1".into(), async { current() }).await;
-        assert_eq!(inside.as_deref(), Some("r-1"));
+        let headers = scope("test", "r-1".into(), async {
+            let mut headers = BTreeMap::new();
+            stamp(&mut headers);
+            headers
+        })
+        .await;
+        assert_eq!(headers.get(HEADER).map(String::as_str), Some("r-1"));
+        let continued = scope_from("test", &headers, async { current() }).await;
+        assert_eq!(continued.as_deref(), Some("r-1"));
         assert_eq!(current(), None);
     }
 }

@@ -4,7 +4,7 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    unhidra_runtime::main_for(unhidra::DEFAULT_PORT, |listener, config| {
+    unhidra_runtime::main_for("unhidra", unhidra::DEFAULT_PORT, |listener, config| {
         unhidra::run(listener, config, unhidra_runtime::shutdown_signal())
     })
     .await

@@ -84,7 +84,12 @@ fn request_id_of(line: &Value) -> Option<&str> {
 #[tokio::test]
 async fn one_scenario_moves_the_metrics_and_shares_one_request_id_across_services() -> TestResult {
     let logs = Captured::default();
+    let spans = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_simple_exporter(spans.clone())
+        .build();
     tracing_subscriber::registry()
+        .with(unhidra_telemetry::traces::layer_for(&provider))
         .with(EnvFilter::new(
             "info,gateway_service=debug,chat_service=debug,history_service=debug",
         ))
@@ -199,6 +204,30 @@ async fn one_scenario_moves_the_metrics_and_shares_one_request_id_across_service
             "no {service} line with request id {id}"
         );
     }
+    // With tracing on, the same message is one trace: the gateway's frame
+    // span, chat-service's request span under it, history's consumer span
+    // under that.
+    let finished = spans.get_finished_spans()?;
+    let of_message: HashMap<String, &opentelemetry_sdk::trace::SpanData> = finished
+        .iter()
+        .filter(|span| {
+            span.attributes
+                .iter()
+                .any(|kv| kv.key.as_str() == "request_id" && kv.value.as_str() == id)
+        })
+        .map(|span| (span.name.to_string(), span))
+        .collect();
+    let gateway = of_message.get("ws frame").ok_or("no gateway span")?;
+    let chat = of_message
+        .get("unhidra.rpc.chat.send")
+        .ok_or("no chat span")?;
+    let history = of_message.get("consume history").ok_or("no history span")?;
+    let trace_id = gateway.span_context.trace_id();
+    assert_eq!(chat.span_context.trace_id(), trace_id);
+    assert_eq!(history.span_context.trace_id(), trace_id);
+    assert_eq!(chat.parent_span_id, gateway.span_context.span_id());
+    assert_eq!(history.parent_span_id, chat.span_context.span_id());
+
     // Other messages have other ids.
     let other = lines
         .iter()
