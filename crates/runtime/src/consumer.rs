@@ -28,6 +28,8 @@ where
     Fut: Future<Output = ()> + Send,
 {
     let mut deliveries = ctx.bus.consume(&spec).await?;
+    // Exported from the start, at 0.
+    metrics::CONSUMER_REDELIVERIES.with_label_values(&[&spec.durable]);
     let bus = ctx.bus.clone();
     let shutdown = ctx.shutdown.clone();
     Ok(tokio::spawn(async move {

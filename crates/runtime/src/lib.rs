@@ -216,6 +216,28 @@ where
     ctx.serve(listener, vec![service]).await
 }
 
+/// `<binary> healthcheck`: exits 0 when the service on this configuration's
+/// port answers `/healthz` with 200 (for container HEALTHCHECKs, without curl).
+async fn healthcheck(address: std::net::SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let target = std::net::SocketAddr::from(([127, 0, 0, 1], address.port()));
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(target).await?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await?;
+        let mut head = [0_u8; 12];
+        stream.read_exact(&mut head).await?;
+        anyhow::Ok(head.ends_with(b" 200"))
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(3), probe).await {
+        Ok(Ok(true)) => Ok(()),
+        Ok(Ok(false)) => anyhow::bail!("{target}/healthz did not answer 200"),
+        Ok(Err(e)) => anyhow::bail!("{target}/healthz: {e}"),
+        Err(_) => anyhow::bail!("{target}/healthz timed out"),
+    }
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -249,13 +271,16 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let config = Config::load()?;
+    let address = config.bind_or(default_port);
+    if std::env::args().nth(1).as_deref() == Some("healthcheck") {
+        return healthcheck(address).await;
+    }
     let _traces = unhidra_telemetry::init(&unhidra_telemetry::Reporting {
         json: config.log_format == unhidra_core::config::LogFormat::Json,
         filter: &config.log,
         otlp_endpoint: config.otlp_endpoint.as_deref(),
         service,
     })?;
-    let address = config.bind_or(default_port);
     let listener = TcpListener::bind(address)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {address}: {e}"))?;

@@ -117,13 +117,14 @@ pub fn render() -> String {
     for outcome in ["success", "failure"] {
         LOGINS.with_label_values(&[outcome]);
     }
-    for vec in [&HTTP_REQUESTS, &CONSUMER_REDELIVERIES] {
-        LazyLock::force(vec);
-    }
+    LazyLock::force(&HTTP_REQUESTS);
+    LazyLock::force(&CONSUMER_REDELIVERIES);
     LazyLock::force(&CONSUMER_PENDING);
     LazyLock::force(&DB_POOL_CONNECTIONS);
     LazyLock::force(&HTTP_DURATION);
-    LazyLock::force(&BUS_PUBLISH_DURATION);
+    for kind in ["core", "durable"] {
+        BUS_PUBLISH_DURATION.with_label_values(&[kind]);
+    }
     let mut buffer = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&REGISTRY.gather(), &mut buffer) {
         tracing::error!(error = %e, "metrics encoding failed");
