@@ -29,12 +29,11 @@ const MIGRATIONS: &[Migration] = &[Migration {
 struct ChatState {
     ctx: ServiceContext,
     db: Database,
-    verifier: Arc<TokenVerifier>,
 }
 
 impl FromRef<ChatState> for Arc<TokenVerifier> {
     fn from_ref(state: &ChatState) -> Self {
-        Arc::clone(&state.verifier)
+        Arc::clone(&state.ctx.verifier)
     }
 }
 
@@ -46,11 +45,6 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
     let state = ChatState {
         ctx: ctx.clone(),
         db: db.clone(),
-        verifier: Arc::new(TokenVerifier::new(
-            &ctx.config,
-            Arc::clone(&ctx.bus),
-            &ctx.subjects,
-        )),
     };
     let send = {
         let state = state.clone();

@@ -38,7 +38,7 @@ pub async fn upgrade(
     let Some(token) = protocol_token(&headers).or_else(|| bearer_token(&headers)) else {
         return ApiError::unauthenticated("missing access token").into_response();
     };
-    let auth = match gateway.verifier.verify(token).await {
+    let auth = match gateway.ctx.verifier.verify(token).await {
         Ok(auth) => auth,
         Err(e) => {
             tracing::info!(code = e.code(), "WebSocket refused: token rejected");

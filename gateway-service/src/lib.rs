@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use axum::{Router, routing::get};
 use tokio::net::TcpListener;
-use unhidra_authn::TokenVerifier;
 use unhidra_core::Config;
 use unhidra_runtime::{Service, ServiceContext};
 
@@ -26,14 +25,12 @@ pub const DEFAULT_PORT: u16 = 9000;
 /// What every connection of this gateway shares.
 struct Gateway {
     ctx: ServiceContext,
-    verifier: TokenVerifier,
     registry: Registry,
 }
 
 /// Subscribes to room events and serves `/ws`.
 pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
     let gateway = Arc::new(Gateway {
-        verifier: TokenVerifier::new(&ctx.config, Arc::clone(&ctx.bus), &ctx.subjects),
         registry: Registry::default(),
         ctx,
     });

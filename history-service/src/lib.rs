@@ -27,12 +27,11 @@ const MIGRATIONS: &[Migration] = &[Migration {
 struct HistoryState {
     ctx: ServiceContext,
     db: Database,
-    verifier: Arc<TokenVerifier>,
 }
 
 impl FromRef<HistoryState> for Arc<TokenVerifier> {
     fn from_ref(state: &HistoryState) -> Self {
-        Arc::clone(&state.verifier)
+        Arc::clone(&state.ctx.verifier)
     }
 }
 
@@ -43,11 +42,6 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
     let state = HistoryState {
         ctx: ctx.clone(),
         db: db.clone(),
-        verifier: Arc::new(TokenVerifier::new(
-            &ctx.config,
-            Arc::clone(&ctx.bus),
-            &ctx.subjects,
-        )),
     };
     let recorder = {
         let db = db.clone();

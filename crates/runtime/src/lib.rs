@@ -15,6 +15,7 @@ use secrecy::ExposeSecret;
 use serde_json::json;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use unhidra_authn::TokenVerifier;
 use unhidra_bus::{Bus, MemoryBus, NatsBus};
 use unhidra_core::{Config, events::AuditEvent, subjects::Subjects};
 use unhidra_store::{Database, sqlite_url};
@@ -40,6 +41,8 @@ pub struct ServiceContext {
     /// Work that shutdown waits for besides the background tasks: WebSocket
     /// connections and requests being answered.
     pub in_flight: TaskTracker,
+    /// Access-token verification, with one JWKS cache per process.
+    pub verifier: Arc<TokenVerifier>,
 }
 
 impl ServiceContext {
@@ -59,8 +62,10 @@ impl ServiceContext {
             shutdown.await;
             trigger.cancel();
         });
+        let subjects = Subjects::new(&config.bus_prefix);
         Ok(Self {
-            subjects: Subjects::new(&config.bus_prefix),
+            verifier: Arc::new(TokenVerifier::new(&config, Arc::clone(&bus), &subjects)),
+            subjects,
             config: Arc::new(config),
             bus,
             shutdown: token,
