@@ -239,5 +239,101 @@ async fn one_scenario_moves_the_metrics_and_shares_one_request_id_across_service
         })
         .and_then(request_id_of);
     assert!(other.is_some_and(|o| o != id));
-    stack.app.stop().await
+    stack.app.stop().await?;
+
+    // Scaled out, the trace context crosses real NATS in message headers.
+    if let Some((message_id, prefix)) = scaled_out_message().await? {
+        let lines = logs.lines();
+        let stored = lines
+            .iter()
+            .find(|l| l["message"] == "message stored" && l["message_id"] == message_id.as_str())
+            .ok_or("no history log line for the scaled-out message")?;
+        let id = request_id_of(stored).ok_or("history line without request id")?;
+        assert_one_trace(&spans, id, &prefix)?;
+    }
+    Ok(())
+}
+
+/// The gateway's frame span, chat-service's request span under it, and
+/// history's consumer span under that, all in one trace.
+fn assert_one_trace(
+    spans: &opentelemetry_sdk::trace::InMemorySpanExporter,
+    request_id: &str,
+    prefix: &str,
+) -> TestResult {
+    let finished = spans.get_finished_spans()?;
+    let of_message: HashMap<String, &opentelemetry_sdk::trace::SpanData> = finished
+        .iter()
+        .filter(|span| {
+            span.attributes
+                .iter()
+                .any(|kv| kv.key.as_str() == "request_id" && kv.value.as_str() == request_id)
+        })
+        .map(|span| (span.name.to_string(), span))
+        .collect();
+    let gateway = of_message.get("ws frame").ok_or("no gateway span")?;
+    let chat = of_message
+        .get(&format!("{prefix}.rpc.chat.send"))
+        .ok_or("no chat span")?;
+    let history = of_message.get("consume history").ok_or("no history span")?;
+    let trace_id = gateway.span_context.trace_id();
+    assert_eq!(chat.span_context.trace_id(), trace_id);
+    assert_eq!(history.span_context.trace_id(), trace_id);
+    assert_eq!(chat.parent_span_id, gateway.span_context.span_id());
+    assert_eq!(history.parent_span_id, chat.span_context.span_id());
+    Ok(())
+}
+
+/// Sends one message through the services scaled out over NATS and Postgres
+/// (each on its own listener with its own NATS connection); its message id
+/// and the bus prefix, or None when NATS or Postgres is missing outside CI.
+async fn scaled_out_message() -> Result<Option<(String, String)>, Error> {
+    let Some(nats) = unhidra_testkit::nats_url().await else {
+        return Ok(None);
+    };
+    let Some(db) = unhidra_testkit::TestDatabase::postgres().await? else {
+        return Ok(None);
+    };
+    let prefix = unhidra_testkit::unique_prefix();
+    let config = unhidra_core::Config {
+        nats_url: Some(nats.into()),
+        database_url: Some(db.url().to_owned().into()),
+        bus_prefix: prefix.clone(),
+        ..Default::default()
+    };
+    let auth = Running::start(config.clone(), auth_api::run).await?;
+    let chat = Running::start(config.clone(), chat_service::run).await?;
+    let history = Running::start(config.clone(), history_service::run).await?;
+    let gateway = Running::start(config.clone(), gateway_service::run).await?;
+    let api = Api {
+        auth: auth.http(),
+        chat: chat.http(),
+        history: history.http(),
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while get(&format!("{}/readyz", gateway.http()), None)
+        .await
+        .map(|(s, _)| s.as_u16())
+        .ok()
+        != Some(200)
+    {
+        if tokio::time::Instant::now() > deadline {
+            return Err("gateway never ready".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let alice = api.user("alice").await?;
+    let room = api.create_room(&alice, "public").await?;
+    let mut ws = connect(&gateway.ws(), &alice.token).await?;
+    send(
+        &mut ws,
+        json!({"type": "send", "id": "s1", "room": room, "body": "over NATS"}),
+    )
+    .await?;
+    let message_id = str_of(&next_of(&mut ws, "ack").await?, "message_id")?;
+    wait_for_history(&api, &alice, &room, 1).await?;
+    for service in [gateway, history, chat, auth] {
+        service.stop().await?;
+    }
+    Ok(Some((message_id, prefix)))
 }
