@@ -24,6 +24,8 @@ use crate::{
 
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A write that takes longer means the client stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn serve(gateway: Arc<Gateway>, socket: WebSocket, auth: Authenticated) {
     metrics::WS_CONNECTIONS.inc();
@@ -239,8 +241,14 @@ async fn write(
             next = queue.recv() => match next {
                 Some(Outbound::Frame(text)) => {
                     metrics::WS_FRAMES_OUT.inc();
-                    if sink.send(Message::Text(text)).await.is_err() {
-                        break None;
+                    match tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Text(text))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break None,
+                        // The client stopped reading; its socket buffers are full.
+                        Err(_) => {
+                            metrics::SLOW_CONSUMERS.inc();
+                            break Some((close::SLOW_CONSUMER, "slow consumer"));
+                        }
                     }
                 }
                 Some(Outbound::Close(code, reason)) => break Some((code, reason)),
@@ -254,9 +262,13 @@ async fn write(
             code,
             reason: Utf8Bytes::from_static(reason),
         };
-        let _ = sink.send(Message::Close(Some(frame))).await;
+        let _ = tokio::time::timeout(
+            CLOSE_HANDSHAKE_TIMEOUT,
+            sink.send(Message::Close(Some(frame))),
+        )
+        .await;
     }
-    let _ = sink.close().await;
+    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, sink.close()).await;
     // Tells the reader to stop, if the writer stopped first.
     closers.done.cancel();
 }

@@ -385,3 +385,69 @@ async fn sigterm_during_traffic_closes_with_1001_and_loses_no_acknowledged_messa
     let _ = tokio::task::spawn_blocking(move || process.wait()).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_message_committed_but_not_published_before_a_crash_is_relayed_after_restart()
+-> TestResult {
+    let dir = tempfile::tempdir()?;
+    let config = unhidra_core::Config {
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let first = Running::start(config.clone(), unhidra::run).await?;
+    let base = first.http();
+    let api = Api {
+        auth: base.clone(),
+        chat: base.clone(),
+        history: base,
+    };
+    let alice = api.user("alice").await?;
+    let room = api.create_room(&alice, "private").await?;
+    first.stop().await?;
+
+    // What chat-service leaves behind when it dies between its commit and the
+    // publish: the sequence taken and the event in the outbox.
+    let chat_db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("chat-service.db").display()
+    ))
+    .await?;
+    let message_id = uuid::Uuid::now_v7().to_string();
+    let event = json!({
+        "v": 1, "room": room, "seq": 1, "message_id": message_id,
+        "sender": alice.id, "body": "survived the crash", "sent_at": "2026-11-24T10:00:00Z"
+    });
+    sqlx::query("UPDATE rooms SET last_seq = 1 WHERE id = $1")
+        .bind(&room)
+        .execute(&chat_db)
+        .await?;
+    sqlx::query(
+        "INSERT INTO outbox (message_id, room_id, payload, created_at) VALUES ($1, $2, $3, 0)",
+    )
+    .bind(&message_id)
+    .bind(&room)
+    .bind(event.to_string())
+    .execute(&chat_db)
+    .await?;
+    chat_db.close().await;
+
+    let second = Running::start(config, unhidra::run).await?;
+    let base = second.http();
+    let api = Api {
+        auth: base.clone(),
+        chat: base.clone(),
+        history: base,
+    };
+    let page = wait_for_history(&api, &alice, &room, 1).await?;
+    assert_eq!(page["messages"][0]["message_id"], message_id.as_str());
+    assert_eq!(page["messages"][0]["body"], "survived the crash");
+    // The next message continues the sequence.
+    let mut ws = connect(&second.ws(), &alice.token).await?;
+    send(
+        &mut ws,
+        json!({"type": "send", "id": "n", "room": room, "body": "next"}),
+    )
+    .await?;
+    assert_eq!(next_of(&mut ws, "ack").await?["seq"], 2);
+    second.stop().await
+}
