@@ -109,8 +109,9 @@ impl Default for Config {
 /// Why the configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// Unreadable file, unknown key or mistyped value; the message names it.
     #[error("configuration: {0}")]
-    Parse(#[from] Box<figment::Error>),
+    Parse(Box<figment::Error>),
     #[error("configuration: {0}")]
     Invalid(String),
 }
@@ -132,7 +133,9 @@ impl Config {
 
     /// Extracts and validates a configuration from any figment.
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let config: Self = figment.extract().map_err(Box::new)?;
+        let config: Self = figment
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
         config.validate()?;
         Ok(config)
     }
