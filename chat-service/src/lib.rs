@@ -7,11 +7,8 @@ mod membership;
 mod messages;
 mod rooms;
 
-use std::sync::Arc;
-
-use axum::{Router, extract::FromRef, routing::post};
+use axum::{Router, routing::post};
 use tokio::net::TcpListener;
-use unhidra_authn::TokenVerifier;
 use unhidra_core::Config;
 use unhidra_runtime::{Service, ServiceContext, rpc};
 use unhidra_store::{Database, Migration};
@@ -25,17 +22,7 @@ const MIGRATIONS: &[Migration] = &[Migration {
     sql: include_str!("../migrations/0001_rooms.sql"),
 }];
 
-#[derive(Clone)]
-struct ChatState {
-    ctx: ServiceContext,
-    db: Database,
-}
-
-impl FromRef<ChatState> for Arc<TokenVerifier> {
-    fn from_ref(state: &ChatState) -> Self {
-        Arc::clone(&state.ctx.verifier)
-    }
-}
+type ChatState = unhidra_runtime::ApiState;
 
 /// Migrates, answers the chat requests on the bus, and starts the outbox relay.
 pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service> {

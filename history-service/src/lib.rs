@@ -5,11 +5,8 @@
 mod pages;
 mod recorder;
 
-use std::sync::Arc;
-
-use axum::{Router, extract::FromRef, routing::get};
+use axum::{Router, routing::get};
 use tokio::net::TcpListener;
-use unhidra_authn::TokenVerifier;
 use unhidra_core::Config;
 use unhidra_runtime::{Service, ServiceContext, consumer};
 use unhidra_store::{Database, Migration};
@@ -23,17 +20,7 @@ const MIGRATIONS: &[Migration] = &[Migration {
     sql: include_str!("../migrations/0001_messages.sql"),
 }];
 
-#[derive(Clone)]
-struct HistoryState {
-    ctx: ServiceContext,
-    db: Database,
-}
-
-impl FromRef<HistoryState> for Arc<TokenVerifier> {
-    fn from_ref(state: &HistoryState) -> Self {
-        Arc::clone(&state.ctx.verifier)
-    }
-}
+type HistoryState = unhidra_runtime::ApiState;
 
 /// Migrates and starts the durable consumer of the rooms stream.
 pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service> {

@@ -130,46 +130,50 @@ impl From<FrameError> for ServerFrame {
 
 const KNOWN_TYPES: [&str; 2] = ["send", "ping"];
 
-/// Parses a text frame, telling malformed frames from unknown types.
+/// Parses a text frame. A valid frame is parsed once; only a refused one is
+/// looked at again, to tell malformed frames from unknown types and to recover
+/// the client id for the error.
 pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
-    let fail = |id: Option<String>, code, message: String| FrameError { id, code, message };
-    let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| fail(None, ErrorCode::InvalidFrame, format!("not JSON: {e}")))?;
-    let Some(object) = value.as_object() else {
-        return Err(fail(
-            None,
-            ErrorCode::InvalidFrame,
-            "expected a JSON object".into(),
-        ));
-    };
-    let id = object.get("id").and_then(|v| v.as_str()).map(str::to_owned);
-    let Some(kind) = object.get("type").and_then(|v| v.as_str()) else {
-        return Err(fail(
-            id,
-            ErrorCode::InvalidFrame,
-            "missing string field `type`".into(),
-        ));
-    };
-    if !KNOWN_TYPES.contains(&kind) {
-        let kind: String = kind.chars().take(64).collect();
-        return Err(fail(
-            id,
-            ErrorCode::UnknownType,
-            format!("unknown type `{kind}`"),
-        ));
-    }
-    let frame: ClientFrame = serde_json::from_value(value)
-        .map_err(|e| fail(id.clone(), ErrorCode::InvalidFrame, e.to_string()))?;
+    let frame: ClientFrame = serde_json::from_str(text).map_err(|e| explain(text, e))?;
     if let ClientFrame::Send { id, .. } = &frame {
         if id.is_empty() || id.len() > MAX_CLIENT_ID_LEN {
-            return Err(fail(
-                Some(id.chars().take(MAX_CLIENT_ID_LEN).collect()),
-                ErrorCode::InvalidFrame,
-                format!("`id` must be 1 to {MAX_CLIENT_ID_LEN} bytes"),
-            ));
+            return Err(FrameError {
+                id: Some(id.chars().take(MAX_CLIENT_ID_LEN).collect()),
+                code: ErrorCode::InvalidFrame,
+                message: format!("`id` must be 1 to {MAX_CLIENT_ID_LEN} bytes"),
+            });
         }
     }
     Ok(frame)
+}
+
+/// Why `text` is not a client frame.
+fn explain(text: &str, error: serde_json::Error) -> FrameError {
+    let fail = |id: Option<String>, code, message: String| FrameError { id, code, message };
+    let value: serde_json::Value = match serde_json::from_str(text) {
+        Ok(value) => value,
+        Err(e) => return fail(None, ErrorCode::InvalidFrame, format!("not JSON: {e}")),
+    };
+    let Some(object) = value.as_object() else {
+        return fail(
+            None,
+            ErrorCode::InvalidFrame,
+            "expected a JSON object".into(),
+        );
+    };
+    let id = object.get("id").and_then(|v| v.as_str()).map(str::to_owned);
+    match object.get("type").and_then(|v| v.as_str()) {
+        None => fail(
+            id,
+            ErrorCode::InvalidFrame,
+            "missing string field `type`".into(),
+        ),
+        Some(kind) if !KNOWN_TYPES.contains(&kind) => {
+            let kind: String = kind.chars().take(64).collect();
+            fail(id, ErrorCode::UnknownType, format!("unknown type `{kind}`"))
+        }
+        Some(_) => fail(id, ErrorCode::InvalidFrame, error.to_string()),
+    }
 }
 
 #[cfg(test)]

@@ -34,6 +34,7 @@ where
     let shutdown = ctx.shutdown.clone();
     Ok(tokio::spawn(async move {
         let mut lag_sample = tokio::time::interval(LAG_SAMPLE_INTERVAL);
+        let span_name = format!("consume {}", spec.durable);
         loop {
             let next = tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -51,8 +52,7 @@ where
                             .inc();
                     }
                     let headers = delivery.message.headers.clone();
-                    let name = format!("consume {}", spec.durable);
-                    request_id::scope_from(&name, &headers, handle(delivery)).await;
+                    request_id::scope_from(&span_name, &headers, handle(delivery)).await;
                 }
                 Some(Err(e)) => {
                     tracing::warn!(consumer = %spec.durable, error = %e, "delivery failed")

@@ -10,7 +10,9 @@ pub mod rpc;
 
 use std::{future::Future, sync::Arc};
 
-use axum::{Json, Router, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{
+    Json, Router, extract::FromRef, http::StatusCode, response::IntoResponse, routing::get,
+};
 use secrecy::ExposeSecret;
 use serde_json::json;
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -29,6 +31,20 @@ pub struct Service {
     pub router: Router,
     pub database: Option<Database>,
     pub tasks: Vec<JoinHandle<()>>,
+}
+
+/// The state of a service whose handlers need its database and may extract
+/// `unhidra_authn::CurrentUser`.
+#[derive(Clone)]
+pub struct ApiState {
+    pub ctx: ServiceContext,
+    pub db: Database,
+}
+
+impl FromRef<ApiState> for Arc<TokenVerifier> {
+    fn from_ref(state: &ApiState) -> Self {
+        Arc::clone(&state.ctx.verifier)
+    }
 }
 
 /// Configuration, bus and shutdown signal, shared by the services of a process.

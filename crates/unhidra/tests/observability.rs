@@ -184,16 +184,7 @@ async fn one_scenario_moves_the_metrics_and_shares_one_request_id_across_service
     // chat-service's lines for the same message carry too.
     let lines = logs.lines();
     let message_id = &acked[1];
-    let stored = lines
-        .iter()
-        .find(|l| {
-            l["target"]
-                .as_str()
-                .is_some_and(|t| t.starts_with("history_service"))
-                && l["message_id"] == message_id.as_str()
-        })
-        .ok_or("no history log line for the message")?;
-    let id = request_id_of(stored).ok_or("history line without request id")?;
+    let id = stored_request_id(&lines, message_id)?;
     for service in ["gateway_service", "chat_service"] {
         assert!(
             lines.iter().any(|l| {
@@ -204,54 +195,29 @@ async fn one_scenario_moves_the_metrics_and_shares_one_request_id_across_service
             "no {service} line with request id {id}"
         );
     }
-    // With tracing on, the same message is one trace: the gateway's frame
-    // span, chat-service's request span under it, history's consumer span
-    // under that.
-    let finished = spans.get_finished_spans()?;
-    let of_message: HashMap<String, &opentelemetry_sdk::trace::SpanData> = finished
-        .iter()
-        .filter(|span| {
-            span.attributes
-                .iter()
-                .any(|kv| kv.key.as_str() == "request_id" && kv.value.as_str() == id)
-        })
-        .map(|span| (span.name.to_string(), span))
-        .collect();
-    let gateway = of_message.get("ws frame").ok_or("no gateway span")?;
-    let chat = of_message
-        .get("unhidra.rpc.chat.send")
-        .ok_or("no chat span")?;
-    let history = of_message.get("consume history").ok_or("no history span")?;
-    let trace_id = gateway.span_context.trace_id();
-    assert_eq!(chat.span_context.trace_id(), trace_id);
-    assert_eq!(history.span_context.trace_id(), trace_id);
-    assert_eq!(chat.parent_span_id, gateway.span_context.span_id());
-    assert_eq!(history.parent_span_id, chat.span_context.span_id());
+    // With tracing on, the same message is one trace.
+    assert_one_trace(&spans, id, "unhidra")?;
 
     // Other messages have other ids.
-    let other = lines
-        .iter()
-        .find(|l| {
-            l["target"]
-                .as_str()
-                .is_some_and(|t| t.starts_with("history_service"))
-                && l["message_id"] == acked[0].as_str()
-        })
-        .and_then(request_id_of);
-    assert!(other.is_some_and(|o| o != id));
+    assert_ne!(stored_request_id(&lines, &acked[0])?, id);
     stack.app.stop().await?;
 
     // Scaled out, the trace context crosses real NATS in message headers.
     if let Some((message_id, prefix)) = scaled_out_message().await? {
         let lines = logs.lines();
-        let stored = lines
-            .iter()
-            .find(|l| l["message"] == "message stored" && l["message_id"] == message_id.as_str())
-            .ok_or("no history log line for the scaled-out message")?;
-        let id = request_id_of(stored).ok_or("history line without request id")?;
+        let id = stored_request_id(&lines, &message_id)?;
         assert_one_trace(&spans, id, &prefix)?;
     }
     Ok(())
+}
+
+/// The request id of history-service's "message stored" line for a message.
+fn stored_request_id<'a>(lines: &'a [Value], message_id: &str) -> Result<&'a str, Error> {
+    let stored = lines
+        .iter()
+        .find(|l| l["message"] == "message stored" && l["message_id"] == message_id)
+        .ok_or_else(|| format!("no history log line for message {message_id}"))?;
+    request_id_of(stored).ok_or_else(|| "history line without request id".into())
 }
 
 /// The gateway's frame span, chat-service's request span under it, and
@@ -288,43 +254,13 @@ fn assert_one_trace(
 /// (each on its own listener with its own NATS connection); its message id
 /// and the bus prefix, or None when NATS or Postgres is missing outside CI.
 async fn scaled_out_message() -> Result<Option<(String, String)>, Error> {
-    let Some(nats) = unhidra_testkit::nats_url().await else {
+    let Some(stack) = Scaled::start().await? else {
         return Ok(None);
     };
-    let Some(db) = unhidra_testkit::TestDatabase::postgres().await? else {
-        return Ok(None);
-    };
-    let prefix = unhidra_testkit::unique_prefix();
-    let config = unhidra_core::Config {
-        nats_url: Some(nats.into()),
-        database_url: Some(db.url().to_owned().into()),
-        bus_prefix: prefix.clone(),
-        ..Default::default()
-    };
-    let auth = Running::start(config.clone(), auth_api::run).await?;
-    let chat = Running::start(config.clone(), chat_service::run).await?;
-    let history = Running::start(config.clone(), history_service::run).await?;
-    let gateway = Running::start(config.clone(), gateway_service::run).await?;
-    let api = Api {
-        auth: auth.http(),
-        chat: chat.http(),
-        history: history.http(),
-    };
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while get(&format!("{}/readyz", gateway.http()), None)
-        .await
-        .map(|(s, _)| s.as_u16())
-        .ok()
-        != Some(200)
-    {
-        if tokio::time::Instant::now() > deadline {
-            return Err("gateway never ready".into());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let api = stack.api();
     let alice = api.user("alice").await?;
     let room = api.create_room(&alice, "public").await?;
-    let mut ws = connect(&gateway.ws(), &alice.token).await?;
+    let mut ws = connect(&stack.gateway.ws(), &alice.token).await?;
     send(
         &mut ws,
         json!({"type": "send", "id": "s1", "room": room, "body": "over NATS"}),
@@ -332,8 +268,7 @@ async fn scaled_out_message() -> Result<Option<(String, String)>, Error> {
     .await?;
     let message_id = str_of(&next_of(&mut ws, "ack").await?, "message_id")?;
     wait_for_history(&api, &alice, &room, 1).await?;
-    for service in [gateway, history, chat, auth] {
-        service.stop().await?;
-    }
+    let prefix = stack.config.bus_prefix.clone();
+    stack.stop().await?;
     Ok(Some((message_id, prefix)))
 }

@@ -267,23 +267,8 @@ async fn sigterm_during_traffic_closes_with_1001_and_loses_no_acknowledged_messa
             .spawn()
     };
     let base = format!("http://127.0.0.1:{port}");
-    let await_up = || async {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while get(&format!("{base}/readyz"), None)
-            .await
-            .map(|(s, _)| s.as_u16())
-            .ok()
-            != Some(200)
-        {
-            if tokio::time::Instant::now() > deadline {
-                return Err::<(), Error>("unhidra never became ready".into());
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        Ok(())
-    };
     let mut process = start()?;
-    await_up().await?;
+    wait_ready(&base).await?;
     let api = Api {
         auth: base.clone(),
         chat: base.clone(),
@@ -347,27 +332,17 @@ async fn sigterm_during_traffic_closes_with_1001_and_loses_no_acknowledged_messa
 
     // After a restart on the same data, every acknowledged message is in history.
     let mut process = start()?;
-    await_up().await?;
+    wait_ready(&base).await?;
     let (status, page) = get(&format!("{base}/api/v1/rooms"), Some(&alice.token)).await?;
     assert_eq!(status, StatusCode::OK, "{page}");
     let room = str_of(&page["rooms"][0], "room_id")?;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let mut stored = Vec::new();
-        let mut before = String::new();
-        loop {
-            let (_, page) = api
-                .history(&alice, &room, &format!("?limit=200{before}"))
-                .await?;
-            let messages = page["messages"].as_array().cloned().unwrap_or_default();
-            let Some(last) = messages.last() else { break };
-            before = format!("&before={}", last["seq"]);
-            stored.extend(
-                messages
-                    .iter()
-                    .filter_map(|m| m["message_id"].as_str().map(str::to_owned)),
-            );
-        }
+        let stored: Vec<String> = all_history(&api, &alice, &room)
+            .await?
+            .iter()
+            .filter_map(|m| m["message_id"].as_str().map(str::to_owned))
+            .collect();
         let missing = acked.iter().filter(|id| !stored.contains(id)).count();
         if missing == 0 {
             break;

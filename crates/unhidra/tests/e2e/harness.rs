@@ -311,3 +311,105 @@ pub async fn wait_for_history(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Polls `{base}/readyz` until it answers 200.
+pub async fn wait_ready(base: &str) -> TestResult {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match get(&format!("{base}/readyz"), None).await {
+            Ok((status, _)) if status.is_success() => return Ok(()),
+            _ if tokio::time::Instant::now() > deadline => {
+                return Err(format!("{base} never became ready").into());
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Every message of a room, paging back from the newest.
+pub async fn all_history(api: &Api, user: &User, room: &str) -> Result<Vec<Value>, Error> {
+    let mut all = Vec::new();
+    let mut before = String::new();
+    loop {
+        let (status, page) = api
+            .history(user, room, &format!("?limit=200{before}"))
+            .await?;
+        assert!(status.is_success(), "{page}");
+        let messages = page["messages"].as_array().cloned().unwrap_or_default();
+        let Some(last) = messages.last() else {
+            return Ok(all);
+        };
+        before = format!("&before={}", last["seq"]);
+        all.extend(messages);
+    }
+}
+
+/// The five services, each started with `run` as its own binary would.
+pub struct Scaled {
+    pub config: Config,
+    pub gateway: Running,
+    pub auth: Running,
+    pub chat: Running,
+    /// None while a test has it stopped.
+    pub history: Option<Running>,
+    pub audit: Running,
+    pub db: unhidra_testkit::TestDatabase,
+}
+
+impl Scaled {
+    /// None (test skipped) outside CI when NATS or Postgres is missing.
+    pub async fn start() -> Result<Option<Self>, Error> {
+        let Some(nats) = unhidra_testkit::nats_url().await else {
+            return Ok(None);
+        };
+        let Some(db) = unhidra_testkit::TestDatabase::postgres().await? else {
+            return Ok(None);
+        };
+        let config = Config {
+            nats_url: Some(nats.into()),
+            database_url: Some(db.url().to_owned().into()),
+            bus_prefix: unhidra_testkit::unique_prefix(),
+            ..Config::default()
+        };
+        // auth-api and chat-service answer the others' requests, so they go first.
+        let auth = Running::start(config.clone(), auth_api::run).await?;
+        let chat = Running::start(config.clone(), chat_service::run).await?;
+        let history = Running::start(config.clone(), history_service::run).await?;
+        let audit = Running::start(config.clone(), audit_service::run).await?;
+        let gateway = Running::start(config.clone(), gateway_service::run).await?;
+        for service in [&auth, &chat, &history, &audit, &gateway] {
+            wait_ready(&service.http()).await?;
+        }
+        Ok(Some(Self {
+            config,
+            gateway,
+            auth,
+            chat,
+            history: Some(history),
+            audit,
+            db,
+        }))
+    }
+
+    pub fn api(&self) -> Api {
+        Api {
+            auth: self.auth.http(),
+            chat: self.chat.http(),
+            history: self.history.as_ref().map(Running::http).unwrap_or_default(),
+        }
+    }
+
+    pub async fn stop(self) -> TestResult {
+        let services = [
+            Some(self.gateway),
+            self.history,
+            Some(self.audit),
+            Some(self.chat),
+            Some(self.auth),
+        ];
+        for service in services.into_iter().flatten() {
+            service.stop().await?;
+        }
+        Ok(())
+    }
+}

@@ -13,87 +13,6 @@ use crate::{
     harness::*,
 };
 
-/// The five services, each started with `run` as its own binary would.
-pub struct Scaled {
-    pub config: Config,
-    pub gateway: Running,
-    pub auth: Running,
-    pub chat: Running,
-    /// None while a test has it stopped.
-    pub history: Option<Running>,
-    pub audit: Running,
-    db: unhidra_testkit::TestDatabase,
-}
-
-impl Scaled {
-    /// None (test skipped) outside CI when NATS or Postgres is missing.
-    pub async fn start() -> Result<Option<Self>, Error> {
-        let Some(nats) = unhidra_testkit::nats_url().await else {
-            return Ok(None);
-        };
-        let Some(db) = unhidra_testkit::TestDatabase::postgres().await? else {
-            return Ok(None);
-        };
-        let config = Config {
-            nats_url: Some(nats.into()),
-            database_url: Some(db.url().to_owned().into()),
-            bus_prefix: unhidra_testkit::unique_prefix(),
-            ..Config::default()
-        };
-        // auth-api and chat-service answer the others' requests, so they go first.
-        let auth = Running::start(config.clone(), auth_api::run).await?;
-        let chat = Running::start(config.clone(), chat_service::run).await?;
-        let history = Running::start(config.clone(), history_service::run).await?;
-        let audit = Running::start(config.clone(), audit_service::run).await?;
-        let gateway = Running::start(config.clone(), gateway_service::run).await?;
-        for service in [&auth, &chat, &history, &audit, &gateway] {
-            wait_ready(service).await?;
-        }
-        Ok(Some(Self {
-            config,
-            gateway,
-            auth,
-            chat,
-            history: Some(history),
-            audit,
-            db,
-        }))
-    }
-
-    pub fn api(&self) -> Api {
-        Api {
-            auth: self.auth.http(),
-            chat: self.chat.http(),
-            history: self.history.as_ref().map(Running::http).unwrap_or_default(),
-        }
-    }
-
-    pub async fn stop(self) -> TestResult {
-        let services = [
-            Some(self.gateway),
-            self.history,
-            Some(self.audit),
-            Some(self.chat),
-            Some(self.auth),
-        ];
-        for service in services.into_iter().flatten() {
-            service.stop().await?;
-        }
-        Ok(())
-    }
-}
-
-async fn wait_ready(service: &Running) -> TestResult {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match get(&format!("{}/readyz", service.http()), None).await {
-            Ok((status, _)) if status.is_success() => return Ok(()),
-            _ if tokio::time::Instant::now() > deadline => return Err("service never ready".into()),
-            _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
-        }
-    }
-}
-
 #[tokio::test]
 async fn scaled_out_two_users_one_message() -> TestResult {
     let started = Instant::now();
@@ -185,19 +104,10 @@ async fn history_down_during_1000_sends_then_stores_each_exactly_once() -> TestR
     stack.history = Some(Running::start(stack.config.clone(), history_service::run).await?);
     let history_api = stack.api();
     let deadline = tokio::time::Instant::now() + WAIT * 6;
-    let mut stored = Vec::new();
-    while stored.len() < COUNT {
-        stored.clear();
-        let mut before = String::new();
-        loop {
-            let (status, page) = history_api
-                .history(&alice, &room, &format!("?limit=200{before}"))
-                .await?;
-            assert!(status.is_success(), "{page}");
-            let messages = page["messages"].as_array().cloned().unwrap_or_default();
-            let Some(last) = messages.last() else { break };
-            before = format!("&before={}", last["seq"]);
-            stored.extend(messages);
+    let stored = loop {
+        let stored = all_history(&history_api, &alice, &room).await?;
+        if stored.len() >= COUNT {
+            break stored;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -205,7 +115,7 @@ async fn history_down_during_1000_sends_then_stores_each_exactly_once() -> TestR
             stored.len()
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    };
     let mut stored_seqs: Vec<u64> = stored.iter().filter_map(|m| m["seq"].as_u64()).collect();
     stored_seqs.sort_unstable();
     assert_eq!(
