@@ -3,13 +3,15 @@
 //! consumer of the audit stream: stored once per event id, acknowledged after
 //! the commit. Query, export, hash chaining and retention come later.
 
-mod recorder;
+mod repo;
 
 use axum::Router;
 use tokio::net::TcpListener;
-use unhidra_core::Config;
-use unhidra_runtime::{Service, ServiceContext, consumer};
+use unhidra_core::{Config, events::AuditEvent};
+use unhidra_runtime::{Service, ServiceContext, recorder};
 use unhidra_store::{Database, Migration};
+
+use crate::repo::AuditRepo;
 
 pub const NAME: &str = "audit-service";
 pub const DEFAULT_PORT: u16 = 9500;
@@ -24,13 +26,21 @@ const MIGRATIONS: &[Migration] = &[Migration {
 pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service> {
     db.migrate(NAME, MIGRATIONS).await?;
     ctx.bus.ensure_stream(&ctx.subjects.audit_stream()).await?;
-    let recorder = {
-        let db = db.clone();
-        consumer::spawn_consumer(&ctx, ctx.subjects.audit_consumer(), move |delivery| {
-            recorder::handle(db.clone(), delivery)
-        })
-        .await?
-    };
+    let audit = AuditRepo::new(db.clone());
+    let stored = ctx.metrics.counter(
+        "unhidra_audit_events_stored_total",
+        "Security events committed to the audit log (duplicates excluded).",
+    )?;
+    let recorder = recorder::spawn_recorder(
+        &ctx,
+        ctx.subjects.audit_consumer(),
+        stored,
+        move |event: AuditEvent| {
+            let audit = audit.clone();
+            async move { audit.insert(&event).await }
+        },
+    )
+    .await?;
     Ok(Service {
         name: NAME,
         router: Router::new(),

@@ -2,6 +2,7 @@
 //! sessions with rotating refresh tokens, and the Ed25519 keys that sign access
 //! tokens (published as a JWKS over HTTP and over the bus).
 
+mod accounts;
 mod passwords;
 mod sessions;
 mod signing_keys;
@@ -12,16 +13,17 @@ use axum::{
     extract::State,
     routing::{get, post},
 };
+use prometheus::{IntCounter, IntCounterVec};
 use tokio::net::TcpListener;
-use unhidra_core::{
-    Config,
-    events::{JwksRequest, RpcReply},
-    token::Jwks,
-};
-use unhidra_runtime::{Service, ServiceContext, rpc};
+use unhidra_core::{Config, rpc::AuthJwks, token::Jwks};
+use unhidra_runtime::{ApiState, Service, ServiceContext, rpc};
 use unhidra_store::{Database, Migration};
 
-use crate::{passwords::Passwords, signing_keys::SigningKeys};
+use crate::{
+    accounts::AccountRepo,
+    passwords::Passwords,
+    signing_keys::{SigningKeyRepo, SigningKeys},
+};
 
 pub const NAME: &str = "auth-api";
 pub const DEFAULT_PORT: u16 = 9200;
@@ -32,12 +34,37 @@ const MIGRATIONS: &[Migration] = &[Migration {
     sql: include_str!("../migrations/0001_identities.sql"),
 }];
 
+/// auth-api's part of its handlers' state.
 #[derive(Clone)]
-struct AuthState {
-    ctx: ServiceContext,
-    db: Database,
+struct Auth {
+    accounts: AccountRepo,
     passwords: Passwords,
     keys: SigningKeys,
+    metrics: AuthMetrics,
+}
+
+type AuthState = ApiState<Auth>;
+
+#[derive(Clone)]
+struct AuthMetrics {
+    logins: IntCounterVec,
+    tokens_issued: IntCounter,
+}
+
+impl AuthMetrics {
+    fn register(ctx: &ServiceContext) -> anyhow::Result<Self> {
+        Ok(Self {
+            logins: ctx.metrics.counter_vec(
+                "unhidra_logins_total",
+                "Login attempts by outcome.",
+                &["outcome"],
+                &[&["success"], &["failure"]],
+            )?,
+            tokens_issued: ctx
+                .metrics
+                .counter("unhidra_tokens_issued_total", "Access tokens issued.")?,
+        })
+    }
 }
 
 /// Migrates the database, loads (or creates) the signing key, and answers JWKS
@@ -45,22 +72,20 @@ struct AuthState {
 pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service> {
     db.migrate(NAME, MIGRATIONS).await?;
     ctx.bus.ensure_stream(&ctx.subjects.audit_stream()).await?;
-    let keys = SigningKeys::load_or_create(&db).await?;
+    let keys = SigningKeys::load_or_create(&SigningKeyRepo::new(db.clone())).await?;
     let state = AuthState {
         ctx: ctx.clone(),
-        db: db.clone(),
-        passwords: Passwords::new(ctx.config.password_hash_concurrency).await?,
-        keys: keys.clone(),
-    };
-    let jwks_responder = rpc::respond(
-        &ctx,
-        ctx.subjects.auth_jwks(),
-        NAME,
-        move |_: JwksRequest| {
-            let jwks = keys.jwks().clone();
-            async move { RpcReply::Ok(jwks) }
+        service: Auth {
+            accounts: AccountRepo::new(db.clone()),
+            passwords: Passwords::new(ctx.config.password_hash_concurrency).await?,
+            keys: keys.clone(),
+            metrics: AuthMetrics::register(&ctx)?,
         },
-    )
+    };
+    let jwks_responder = rpc::respond::<AuthJwks, _, _>(&ctx, NAME, move |_| {
+        let jwks = keys.jwks().clone();
+        async move { Ok(jwks) }
+    })
     .await?;
     let router = Router::new()
         .route("/api/v1/auth/register", post(users::register))
@@ -77,7 +102,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
 }
 
 async fn jwks(State(state): State<AuthState>) -> Json<Jwks> {
-    Json(state.keys.jwks().clone())
+    Json(state.service.keys.jwks().clone())
 }
 
 /// Runs auth-api alone on `listener` until `shutdown` resolves.

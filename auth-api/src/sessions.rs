@@ -9,14 +9,11 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use unhidra_core::{
-    ApiError,
-    error::ApiJson,
     events::{AuditEvent, AuditKind},
     ids::{SessionId, UserId},
     token::AccessClaims,
 };
-use unhidra_store::now_millis;
-use unhidra_telemetry::metrics;
+use unhidra_runtime::{ApiError, ApiJson};
 
 use crate::{AuthState, users::normalize_email};
 
@@ -75,8 +72,8 @@ fn access_token(state: &AuthState, user: UserId, session: SessionId) -> Result<S
         iss: state.ctx.config.token_issuer.clone(),
         aud: state.ctx.config.token_audience.clone(),
     };
-    let token = state.keys.sign(&claims)?;
-    metrics::TOKENS_ISSUED.inc();
+    let token = state.service.keys.sign(&claims)?;
+    state.service.metrics.tokens_issued.inc();
     Ok(token)
 }
 
@@ -85,21 +82,19 @@ pub async fn login(
     ApiJson(request): ApiJson<LoginRequest>,
 ) -> Result<Json<Tokens>, ApiError> {
     let email = normalize_email(&request.email);
-    let user: Option<(String, String)> = match &email {
-        Some(email) => sqlx::query_as("SELECT id, password_hash FROM users WHERE email = $1")
-            .bind(email)
-            .fetch_optional(&state.db.pool)
-            .await
-            .map_err(anyhow::Error::from)?,
+    let credentials = match &email {
+        Some(email) => state.service.accounts.credentials(email).await?,
         None => None,
     };
-    let user_id = user.as_ref().and_then(|(id, _)| id.parse::<UserId>().ok());
+    let user_id = credentials.as_ref().map(|c| c.user);
     let matched = state
+        .service
         .passwords
-        .verify(request.password, user.map(|(_, hash)| hash))
+        .verify(request.password, credentials.map(|c| c.password_hash))
         .await?;
+    let logins = &state.service.metrics.logins;
     let Some(user_id) = user_id.filter(|_| matched) else {
-        metrics::LOGINS.with_label_values(&["failure"]).inc();
+        logins.with_label_values(&["failure"]).inc();
         tracing::warn!(user_id = ?user_id, reason = "bad credentials", "login refused");
         let subject = email.unwrap_or_else(|| request.email.chars().take(254).collect());
         state
@@ -115,22 +110,16 @@ pub async fn login(
 
     let session = SessionId::new();
     let (refresh_token, refresh_hash) = new_refresh_token();
-    let now = now_millis();
-    let refresh_ttl = i64::try_from(state.ctx.config.refresh_token_ttl_secs).unwrap_or(i64::MAX);
-    sqlx::query(
-        "INSERT INTO sessions (id, user_id, refresh_token_hash, created_at, expires_at)
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(session.to_string())
-    .bind(user_id.to_string())
-    .bind(&refresh_hash)
-    .bind(now)
-    .bind(now.saturating_add(refresh_ttl.saturating_mul(1000)))
-    .execute(&state.db.pool)
-    .await
-    .map_err(anyhow::Error::from)?;
+    let refresh_ttl_ms = i64::try_from(state.ctx.config.refresh_token_ttl_secs)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1000);
+    state
+        .service
+        .accounts
+        .open_session(session, user_id, &refresh_hash, refresh_ttl_ms)
+        .await?;
     let access_token = access_token(&state, user_id, session)?;
-    metrics::LOGINS.with_label_values(&["success"]).inc();
+    logins.with_label_values(&["success"]).inc();
     tracing::info!(%user_id, session_id = %session, "login");
     state
         .ctx
@@ -155,25 +144,16 @@ pub async fn refresh(
 ) -> Result<Json<Tokens>, ApiError> {
     let old_hash = hash_refresh_token(request.refresh_token.expose_secret());
     let (refresh_token, new_hash) = new_refresh_token();
-    // One statement rotates the token, so a refresh token works exactly once.
-    let row: Option<(String, String)> = sqlx::query_as(
-        "UPDATE sessions SET refresh_token_hash = $1
-         WHERE refresh_token_hash = $2 AND revoked_at IS NULL AND expires_at > $3
-         RETURNING id, user_id",
-    )
-    .bind(&new_hash)
-    .bind(&old_hash)
-    .bind(now_millis())
-    .fetch_optional(&state.db.pool)
-    .await
-    .map_err(anyhow::Error::from)?;
     let refused = || ApiError::Unauthenticated {
         code: "invalid_refresh_token",
         message: "refresh token is unknown, used, revoked or expired".into(),
     };
-    let (session, user) = row.ok_or_else(refused)?;
-    let session: SessionId = session.parse().map_err(|_| refused())?;
-    let user: UserId = user.parse().map_err(|_| refused())?;
+    let (session, user) = state
+        .service
+        .accounts
+        .rotate_refresh_token(&old_hash, &new_hash)
+        .await?
+        .ok_or_else(refused)?;
     let access_token = access_token(&state, user, session)?;
     Ok(Json(Tokens {
         access_token,

@@ -4,14 +4,12 @@ use axum::{Json, extract::State, http::StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use unhidra_core::{
-    ApiError,
-    error::ApiJson,
     events::{AuditEvent, AuditKind},
     ids::UserId,
 };
-use unhidra_store::{is_unique_violation, now_millis};
+use unhidra_runtime::{ApiError, ApiJson};
 
-use crate::AuthState;
+use crate::{AuthState, accounts::NewUser};
 
 const MIN_PASSWORD_CHARS: usize = 8;
 /// Bounds the work an attacker can make argon2 do per request.
@@ -76,36 +74,25 @@ pub async fn register(
         code: "email_taken",
         message: "an account with this email exists".into(),
     };
+    let accounts = &state.service.accounts;
     // Checked before hashing so a taken email costs no argon2 work; the unique
     // index still decides races.
-    let existing: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE email = $1")
-        .bind(&email)
-        .fetch_optional(&state.db.pool)
-        .await
-        .map_err(anyhow::Error::from)?;
-    if existing.is_some() {
+    if accounts.email_taken(&email).await? {
         return Err(taken());
     }
-    let hash = state.passwords.hash(request.password).await?;
+    let hash = state.service.passwords.hash(request.password).await?;
     let user_id = UserId::new();
-    sqlx::query(
-        "INSERT INTO users (id, email, display_name, password_hash, created_at)
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(user_id.to_string())
-    .bind(&email)
-    .bind(&display_name)
-    .bind(&hash)
-    .bind(now_millis())
-    .execute(&state.db.pool)
-    .await
-    .map_err(|e| {
-        if is_unique_violation(&e) {
-            taken()
-        } else {
-            ApiError::Unexpected(e.into())
-        }
-    })?;
+    let created = accounts
+        .create_user(&NewUser {
+            id: user_id,
+            email: &email,
+            display_name: &display_name,
+            password_hash: &hash,
+        })
+        .await?;
+    if !created {
+        return Err(taken());
+    }
     tracing::info!(%user_id, "user registered");
     state
         .ctx

@@ -6,12 +6,20 @@
 mod membership;
 mod messages;
 mod rooms;
+#[cfg(test)]
+mod store_conformance;
 
 use axum::{Router, routing::post};
+use prometheus::IntCounter;
 use tokio::net::TcpListener;
-use unhidra_core::Config;
-use unhidra_runtime::{Service, ServiceContext, rpc};
+use unhidra_core::{
+    Config,
+    rpc::{ChatSend, Membership, RoomsOf},
+};
+use unhidra_runtime::{ApiState, Service, ServiceContext, rpc};
 use unhidra_store::{Database, Migration};
+
+use crate::{messages::OutboxRepo, rooms::RoomRepo};
 
 pub const NAME: &str = "chat-service";
 pub const DEFAULT_PORT: u16 = 9300;
@@ -22,7 +30,36 @@ const MIGRATIONS: &[Migration] = &[Migration {
     sql: include_str!("../migrations/0001_rooms.sql"),
 }];
 
-type ChatState = unhidra_runtime::ApiState;
+/// chat-service's part of its handlers' state.
+#[derive(Clone)]
+struct Chat {
+    rooms: RoomRepo,
+    outbox: OutboxRepo,
+    metrics: ChatMetrics,
+}
+
+type ChatState = ApiState<Chat>;
+
+#[derive(Clone)]
+struct ChatMetrics {
+    accepted: IntCounter,
+    published: IntCounter,
+}
+
+impl ChatMetrics {
+    fn register(ctx: &ServiceContext) -> anyhow::Result<Self> {
+        Ok(Self {
+            accepted: ctx.metrics.counter(
+                "unhidra_messages_accepted_total",
+                "Chat messages accepted by chat-service (durable in its outbox).",
+            )?,
+            published: ctx.metrics.counter(
+                "unhidra_messages_published_total",
+                "Chat messages published to the rooms stream (relayed retries included).",
+            )?,
+        })
+    }
+}
 
 /// Migrates, answers the chat requests on the bus, and starts the outbox relay.
 pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service> {
@@ -31,25 +68,29 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
     ctx.bus.ensure_stream(&ctx.subjects.audit_stream()).await?;
     let state = ChatState {
         ctx: ctx.clone(),
-        db: db.clone(),
+        service: Chat {
+            rooms: RoomRepo::new(db.clone()),
+            outbox: OutboxRepo::new(db.clone()),
+            metrics: ChatMetrics::register(&ctx)?,
+        },
     };
     let send = {
         let state = state.clone();
-        rpc::respond(&ctx, ctx.subjects.chat_send(), NAME, move |request| {
+        rpc::respond::<ChatSend, _, _>(&ctx, NAME, move |request| {
             messages::send(state.clone(), request)
         })
         .await?
     };
     let rooms_of = {
         let state = state.clone();
-        rpc::respond(&ctx, ctx.subjects.chat_rooms_of(), NAME, move |request| {
+        rpc::respond::<RoomsOf, _, _>(&ctx, NAME, move |request| {
             membership::rooms_of(state.clone(), request)
         })
         .await?
     };
     let membership = {
         let state = state.clone();
-        rpc::respond(&ctx, ctx.subjects.chat_membership(), NAME, move |request| {
+        rpc::respond::<Membership, _, _>(&ctx, NAME, move |request| {
             membership::role(state.clone(), request)
         })
         .await?

@@ -1,77 +1,30 @@
-//! Who belongs to which room, with which role; answered to the gateway (the
-//! rooms of a user) and to history-service (a user's role in a room).
+//! Who belongs to which room, answered over the bus: the rooms of a user (to
+//! the gateway) and a user's role in a room (to history-service); and joins
+//! announced to the gateways.
 
-use serde::{Deserialize, Serialize};
 use unhidra_bus::Headers;
 use unhidra_core::{
-    events::{MembershipChanged, MembershipRequest, RoomsOfRequest, RpcReply, SCHEMA_VERSION},
+    events::{MembershipChanged, SCHEMA_VERSION},
     ids::{RoomId, UserId},
+    rooms::Role,
+    rpc::{MembershipRequest, RoomsOfRequest, RpcCode, RpcError},
 };
-use unhidra_store::Database;
 
-use crate::ChatState;
-
-/// A member's role in a room.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Owner,
-    Member,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Owner => "owner",
-            Self::Member => "member",
-        }
-    }
-
-    pub fn parse(s: &str) -> Self {
-        if s == "owner" {
-            Self::Owner
-        } else {
-            Self::Member
-        }
-    }
-}
-
-/// Why a user may not act in a room.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    NoSuchRoom,
-    NotAMember,
-}
+use crate::{ChatState, rooms::Refusal};
 
 impl Refusal {
-    pub fn rpc<T>(self) -> RpcReply<T> {
+    pub fn rpc_error(self) -> RpcError {
         match self {
-            Self::NoSuchRoom => RpcReply::err("not_found", "no such room"),
-            Self::NotAMember => RpcReply::err("forbidden", "not a member of this room"),
+            Self::NoSuchRoom => RpcError::new(RpcCode::NotFound, "no such room"),
+            Self::NotAMember => RpcError::new(RpcCode::Forbidden, "not a member of this room"),
         }
     }
 }
 
-/// The user's role in the room, or why there is none.
-pub async fn role_of(
-    db: &Database,
-    room: RoomId,
-    user: UserId,
-) -> anyhow::Result<Result<Role, Refusal>> {
-    let row: Option<(Option<String>,)> = sqlx::query_as(
-        "SELECT m.role FROM rooms r
-         LEFT JOIN room_members m ON m.room_id = r.id AND m.user_id = $2
-         WHERE r.id = $1",
-    )
-    .bind(room.to_string())
-    .bind(user.to_string())
-    .fetch_optional(&db.pool)
-    .await?;
-    Ok(match row {
-        None => Err(Refusal::NoSuchRoom),
-        Some((None,)) => Err(Refusal::NotAMember),
-        Some((Some(role),)) => Ok(Role::parse(&role)),
-    })
+/// Logs a store failure; the caller gets a fixed `unavailable` refusal.
+pub fn store_unavailable(error: &anyhow::Error) -> RpcError {
+    tracing::error!(error = ?error, "chat store failed");
+    RpcError::new(RpcCode::Unavailable, "chat store unavailable")
 }
 
 /// Tells the gateways that `user` joined `room`.
@@ -101,32 +54,21 @@ pub async fn announce_join(state: &ChatState, room: RoomId, user: UserId) {
     }
 }
 
-pub async fn rooms_of(state: ChatState, request: RoomsOfRequest) -> RpcReply<Vec<RoomId>> {
-    let rows: Result<Vec<(String,)>, _> =
-        sqlx::query_as("SELECT room_id FROM room_members WHERE user_id = $1")
-            .bind(request.user.to_string())
-            .fetch_all(&state.db.pool)
-            .await;
-    match rows {
-        Ok(rows) => RpcReply::Ok(
-            rows.into_iter()
-                .filter_map(|(id,)| id.parse().ok())
-                .collect(),
-        ),
-        Err(e) => {
-            tracing::error!(error = %e, "listing rooms failed");
-            RpcReply::err("unavailable", "membership store unavailable")
-        }
-    }
+pub async fn rooms_of(state: ChatState, request: RoomsOfRequest) -> Result<Vec<RoomId>, RpcError> {
+    state
+        .service
+        .rooms
+        .ids_of_member(request.user)
+        .await
+        .map_err(|e| store_unavailable(&e))
 }
 
-pub async fn role(state: ChatState, request: MembershipRequest) -> RpcReply<Role> {
-    match role_of(&state.db, request.room, request.user).await {
-        Ok(Ok(role)) => RpcReply::Ok(role),
-        Ok(Err(refusal)) => refusal.rpc(),
-        Err(e) => {
-            tracing::error!(error = %e, "membership lookup failed");
-            RpcReply::err("unavailable", "membership store unavailable")
-        }
-    }
+pub async fn role(state: ChatState, request: MembershipRequest) -> Result<Role, RpcError> {
+    state
+        .service
+        .rooms
+        .role_of(request.room, request.user)
+        .await
+        .map_err(|e| store_unavailable(&e))?
+        .map_err(Refusal::rpc_error)
 }

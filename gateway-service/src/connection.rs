@@ -10,15 +10,15 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use unhidra_authn::Authenticated;
 use unhidra_core::{
-    events::{RoomsOfRequest, SCHEMA_VERSION, SendAccepted, SendRequest},
-    ids::RoomId,
+    events::SCHEMA_VERSION,
     protocol::{ClientFrame, ErrorCode, ServerFrame, close, parse_client_frame},
+    rpc::{ChatSend, RoomsOf, RoomsOfRequest, SendRequest},
 };
-use unhidra_runtime::rpc;
-use unhidra_telemetry::{metrics, request_id};
+use unhidra_telemetry::request_id;
 
 use crate::{
     Gateway,
+    metrics::GatewayMetrics,
     registry::{ConnId, Outbound},
 };
 
@@ -28,7 +28,7 @@ const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn serve(gateway: Arc<Gateway>, socket: WebSocket, auth: Authenticated) {
-    metrics::WS_CONNECTIONS.inc();
+    gateway.metrics.connections.inc();
     let (sink, mut stream) = socket.split();
     let (outbound, queue) = mpsc::channel(gateway.ctx.config.outbound_queue);
     let slow = CancellationToken::new();
@@ -41,6 +41,7 @@ pub async fn serve(gateway: Arc<Gateway>, socket: WebSocket, auth: Authenticated
         sink,
         queue,
         Closers {
+            metrics: gateway.metrics.clone(),
             slow,
             done: done.clone(),
             shutdown: gateway.ctx.shutdown.clone(),
@@ -60,7 +61,7 @@ pub async fn serve(gateway: Arc<Gateway>, socket: WebSocket, auth: Authenticated
     drop(outbound);
     done.cancel();
     let _ = writer.await;
-    metrics::WS_CONNECTIONS.dec();
+    gateway.metrics.connections.dec();
     tracing::debug!(conn = id, user_id = %auth.user, "disconnected");
 }
 
@@ -70,19 +71,13 @@ async fn subscribe_rooms(gateway: &Gateway, id: ConnId, auth: &Authenticated) ->
         v: SCHEMA_VERSION,
         user: auth.user,
     };
-    match rpc::call::<_, Vec<RoomId>>(
-        &gateway.ctx,
-        &gateway.ctx.subjects.chat_rooms_of(),
-        &request,
-    )
-    .await
-    {
+    match gateway.ctx.rpc.call::<RoomsOf>(&request).await {
         Ok(rooms) => {
             gateway.registry.add_rooms(id, &rooms);
             true
         }
         Err(e) => {
-            tracing::warn!(user_id = %auth.user, error = %e.message, "rooms of user unavailable");
+            tracing::warn!(user_id = %auth.user, error = %e, "rooms of user unavailable");
             false
         }
     }
@@ -115,7 +110,7 @@ async fn read(
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
             Some(Ok(Message::Binary(_))) => {
-                metrics::WS_FRAMES_IN.inc();
+                gateway.metrics.frames_in.inc();
                 error(
                     None,
                     ErrorCode::InvalidFrame,
@@ -123,7 +118,7 @@ async fn read(
                 )
             }
             Some(Ok(Message::Text(text))) => {
-                metrics::WS_FRAMES_IN.inc();
+                gateway.metrics.frames_in.inc();
                 if text.len() > max_frame {
                     error(
                         None,
@@ -192,8 +187,7 @@ async fn handle(gateway: &Gateway, auth: &Authenticated, text: &str) -> ServerFr
                 room,
                 body,
             };
-            let subject = gateway.ctx.subjects.chat_send();
-            match rpc::call::<_, SendAccepted>(&gateway.ctx, &subject, &request).await {
+            match gateway.ctx.rpc.call::<ChatSend>(&request).await {
                 Ok(accepted) => {
                     tracing::debug!(
                         user_id = %auth.user,
@@ -209,13 +203,14 @@ async fn handle(gateway: &Gateway, auth: &Authenticated, text: &str) -> ServerFr
                         message_id: accepted.message_id,
                     }
                 }
-                Err(e) => error(Some(id), ErrorCode::from_rpc(&e.code), &e.message),
+                Err(e) => error(Some(id), e.code.frame_code(), &e.message),
             }
         }
     }
 }
 
 struct Closers {
+    metrics: GatewayMetrics,
     slow: CancellationToken,
     done: CancellationToken,
     shutdown: CancellationToken,
@@ -240,13 +235,13 @@ async fn write(
             () = &mut expired => break Some((close::TOKEN_EXPIRED, "token expired")),
             next = queue.recv() => match next {
                 Some(Outbound::Frame(text)) => {
-                    metrics::WS_FRAMES_OUT.inc();
+                    closers.metrics.frames_out.inc();
                     match tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Text(text))).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => break None,
                         // The client stopped reading; its socket buffers are full.
                         Err(_) => {
-                            metrics::SLOW_CONSUMERS.inc();
+                            closers.metrics.slow_consumers.inc();
                             break Some((close::SLOW_CONSUMER, "slow consumer"));
                         }
                     }

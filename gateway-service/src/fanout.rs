@@ -1,5 +1,6 @@
 //! One subscription per gateway node to every room's events: messages go to
-//! the member connections held here, joins subscribe the member's connections.
+//! the member connections held here, joins subscribe the member's
+//! connections, leaves unsubscribe them.
 
 use std::sync::Arc;
 
@@ -10,8 +11,8 @@ use unhidra_bus::Message;
 use unhidra_core::{
     events::{MembershipChanged, RoomMessage},
     protocol::ServerFrame,
+    subjects::RoomEventKind,
 };
-use unhidra_telemetry::metrics;
 
 use crate::Gateway;
 
@@ -40,36 +41,51 @@ pub async fn spawn(gateway: Arc<Gateway>) -> anyhow::Result<JoinHandle<()>> {
 }
 
 fn dispatch(gateway: &Gateway, event: &Message) {
-    match event.subject.rsplit('.').next() {
-        Some("messages") => match serde_json::from_slice::<RoomMessage>(&event.payload) {
-            Ok(m) => {
-                let frame = ServerFrame::Message {
-                    room: m.room,
-                    seq: m.seq,
-                    message_id: m.message_id,
-                    sender: m.sender,
-                    body: m.body,
-                    sent_at: m.sent_at,
-                };
-                match serde_json::to_string(&frame) {
-                    Ok(text) => {
-                        let delivered = gateway.registry.deliver(m.room, &Utf8Bytes::from(text));
-                        metrics::MESSAGES_DELIVERED.inc_by(delivered as u64);
-                    }
-                    Err(e) => tracing::error!(error = %e, "message frame not serialisable"),
-                }
+    let Some((room, kind)) = gateway.ctx.subjects.parse_room_event(&event.subject) else {
+        tracing::debug!(subject = %event.subject, "not a room event; ignored");
+        return;
+    };
+    match kind {
+        RoomEventKind::Messages => match serde_json::from_slice::<RoomMessage>(&event.payload) {
+            Ok(m) if m.room == room => deliver(gateway, m),
+            Ok(_) => {
+                tracing::warn!(subject = %event.subject, "room message on another room's subject")
             }
             Err(e) => {
                 tracing::warn!(subject = %event.subject, error = %e, "undecodable room message")
             }
         },
-        Some("members") => match serde_json::from_slice::<MembershipChanged>(&event.payload) {
-            Ok(change) if change.joined => gateway.registry.user_joined(change.user, change.room),
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(subject = %event.subject, error = %e, "undecodable membership change")
+        RoomEventKind::Members => {
+            match serde_json::from_slice::<MembershipChanged>(&event.payload) {
+                Ok(change) if change.room != room => {
+                    tracing::warn!(subject = %event.subject, "membership change on another room's subject")
+                }
+                Ok(change) if change.joined => gateway.registry.user_joined(change.user, room),
+                Ok(change) => gateway.registry.user_left(change.user, room),
+                Err(e) => {
+                    tracing::warn!(subject = %event.subject, error = %e, "undecodable membership change")
+                }
             }
-        },
-        _ => {}
+        }
+    }
+}
+
+fn deliver(gateway: &Gateway, m: RoomMessage) {
+    let room = m.room;
+    let frame = ServerFrame::Message {
+        room,
+        seq: m.seq,
+        message_id: m.message_id,
+        sender: m.sender,
+        body: m.body,
+        sent_at: m.sent_at,
+    };
+    match serde_json::to_string(&frame) {
+        Ok(text) => {
+            let fanout = gateway.registry.deliver(room, &Utf8Bytes::from(text));
+            gateway.metrics.delivered.inc_by(fanout.delivered);
+            gateway.metrics.slow_consumers.inc_by(fanout.cut_off);
+        }
+        Err(e) => tracing::error!(error = %e, "message frame not serialisable"),
     }
 }

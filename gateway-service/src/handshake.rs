@@ -12,12 +12,11 @@ use axum::{
     http::{HeaderMap, header},
     response::{IntoResponse, Response},
 };
-use unhidra_authn::bearer_token;
 use unhidra_core::{
-    ApiError,
     error::ErrorBody,
     protocol::{BEARER_PROTOCOL_PREFIX, SUBPROTOCOL},
 };
+use unhidra_runtime::{ApiError, bearer_token};
 
 use crate::{Gateway, connection};
 
@@ -42,7 +41,7 @@ pub async fn upgrade(
         Ok(auth) => auth,
         Err(e) => {
             tracing::info!(code = e.code(), "WebSocket refused: token rejected");
-            return e.into_response();
+            return ApiError::from(e).into_response();
         }
     };
     let upgrade = match upgrade {

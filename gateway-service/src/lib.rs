@@ -8,6 +8,7 @@
 mod connection;
 mod fanout;
 mod handshake;
+mod metrics;
 mod registry;
 
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use tokio::net::TcpListener;
 use unhidra_core::Config;
 use unhidra_runtime::{Service, ServiceContext};
 
-use crate::registry::Registry;
+use crate::{metrics::GatewayMetrics, registry::Registry};
 
 pub const NAME: &str = "gateway-service";
 pub const DEFAULT_PORT: u16 = 9000;
@@ -26,12 +27,14 @@ pub const DEFAULT_PORT: u16 = 9000;
 struct Gateway {
     ctx: ServiceContext,
     registry: Registry,
+    metrics: GatewayMetrics,
 }
 
 /// Subscribes to room events and serves `/ws`.
 pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
     let gateway = Arc::new(Gateway {
         registry: Registry::default(),
+        metrics: GatewayMetrics::register(&ctx.metrics)?,
         ctx,
     });
     let fanout = fanout::spawn(Arc::clone(&gateway)).await?;

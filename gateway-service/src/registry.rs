@@ -12,7 +12,6 @@ use dashmap::DashMap;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
 use unhidra_core::ids::{RoomId, UserId};
-use unhidra_telemetry::metrics;
 
 pub type ConnId = u64;
 
@@ -35,6 +34,15 @@ struct Conn {
     user: UserId,
     handle: Handle,
     rooms: HashSet<RoomId>,
+}
+
+/// What one delivery did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fanout {
+    /// Connections the frame was queued on.
+    pub delivered: u64,
+    /// Connections cut off as slow consumers instead.
+    pub cut_off: u64,
 }
 
 #[derive(Default)]
@@ -82,16 +90,35 @@ impl Registry {
         }
     }
 
-    /// Subscribes every connection of `user` to `room`.
-    pub fn user_joined(&self, user: UserId, room: RoomId) {
-        let ids: Vec<ConnId> = self
-            .by_user
+    fn connections_of(&self, user: UserId) -> Vec<ConnId> {
+        self.by_user
             .get(&user)
             .map(|ids| ids.iter().copied().collect())
-            .unwrap_or_default();
-        for id in ids {
+            .unwrap_or_default()
+    }
+
+    /// Subscribes every connection of `user` to `room`.
+    pub fn user_joined(&self, user: UserId, room: RoomId) {
+        for id in self.connections_of(user) {
             self.add_rooms(id, &[room]);
         }
+    }
+
+    /// Unsubscribes every connection of `user` from `room`: the next event of
+    /// the room reaches none of them.
+    pub fn user_left(&self, user: UserId, room: RoomId) {
+        let ids = self.connections_of(user);
+        for id in &ids {
+            if let Some(mut conn) = self.conns.get_mut(id) {
+                conn.rooms.remove(&room);
+            }
+        }
+        self.by_room.remove_if_mut(&room, |_, members| {
+            for id in &ids {
+                members.remove(id);
+            }
+            members.is_empty()
+        });
     }
 
     pub fn unregister(&self, id: ConnId) {
@@ -111,28 +138,28 @@ impl Registry {
     }
 
     /// Queues `frame` on every connection in `room`; a connection whose queue
-    /// is full is cut off as a slow consumer. Returns how many got it.
-    pub fn deliver(&self, room: RoomId, frame: &Utf8Bytes) -> usize {
+    /// is full is cut off as a slow consumer.
+    pub fn deliver(&self, room: RoomId, frame: &Utf8Bytes) -> Fanout {
+        let mut fanout = Fanout::default();
         let Some(mut members) = self.by_room.get_mut(&room) else {
-            return 0;
+            return fanout;
         };
-        let mut delivered = 0;
         members.retain(|id, handle| {
             match handle.outbound.try_send(Outbound::Frame(frame.clone())) {
                 Ok(()) => {
-                    delivered += 1;
+                    fanout.delivered += 1;
                     true
                 }
                 Err(TrySendError::Full(_)) => {
                     tracing::warn!(conn = id, %room, "outbound queue full; closing slow consumer");
-                    metrics::SLOW_CONSUMERS.inc();
+                    fanout.cut_off += 1;
                     handle.slow.cancel();
                     false
                 }
                 Err(TrySendError::Closed(_)) => false,
             }
         });
-        delivered
+        fanout
     }
 }
 
@@ -142,6 +169,10 @@ mod tests {
 
     fn frame(s: &str) -> Utf8Bytes {
         Utf8Bytes::from(s.to_owned())
+    }
+
+    fn delivered(fanout: Fanout) -> u64 {
+        fanout.delivered
     }
 
     #[test]
@@ -155,15 +186,24 @@ mod tests {
         registry.register(bob, tx_b1, CancellationToken::new());
         registry.register(bob, tx_b2, CancellationToken::new());
         registry.add_rooms(a, &[room]);
-        assert_eq!(registry.deliver(room, &frame("one")), 1);
+        assert_eq!(delivered(registry.deliver(room, &frame("one"))), 1);
         registry.user_joined(bob, room);
-        assert_eq!(registry.deliver(room, &frame("two")), 3);
+        assert_eq!(delivered(registry.deliver(room, &frame("two"))), 3);
         assert!(matches!(rx_a.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "one"));
         assert!(matches!(rx_b1.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "two"));
         assert!(matches!(rx_b2.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "two"));
 
         registry.unregister(a);
-        assert_eq!(registry.deliver(room, &frame("three")), 2);
+        assert_eq!(delivered(registry.deliver(room, &frame("three"))), 2);
+
+        // Leaving applies to every connection of the user, and only the room left.
+        let other = RoomId::new();
+        registry.user_joined(bob, other);
+        registry.user_left(bob, room);
+        assert_eq!(delivered(registry.deliver(room, &frame("four"))), 0);
+        assert_eq!(delivered(registry.deliver(other, &frame("five"))), 2);
+        assert!(matches!(rx_b1.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "three"));
+        assert!(matches!(rx_b1.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "five"));
     }
 
     #[test]
@@ -174,10 +214,16 @@ mod tests {
         let slow = CancellationToken::new();
         let id = registry.register(user, tx, slow.clone());
         registry.add_rooms(id, &[room]);
-        assert_eq!(registry.deliver(room, &frame("fits")), 1);
+        assert_eq!(delivered(registry.deliver(room, &frame("fits"))), 1);
         assert!(!slow.is_cancelled());
-        assert_eq!(registry.deliver(room, &frame("overflows")), 0);
+        assert_eq!(
+            registry.deliver(room, &frame("overflows")),
+            Fanout {
+                delivered: 0,
+                cut_off: 1
+            }
+        );
         assert!(slow.is_cancelled());
-        assert_eq!(registry.deliver(room, &frame("after")), 0);
+        assert_eq!(delivered(registry.deliver(room, &frame("after"))), 0);
     }
 }

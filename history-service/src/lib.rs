@@ -3,13 +3,15 @@
 //! `message_id`), and members read a room's history page by page.
 
 mod pages;
-mod recorder;
+mod repo;
 
 use axum::{Router, routing::get};
 use tokio::net::TcpListener;
-use unhidra_core::Config;
-use unhidra_runtime::{Service, ServiceContext, consumer};
+use unhidra_core::{Config, events::RoomMessage};
+use unhidra_runtime::{ApiState, Service, ServiceContext, recorder};
 use unhidra_store::{Database, Migration};
+
+use crate::repo::HistoryRepo;
 
 pub const NAME: &str = "history-service";
 pub const DEFAULT_PORT: u16 = 9400;
@@ -20,22 +22,37 @@ const MIGRATIONS: &[Migration] = &[Migration {
     sql: include_str!("../migrations/0001_messages.sql"),
 }];
 
-type HistoryState = unhidra_runtime::ApiState;
+type HistoryState = ApiState<HistoryRepo>;
 
 /// Migrates and starts the durable consumer of the rooms stream.
 pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service> {
     db.migrate(NAME, MIGRATIONS).await?;
     ctx.bus.ensure_stream(&ctx.subjects.rooms_stream()).await?;
+    let history = HistoryRepo::new(db.clone());
+    let stored = ctx.metrics.counter(
+        "unhidra_history_messages_stored_total",
+        "Room messages committed to history (duplicates excluded).",
+    )?;
+    let recorder = {
+        let history = history.clone();
+        recorder::spawn_recorder(
+            &ctx,
+            ctx.subjects.history_consumer(),
+            stored,
+            move |event: RoomMessage| {
+                let history = history.clone();
+                async move {
+                    let inserted = history.insert(&event).await?;
+                    tracing::debug!(room_id = %event.room, seq = event.seq, message_id = %event.message_id, inserted, "message stored");
+                    Ok(inserted)
+                }
+            },
+        )
+        .await?
+    };
     let state = HistoryState {
         ctx: ctx.clone(),
-        db: db.clone(),
-    };
-    let recorder = {
-        let db = db.clone();
-        consumer::spawn_consumer(&ctx, ctx.subjects.history_consumer(), move |delivery| {
-            recorder::handle(db.clone(), delivery)
-        })
-        .await?
+        service: history,
     };
     let router = Router::new()
         .route("/api/v1/rooms/{room_id}/messages", get(pages::messages))

@@ -5,17 +5,15 @@ use axum::{
     Json,
     extract::{Path, Query, State, rejection::QueryRejection},
 };
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use unhidra_authn::CurrentUser;
 use unhidra_core::{
-    ApiError,
-    events::{MembershipRequest, SCHEMA_VERSION},
-    ids::{MessageId, RoomId, UserId},
+    events::SCHEMA_VERSION,
+    ids::RoomId,
+    rpc::{Membership, MembershipRequest},
 };
-use unhidra_runtime::rpc;
+use unhidra_runtime::{ApiError, CurrentUser};
 
-use crate::HistoryState;
+use crate::{HistoryState, repo::StoredMessage};
 
 const DEFAULT_LIMIT: i64 = 50;
 const MAX_LIMIT: i64 = 200;
@@ -25,15 +23,6 @@ pub struct PageQuery {
     /// Only messages with a smaller sequence number.
     before: Option<i64>,
     limit: Option<i64>,
-}
-
-#[derive(Serialize)]
-pub struct StoredMessage {
-    seq: u64,
-    message_id: MessageId,
-    sender: UserId,
-    body: String,
-    sent_at: DateTime<Utc>,
 }
 
 #[derive(Serialize)]
@@ -66,30 +55,7 @@ pub async fn messages(
         room,
         user: me.user,
     };
-    rpc::call::<_, serde_json::Value>(&state.ctx, &state.ctx.subjects.chat_membership(), &request)
-        .await?;
-
-    let rows: Vec<(i64, String, String, String, i64)> = sqlx::query_as(
-        "SELECT seq, message_id, sender, body, sent_at FROM messages
-         WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
-    )
-    .bind(room.to_string())
-    .bind(before)
-    .bind(limit)
-    .fetch_all(&state.db.pool)
-    .await
-    .map_err(anyhow::Error::from)?;
-    let messages = rows
-        .into_iter()
-        .map(|(seq, message_id, sender, body, sent_at)| {
-            Ok(StoredMessage {
-                seq: u64::try_from(seq)?,
-                message_id: message_id.parse()?,
-                sender: sender.parse()?,
-                body,
-                sent_at: DateTime::from_timestamp_millis(sent_at).unwrap_or_default(),
-            })
-        })
-        .collect::<anyhow::Result<_>>()?;
+    state.ctx.rpc.call::<Membership>(&request).await?;
+    let messages = state.service.page(room, before, limit).await?;
     Ok(Json(Page { messages }))
 }

@@ -1,26 +1,23 @@
 //! Access-token verification for every service that accepts tokens: the JWKS is
 //! fetched from auth-api over the bus, cached, and refetched when a token names
 //! an unknown `kid` (at most every few seconds), so verifying a token costs no
-//! database or network round trip.
+//! database or network round trip. No HTTP here: the extractor and the
+//! mapping of [`TokenError`] onto responses live in `unhidra-runtime`.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, RwLock},
+    sync::RwLock,
     time::{Duration, Instant},
 };
 
-use axum::{
-    extract::{FromRef, FromRequestParts},
-    http::{HeaderMap, header::AUTHORIZATION, request::Parts},
-};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
-use unhidra_bus::{Bus, Headers};
+use unhidra_bus::RpcClient;
 use unhidra_core::{
-    ApiError, Config,
-    events::{JwksRequest, RpcReply, SCHEMA_VERSION},
+    Config,
+    events::SCHEMA_VERSION,
     ids::{SessionId, UserId},
-    subjects::Subjects,
-    token::{AccessClaims, Jwks},
+    rpc::{AuthJwks, JwksRequest, RpcError},
+    token::{AccessClaims, JWT_ALG},
 };
 
 /// How often an unknown `kid` may trigger a JWKS refetch.
@@ -35,11 +32,36 @@ pub struct Authenticated {
     pub expires_at: i64,
 }
 
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Malformed, wrongly signed, for another issuer or audience, or naming
+    /// an unknown key; the message says which, without internals.
+    #[error("{0}")]
+    Invalid(&'static str),
+    /// Well-formed and signed, but past its expiry.
+    #[error("token expired")]
+    Expired,
+    /// The signing keys could not be fetched from auth-api.
+    #[error("signing keys unavailable")]
+    KeysUnavailable(RpcError),
+}
+
+impl TokenError {
+    /// The stable code clients see (`invalid_token`, `token_expired`,
+    /// `unavailable`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Invalid(_) => "invalid_token",
+            Self::Expired => "token_expired",
+            Self::KeysUnavailable(e) => e.code.as_str(),
+        }
+    }
+}
+
 /// Verifies access tokens against auth-api's signing keys.
 pub struct TokenVerifier {
-    bus: Arc<dyn Bus>,
-    jwks_subject: String,
-    timeout: Duration,
+    rpc: RpcClient,
     validation: Validation,
     keys: RwLock<HashMap<String, DecodingKey>>,
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
@@ -51,24 +73,17 @@ impl std::fmt::Debug for TokenVerifier {
     }
 }
 
-fn refuse(code: &'static str, message: &str) -> ApiError {
-    ApiError::Unauthenticated {
-        code,
-        message: message.to_owned(),
-    }
-}
-
 impl TokenVerifier {
-    pub fn new(config: &Config, bus: Arc<dyn Bus>, subjects: &Subjects) -> Self {
+    /// A verifier for the issuer and audience `config` names, fetching keys
+    /// through `rpc`.
+    pub fn new(config: &Config, rpc: RpcClient) -> Self {
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[&config.token_issuer]);
         validation.set_audience(&[&config.token_audience]);
         validation.set_required_spec_claims(&["exp", "iat", "sub", "iss", "aud"]);
         validation.leeway = 30;
         Self {
-            bus,
-            jwks_subject: subjects.auth_jwks(),
-            timeout: config.bus_timeout(),
+            rpc,
             validation,
             keys: RwLock::new(HashMap::new()),
             last_fetch: tokio::sync::Mutex::new(None),
@@ -76,31 +91,31 @@ impl TokenVerifier {
     }
 
     /// Checks signature, algorithm, issuer, audience and expiry.
-    pub async fn verify(&self, token: &str) -> Result<Authenticated, ApiError> {
+    pub async fn verify(&self, token: &str) -> Result<Authenticated, TokenError> {
         let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| refuse("invalid_token", "malformed token"))?;
+            .map_err(|_| TokenError::Invalid("malformed token"))?;
         if header.alg != Algorithm::EdDSA {
-            return Err(refuse("invalid_token", "unsupported token algorithm"));
+            return Err(TokenError::Invalid("unsupported token algorithm"));
         }
         let kid = header
             .kid
-            .ok_or_else(|| refuse("invalid_token", "token names no signing key"))?;
+            .ok_or(TokenError::Invalid("token names no signing key"))?;
         let key = self.key(&kid).await?;
         let data = jsonwebtoken::decode::<AccessClaims>(token, &key, &self.validation).map_err(
             |e| match e.kind() {
-                ErrorKind::ExpiredSignature => refuse("token_expired", "token expired"),
-                _ => refuse("invalid_token", "token rejected"),
+                ErrorKind::ExpiredSignature => TokenError::Expired,
+                _ => TokenError::Invalid("token rejected"),
             },
         )?;
         let claims = data.claims;
         let user = claims
             .sub
             .parse()
-            .map_err(|_| refuse("invalid_token", "token subject is not a user id"))?;
+            .map_err(|_| TokenError::Invalid("token subject is not a user id"))?;
         let session = claims
             .sid
             .parse()
-            .map_err(|_| refuse("invalid_token", "token session is not a session id"))?;
+            .map_err(|_| TokenError::Invalid("token session is not a session id"))?;
         Ok(Authenticated {
             user,
             session,
@@ -116,7 +131,7 @@ impl TokenVerifier {
             .cloned()
     }
 
-    async fn key(&self, kid: &str) -> Result<DecodingKey, ApiError> {
+    async fn key(&self, kid: &str) -> Result<DecodingKey, TokenError> {
         if let Some(key) = self.cached(kid) {
             return Ok(key);
         }
@@ -126,71 +141,22 @@ impl TokenVerifier {
             return Ok(key);
         }
         if last_fetch.is_some_and(|at| at.elapsed() < MIN_REFETCH_INTERVAL) {
-            return Err(refuse("invalid_token", "unknown signing key"));
+            return Err(TokenError::Invalid("unknown signing key"));
         }
-        let jwks = self.fetch().await?;
+        let jwks = self
+            .rpc
+            .call::<AuthJwks>(&JwksRequest { v: SCHEMA_VERSION })
+            .await
+            .map_err(TokenError::KeysUnavailable)?;
         *last_fetch = Some(Instant::now());
         let keys: HashMap<String, DecodingKey> = jwks
             .keys
             .iter()
-            .filter(|k| k.alg == "EdDSA" && k.kty == "OKP" && k.crv == "Ed25519")
+            .filter(|k| k.alg == JWT_ALG && k.kty == "OKP" && k.crv == "Ed25519")
             .filter_map(|k| Some((k.kid.clone(), DecodingKey::from_ed_components(&k.x).ok()?)))
             .collect();
         let found = keys.get(kid).cloned();
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
-        found.ok_or_else(|| refuse("invalid_token", "unknown signing key"))
-    }
-
-    async fn fetch(&self) -> Result<Jwks, ApiError> {
-        let request = serde_json::to_vec(&JwksRequest { v: SCHEMA_VERSION })
-            .map_err(|e| ApiError::Unexpected(e.into()))?;
-        let reply = self
-            .bus
-            .request(
-                &self.jwks_subject,
-                Headers::new(),
-                request.into(),
-                self.timeout,
-            )
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("signing keys unavailable: {e}")))?;
-        match serde_json::from_slice::<RpcReply<Jwks>>(&reply.payload) {
-            Ok(RpcReply::Ok(jwks)) => Ok(jwks),
-            Ok(RpcReply::Err(e)) => Err(e.into()),
-            Err(e) => Err(ApiError::Unexpected(anyhow::anyhow!(
-                "malformed JWKS reply: {e}"
-            ))),
-        }
-    }
-}
-
-/// The bearer token of an `Authorization` header, if any.
-pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
-}
-
-/// Extractor for handlers that need an authenticated user (401 otherwise).
-#[derive(Debug, Clone, Copy)]
-pub struct CurrentUser(pub Authenticated);
-
-impl<S> FromRequestParts<S> for CurrentUser
-where
-    Arc<TokenVerifier>: FromRef<S>,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let token = bearer_token(&parts.headers)
-            .ok_or_else(|| ApiError::unauthenticated("missing bearer token"))?;
-        Arc::<TokenVerifier>::from_ref(state)
-            .verify(token)
-            .await
-            .map(CurrentUser)
+        found.ok_or(TokenError::Invalid("unknown signing key"))
     }
 }

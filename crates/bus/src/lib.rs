@@ -2,9 +2,11 @@
 //! two implementations, [`NatsBus`] (NATS core + JetStream, for the scaled-out
 //! deployment) and [`MemoryBus`] (in-process, for the embedded default). The
 //! conformance suite in `tests/` holds both to the same behaviour.
+//! [`RpcClient`] calls the typed request/reply contracts of `unhidra-core`.
 
 mod memory;
 mod nats;
+mod rpc;
 mod subject;
 
 use std::{collections::BTreeMap, fmt, time::Duration};
@@ -15,7 +17,9 @@ use futures::stream::BoxStream;
 
 pub use memory::MemoryBus;
 pub use nats::NatsBus;
+pub use rpc::RpcClient;
 pub use subject::matches;
+use unhidra_core::streams::{ConsumerSpec, StreamSpec};
 
 /// Message headers (trace context, request id, schema version...).
 pub type Headers = BTreeMap<String, String>;
@@ -28,31 +32,6 @@ pub struct Message {
     pub payload: Bytes,
     /// Where to send the answer, for a request.
     pub reply: Option<String>,
-}
-
-/// A stream persisting every message published on its subjects.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StreamSpec {
-    pub name: String,
-    pub subjects: Vec<String>,
-    /// Messages older than this are discarded.
-    pub max_age: Duration,
-    /// Publishes with the same message id within this window are stored once.
-    pub duplicate_window: Duration,
-}
-
-/// A durable consumer of a stream: its position survives restarts, and every
-/// message is redelivered until acknowledged.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConsumerSpec {
-    pub stream: String,
-    pub durable: String,
-    /// Only messages on subjects matching this pattern.
-    pub filter: Option<String>,
-    /// Unacknowledged deliveries are redelivered after this long.
-    pub ack_wait: Duration,
-    /// Give up on a message after this many deliveries; `None` never gives up.
-    pub max_deliver: Option<u32>,
 }
 
 /// Everything the bus can fail with.

@@ -21,9 +21,9 @@ use futures::{StreamExt, stream};
 use tokio::sync::{Notify, mpsc};
 
 use crate::{
-    Bus, BusError, ConsumerSpec, Deliveries, Delivery, Headers, Message, Result, Settle,
-    StreamSpec, Subscription, matches,
+    Bus, BusError, Deliveries, Delivery, Headers, Message, Result, Settle, Subscription, matches,
 };
+use unhidra_core::streams::{ConsumerSpec, StreamSpec};
 
 /// Messages buffered per subscription before new ones are dropped (as NATS does
 /// for a slow subscriber).

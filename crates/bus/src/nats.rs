@@ -11,10 +11,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use crate::{
-    Bus, BusError, ConsumerSpec, Deliveries, Delivery, Headers, Message, Result, Settle,
-    StreamSpec, Subscription,
-};
+use crate::{Bus, BusError, Deliveries, Delivery, Headers, Message, Result, Settle, Subscription};
+use unhidra_core::streams::{ConsumerSpec, StreamSpec};
 
 /// A [`Bus`] over a NATS server with JetStream enabled.
 #[derive(Clone, Debug)]

@@ -5,7 +5,8 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use unhidra_bus::{Bus, BusError, ConsumerSpec, Headers, MemoryBus, NatsBus, StreamSpec};
+use unhidra_bus::{Bus, BusError, Headers, MemoryBus, NatsBus};
+use unhidra_core::streams::{ConsumerSpec, StreamSpec};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 

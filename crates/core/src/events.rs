@@ -1,13 +1,13 @@
-//! Payloads that travel on the bus between services. Each carries the schema
-//! version `v`; events carry their idempotency key (`message_id`, `id`) which is
-//! also the JetStream `Nats-Msg-Id`.
+//! Events that travel on the bus between services. Each carries the schema
+//! version `v` and its idempotency key (`message_id`, `id`), which is also the
+//! JetStream `Nats-Msg-Id`. Request/reply payloads are in [`crate::rpc`].
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{AuditEventId, MessageId, RoomId, UserId};
 
-/// Schema version of every payload in this module.
+/// Schema version of every bus payload (events and requests).
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// A message accepted into a room (stream `rooms`).
@@ -22,7 +22,7 @@ pub struct RoomMessage {
     pub sent_at: DateTime<Utc>,
 }
 
-/// A user joined or left a room (core subject `membership.<user>`).
+/// A user joined or left a room (core subject `room.<room>.members`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MembershipChanged {
     pub v: u32,
@@ -77,66 +77,5 @@ impl AuditEvent {
             at: Utc::now(),
             detail: serde_json::Value::Null,
         }
-    }
-}
-
-/// Request `chat.send`: the gateway forwards a client's message.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SendRequest {
-    pub v: u32,
-    pub user: UserId,
-    pub room: RoomId,
-    pub body: String,
-}
-
-/// Reply to `chat.send`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SendAccepted {
-    pub seq: u64,
-    pub message_id: MessageId,
-}
-
-/// Request `chat.rooms_of`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RoomsOfRequest {
-    pub v: u32,
-    pub user: UserId,
-}
-
-/// Request `chat.membership`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MembershipRequest {
-    pub v: u32,
-    pub room: RoomId,
-    pub user: UserId,
-}
-
-/// Request `auth.jwks`: the public signing keys.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct JwksRequest {
-    pub v: u32,
-}
-
-/// Why a request was refused; `code` is one of the stable error codes.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RpcError {
-    pub code: String,
-    pub message: String,
-}
-
-/// Every reply on the bus: `{"ok": ...}` or `{"err": {"code", "message"}}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RpcReply<T> {
-    Ok(T),
-    Err(RpcError),
-}
-
-impl<T> RpcReply<T> {
-    pub fn err(code: &str, message: impl Into<String>) -> Self {
-        Self::Err(RpcError {
-            code: code.to_owned(),
-            message: message.into(),
-        })
     }
 }

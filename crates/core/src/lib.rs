@@ -1,14 +1,17 @@
-//! The shared vocabulary of Unhidra: ids, the API error and its JSON body, typed
-//! configuration, the client wire protocol, access-token claims, and the bus
-//! subjects and event payloads every service agrees on.
+//! The shared vocabulary of Unhidra: ids, room roles, the HTTP error body,
+//! typed configuration, the client wire protocol, access-token claims, the bus
+//! subjects, streams and event payloads, and the typed request/reply contracts
+//! every service agrees on. A leaf crate: serde-level dependencies only.
 
 pub mod config;
 pub mod error;
 pub mod events;
 pub mod ids;
 pub mod protocol;
+pub mod rooms;
+pub mod rpc;
+pub mod streams;
 pub mod subjects;
 pub mod token;
 
 pub use config::Config;
-pub use error::ApiError;

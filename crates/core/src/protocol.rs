@@ -97,19 +97,6 @@ pub enum ErrorCode {
     Internal,
 }
 
-impl ErrorCode {
-    /// Maps a bus reply code onto a frame code.
-    pub fn from_rpc(code: &str) -> Self {
-        match code {
-            "forbidden" => Self::Forbidden,
-            "not_found" => Self::NotFound,
-            "invalid_input" => Self::InvalidFrame,
-            "unavailable" => Self::Unavailable,
-            _ => Self::Internal,
-        }
-    }
-}
-
 /// A frame the gateway refuses, with the client id when one could be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrameError {

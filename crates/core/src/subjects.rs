@@ -1,11 +1,31 @@
-//! Every bus subject, stream and durable consumer name, in one place. All of them
-//! start with the configured prefix so deployments (and tests) can share a NATS.
+//! Every bus subject, stream and durable consumer name, in one place, and the
+//! parsing of a room subject back into its parts. All of them start with the
+//! configured prefix so deployments (and tests) can share a NATS.
 
 use std::time::Duration;
 
-use unhidra_bus::{ConsumerSpec, StreamSpec};
+use crate::{
+    ids::RoomId,
+    streams::{ConsumerSpec, StreamSpec},
+};
 
-use crate::ids::RoomId;
+/// What a room subject carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoomEventKind {
+    /// `RoomMessage` events (`<prefix>.room.<room>.messages`).
+    Messages,
+    /// `MembershipChanged` events (`<prefix>.room.<room>.members`).
+    Members,
+}
+
+impl RoomEventKind {
+    fn token(self) -> &'static str {
+        match self {
+            Self::Messages => "messages",
+            Self::Members => "members",
+        }
+    }
+}
 
 /// Subject and stream names under one prefix.
 #[derive(Debug, Clone)]
@@ -21,20 +41,37 @@ impl Subjects {
         }
     }
 
-    /// A room's message events (JetStream, stream `rooms`).
-    pub fn room_messages(&self, room: RoomId) -> String {
-        format!("{}.room.{room}.messages", self.prefix)
+    fn room_event(&self, room: &str, kind: RoomEventKind) -> String {
+        format!("{}.room.{room}.{}", self.prefix, kind.token())
     }
 
-    /// Every room's message events; what a gateway subscribes to.
+    /// A room's message events (JetStream, stream `rooms`).
+    pub fn room_messages(&self, room: RoomId) -> String {
+        self.room_event(&room.to_string(), RoomEventKind::Messages)
+    }
+
+    /// Every room's message events: what the rooms stream stores.
     pub fn all_room_messages(&self) -> String {
-        format!("{}.room.*.messages", self.prefix)
+        self.room_event("*", RoomEventKind::Messages)
     }
 
     /// A room's membership changes (core NATS, not stored): gateways add or
     /// drop the room for the member's connections.
     pub fn room_members(&self, room: RoomId) -> String {
-        format!("{}.room.{room}.members", self.prefix)
+        self.room_event(&room.to_string(), RoomEventKind::Members)
+    }
+
+    /// The room and kind of a subject built by [`Self::room_messages`] or
+    /// [`Self::room_members`]; `None` for any other subject.
+    pub fn parse_room_event(&self, subject: &str) -> Option<(RoomId, RoomEventKind)> {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".room.")?;
+        let (room, kind) = rest.split_once('.')?;
+        let kind = [RoomEventKind::Messages, RoomEventKind::Members]
+            .into_iter()
+            .find(|k| k.token() == kind)?;
+        Some((room.parse().ok()?, kind))
     }
 
     /// Messages and membership changes of every room, on one subscription so a
@@ -114,6 +151,35 @@ impl Subjects {
             filter: None,
             ack_wait: Duration::from_secs(30),
             max_deliver: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_subjects_parse_back_into_room_and_kind() {
+        let subjects = Subjects::new("p1");
+        let room = RoomId::new();
+        assert_eq!(
+            subjects.parse_room_event(&subjects.room_messages(room)),
+            Some((room, RoomEventKind::Messages))
+        );
+        assert_eq!(
+            subjects.parse_room_event(&subjects.room_members(room)),
+            Some((room, RoomEventKind::Members))
+        );
+        for foreign in [
+            format!("p2.room.{room}.messages"),
+            format!("p1.room.{room}.typing"),
+            format!("p1.room.{room}.messages.extra"),
+            "p1.room.not-a-uuid.messages".to_owned(),
+            "p1.audit.login_failed".to_owned(),
+            format!("p1x.room.{room}.messages"),
+        ] {
+            assert_eq!(subjects.parse_room_event(&foreign), None, "{foreign}");
         }
     }
 }

@@ -6,14 +6,41 @@
 use std::{future::Future, time::Duration};
 
 use futures::StreamExt;
+use prometheus::{IntCounterVec, IntGaugeVec};
 use tokio::task::JoinHandle;
-use unhidra_bus::{Bus, ConsumerSpec, Delivery};
-use unhidra_telemetry::{metrics, request_id};
+use unhidra_bus::{Bus, Delivery};
+use unhidra_core::streams::ConsumerSpec;
+use unhidra_telemetry::{metrics::Metrics, request_id};
 
 use crate::ServiceContext;
 
 const RESUME_DELAY: Duration = Duration::from_secs(1);
 const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Lag and redeliveries of every durable consumer of the process.
+#[derive(Clone, Debug)]
+pub struct ConsumerMetrics {
+    pending: IntGaugeVec,
+    redeliveries: IntCounterVec,
+}
+
+impl ConsumerMetrics {
+    pub fn register(metrics: &Metrics) -> anyhow::Result<Self> {
+        Ok(Self {
+            pending: metrics.gauge_vec(
+                "unhidra_consumer_pending_messages",
+                "Messages a durable consumer has not acknowledged yet (its lag).",
+                &["consumer"],
+            )?,
+            redeliveries: metrics.counter_vec(
+                "unhidra_consumer_redeliveries_total",
+                "Deliveries to a durable consumer that were not the first attempt.",
+                &["consumer"],
+                &[],
+            )?,
+        })
+    }
+}
 
 /// Creates (or resumes) the durable consumer `spec`, then hands deliveries to
 /// `handle` one at a time until shutdown. Creation errors are returned, so a
@@ -28,8 +55,9 @@ where
     Fut: Future<Output = ()> + Send,
 {
     let mut deliveries = ctx.bus.consume(&spec).await?;
+    let metrics = ctx.consumer_metrics.clone();
     // Exported from the start, at 0.
-    metrics::CONSUMER_REDELIVERIES.with_label_values(&[&spec.durable]);
+    metrics.redeliveries.with_label_values(&[&spec.durable]);
     let bus = ctx.bus.clone();
     let shutdown = ctx.shutdown.clone();
     Ok(tokio::spawn(async move {
@@ -39,7 +67,7 @@ where
             let next = tokio::select! {
                 () = shutdown.cancelled() => return,
                 _ = lag_sample.tick() => {
-                    sample_lag(bus.as_ref(), &spec).await;
+                    sample_lag(bus.as_ref(), &spec, &metrics.pending).await;
                     continue;
                 }
                 next = deliveries.next() => next,
@@ -47,7 +75,8 @@ where
             match next {
                 Some(Ok(delivery)) => {
                     if delivery.attempt > 1 {
-                        metrics::CONSUMER_REDELIVERIES
+                        metrics
+                            .redeliveries
                             .with_label_values(&[&spec.durable])
                             .inc();
                     }
@@ -78,26 +107,11 @@ where
     }))
 }
 
-async fn sample_lag(bus: &dyn Bus, spec: &ConsumerSpec) {
+async fn sample_lag(bus: &dyn Bus, spec: &ConsumerSpec, gauge: &IntGaugeVec) {
     match bus.consumer_pending(spec).await {
-        Ok(pending) => metrics::CONSUMER_PENDING
+        Ok(pending) => gauge
             .with_label_values(&[&spec.durable])
             .set(i64::try_from(pending).unwrap_or(i64::MAX)),
         Err(e) => tracing::debug!(consumer = %spec.durable, error = %e, "lag not sampled"),
-    }
-}
-
-/// Acknowledges, logging (not failing) when the ack is lost: the message then
-/// comes back and the idempotent handler absorbs it.
-pub async fn ack(delivery: Delivery) {
-    if let Err(e) = delivery.ack().await {
-        tracing::warn!(error = %e, "ack failed; the message will be redelivered");
-    }
-}
-
-/// Asks for redelivery after `delay`.
-pub async fn retry(delivery: Delivery, delay: Duration) {
-    if let Err(e) = delivery.nak(delay).await {
-        tracing::warn!(error = %e, "nak failed; the message will be redelivered after ack_wait");
     }
 }

@@ -9,18 +9,33 @@ use std::{
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use unhidra_bus::{
-    Bus, ConsumerSpec, Deliveries, Headers, Message, Result, StreamSpec, Subscription,
-};
-use unhidra_telemetry::{metrics, request_id};
+use prometheus::HistogramVec;
+use unhidra_bus::{Bus, Deliveries, Headers, Message, Result, Subscription};
+use unhidra_core::streams::{ConsumerSpec, StreamSpec};
+use unhidra_telemetry::{metrics::Metrics, request_id};
 
 pub struct InstrumentedBus {
     inner: Arc<dyn Bus>,
+    publish_duration: HistogramVec,
 }
 
 impl InstrumentedBus {
-    pub fn new(inner: Arc<dyn Bus>) -> Self {
-        Self { inner }
+    pub fn new(inner: Arc<dyn Bus>, metrics: &Metrics) -> anyhow::Result<Self> {
+        Ok(Self {
+            inner,
+            publish_duration: metrics.latency_vec(
+                "unhidra_bus_publish_duration_seconds",
+                "Bus publish latency: `core` publishes, `durable` until the stream stored it.",
+                &["kind"],
+                &[&["core"], &["durable"]],
+            )?,
+        })
+    }
+
+    fn observe(&self, kind: &str, started: Instant) {
+        self.publish_duration
+            .with_label_values(&[kind])
+            .observe(started.elapsed().as_secs_f64());
     }
 }
 
@@ -29,18 +44,12 @@ fn stamped(mut headers: Headers) -> Headers {
     headers
 }
 
-fn observe(kind: &str, started: Instant) {
-    metrics::BUS_PUBLISH_DURATION
-        .with_label_values(&[kind])
-        .observe(started.elapsed().as_secs_f64());
-}
-
 #[async_trait]
 impl Bus for InstrumentedBus {
     async fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<()> {
         let started = Instant::now();
         let result = self.inner.publish(subject, stamped(headers), payload).await;
-        observe("core", started);
+        self.observe("core", started);
         result
     }
 
@@ -56,7 +65,7 @@ impl Bus for InstrumentedBus {
             .inner
             .publish_durable(subject, msg_id, stamped(headers), payload)
             .await;
-        observe("durable", started);
+        self.observe("durable", started);
         result
     }
 

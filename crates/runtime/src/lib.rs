@@ -1,28 +1,36 @@
 //! What every Unhidra service process shares: connecting the bus and database
-//! the configuration names, request/reply plumbing, audit publishing, the
-//! `/healthz`, `/readyz` and `/metrics` routes, and serving until shutdown.
-//! A service is a [`Service`] built on a [`ServiceContext`]; the all-in-one
-//! binary serves several on one listener, each service binary serves its own.
+//! the configuration names, the process's metric registry, the HTTP glue (the
+//! API error type, the current-user extractor), request/reply responders,
+//! durable consumers and recorders, audit publishing, the `/healthz`,
+//! `/readyz` and `/metrics` routes, and serving until shutdown. A service is a
+//! [`Service`] built on a [`ServiceContext`]; the all-in-one binary serves
+//! several on one listener, each service binary serves its own.
 
 pub mod consumer;
+mod current_user;
+mod error;
+mod health;
 mod instrumented;
+pub mod recorder;
 pub mod rpc;
 
 use std::{future::Future, sync::Arc};
 
-use axum::{
-    Json, Router, extract::FromRef, http::StatusCode, response::IntoResponse, routing::get,
-};
+use axum::{Router, extract::FromRef};
 use secrecy::ExposeSecret;
-use serde_json::json;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use unhidra_authn::TokenVerifier;
-use unhidra_bus::{Bus, MemoryBus, NatsBus};
+use unhidra_bus::{Bus, MemoryBus, NatsBus, RpcClient};
 use unhidra_core::{Config, events::AuditEvent, subjects::Subjects};
 use unhidra_store::{Database, sqlite_url};
+use unhidra_telemetry::{http::HttpMetrics, metrics::Metrics};
 
-use crate::instrumented::InstrumentedBus;
+use crate::{consumer::ConsumerMetrics, instrumented::InstrumentedBus};
+pub use crate::{
+    current_user::{CurrentUser, bearer_token},
+    error::{ApiError, ApiJson},
+};
 
 /// One service, ready to serve: its routes, its database (for readiness) and
 /// its background tasks (which stop when the context's shutdown fires).
@@ -33,26 +41,34 @@ pub struct Service {
     pub tasks: Vec<JoinHandle<()>>,
 }
 
-/// The state of a service whose handlers need its database and may extract
-/// `unhidra_authn::CurrentUser`.
+/// The state of a service whose handlers may extract [`CurrentUser`]: the
+/// context and the service's own part (its repositories, its metrics).
 #[derive(Clone)]
-pub struct ApiState {
+pub struct ApiState<S> {
     pub ctx: ServiceContext,
-    pub db: Database,
+    pub service: S,
 }
 
-impl FromRef<ApiState> for Arc<TokenVerifier> {
-    fn from_ref(state: &ApiState) -> Self {
+impl<S> FromRef<ApiState<S>> for Arc<TokenVerifier> {
+    fn from_ref(state: &ApiState<S>) -> Self {
         Arc::clone(&state.ctx.verifier)
     }
 }
 
-/// Configuration, bus and shutdown signal, shared by the services of a process.
+/// Configuration, bus, metrics and shutdown signal, shared by the services of
+/// a process.
 #[derive(Clone)]
 pub struct ServiceContext {
     pub config: Arc<Config>,
     pub bus: Arc<dyn Bus>,
+    /// Calls to other services' request/reply contracts.
+    pub rpc: RpcClient,
     pub subjects: Subjects,
+    /// The process's registry: each service registers its own metrics here
+    /// when it is built; `/metrics` renders it.
+    pub metrics: Metrics,
+    consumer_metrics: ConsumerMetrics,
+    http_metrics: HttpMetrics,
     pub shutdown: CancellationToken,
     /// Work that shutdown waits for besides the background tasks: WebSocket
     /// connections and requests being answered.
@@ -71,7 +87,8 @@ impl ServiceContext {
             Some(url) => Arc::new(NatsBus::connect(url.expose_secret()).await?),
             None => Arc::new(MemoryBus::new()),
         };
-        let bus: Arc<dyn Bus> = Arc::new(InstrumentedBus::new(bus));
+        let metrics = Metrics::new()?;
+        let bus: Arc<dyn Bus> = Arc::new(InstrumentedBus::new(bus, &metrics)?);
         let token = CancellationToken::new();
         let trigger = token.clone();
         tokio::spawn(async move {
@@ -79,9 +96,14 @@ impl ServiceContext {
             trigger.cancel();
         });
         let subjects = Subjects::new(&config.bus_prefix);
+        let rpc = RpcClient::new(Arc::clone(&bus), subjects.clone(), config.bus_timeout());
         Ok(Self {
-            verifier: Arc::new(TokenVerifier::new(&config, Arc::clone(&bus), &subjects)),
+            verifier: Arc::new(TokenVerifier::new(&config, rpc.clone())),
+            rpc,
             subjects,
+            consumer_metrics: ConsumerMetrics::register(&metrics)?,
+            http_metrics: HttpMetrics::register(&metrics)?,
+            metrics,
             config: Arc::new(config),
             bus,
             shutdown: token,
@@ -89,13 +111,16 @@ impl ServiceContext {
         })
     }
 
-    /// The service's database: `database_url`, else its own SQLite file.
+    /// The service's database (`database_url`, else its own SQLite file),
+    /// whose pool reports its connections in `/metrics`.
     pub async fn open_database(&self, service: &str) -> anyhow::Result<Database> {
         let url = match &self.config.database_url {
             Some(url) => url.expose_secret().to_owned(),
             None => sqlite_url(&self.config.data_dir, service),
         };
-        Database::connect(&url, self.config.database_max_connections).await
+        let db = Database::connect(&url, self.config.database_max_connections).await?;
+        self.metrics.register(db.pool_collector(service)?)?;
+        Ok(db)
     }
 
     /// Records a security event; a failure is logged, never shown to the user.
@@ -133,8 +158,15 @@ impl ServiceContext {
             tasks.extend(service.tasks);
         }
         let router = router
-            .merge(health_routes(Arc::clone(&self.bus), Arc::new(databases)))
-            .layer(axum::middleware::from_fn(unhidra_telemetry::http::track));
+            .merge(health::routes(
+                Arc::clone(&self.bus),
+                databases,
+                self.metrics.clone(),
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                self.http_metrics.clone(),
+                unhidra_telemetry::http::track,
+            ));
         tracing::info!(address = %listener.local_addr()?, "listening");
         let shutdown = self.shutdown.clone();
         let server = axum::serve(listener, router)
@@ -166,56 +198,6 @@ impl ServiceContext {
             }
         }
     }
-}
-
-fn health_routes(bus: Arc<dyn Bus>, databases: Arc<Vec<(&'static str, Database)>>) -> Router {
-    let pool_databases = Arc::clone(&databases);
-    Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route(
-            "/readyz",
-            get(move || {
-                let bus = Arc::clone(&bus);
-                let databases = Arc::clone(&databases);
-                async move {
-                    let mut checks = serde_json::Map::new();
-                    let mut ready = bus.healthy().await;
-                    checks.insert("bus".into(), json!(if ready { "ok" } else { "unreachable" }));
-                    for (service, db) in databases.iter() {
-                        let ok = db.ping().await;
-                        ready &= ok;
-                        checks.insert(
-                            format!("database:{service}"),
-                            json!(if ok { "ok" } else { "unreachable" }),
-                        );
-                    }
-                    let status = if ready {
-                        StatusCode::OK
-                    } else {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    };
-                    let body = json!({"status": if ready { "ready" } else { "not_ready" }, "checks": checks});
-                    (status, Json(body))
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(move || async move {
-                for (service, db) in pool_databases.iter() {
-                    let idle = i64::from(u32::try_from(db.pool.num_idle()).unwrap_or(u32::MAX));
-                    let size = i64::from(db.pool.size());
-                    let gauge = &unhidra_telemetry::metrics::DB_POOL_CONNECTIONS;
-                    gauge.with_label_values(&[service, "idle"]).set(idle);
-                    gauge.with_label_values(&[service, "in_use"]).set(size - idle);
-                }
-                (
-                    [("content-type", "text/plain; version=0.0.4")],
-                    unhidra_telemetry::metrics::render(),
-                )
-                    .into_response()
-            }),
-        )
 }
 
 /// Runs one database-backed service alone on `listener` until `shutdown`

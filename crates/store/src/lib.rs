@@ -1,7 +1,11 @@
 //! Database access shared by the services: sqlx `Any` pools over SQLite (the
 //! embedded default) or Postgres, and per-service migrations applied at start.
 //! Services write one SQL dialect that both accept (TEXT ids, BIGINT times in
-//! Unix milliseconds, `$n` parameters, `ON CONFLICT`, `RETURNING`).
+//! Unix milliseconds, `$n` parameters, `ON CONFLICT`, `RETURNING`); each
+//! service keeps that SQL in its repositories, one small type per aggregate.
+//! A pool reports its own connection counts as a metric ([`PoolCollector`]).
+
+mod pool_metrics;
 
 use std::{path::Path, time::Duration};
 
@@ -30,6 +34,8 @@ impl Backend {
         }
     }
 }
+
+pub use pool_metrics::PoolCollector;
 
 /// A connection pool and the backend behind it.
 #[derive(Debug, Clone)]

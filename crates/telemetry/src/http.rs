@@ -5,15 +5,43 @@
 use std::{collections::BTreeMap, time::Instant};
 
 use axum::{
-    extract::{MatchedPath, Request},
+    extract::{MatchedPath, Request, State},
     http::{HeaderValue, Method},
     middleware::Next,
     response::Response,
 };
+use prometheus::{HistogramVec, IntCounterVec};
 
-use crate::{metrics, request_id};
+use crate::{metrics::Metrics, request_id};
 
-pub async fn track(request: Request, next: Next) -> Response {
+/// What the middleware counts.
+#[derive(Clone, Debug)]
+pub struct HttpMetrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+}
+
+impl HttpMetrics {
+    pub fn register(metrics: &Metrics) -> anyhow::Result<Self> {
+        Ok(Self {
+            requests: metrics.counter_vec(
+                "unhidra_http_requests_total",
+                "HTTP requests by route template, method and status.",
+                &["route", "method", "status"],
+                &[],
+            )?,
+            duration: metrics.latency_vec(
+                "unhidra_http_request_duration_seconds",
+                "HTTP request latency by route template and method.",
+                &["route", "method"],
+                &[],
+            )?,
+        })
+    }
+}
+
+/// The middleware; install with `axum::middleware::from_fn_with_state`.
+pub async fn track(State(metrics): State<HttpMetrics>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -48,10 +76,12 @@ pub async fn track(request: Request, next: Next) -> Response {
         response.headers_mut().insert(request_id::HEADER, value);
     }
     let status = response.status().as_u16().to_string();
-    metrics::HTTP_REQUESTS
+    metrics
+        .requests
         .with_label_values(&[&route, &method, &status])
         .inc();
-    metrics::HTTP_DURATION
+    metrics
+        .duration
         .with_label_values(&[&route, &method])
         .observe(started.elapsed().as_secs_f64());
     response

@@ -2,10 +2,12 @@
 //! (addresses from `UNHIDRA_TEST_NATS_URL` and `UNHIDRA_TEST_POSTGRES_URL`, with
 //! loopback defaults), and gives each test isolated data: its own database and
 //! its own bus prefix. Outside CI a missing server skips the test with a message
-//! saying why; with `CI=true` it fails the test.
+//! saying why; with `CI=true` it fails the test. [`on_each_database`] runs one
+//! repository suite on SQLite and on Postgres.
 
-use std::time::Duration;
+use std::{panic::AssertUnwindSafe, time::Duration};
 
+use futures::FutureExt;
 use sqlx::{Connection, Executor, PgConnection};
 
 /// Whether the suite runs under CI, where every service is required.
@@ -59,6 +61,7 @@ pub fn unique_prefix() -> String {
 #[derive(Debug)]
 pub struct TestDatabase {
     url: String,
+    backend: &'static str,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -67,12 +70,18 @@ impl TestDatabase {
         &self.url
     }
 
+    /// `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
     /// A fresh SQLite file in a temporary directory.
     pub async fn sqlite() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("test.db").display());
         Ok(Self {
             url,
+            backend: "sqlite",
             _dir: Some(dir),
         })
     }
@@ -120,9 +129,38 @@ impl TestDatabase {
             .map_or(admin.as_str(), |(base, _)| base);
         Ok(Some(Self {
             url: format!("{base}/{name}"),
+            backend: "postgres",
             _dir: None,
         }))
     }
+}
+
+/// Runs `suite` on a fresh SQLite database, then on a fresh Postgres database
+/// (skipped outside CI when Postgres does not answer). A failure, returned or
+/// panicked, names the backend it happened on.
+pub async fn on_each_database<F, Fut>(suite: F) -> anyhow::Result<()>
+where
+    F: Fn(TestDatabase) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let mut databases = vec![TestDatabase::sqlite().await?];
+    databases.extend(TestDatabase::postgres().await?);
+    for db in databases {
+        let backend = db.backend();
+        match AssertUnwindSafe(suite(db)).catch_unwind().await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.context(format!("on {backend}"))),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)");
+                panic!("on {backend}: {message}");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A TCP proxy in front of a server, which a test can cut (dropping every
@@ -210,4 +248,26 @@ pub fn host_port(url: &str) -> String {
         .next()
         .unwrap_or_default()
         .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    #[should_panic(expected = "on sqlite: assertion `left == right` failed: rows differ")]
+    async fn a_failed_assertion_names_the_backend() {
+        let _ = on_each_database(|db| async move {
+            assert_eq!(db.backend(), "postgres", "rows differ");
+            Ok(())
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_returned_error_names_the_backend() {
+        let outcome = on_each_database(|_| async { anyhow::bail!("no such table") }).await;
+        let message = outcome.err().map(|e| format!("{e:#}"));
+        assert_eq!(message.as_deref(), Some("on sqlite: no such table"));
+    }
 }

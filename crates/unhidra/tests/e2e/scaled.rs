@@ -206,3 +206,106 @@ async fn readyz_follows_postgres_and_nats_outages_without_a_restart() -> TestRes
     assert_eq!(status.as_u16(), 200);
     history.stop().await
 }
+
+#[tokio::test]
+async fn a_membership_change_with_joined_false_stops_the_room_at_once() -> TestResult {
+    use unhidra_bus::{Bus, Headers, NatsBus};
+    use unhidra_core::{
+        events::{MembershipChanged, RoomMessage, SCHEMA_VERSION},
+        ids::MessageId,
+        subjects::Subjects,
+    };
+
+    let Some(stack) = Scaled::start().await? else {
+        return Ok(());
+    };
+    let api = stack.api();
+    let alice = api.user("alice").await?;
+    let bob = api.user("bob").await?;
+    let room = api.create_room(&alice, "public").await?;
+    api.join(&bob, &room).await?;
+    let mut alice_ws = connect(&stack.gateway.ws(), &alice.token).await?;
+    let mut bob_ws = connect(&stack.gateway.ws(), &bob.token).await?;
+
+    // What chat-service will publish when bob leaves, published here on the
+    // same NATS under the stack's prefix. Each change is followed by a probe
+    // message from the same connection: once alice has the probe, the gateway
+    // has applied the change (one publisher's messages arrive in order).
+    let nats = NatsBus::connect(&unhidra_testkit::nats_url().await.ok_or("NATS")?).await?;
+    let subjects = Subjects::new(stack.config.bus_prefix.clone());
+    let (room_id, bob_id) = (room.parse()?, bob.id.parse()?);
+    let change_then_probe = async |joined: bool, probe: &str| -> Result<(), Error> {
+        let change = MembershipChanged {
+            v: SCHEMA_VERSION,
+            room: room_id,
+            user: bob_id,
+            joined,
+        };
+        let probe = RoomMessage {
+            v: SCHEMA_VERSION,
+            room: room_id,
+            seq: if joined { 1001 } else { 1000 },
+            message_id: MessageId::new(),
+            sender: alice.id.parse()?,
+            body: probe.to_owned(),
+            sent_at: chrono::Utc::now(),
+        };
+        let (members, messages) = (
+            subjects.room_members(room_id),
+            subjects.room_messages(room_id),
+        );
+        nats.publish(
+            &members,
+            Headers::new(),
+            serde_json::to_vec(&change)?.into(),
+        )
+        .await?;
+        nats.publish(
+            &messages,
+            Headers::new(),
+            serde_json::to_vec(&probe)?.into(),
+        )
+        .await?;
+        Ok(())
+    };
+    let next_message = async |ws: &mut Socket| -> Result<(Option<u64>, String), Error> {
+        let frame = next_of(ws, "message").await?;
+        Ok((frame["seq"].as_u64(), str_of(&frame, "body")?))
+    };
+
+    change_then_probe(false, "probe while out").await?;
+    assert_eq!(
+        next_message(&mut alice_ws).await?,
+        (Some(1000), "probe while out".into())
+    );
+    send(
+        &mut alice_ws,
+        json!({"type": "send", "id": "while-out", "room": room, "body": "not for bob"}),
+    )
+    .await?;
+    assert_eq!(
+        next_message(&mut alice_ws).await?,
+        (Some(1), "not for bob".into())
+    );
+
+    change_then_probe(true, "probe after rejoining").await?;
+    assert_eq!(
+        next_message(&mut alice_ws).await?,
+        (Some(1001), "probe after rejoining".into())
+    );
+    send(
+        &mut alice_ws,
+        json!({"type": "send", "id": "back", "room": room, "body": "for bob"}),
+    )
+    .await?;
+    // Bob's connection got nothing of the room while he was out.
+    assert_eq!(
+        next_message(&mut bob_ws).await?,
+        (Some(1001), "probe after rejoining".into())
+    );
+    assert_eq!(
+        next_message(&mut bob_ws).await?,
+        (Some(2), "for bob".into())
+    );
+    stack.stop().await
+}

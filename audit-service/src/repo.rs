@@ -1,0 +1,100 @@
+//! The audit log: security events, stored once each.
+
+use unhidra_core::events::AuditEvent;
+use unhidra_store::{Database, now_millis};
+
+#[derive(Clone, Debug)]
+pub struct AuditRepo {
+    db: Database,
+}
+
+impl AuditRepo {
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+
+    /// Appends an event; false when its id is already stored.
+    pub async fn insert(&self, event: &AuditEvent) -> anyhow::Result<bool> {
+        let result = sqlx::query(
+            "INSERT INTO audit_events (id, kind, actor, subject, detail, occurred_at, recorded_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        )
+        .bind(event.id.to_string())
+        .bind(event.kind.as_str())
+        .bind(event.actor.map(|a| a.to_string()))
+        .bind(event.subject.clone())
+        .bind(event.detail.to_string())
+        .bind(event.at.timestamp_millis())
+        .bind(now_millis())
+        .execute(&self.db.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+}
+
+#[cfg(test)]
+mod conformance {
+    //! One suite on SQLite and on Postgres.
+
+    use unhidra_core::{
+        events::{AuditEvent, AuditKind},
+        ids::UserId,
+    };
+    use unhidra_testkit::on_each_database;
+
+    use super::*;
+    use crate::{MIGRATIONS, NAME};
+
+    /// id, kind, actor, subject, detail, occurred_at.
+    type Row = (String, String, Option<String>, Option<String>, String, i64);
+
+    #[tokio::test]
+    async fn events_are_appended_once_with_every_field() -> anyhow::Result<()> {
+        on_each_database(|db| async move {
+            let database = Database::connect(db.url(), 2).await?;
+            database.migrate(NAME, MIGRATIONS).await?;
+            let audit = AuditRepo::new(database.clone());
+            let actor = UserId::new();
+            let mut failed = AuditEvent::new(
+                AuditKind::LoginFailed,
+                Some(actor),
+                Some("x'); DROP TABLE audit_events; --@example.com".into()),
+            );
+            failed.detail = serde_json::json!({"reason": "bad credentials"});
+            let created = AuditEvent::new(AuditKind::RoomCreated, None, None);
+            assert!(audit.insert(&failed).await?);
+            assert!(audit.insert(&created).await?);
+            assert!(!audit.insert(&failed).await?, "a redelivery is absorbed");
+
+            let rows: Vec<Row> = sqlx::query_as(
+                "SELECT id, kind, actor, subject, detail, occurred_at FROM audit_events
+                     ORDER BY kind",
+            )
+            .fetch_all(&database.pool)
+            .await?;
+            assert_eq!(
+                rows,
+                vec![
+                    (
+                        failed.id.to_string(),
+                        "login_failed".into(),
+                        Some(actor.to_string()),
+                        failed.subject.clone(),
+                        r#"{"reason":"bad credentials"}"#.into(),
+                        failed.at.timestamp_millis(),
+                    ),
+                    (
+                        created.id.to_string(),
+                        "room_created".into(),
+                        None,
+                        None,
+                        "null".into(),
+                        created.at.timestamp_millis(),
+                    ),
+                ]
+            );
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,125 @@
+//! Rooms over HTTP: create one (the creator becomes its owner), join a public
+//! one, list your own.
+
+mod repo;
+
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::StatusCode,
+};
+use serde::{Deserialize, Serialize};
+use unhidra_core::{
+    events::{AuditEvent, AuditKind},
+    ids::RoomId,
+    rooms::{Role, Visibility},
+};
+use unhidra_runtime::{ApiError, ApiJson, CurrentUser};
+
+pub use self::repo::{Refusal, Room, RoomRepo};
+use crate::{ChatState, membership::announce_join};
+
+const MAX_ROOM_NAME_CHARS: usize = 100;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRoom {
+    name: String,
+    visibility: Visibility,
+}
+
+#[derive(Serialize)]
+pub struct RoomView {
+    room_id: RoomId,
+    name: String,
+    visibility: Visibility,
+    role: Role,
+}
+
+impl RoomView {
+    fn of(room: Room, role: Role) -> Self {
+        Self {
+            room_id: room.id,
+            name: room.name,
+            visibility: room.visibility,
+            role,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct RoomList {
+    rooms: Vec<RoomView>,
+}
+
+fn no_such_room() -> ApiError {
+    ApiError::NotFound("no such room".into())
+}
+
+pub async fn create(
+    State(state): State<ChatState>,
+    CurrentUser(me): CurrentUser,
+    ApiJson(request): ApiJson<CreateRoom>,
+) -> Result<(StatusCode, Json<RoomView>), ApiError> {
+    let name = request.name.trim().to_owned();
+    let length = name.chars().count();
+    if length == 0 || length > MAX_ROOM_NAME_CHARS || name.chars().any(char::is_control) {
+        return Err(ApiError::Invalid(format!(
+            "name must be 1 to {MAX_ROOM_NAME_CHARS} printable characters"
+        )));
+    }
+    let room = Room {
+        id: RoomId::new(),
+        name,
+        visibility: request.visibility,
+    };
+    state.service.rooms.create(&room, me.user).await?;
+    tracing::info!(room_id = %room.id, user_id = %me.user, "room created");
+    announce_join(&state, room.id, me.user).await;
+    state
+        .ctx
+        .audit(AuditEvent::new(
+            AuditKind::RoomCreated,
+            Some(me.user),
+            Some(room.id.to_string()),
+        ))
+        .await;
+    Ok((StatusCode::CREATED, Json(RoomView::of(room, Role::Owner))))
+}
+
+pub async fn join(
+    State(state): State<ChatState>,
+    CurrentUser(me): CurrentUser,
+    Path(room): Path<String>,
+) -> Result<Json<RoomView>, ApiError> {
+    let id: RoomId = room.parse().map_err(|_| no_such_room())?;
+    let rooms = &state.service.rooms;
+    let room = rooms.get(id).await?.ok_or_else(no_such_room)?;
+    match rooms.role_of(id, me.user).await? {
+        Ok(role) => return Ok(Json(RoomView::of(room, role))),
+        Err(Refusal::NoSuchRoom) => return Err(no_such_room()),
+        Err(Refusal::NotAMember) if room.visibility == Visibility::Private => {
+            return Err(ApiError::Forbidden("this room is private".into()));
+        }
+        Err(Refusal::NotAMember) => {}
+    }
+    rooms.add_member(id, me.user, Role::Member).await?;
+    tracing::info!(room_id = %id, user_id = %me.user, "room joined");
+    announce_join(&state, id, me.user).await;
+    Ok(Json(RoomView::of(room, Role::Member)))
+}
+
+pub async fn mine(
+    State(state): State<ChatState>,
+    CurrentUser(me): CurrentUser,
+) -> Result<Json<RoomList>, ApiError> {
+    let rooms = state
+        .service
+        .rooms
+        .of_member(me.user)
+        .await?
+        .into_iter()
+        .map(|(room, role)| RoomView::of(room, role))
+        .collect();
+    Ok(Json(RoomList { rooms }))
+}

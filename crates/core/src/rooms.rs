@@ -1,0 +1,89 @@
+//! Rooms as every party sees them: a member's role and a room's visibility,
+//! with the exact strings the APIs and the databases use.
+
+use std::{fmt, str::FromStr};
+
+use serde::{Deserialize, Serialize};
+
+/// A member's role in a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Created the room.
+    Owner,
+    Member,
+}
+
+/// Who may join a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Visibility {
+    /// Anyone may join.
+    Public,
+    /// Members only.
+    Private,
+}
+
+/// A stored or sent value that names no known variant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {kind} `{value}`")]
+pub struct UnknownVariant {
+    pub kind: &'static str,
+    pub value: String,
+}
+
+macro_rules! names {
+    ($type:ident, $kind:literal, $($variant:ident => $name:literal),+) => {
+        impl $type {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name,)+
+                }
+            }
+        }
+
+        impl FromStr for $type {
+            type Err = UnknownVariant;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($name => Ok(Self::$variant),)+
+                    other => Err(UnknownVariant {
+                        kind: $kind,
+                        value: other.chars().take(64).collect(),
+                    }),
+                }
+            }
+        }
+
+        impl fmt::Display for $type {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+names!(Role, "role", Owner => "owner", Member => "member");
+names!(Visibility, "visibility", Public => "public", Private => "private");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_unknown_names_are_errors() {
+        for role in [Role::Owner, Role::Member] {
+            assert_eq!(role.as_str().parse(), Ok(role));
+            assert_eq!(serde_json::to_value(role).ok(), Some(role.as_str().into()));
+        }
+        for visibility in [Visibility::Public, Visibility::Private] {
+            assert_eq!(visibility.as_str().parse(), Ok(visibility));
+        }
+        assert_eq!(
+            "admin".parse::<Role>().map_err(|e| e.to_string()),
+            Err("unknown role `admin`".to_owned())
+        );
+        assert!("Public".parse::<Visibility>().is_err());
+    }
+}

@@ -1,0 +1,243 @@
+//! The request/reply contracts between services. Each endpoint is declared
+//! once, as an [`Rpc`] that ties its subject to its request and reply types,
+//! so a caller cannot pair a subject with the wrong types. A refusal carries an
+//! [`RpcCode`]; [`RpcCode::http_status`] and [`RpcCode::frame_code`] are the one
+//! mapping of those codes onto what HTTP and WebSocket clients see.
+//!
+//! On the wire a reply is `{"ok": <reply>}` or
+//! `{"err": {"code": "<rpc code>", "message": "..."}}`.
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::{
+    ids::{MessageId, RoomId, UserId},
+    protocol::ErrorCode,
+    rooms::Role,
+    subjects::Subjects,
+    token::Jwks,
+};
+
+/// One request/reply endpoint on the bus.
+pub trait Rpc {
+    type Request: Serialize + DeserializeOwned + Send + Sync + 'static;
+    type Reply: Serialize + DeserializeOwned + Send + 'static;
+
+    /// The subject requests go to.
+    fn subject(subjects: &Subjects) -> String;
+}
+
+/// Why a request was refused. The message is shown to clients, so it is
+/// fixed text that never carries internals.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", code.as_str())]
+pub struct RpcError {
+    pub code: RpcCode,
+    pub message: String,
+}
+
+impl RpcError {
+    pub fn new(code: RpcCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// The stable refusal codes of the bus.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RpcCode {
+    /// The request is well-formed but invalid.
+    InvalidInput,
+    /// The user may not do this.
+    Forbidden,
+    /// The room (or other target) does not exist.
+    NotFound,
+    /// The service, or a store behind it, cannot answer now; retry later.
+    Unavailable,
+    /// Something broke; the cause is in the answering service's log.
+    Internal,
+}
+
+impl RpcCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidInput => "invalid_input",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// The HTTP status an API answers with when a call fails with this code.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::InvalidInput => 422,
+            Self::Forbidden => 403,
+            Self::NotFound => 404,
+            Self::Unavailable => 503,
+            Self::Internal => 500,
+        }
+    }
+
+    /// The code of the `error` frame a WebSocket client gets.
+    pub fn frame_code(self) -> ErrorCode {
+        match self {
+            Self::InvalidInput => ErrorCode::InvalidFrame,
+            Self::Forbidden => ErrorCode::Forbidden,
+            Self::NotFound => ErrorCode::NotFound,
+            Self::Unavailable => ErrorCode::Unavailable,
+            Self::Internal => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Every reply on the bus.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RpcReply<T> {
+    Ok(T),
+    Err(RpcError),
+}
+
+impl<T> From<Result<T, RpcError>> for RpcReply<T> {
+    fn from(result: Result<T, RpcError>) -> Self {
+        match result {
+            Ok(reply) => Self::Ok(reply),
+            Err(e) => Self::Err(e),
+        }
+    }
+}
+
+impl<T> From<RpcReply<T>> for Result<T, RpcError> {
+    fn from(reply: RpcReply<T>) -> Self {
+        match reply {
+            RpcReply::Ok(reply) => Ok(reply),
+            RpcReply::Err(e) => Err(e),
+        }
+    }
+}
+
+/// `chat.send`: the gateway forwards a client's message; the reply is the
+/// room sequence it was accepted with.
+pub enum ChatSend {}
+
+impl Rpc for ChatSend {
+    type Request = SendRequest;
+    type Reply = SendAccepted;
+
+    fn subject(subjects: &Subjects) -> String {
+        subjects.chat_send()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SendRequest {
+    pub v: u32,
+    pub user: UserId,
+    pub room: RoomId,
+    pub body: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SendAccepted {
+    pub seq: u64,
+    pub message_id: MessageId,
+}
+
+/// `chat.rooms_of`: the rooms a user belongs to.
+pub enum RoomsOf {}
+
+impl Rpc for RoomsOf {
+    type Request = RoomsOfRequest;
+    type Reply = Vec<RoomId>;
+
+    fn subject(subjects: &Subjects) -> String {
+        subjects.chat_rooms_of()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RoomsOfRequest {
+    pub v: u32,
+    pub user: UserId,
+}
+
+/// `chat.membership`: a user's role in a room; refused with `not_found` when
+/// the room does not exist and `forbidden` when the user is not a member.
+pub enum Membership {}
+
+impl Rpc for Membership {
+    type Request = MembershipRequest;
+    type Reply = Role;
+
+    fn subject(subjects: &Subjects) -> String {
+        subjects.chat_membership()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MembershipRequest {
+    pub v: u32,
+    pub room: RoomId,
+    pub user: UserId,
+}
+
+/// `auth.jwks`: the public signing keys, for token verification.
+pub enum AuthJwks {}
+
+impl Rpc for AuthJwks {
+    type Request = JwksRequest;
+    type Reply = Jwks;
+
+    fn subject(subjects: &Subjects) -> String {
+        subjects.auth_jwks()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JwksRequest {
+    pub v: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_keep_their_wire_shape() -> Result<(), serde_json::Error> {
+        let refused = RpcReply::<Role>::Err(RpcError::new(RpcCode::NotFound, "no such room"));
+        assert_eq!(
+            serde_json::to_string(&refused)?,
+            r#"{"err":{"code":"not_found","message":"no such room"}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&RpcReply::Ok(Role::Owner))?,
+            r#"{"ok":"owner"}"#
+        );
+        let parsed: RpcReply<Role> =
+            serde_json::from_str(r#"{"err":{"code":"forbidden","message":"no"}}"#)?;
+        assert_eq!(
+            Result::from(parsed),
+            Err::<Role, _>(RpcError::new(RpcCode::Forbidden, "no"))
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn every_code_maps_to_a_status_and_a_frame_code() {
+        for (code, status, frame) in [
+            (RpcCode::InvalidInput, 422, ErrorCode::InvalidFrame),
+            (RpcCode::Forbidden, 403, ErrorCode::Forbidden),
+            (RpcCode::NotFound, 404, ErrorCode::NotFound),
+            (RpcCode::Unavailable, 503, ErrorCode::Unavailable),
+            (RpcCode::Internal, 500, ErrorCode::Internal),
+        ] {
+            assert_eq!((code.http_status(), code.frame_code()), (status, frame));
+            let wire = serde_json::to_value(code).ok();
+            assert_eq!(wire, Some(code.as_str().into()));
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! The authenticated user of an HTTP request: the bearer token of its
+//! `Authorization` header, verified against the process's JWKS cache.
+
+use std::sync::Arc;
+
+use axum::{
+    extract::{FromRef, FromRequestParts},
+    http::{HeaderMap, header::AUTHORIZATION, request::Parts},
+};
+use unhidra_authn::{Authenticated, TokenVerifier};
+
+use crate::ApiError;
+
+/// The bearer token of an `Authorization` header, if any.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Extractor for handlers that need an authenticated user (401 otherwise).
+#[derive(Debug, Clone, Copy)]
+pub struct CurrentUser(pub Authenticated);
+
+impl<S> FromRequestParts<S> for CurrentUser
+where
+    Arc<TokenVerifier>: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let token = bearer_token(&parts.headers)
+            .ok_or_else(|| ApiError::unauthenticated("missing bearer token"))?;
+        let verified = Arc::<TokenVerifier>::from_ref(state).verify(token).await?;
+        Ok(CurrentUser(verified))
+    }
+}

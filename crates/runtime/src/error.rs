@@ -1,0 +1,167 @@
+//! The one error type of the HTTP APIs and its mapping onto responses with
+//! the stable body `{"error": "snake_case_code", "message": "..."}`. Refusals
+//! from other services ([`RpcError`]) and from token verification
+//! ([`TokenError`]) become API errors here, and nowhere else.
+
+use axum::{
+    Json,
+    extract::rejection::JsonRejection,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use unhidra_authn::TokenError;
+use unhidra_core::{
+    error::ErrorBody,
+    rpc::{RpcCode, RpcError},
+};
+
+/// Everything an API handler can refuse a request with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No credentials, or credentials that do not verify (401).
+    #[error("{message}")]
+    Unauthenticated { code: &'static str, message: String },
+    /// Authenticated but not allowed (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The resource does not exist (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the current state (409).
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    /// The body is not JSON at all (400).
+    #[error("{0}")]
+    MalformedJson(String),
+    /// The input is well-formed but invalid (422).
+    #[error("{0}")]
+    Invalid(String),
+    /// Another service refused the request; its code decides the status.
+    #[error("{}", .0.message)]
+    Refused(RpcError),
+    /// Anything else; logged with its cause, shown to clients as `internal`.
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    /// 401 with the generic `unauthenticated` code.
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self::Unauthenticated {
+            code: "unauthenticated",
+            message: message.into(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
+            Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Refused(e) => StatusCode::from_u16(e.code.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            Self::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unauthenticated { code, .. } | Self::Conflict { code, .. } => code,
+            Self::Forbidden(_) => "forbidden",
+            Self::NotFound(_) => "not_found",
+            Self::MalformedJson(_) => "malformed_json",
+            Self::Invalid(_) => "invalid_input",
+            Self::Refused(e) => e.code.as_str(),
+            Self::Unexpected(_) => "internal",
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        let message = match self {
+            Self::Unexpected(_) => "internal error".to_owned(),
+            other => other.to_string(),
+        };
+        ErrorBody {
+            error: self.code().to_owned(),
+            message,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match &self {
+            Self::Unexpected(cause) => tracing::error!(error = ?cause, "request failed"),
+            Self::Refused(e) if e.code == RpcCode::Internal || e.code == RpcCode::Unavailable => {
+                tracing::warn!(code = e.code.as_str(), message = %e.message, "dependency failed")
+            }
+            other => tracing::debug!(code = other.code(), message = %other, "request refused"),
+        }
+        (self.status(), Json(self.body())).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::JsonDataError(e) => Self::Invalid(e.body_text()),
+            JsonRejection::MissingJsonContentType(_) => {
+                Self::MalformedJson("expected Content-Type: application/json".to_owned())
+            }
+            other => Self::MalformedJson(other.body_text()),
+        }
+    }
+}
+
+impl From<RpcError> for ApiError {
+    fn from(e: RpcError) -> Self {
+        Self::Refused(e)
+    }
+}
+
+impl From<TokenError> for ApiError {
+    fn from(e: TokenError) -> Self {
+        match e {
+            TokenError::KeysUnavailable(refusal) => Self::Refused(refusal),
+            other => Self::Unauthenticated {
+                code: other.code(),
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+/// `axum::Json` whose rejections use the Unhidra error body.
+#[derive(Debug, axum::extract::FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_keep_their_code_and_fixed_message() {
+        let refused = ApiError::from(RpcError::new(RpcCode::Forbidden, "not a member"));
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            refused.body(),
+            ErrorBody {
+                error: "forbidden".into(),
+                message: "not a member".into()
+            }
+        );
+        let internal = ApiError::from(RpcError::new(RpcCode::Internal, "internal error"));
+        assert_eq!(internal.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let expired = ApiError::from(TokenError::Expired);
+        assert_eq!(
+            (expired.status(), expired.code()),
+            (StatusCode::UNAUTHORIZED, "token_expired")
+        );
+        let hidden = ApiError::from(anyhow::anyhow!("pool timed out on db-7"));
+        assert_eq!(hidden.body().message, "internal error");
+    }
+}

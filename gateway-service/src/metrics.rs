@@ -1,0 +1,38 @@
+//! What the gateway counts, registered with the process registry when the
+//! gateway is built.
+
+use prometheus::{IntCounter, IntGauge};
+use unhidra_telemetry::metrics::Metrics;
+
+#[derive(Clone, Debug)]
+pub struct GatewayMetrics {
+    pub connections: IntGauge,
+    pub frames_in: IntCounter,
+    pub frames_out: IntCounter,
+    pub slow_consumers: IntCounter,
+    pub delivered: IntCounter,
+}
+
+impl GatewayMetrics {
+    pub fn register(metrics: &Metrics) -> anyhow::Result<Self> {
+        Ok(Self {
+            connections: metrics.gauge("unhidra_ws_connections", "Open WebSocket connections.")?,
+            frames_in: metrics.counter(
+                "unhidra_ws_frames_received_total",
+                "WebSocket frames received from clients.",
+            )?,
+            frames_out: metrics.counter(
+                "unhidra_ws_frames_sent_total",
+                "WebSocket frames written to clients.",
+            )?,
+            slow_consumers: metrics.counter(
+                "unhidra_ws_slow_consumer_disconnects_total",
+                "Connections closed because their outbound queue was full.",
+            )?,
+            delivered: metrics.counter(
+                "unhidra_messages_delivered_total",
+                "Message frames queued to member connections by gateways.",
+            )?,
+        })
+    }
+}

@@ -1,0 +1,141 @@
+//! The stored history of every room.
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use unhidra_core::{
+    events::RoomMessage,
+    ids::{MessageId, RoomId, UserId},
+};
+use unhidra_store::{Database, now_millis};
+
+/// One message as history serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredMessage {
+    pub seq: u64,
+    pub message_id: MessageId,
+    pub sender: UserId,
+    pub body: String,
+    pub sent_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug)]
+pub struct HistoryRepo {
+    db: Database,
+}
+
+impl HistoryRepo {
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+
+    /// Stores a room event; false when its `message_id` is already stored.
+    pub async fn insert(&self, event: &RoomMessage) -> anyhow::Result<bool> {
+        let result = sqlx::query(
+            "INSERT INTO messages (message_id, room_id, seq, sender, body, sent_at, stored_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        )
+        .bind(event.message_id.to_string())
+        .bind(event.room.to_string())
+        .bind(i64::try_from(event.seq)?)
+        .bind(event.sender.to_string())
+        .bind(&event.body)
+        .bind(event.sent_at.timestamp_millis())
+        .bind(now_millis())
+        .execute(&self.db.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Up to `limit` messages of `room` with a sequence below `before`,
+    /// newest first.
+    pub async fn page(
+        &self,
+        room: RoomId,
+        before: i64,
+        limit: i64,
+    ) -> anyhow::Result<Vec<StoredMessage>> {
+        let rows: Vec<(i64, String, String, String, i64)> = sqlx::query_as(
+            "SELECT seq, message_id, sender, body, sent_at FROM messages
+             WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
+        )
+        .bind(room.to_string())
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(seq, message_id, sender, body, sent_at)| {
+                Ok(StoredMessage {
+                    seq: u64::try_from(seq)?,
+                    message_id: message_id.parse()?,
+                    sender: sender.parse()?,
+                    body,
+                    sent_at: DateTime::from_timestamp_millis(sent_at)
+                        .with_context(|| format!("stored time {sent_at} out of range"))?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod conformance {
+    //! One suite on SQLite and on Postgres.
+
+    use unhidra_core::events::SCHEMA_VERSION;
+    use unhidra_testkit::on_each_database;
+
+    use super::*;
+    use crate::{MIGRATIONS, NAME};
+
+    fn event(room: RoomId, seq: u64, body: &str) -> RoomMessage {
+        RoomMessage {
+            v: SCHEMA_VERSION,
+            room,
+            seq,
+            message_id: MessageId::new(),
+            sender: UserId::new(),
+            body: body.to_owned(),
+            sent_at: DateTime::from_timestamp_millis(1_700_000_000_123).unwrap_or_default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn events_are_stored_once_and_paged_newest_first() -> anyhow::Result<()> {
+        on_each_database(|db| async move {
+            let database = Database::connect(db.url(), 2).await?;
+            database.migrate(NAME, MIGRATIONS).await?;
+            let history = HistoryRepo::new(database);
+            let (room, other) = (RoomId::new(), RoomId::new());
+            let events: Vec<RoomMessage> = (1..=5)
+                .map(|seq| event(room, seq, &format!("'); DELETE FROM messages; -- {seq}")))
+                .collect();
+            for e in &events {
+                assert!(history.insert(e).await?);
+            }
+            // A redelivery is absorbed.
+            assert!(!history.insert(&events[2]).await?);
+            assert!(history.insert(&event(other, 1, "elsewhere")).await?);
+
+            let page = history.page(room, i64::MAX, 2).await?;
+            let stored = |e: &RoomMessage| StoredMessage {
+                seq: e.seq,
+                message_id: e.message_id,
+                sender: e.sender,
+                body: e.body.clone(),
+                sent_at: e.sent_at,
+            };
+            assert_eq!(page, vec![stored(&events[4]), stored(&events[3])]);
+            let older = history.page(room, 4, 10).await?;
+            assert_eq!(
+                older.iter().map(|m| m.seq).collect::<Vec<_>>(),
+                vec![3, 2, 1]
+            );
+            assert_eq!(history.page(room, 1, 10).await?, vec![]);
+            assert_eq!(history.page(RoomId::new(), i64::MAX, 10).await?, vec![]);
+            Ok(())
+        })
+        .await
+    }
+}
