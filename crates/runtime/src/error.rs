@@ -95,7 +95,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match &self {
             Self::Unexpected(cause) => tracing::error!(error = ?cause, "request failed"),
-            Self::Refused(e) if e.code == RpcCode::Internal || e.code == RpcCode::Unavailable => {
+            Self::Refused(e) if matches!(e.code, RpcCode::Internal | RpcCode::Unavailable) => {
                 tracing::warn!(code = e.code.as_str(), message = %e.message, "dependency failed")
             }
             other => tracing::debug!(code = other.code(), message = %other, "request refused"),

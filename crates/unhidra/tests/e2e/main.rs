@@ -5,4 +5,5 @@
 mod bad_input;
 mod embedded;
 mod harness;
+mod observability;
 mod scaled;

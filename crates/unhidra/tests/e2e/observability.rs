@@ -1,11 +1,9 @@
 //! What an operator sees of one real scenario: metrics that moved by exactly
 //! the right amounts, and one request id in the gateway, chat and history log
-//! lines of one message. Its own test binary, so no other test's traffic
-//! touches the process-wide metrics or logs.
-
-#[allow(dead_code)]
-#[path = "e2e/harness.rs"]
-mod harness;
+//! lines of one message. Each stack has its own metric registry, and the log
+//! and span capture is installed for this test's thread only (its runtime is
+//! single-threaded), so the other tests of this binary run beside it without
+//! touching what it reads.
 
 use std::{
     collections::HashMap,
@@ -13,7 +11,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use harness::*;
+use crate::harness::*;
 use serde_json::{Value, json};
 use tracing_subscriber::{EnvFilter, fmt::MakeWriter, prelude::*};
 
@@ -88,7 +86,7 @@ async fn one_scenario_moves_the_metrics_and_shares_one_request_id_across_service
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
         .with_simple_exporter(spans.clone())
         .build();
-    tracing_subscriber::registry()
+    let _capture = tracing_subscriber::registry()
         .with(unhidra_telemetry::traces::layer_for(&provider))
         .with(EnvFilter::new(
             "info,gateway_service=debug,chat_service=debug,history_service=debug",
@@ -100,7 +98,7 @@ async fn one_scenario_moves_the_metrics_and_shares_one_request_id_across_service
                 .with_span_list(true)
                 .with_writer(logs.clone()),
         )
-        .try_init()?;
+        .set_default();
 
     let stack = Embedded::start().await?;
     let base = stack.app.http();
