@@ -85,3 +85,71 @@ where
         }
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use unhidra_core::{
+        Config,
+        events::SCHEMA_VERSION,
+        ids::{RoomId, UserId},
+        rooms::Role,
+        rpc::{Membership, MembershipRequest, RpcReply},
+    };
+
+    use super::*;
+
+    #[tokio::test]
+    async fn typed_calls_are_answered_refused_and_never_leak_transport_detail() -> anyhow::Result<()>
+    {
+        let ctx = ServiceContext::connect(Config::default(), std::future::pending()).await?;
+        let (room, owner, stranger) = (RoomId::new(), UserId::new(), UserId::new());
+        let ask = |user| MembershipRequest {
+            v: SCHEMA_VERSION,
+            room,
+            user,
+        };
+
+        // Nobody answers yet: a fixed refusal that names no subject.
+        let refused = ctx.rpc.call::<Membership>(&ask(owner)).await;
+        let Err(refused) = refused else {
+            anyhow::bail!("answered without a responder: {refused:?}");
+        };
+        assert_eq!(refused.code, RpcCode::Unavailable);
+        assert!(!refused.message.contains(&ctx.subjects.chat_membership()));
+
+        respond::<Membership, _, _>(&ctx, "test", move |request| async move {
+            if request.user == owner {
+                Ok(Role::Owner)
+            } else {
+                Err(RpcError::new(RpcCode::Forbidden, "not a member"))
+            }
+        })
+        .await?;
+        assert_eq!(
+            ctx.rpc.call::<Membership>(&ask(owner)).await,
+            Ok(Role::Owner)
+        );
+        assert_eq!(
+            ctx.rpc.call::<Membership>(&ask(stranger)).await,
+            Err(RpcError::new(RpcCode::Forbidden, "not a member"))
+        );
+
+        // A request of the wrong shape is refused as invalid input.
+        let reply = ctx
+            .bus
+            .request(
+                &ctx.subjects.chat_membership(),
+                Headers::new(),
+                bytes::Bytes::from_static(br#"{"room": 5}"#),
+                ctx.config.bus_timeout(),
+            )
+            .await?;
+        let reply: RpcReply<Role> = serde_json::from_slice(&reply.payload)?;
+        assert_eq!(
+            reply,
+            RpcReply::Err(RpcError::new(RpcCode::InvalidInput, "malformed request"))
+        );
+        ctx.shutdown.cancel();
+        Ok(())
+    }
+}
