@@ -8,7 +8,10 @@ mod repo;
 use axum::Router;
 use tokio::net::TcpListener;
 use unhidra_core::{Config, events::AuditEvent};
-use unhidra_runtime::{Service, ServiceContext, recorder};
+use unhidra_runtime::{
+    Service, ServiceContext,
+    recorder::{self, Record},
+};
 use unhidra_store::{Database, Migration};
 
 use crate::repo::AuditRepo;
@@ -31,22 +34,24 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         "unhidra_audit_events_stored_total",
         "Security events committed to the audit log (duplicates excluded).",
     )?;
-    let recorder = recorder::spawn_recorder(
-        &ctx,
-        ctx.subjects.audit_consumer(),
-        stored,
-        move |event: AuditEvent| {
-            let audit = audit.clone();
-            async move { audit.insert(&event).await }
-        },
-    )
-    .await?;
+    let recorder =
+        recorder::spawn_recorder(&ctx, ctx.subjects.audit_consumer(), stored, audit).await?;
     Ok(Service {
         name: NAME,
         router: Router::new(),
         database: Some(db),
         tasks: vec![recorder],
     })
+}
+
+impl Record for AuditRepo {
+    type Event = AuditEvent;
+
+    async fn store(&self, events: &[AuditEvent]) -> anyhow::Result<u64> {
+        self.insert(events).await
+    }
+
+    fn stored(&self, _event: &AuditEvent) {}
 }
 
 /// Runs audit-service alone on `listener` until `shutdown` resolves.

@@ -1,7 +1,7 @@
 //! The audit log: security events, stored once each.
 
 use unhidra_core::events::AuditEvent;
-use unhidra_store::{Database, now_millis};
+use unhidra_store::{Database, MAX_ROWS_PER_STATEMENT, now_millis, value_rows};
 
 #[derive(Clone, Debug)]
 pub struct AuditRepo {
@@ -13,22 +13,33 @@ impl AuditRepo {
         Self { db }
     }
 
-    /// Appends an event; false when its id is already stored.
-    pub async fn insert(&self, event: &AuditEvent) -> anyhow::Result<bool> {
-        let result = sqlx::query(
-            "INSERT INTO audit_events (id, kind, actor, subject, detail, occurred_at, recorded_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-        )
-        .bind(event.id.to_string())
-        .bind(event.kind.as_str())
-        .bind(event.actor.map(|a| a.to_string()))
-        .bind(event.subject.clone())
-        .bind(event.detail.to_string())
-        .bind(event.at.timestamp_millis())
-        .bind(now_millis())
-        .execute(&self.db.pool)
-        .await?;
-        Ok(result.rows_affected() == 1)
+    /// Appends events in one transaction, skipping those whose id is already
+    /// stored; returns how many were new.
+    pub async fn insert(&self, events: &[AuditEvent]) -> anyhow::Result<u64> {
+        let now = now_millis();
+        let mut tx = self.db.pool.begin().await?;
+        let mut inserted = 0;
+        for chunk in events.chunks(MAX_ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO audit_events (id, kind, actor, subject, detail, occurred_at, recorded_at)
+                 VALUES {} ON CONFLICT DO NOTHING",
+                value_rows(7, chunk.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for event in chunk {
+                query = query
+                    .bind(event.id.to_string())
+                    .bind(event.kind.as_str())
+                    .bind(event.actor.map(|a| a.to_string()))
+                    .bind(event.subject.clone())
+                    .bind(event.detail.to_string())
+                    .bind(event.at.timestamp_millis())
+                    .bind(now);
+            }
+            inserted += query.execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(inserted)
     }
 }
 
@@ -62,9 +73,12 @@ mod conformance {
             );
             failed.detail = serde_json::json!({"reason": "bad credentials"});
             let created = AuditEvent::new(AuditKind::RoomCreated, None, None);
-            assert!(audit.insert(&failed).await?);
-            assert!(audit.insert(&created).await?);
-            assert!(!audit.insert(&failed).await?, "a redelivery is absorbed");
+            assert_eq!(audit.insert(std::slice::from_ref(&failed)).await?, 1);
+            assert_eq!(
+                audit.insert(&[failed.clone(), created.clone()]).await?,
+                1,
+                "a redelivery is absorbed"
+            );
 
             let rows: Vec<Row> = sqlx::query_as(
                 "SELECT id, kind, actor, subject, detail, occurred_at FROM audit_events

@@ -10,7 +10,6 @@ mod rooms;
 mod store_conformance;
 
 use axum::{Router, routing::post};
-use prometheus::IntCounter;
 use tokio::net::TcpListener;
 use unhidra_core::{
     Config,
@@ -19,34 +18,37 @@ use unhidra_core::{
 use unhidra_runtime::{ApiState, Service, ServiceContext, rpc};
 use unhidra_store::{Database, Migration};
 
-use crate::{messages::OutboxRepo, rooms::RoomRepo};
+use crate::{
+    messages::{GroupCommit, MessageMetrics, OutboxRepo},
+    rooms::RoomRepo,
+};
 
 pub const NAME: &str = "chat-service";
 pub const DEFAULT_PORT: u16 = 9300;
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "rooms",
-    sql: include_str!("../migrations/0001_rooms.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "rooms",
+        sql: include_str!("../migrations/0001_rooms.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "outbox_seq",
+        sql: include_str!("../migrations/0002_outbox_seq.sql"),
+    },
+];
 
 /// chat-service's part of its handlers' state.
 #[derive(Clone)]
 struct Chat {
     rooms: RoomRepo,
-    outbox: OutboxRepo,
-    metrics: ChatMetrics,
+    commits: GroupCommit,
 }
 
 type ChatState = ApiState<Chat>;
 
-#[derive(Clone)]
-struct ChatMetrics {
-    accepted: IntCounter,
-    published: IntCounter,
-}
-
-impl ChatMetrics {
+impl MessageMetrics {
     fn register(ctx: &ServiceContext) -> anyhow::Result<Self> {
         Ok(Self {
             accepted: ctx.metrics.counter(
@@ -61,17 +63,22 @@ impl ChatMetrics {
     }
 }
 
-/// Migrates, answers the chat requests on the bus, and starts the outbox relay.
+/// Migrates, answers the chat requests on the bus, and starts the group
+/// commit, the publisher and the outbox relay.
 pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service> {
     db.migrate(NAME, MIGRATIONS).await?;
     ctx.bus.ensure_stream(&ctx.subjects.rooms_stream()).await?;
     ctx.bus.ensure_stream(&ctx.subjects.audit_stream()).await?;
+    let (commits, mut tasks) = GroupCommit::start(
+        &ctx,
+        OutboxRepo::new(db.clone()),
+        MessageMetrics::register(&ctx)?,
+    );
     let state = ChatState {
         ctx: ctx.clone(),
         service: Chat {
             rooms: RoomRepo::new(db.clone()),
-            outbox: OutboxRepo::new(db.clone()),
-            metrics: ChatMetrics::register(&ctx)?,
+            commits,
         },
     };
     let send = {
@@ -95,7 +102,6 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         })
         .await?
     };
-    let relay = tokio::spawn(messages::relay_outbox(state.clone()));
     let router = Router::new()
         .route("/api/v1/rooms", post(rooms::create).get(rooms::mine))
         .route("/api/v1/rooms/{room_id}/join", post(rooms::join))
@@ -104,7 +110,10 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         name: NAME,
         router,
         database: Some(db),
-        tasks: vec![send, rooms_of, membership, relay],
+        tasks: {
+            tasks.extend([send, rooms_of, membership]);
+            tasks
+        },
     })
 }
 

@@ -12,7 +12,7 @@ use unhidra_testkit::{TestDatabase, on_each_database};
 
 use crate::{
     MIGRATIONS, NAME,
-    messages::OutboxRepo,
+    messages::{NewMessage, OutboxRepo},
     rooms::{Refusal, Room, RoomRepo},
 };
 
@@ -111,29 +111,49 @@ async fn unknown_roles_and_visibilities_are_errors() -> anyhow::Result<()> {
     .await
 }
 
+fn new_message(room: RoomId, sender: UserId, body: &str) -> NewMessage {
+    NewMessage {
+        room,
+        sender,
+        body: body.to_owned(),
+        sent_at: Utc::now(),
+    }
+}
+
 #[tokio::test]
-async fn accepted_messages_get_gap_free_sequences_per_room_and_wait_in_the_outbox()
--> anyhow::Result<()> {
+async fn groups_get_gap_free_sequences_in_order_and_refusals_take_none() -> anyhow::Result<()> {
     on_each_database(|db| async move {
         let database = open(&db).await?;
         let rooms = RoomRepo::new(database.clone());
         let outbox = OutboxRepo::new(database);
-        let owner = UserId::new();
+        let (owner, stranger) = (UserId::new(), UserId::new());
         let (a, b) = (room("a", Visibility::Public), room("b", Visibility::Public));
         rooms.create(&a, owner).await?;
         rooms.create(&b, owner).await?;
 
-        // Concurrent senders in one room still get 1..=n without gaps.
+        // Concurrent groups into one room: 1..=200 without gaps, each group
+        // numbered in the order given.
         let mut tasks = Vec::new();
         for sender in 0..4 {
             let outbox = outbox.clone();
             tasks.push(tokio::spawn(async move {
                 let mut seqs = Vec::new();
-                for i in 0..10 {
-                    let (event, _) = outbox
-                        .accept(a.id, owner, format!("{sender}/{i}"), Utc::now())
-                        .await?;
-                    seqs.push(event.seq);
+                for group in 0..10 {
+                    let messages = (0..5)
+                        .map(|i| new_message(a.id, owner, &format!("{sender}/{group}/{i}")))
+                        .collect();
+                    let numbered: Vec<u64> = outbox
+                        .accept(messages)
+                        .await?
+                        .into_iter()
+                        .map(|o| o.map(|e| e.seq))
+                        .collect::<Result<_, _>>()
+                        .map_err(|r| anyhow::anyhow!("refused: {r:?}"))?;
+                    assert!(
+                        numbered.windows(2).all(|w| w[1] == w[0] + 1),
+                        "{numbered:?}"
+                    );
+                    seqs.extend(numbered);
                 }
                 anyhow::Ok(seqs)
             }));
@@ -143,34 +163,109 @@ async fn accepted_messages_get_gap_free_sequences_per_room_and_wait_in_the_outbo
             seqs.extend(task.await??);
         }
         seqs.sort_unstable();
-        assert_eq!(seqs, (1..=40).collect::<Vec<u64>>());
+        assert_eq!(seqs, (1..=200).collect::<Vec<u64>>());
 
-        let (first_of_b, pending) = outbox.accept(b.id, owner, "hi".into(), Utc::now()).await?;
-        assert_eq!(first_of_b.seq, 1);
-        let stored: RoomMessage = serde_json::from_str(&pending.payload)?;
-        assert_eq!(stored, first_of_b);
+        // One group over two rooms, with refusals in between.
+        let outcomes = outbox
+            .accept(vec![
+                new_message(b.id, owner, "b1"),
+                new_message(RoomId::new(), owner, "nowhere"),
+                new_message(a.id, stranger, "not a member"),
+                new_message(a.id, owner, "a201"),
+                new_message(b.id, owner, "b2"),
+            ])
+            .await?;
+        let summary: Vec<Result<(RoomId, u64, String), Refusal>> = outcomes
+            .into_iter()
+            .map(|o| o.map(|e| (e.room, e.seq, e.body)))
+            .collect();
         assert_eq!(
-            (pending.room, pending.message_id),
-            (b.id, first_of_b.message_id)
+            summary,
+            vec![
+                Ok((b.id, 1, "b1".into())),
+                Err(Refusal::NoSuchRoom),
+                Err(Refusal::NotAMember),
+                Ok((a.id, 201, "a201".into())),
+                Ok((b.id, 2, "b2".into())),
+            ]
         );
+        Ok(())
+    })
+    .await
+}
 
-        let waiting = outbox.unpublished(i64::MAX, 100).await?;
-        assert_eq!(waiting.len(), 41);
-        assert!(waiting.contains(&pending));
-        assert_eq!(outbox.unpublished(0, 100).await?, vec![]);
-        assert_eq!(outbox.unpublished(i64::MAX, 5).await?.len(), 5);
-        outbox.published(first_of_b.message_id).await?;
-        let waiting = outbox.unpublished(i64::MAX, 100).await?;
-        assert_eq!(waiting.len(), 40);
-        assert!(waiting.iter().all(|p| p.room == a.id));
+#[tokio::test]
+async fn publishing_takes_each_room_in_sequence_order_and_keeps_what_failed() -> anyhow::Result<()>
+{
+    on_each_database(|db| async move {
+        let database = open(&db).await?;
+        let rooms = RoomRepo::new(database.clone());
+        let outbox = OutboxRepo::new(database);
+        let owner = UserId::new();
+        let (a, b) = (room("a", Visibility::Public), room("b", Visibility::Public));
+        rooms.create(&a, owner).await?;
+        rooms.create(&b, owner).await?;
+        let mut messages = Vec::new();
+        for i in 0..30 {
+            messages.push(new_message(a.id, owner, &format!("a{i}")));
+            messages.push(new_message(b.id, owner, &format!("b{i}")));
+        }
+        let events: Vec<RoomMessage> = outbox
+            .accept(messages)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        assert_eq!(outbox.stale_rooms(0, 10).await?, vec![]);
+        let mut stale = outbox.stale_rooms(i64::MAX, 10).await?;
+        stale.sort();
+        let mut both = vec![a.id, b.id];
+        both.sort();
+        assert_eq!(stale, both);
 
-        // A message to a room that does not exist is refused, not numbered.
-        assert!(
+        // A failed publish leaves everything in place.
+        let failed = outbox
+            .publish(&[a.id], 100, |_| async { anyhow::bail!("stream down") })
+            .await;
+        assert!(failed.is_err());
+
+        // The lowest sequences of the room come first, sorted, as stored.
+        let mut seen = Vec::new();
+        let count = outbox
+            .publish(&[a.id], 20, |pending| {
+                seen = pending;
+                async { Ok(()) }
+            })
+            .await?;
+        assert_eq!(count, 20);
+        assert_eq!(
+            seen.iter().map(|p| p.seq).collect::<Vec<_>>(),
+            (1..=20).collect::<Vec<u64>>()
+        );
+        let first: RoomMessage = serde_json::from_str(&seen[0].payload)?;
+        assert_eq!(
+            Some(&first),
+            events.iter().find(|e| e.room == a.id && e.seq == 1)
+        );
+        let rest = outbox
+            .publish(&[a.id, b.id], 100, |pending| {
+                seen = pending;
+                async { Ok(()) }
+            })
+            .await?;
+        assert_eq!(rest, 40);
+        let order: Vec<(RoomId, u64)> = seen.iter().map(|p| (p.room, p.seq)).collect();
+        let mut expected: Vec<(RoomId, u64)> = (21..=30).map(|s| (a.id, s)).collect();
+        expected.extend((1..=30).map(|s| (b.id, s)));
+        expected.sort();
+        assert_eq!(order, expected);
+        assert_eq!(
             outbox
-                .accept(RoomId::new(), owner, "lost".into(), Utc::now())
-                .await
-                .is_err()
+                .publish(&[a.id, b.id], 100, |_| async { Ok(()) })
+                .await?,
+            0
         );
+        assert_eq!(outbox.stale_rooms(i64::MAX, 10).await?, vec![]);
         Ok(())
     })
     .await

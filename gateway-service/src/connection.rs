@@ -5,20 +5,26 @@
 use std::{sync::Arc, time::Duration};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt, stream::SplitSink};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use unhidra_authn::Authenticated;
 use unhidra_core::{
     events::SCHEMA_VERSION,
+    ids::RoomId,
     protocol::{ClientFrame, ErrorCode, ServerFrame, close, parse_client_frame},
-    rpc::{ChatSend, RoomsOf, RoomsOfRequest, SendRequest},
+    rpc::{
+        ChatSend, Draft, MAX_SENDS_PER_BATCH, RoomsOf, RoomsOfRequest, RpcError, RpcReply,
+        SendAccepted, SendBatch,
+    },
 };
 use unhidra_telemetry::request_id;
 
 use crate::{
     Gateway,
     metrics::GatewayMetrics,
+    pipeline::{Pipeline, error},
     registry::{ConnId, Outbound},
 };
 
@@ -26,6 +32,10 @@ use crate::{
 const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A write that takes longer means the client stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames a connection may have read and not yet been answered.
+const MAX_PIPELINE: usize = 1024;
+/// Frames written before one flush at most.
+const MAX_BURST: u64 = 128;
 
 pub async fn serve(gateway: Arc<Gateway>, socket: WebSocket, auth: Authenticated) {
     gateway.metrics.connections.inc();
@@ -83,6 +93,9 @@ async fn subscribe_rooms(gateway: &Gateway, id: ConnId, auth: &Authenticated) ->
     }
 }
 
+/// Reads frames while earlier ones are answered: sends go to chat-service in
+/// batches (one in flight), every answer goes out in arrival order, and
+/// reading pauses while `MAX_PIPELINE` frames wait for their answers.
 async fn read(
     gateway: &Gateway,
     stream: &mut futures::stream::SplitStream<WebSocket>,
@@ -90,60 +103,121 @@ async fn read(
     auth: &Authenticated,
     done: &CancellationToken,
 ) {
-    let max_frame = gateway.ctx.config.max_frame_bytes;
+    let mut pipeline = Pipeline::default();
+    let mut in_flight: Option<BoxFuture<'static, BatchOutcome>> = None;
     loop {
-        let next = tokio::select! {
-            () = done.cancelled() => return drain(stream).await,
-            next = stream.next() => next,
-        };
-        let reply = match next {
-            None | Some(Ok(Message::Close(_))) => return,
-            Some(Err(e)) => {
-                tracing::info!(user_id = %auth.user, error = %e, "WebSocket read failed");
-                let _ = outbound
-                    .send(Outbound::Close(
-                        close::TOO_BIG,
-                        "frame too large or malformed",
-                    ))
-                    .await;
+        for frame in pipeline.take_ready() {
+            let Ok(text) = serde_json::to_string(&frame) else {
+                continue;
+            };
+            if outbound
+                .send(Outbound::Frame(Utf8Bytes::from(text)))
+                .await
+                .is_err()
+            {
                 return;
             }
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Binary(_))) => {
-                gateway.metrics.frames_in.inc();
-                error(
-                    None,
-                    ErrorCode::InvalidFrame,
-                    "binary frames are not supported; send JSON text",
-                )
+        }
+        if in_flight.is_none() {
+            let batch = pipeline.next_batch(MAX_SENDS_PER_BATCH);
+            if !batch.is_empty() {
+                in_flight = Some(submit(gateway, auth, batch));
             }
-            Some(Ok(Message::Text(text))) => {
-                gateway.metrics.frames_in.inc();
-                if text.len() > max_frame {
-                    error(
+        }
+        let answered = async {
+            match in_flight.as_mut() {
+                Some(call) => call.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = done.cancelled() => return drain(stream).await,
+            outcome = answered => {
+                in_flight = None;
+                pipeline.complete(outcome);
+            }
+            next = stream.next(), if pipeline.len() < MAX_PIPELINE => match next {
+                None | Some(Ok(Message::Close(_))) => return,
+                Some(Err(e)) => {
+                    tracing::info!(user_id = %auth.user, error = %e, "WebSocket read failed");
+                    let _ = outbound
+                        .send(Outbound::Close(
+                            close::TOO_BIG,
+                            "frame too large or malformed",
+                        ))
+                        .await;
+                    return;
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Binary(_))) => {
+                    gateway.metrics.frames_in.inc();
+                    pipeline.push_ready(error(
                         None,
-                        ErrorCode::TooLarge,
-                        &format!("frame is {} bytes; the limit is {max_frame}", text.len()),
-                    )
-                } else {
-                    request_id::scope(
-                        "ws frame",
-                        request_id::generate(),
-                        handle(gateway, auth, text.as_str()),
-                    )
-                    .await
+                        ErrorCode::InvalidFrame,
+                        "binary frames are not supported; send JSON text",
+                    ));
+                }
+                Some(Ok(Message::Text(text))) => {
+                    gateway.metrics.frames_in.inc();
+                    accept_frame(&mut pipeline, auth, text.as_str(), gateway.ctx.config.max_frame_bytes);
+                }
+            },
+        }
+    }
+}
+
+type BatchOutcome = Result<Vec<RpcReply<SendAccepted>>, RpcError>;
+
+/// Sends a batch to chat-service, as one request with its own request id.
+fn submit(
+    gateway: &Gateway,
+    auth: &Authenticated,
+    sends: Vec<Draft>,
+) -> BoxFuture<'static, BatchOutcome> {
+    let rpc = gateway.ctx.rpc.clone();
+    let user = auth.user;
+    let rooms: Vec<RoomId> = sends.iter().map(|d| d.room).collect();
+    let batch = SendBatch {
+        v: SCHEMA_VERSION,
+        user,
+        sends,
+    };
+    Box::pin(request_id::scope(
+        "ws frame",
+        request_id::generate(),
+        async move {
+            let outcome = rpc.call::<ChatSend>(&batch).await;
+            for (room, reply) in rooms.iter().zip(outcome.iter().flatten()) {
+                if let RpcReply::Ok(accepted) = reply {
+                    tracing::debug!(
+                        user_id = %user,
+                        room_id = %room,
+                        seq = accepted.seq,
+                        message_id = %accepted.message_id,
+                        "message sent"
+                    );
                 }
             }
-        };
-        let Ok(text) = serde_json::to_string(&reply) else {
-            continue;
-        };
-        if outbound
-            .send(Outbound::Frame(Utf8Bytes::from(text)))
-            .await
-            .is_err()
-        {
-            return;
+            outcome
+        },
+    ))
+}
+
+/// Answers a text frame at once, or queues its send.
+fn accept_frame(pipeline: &mut Pipeline, auth: &Authenticated, text: &str, max_frame: usize) {
+    if text.len() > max_frame {
+        return pipeline.push_ready(error(
+            None,
+            ErrorCode::TooLarge,
+            &format!("frame is {} bytes; the limit is {max_frame}", text.len()),
+        ));
+    }
+    match parse_client_frame(text) {
+        Ok(ClientFrame::Ping { id }) => pipeline.push_ready(ServerFrame::Pong { id }),
+        Ok(ClientFrame::Send { id, room, body }) => pipeline.push_send(id, Draft { room, body }),
+        Err(e) => {
+            tracing::debug!(user_id = %auth.user, code = ?e.code, "frame refused");
+            pipeline.push_ready(e.into());
         }
     }
 }
@@ -160,53 +234,6 @@ async fn drain(stream: &mut futures::stream::SplitStream<WebSocket>) {
         }
     };
     let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, until_close).await;
-}
-
-fn error(id: Option<String>, code: ErrorCode, message: &str) -> ServerFrame {
-    ServerFrame::Error {
-        id,
-        code,
-        message: message.to_owned(),
-    }
-}
-
-async fn handle(gateway: &Gateway, auth: &Authenticated, text: &str) -> ServerFrame {
-    let frame = match parse_client_frame(text) {
-        Ok(frame) => frame,
-        Err(e) => {
-            tracing::debug!(user_id = %auth.user, code = ?e.code, "frame refused");
-            return e.into();
-        }
-    };
-    match frame {
-        ClientFrame::Ping { id } => ServerFrame::Pong { id },
-        ClientFrame::Send { id, room, body } => {
-            let request = SendRequest {
-                v: SCHEMA_VERSION,
-                user: auth.user,
-                room,
-                body,
-            };
-            match gateway.ctx.rpc.call::<ChatSend>(&request).await {
-                Ok(accepted) => {
-                    tracing::debug!(
-                        user_id = %auth.user,
-                        room_id = %room,
-                        seq = accepted.seq,
-                        message_id = %accepted.message_id,
-                        "message sent"
-                    );
-                    ServerFrame::Ack {
-                        id,
-                        room,
-                        seq: accepted.seq,
-                        message_id: accepted.message_id,
-                    }
-                }
-                Err(e) => error(Some(id), e.code.frame_code(), &e.message),
-            }
-        }
-    }
 }
 
 struct Closers {
@@ -235,9 +262,34 @@ async fn write(
             () = &mut expired => break Some((close::TOKEN_EXPIRED, "token expired")),
             next = queue.recv() => match next {
                 Some(Outbound::Frame(text)) => {
-                    closers.metrics.frames_out.inc();
-                    match tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Text(text))).await {
-                        Ok(Ok(())) => {}
+                    // Frames queued meanwhile go out with this one, in one flush.
+                    let mut then_close = None;
+                    let burst = async {
+                        sink.feed(Message::Text(text)).await?;
+                        let mut written = 1;
+                        while written < MAX_BURST {
+                            match queue.try_recv() {
+                                Ok(Outbound::Frame(text)) => {
+                                    sink.feed(Message::Text(text)).await?;
+                                    written += 1;
+                                }
+                                Ok(Outbound::Close(code, reason)) => {
+                                    then_close = Some((code, reason));
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        sink.flush().await?;
+                        Ok::<u64, axum::Error>(written)
+                    };
+                    match tokio::time::timeout(WRITE_TIMEOUT, burst).await {
+                        Ok(Ok(written)) => {
+                            closers.metrics.frames_out.inc_by(written);
+                            if then_close.is_some() {
+                                break then_close;
+                            }
+                        }
                         Ok(Err(_)) => break None,
                         // The client stopped reading; its socket buffers are full.
                         Err(_) => {

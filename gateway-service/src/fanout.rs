@@ -16,6 +16,9 @@ use unhidra_core::{
 
 use crate::Gateway;
 
+/// Events dispatched between two yields to the other tasks.
+const YIELD_EVERY: u32 = 16;
+
 pub async fn spawn(gateway: Arc<Gateway>) -> anyhow::Result<JoinHandle<()>> {
     let mut events = gateway
         .ctx
@@ -24,6 +27,7 @@ pub async fn spawn(gateway: Arc<Gateway>) -> anyhow::Result<JoinHandle<()>> {
         .await?;
     let shutdown = gateway.ctx.shutdown.clone();
     Ok(tokio::spawn(async move {
+        let mut dispatched: u32 = 0;
         loop {
             let event = tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -35,6 +39,12 @@ pub async fn spawn(gateway: Arc<Gateway>) -> anyhow::Result<JoinHandle<()>> {
                     tracing::error!("room event subscription ended");
                     return;
                 }
+            }
+            // A burst of events must not keep the connections' writers from
+            // draining their queues in between.
+            dispatched = dispatched.wrapping_add(1);
+            if dispatched % YIELD_EVERY == 0 {
+                tokio::task::yield_now().await;
             }
         }
     }))

@@ -9,6 +9,7 @@ mod connection;
 mod fanout;
 mod handshake;
 mod metrics;
+mod pipeline;
 mod registry;
 
 use std::sync::Arc;

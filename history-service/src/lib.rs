@@ -8,6 +8,7 @@ mod repo;
 use axum::{Router, routing::get};
 use tokio::net::TcpListener;
 use unhidra_core::{Config, events::RoomMessage};
+use unhidra_runtime::recorder::Record;
 use unhidra_runtime::{ApiState, Service, ServiceContext, recorder};
 use unhidra_store::{Database, Migration};
 
@@ -33,23 +34,13 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         "unhidra_history_messages_stored_total",
         "Room messages committed to history (duplicates excluded).",
     )?;
-    let recorder = {
-        let history = history.clone();
-        recorder::spawn_recorder(
-            &ctx,
-            ctx.subjects.history_consumer(),
-            stored,
-            move |event: RoomMessage| {
-                let history = history.clone();
-                async move {
-                    let inserted = history.insert(&event).await?;
-                    tracing::debug!(room_id = %event.room, seq = event.seq, message_id = %event.message_id, inserted, "message stored");
-                    Ok(inserted)
-                }
-            },
-        )
-        .await?
-    };
+    let recorder = recorder::spawn_recorder(
+        &ctx,
+        ctx.subjects.history_consumer(),
+        stored,
+        history.clone(),
+    )
+    .await?;
     let state = HistoryState {
         ctx: ctx.clone(),
         service: history,
@@ -63,6 +54,18 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         database: Some(db),
         tasks: vec![recorder],
     })
+}
+
+impl Record for HistoryRepo {
+    type Event = RoomMessage;
+
+    async fn store(&self, events: &[RoomMessage]) -> anyhow::Result<u64> {
+        self.insert(events).await
+    }
+
+    fn stored(&self, event: &RoomMessage) {
+        tracing::debug!(room_id = %event.room, seq = event.seq, message_id = %event.message_id, "message stored");
+    }
 }
 
 /// Runs history-service alone on `listener` until `shutdown` resolves.

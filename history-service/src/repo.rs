@@ -7,7 +7,7 @@ use unhidra_core::{
     events::RoomMessage,
     ids::{MessageId, RoomId, UserId},
 };
-use unhidra_store::{Database, now_millis};
+use unhidra_store::{Database, MAX_ROWS_PER_STATEMENT, now_millis, value_rows};
 
 /// One message as history serves it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -29,22 +29,33 @@ impl HistoryRepo {
         Self { db }
     }
 
-    /// Stores a room event; false when its `message_id` is already stored.
-    pub async fn insert(&self, event: &RoomMessage) -> anyhow::Result<bool> {
-        let result = sqlx::query(
-            "INSERT INTO messages (message_id, room_id, seq, sender, body, sent_at, stored_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-        )
-        .bind(event.message_id.to_string())
-        .bind(event.room.to_string())
-        .bind(i64::try_from(event.seq)?)
-        .bind(event.sender.to_string())
-        .bind(&event.body)
-        .bind(event.sent_at.timestamp_millis())
-        .bind(now_millis())
-        .execute(&self.db.pool)
-        .await?;
-        Ok(result.rows_affected() == 1)
+    /// Stores room events in one transaction, skipping those whose
+    /// `message_id` is already stored; returns how many were new.
+    pub async fn insert(&self, events: &[RoomMessage]) -> anyhow::Result<u64> {
+        let now = now_millis();
+        let mut tx = self.db.pool.begin().await?;
+        let mut inserted = 0;
+        for chunk in events.chunks(MAX_ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO messages (message_id, room_id, seq, sender, body, sent_at, stored_at)
+                 VALUES {} ON CONFLICT DO NOTHING",
+                value_rows(7, chunk.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for event in chunk {
+                query = query
+                    .bind(event.message_id.to_string())
+                    .bind(event.room.to_string())
+                    .bind(i64::try_from(event.seq)?)
+                    .bind(event.sender.to_string())
+                    .bind(event.body.as_str())
+                    .bind(event.sent_at.timestamp_millis())
+                    .bind(now);
+            }
+            inserted += query.execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(inserted)
     }
 
     /// Up to `limit` messages of `room` with a sequence below `before`,
@@ -111,12 +122,17 @@ mod conformance {
             let events: Vec<RoomMessage> = (1..=5)
                 .map(|seq| event(room, seq, &format!("'); DELETE FROM messages; -- {seq}")))
                 .collect();
-            for e in &events {
-                assert!(history.insert(e).await?);
-            }
-            // A redelivery is absorbed.
-            assert!(!history.insert(&events[2]).await?);
-            assert!(history.insert(&event(other, 1, "elsewhere")).await?);
+            assert_eq!(history.insert(&events[..2]).await?, 2);
+            // Redeliveries are absorbed, in a batch with new events too.
+            assert_eq!(history.insert(&events).await?, 3);
+            assert_eq!(history.insert(&events[2..3]).await?, 0);
+            assert_eq!(history.insert(&[event(other, 1, "elsewhere")]).await?, 1);
+            // A batch larger than one statement holds.
+            let many: Vec<RoomMessage> = (1..=1200)
+                .map(|seq| event(other, seq + 1, "bulk"))
+                .collect();
+            assert_eq!(history.insert(&many).await?, 1200);
+            assert_eq!(history.page(other, i64::MAX, 1).await?[0].seq, 1201);
 
             let page = history.page(room, i64::MAX, 2).await?;
             let stored = |e: &RoomMessage| StoredMessage {

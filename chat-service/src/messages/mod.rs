@@ -1,111 +1,352 @@
-//! Accepting messages. A send is checked (membership, size), then the outbox
-//! repository takes the room's next sequence number and queues the event in
-//! one transaction; the event is published to the rooms stream and only then
-//! removed from the outbox. If publishing fails the relay retries it, and
-//! JetStream's duplicate window plus history-service's idempotency absorb
-//! repeats.
+//! Accepting messages, many at a time. A `chat.send` request (one
+//! connection's sends, in order) is checked (sizes) and handed to the group
+//! commit, which accepts everything submitted meanwhile in one transaction
+//! (membership, gap-free room sequences, the outbox) and answers each request
+//! once that transaction committed. The publisher then takes the committed
+//! rooms' messages from the outbox in sequence order and publishes them to the
+//! rooms stream in one batch; whatever it could not publish (or a crash left
+//! behind) the relay publishes later. JetStream's duplicate window and
+//! history-service's idempotency absorb repeats.
 
 mod outbox;
 
-use std::time::Duration;
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use chrono::Utc;
-use unhidra_bus::Headers;
-use unhidra_core::rpc::{RpcCode, RpcError, SendAccepted, SendRequest};
+use prometheus::IntCounter;
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+use unhidra_bus::{Headers, Outgoing};
+use unhidra_core::{
+    events::RoomMessage,
+    ids::{MessageId, RoomId},
+    rpc::{MAX_SENDS_PER_BATCH, RpcCode, RpcError, RpcReply, SendAccepted, SendBatch},
+};
+use unhidra_runtime::ServiceContext;
 use unhidra_store::now_millis;
+use unhidra_telemetry::request_id;
 
-pub use self::outbox::{OutboxRepo, Pending};
-use crate::{ChatState, membership::store_unavailable};
+pub use self::outbox::{NewMessage, OutboxRepo};
+use crate::{ChatState, membership::store_unavailable, rooms::Refusal};
 
+/// Messages accepted in one transaction at most.
+const MAX_GROUP: usize = 2048;
+/// Requests waiting for the group commit before new ones wait to be queued.
+const SUBMISSION_QUEUE: usize = 1024;
+/// Messages one publisher round takes from the outbox at most.
+const PUBLISH_LIMIT: usize = 4096;
+/// Committed groups waiting for the publisher; beyond this the relay has them.
+const PUBLISH_QUEUE: usize = 256;
 /// How often the relay looks for unpublished messages.
 const RELAY_INTERVAL: Duration = Duration::from_secs(1);
-/// Outbox rows younger than this are left to the request that wrote them.
+/// Outbox rows younger than this are left to the publisher.
 const RELAY_GRACE_MS: i64 = 2_000;
-const RELAY_BATCH: i64 = 500;
+/// Rooms one relay round takes at most.
+const RELAY_ROOMS: i64 = 500;
 
-pub async fn send(state: ChatState, request: SendRequest) -> Result<SendAccepted, RpcError> {
-    if request.body.is_empty() {
+/// One request's messages, waiting for the group commit.
+struct Submission {
+    messages: Vec<NewMessage>,
+    /// Request id and trace context, carried to the published events.
+    headers: Headers,
+    reply: oneshot::Sender<Vec<Result<RoomMessage, Refusal>>>,
+}
+
+/// A committed group, for the publisher: the rooms it touched and the headers
+/// of its messages.
+#[derive(Default)]
+struct Committed {
+    rooms: HashSet<RoomId>,
+    headers: HashMap<MessageId, Headers>,
+}
+
+/// The entry to the group commit; clones share it.
+#[derive(Clone)]
+pub struct GroupCommit {
+    submissions: mpsc::Sender<Submission>,
+}
+
+/// What the group commit, the publisher and the relay count.
+#[derive(Clone)]
+pub struct MessageMetrics {
+    pub accepted: IntCounter,
+    pub published: IntCounter,
+}
+
+impl GroupCommit {
+    /// Starts the group commit, the publisher and the relay; they stop at
+    /// shutdown, leaving anything unpublished in the outbox.
+    pub fn start(
+        ctx: &ServiceContext,
+        outbox: OutboxRepo,
+        metrics: MessageMetrics,
+    ) -> (Self, Vec<JoinHandle<()>>) {
+        let (submissions, queue) = mpsc::channel(SUBMISSION_QUEUE);
+        let (committed, to_publish) = mpsc::channel(PUBLISH_QUEUE);
+        let publisher = Publisher {
+            ctx: ctx.clone(),
+            outbox: outbox.clone(),
+            published: metrics.published,
+        };
+        let tasks = vec![
+            tokio::spawn(commit_groups(
+                outbox,
+                queue,
+                committed,
+                metrics.accepted,
+                ctx.shutdown.clone(),
+            )),
+            tokio::spawn(publisher.clone().publish_committed(to_publish)),
+            tokio::spawn(publisher.relay()),
+        ];
+        (Self { submissions }, tasks)
+    }
+
+    /// Accepts `messages` in the next group; one outcome each, in order.
+    async fn submit(
+        &self,
+        messages: Vec<NewMessage>,
+        headers: Headers,
+    ) -> Result<Vec<Result<RoomMessage, Refusal>>, RpcError> {
+        let unavailable = || RpcError::new(RpcCode::Unavailable, "chat store unavailable");
+        let (reply, outcome) = oneshot::channel();
+        let submission = Submission {
+            messages,
+            headers,
+            reply,
+        };
+        self.submissions
+            .send(submission)
+            .await
+            .map_err(|_| unavailable())?;
+        // Dropped unanswered when the group failed or the service stops.
+        outcome.await.map_err(|_| unavailable())
+    }
+}
+
+/// Answers `chat.send`: one outcome per send, in order.
+pub async fn send(
+    state: ChatState,
+    batch: SendBatch,
+) -> Result<Vec<RpcReply<SendAccepted>>, RpcError> {
+    if batch.sends.len() > MAX_SENDS_PER_BATCH {
         return Err(RpcError::new(
             RpcCode::InvalidInput,
-            "body must not be empty",
+            format!("at most {MAX_SENDS_PER_BATCH} sends per request"),
         ));
     }
-    if request.body.len() > state.ctx.config.max_frame_bytes {
-        return Err(RpcError::new(RpcCode::InvalidInput, "body is too large"));
-    }
-    let chat = &state.service;
-    chat.rooms
-        .role_of(request.room, request.user)
-        .await
-        .map_err(|e| store_unavailable(&e))?
-        .map_err(|refusal| refusal.rpc_error())?;
-    let (event, pending) = chat
-        .outbox
-        .accept(request.room, request.user, request.body, Utc::now())
-        .await
-        .map_err(|e| store_unavailable(&e))?;
-    tracing::debug!(room_id = %event.room, seq = event.seq, message_id = %event.message_id, "message accepted");
-    chat.metrics.accepted.inc();
-    publish(&state, pending).await;
-    Ok(SendAccepted {
-        seq: event.seq,
-        message_id: event.message_id,
-    })
-}
-
-/// Publishes one outbox entry and deletes it; on failure it stays for the relay.
-async fn publish(state: &ChatState, pending: Pending) {
-    let Pending {
-        message_id,
-        room,
-        payload,
-    } = pending;
-    let published = state
-        .ctx
-        .bus
-        .publish_durable(
-            &state.ctx.subjects.room_messages(room),
-            &message_id.to_string(),
-            Headers::new(),
-            payload.into(),
-        )
-        .await;
-    match published {
-        Ok(()) => {
-            state.service.metrics.published.inc();
-            if let Err(e) = state.service.outbox.published(message_id).await {
-                // Harmless: the relay republishes it and it is deduplicated.
-                tracing::warn!(%message_id, error = %e, "outbox row not deleted");
-            }
+    let max_body = state.ctx.config.max_frame_bytes;
+    let check = |body: &str| {
+        if body.is_empty() {
+            Err(RpcError::new(
+                RpcCode::InvalidInput,
+                "body must not be empty",
+            ))
+        } else if body.len() > max_body {
+            Err(RpcError::new(RpcCode::InvalidInput, "body is too large"))
+        } else if body.contains('\0') {
+            // Postgres text cannot hold it, and no client means to send it.
+            Err(RpcError::new(
+                RpcCode::InvalidInput,
+                "body must not contain NUL characters",
+            ))
+        } else {
+            Ok(())
         }
-        Err(e) => tracing::warn!(%message_id, error = %e, "publish failed; the relay will retry"),
+    };
+    let checks: Vec<Result<(), RpcError>> = batch.sends.iter().map(|d| check(&d.body)).collect();
+    let sent_at = Utc::now();
+    let valid: Vec<NewMessage> = batch
+        .sends
+        .into_iter()
+        .zip(&checks)
+        .filter(|(_, check)| check.is_ok())
+        .map(|(draft, _)| NewMessage {
+            room: draft.room,
+            sender: batch.user,
+            body: draft.body,
+            sent_at,
+        })
+        .collect();
+    let mut accepted = if valid.is_empty() {
+        Vec::new()
+    } else {
+        let mut headers = Headers::new();
+        request_id::stamp(&mut headers);
+        state.service.commits.submit(valid, headers).await?
     }
+    .into_iter();
+    let outcomes = checks
+        .into_iter()
+        .map(|check| {
+            check?;
+            match accepted.next() {
+                Some(Ok(event)) => {
+                    tracing::debug!(room_id = %event.room, seq = event.seq, message_id = %event.message_id, "message accepted");
+                    Ok(SendAccepted {
+                        seq: event.seq,
+                        message_id: event.message_id,
+                    })
+                }
+                Some(Err(refusal)) => Err(refusal.rpc_error()),
+                None => Err(RpcError::new(RpcCode::Internal, "internal error")),
+            }
+        })
+        .map(RpcReply::from)
+        .collect();
+    Ok(outcomes)
 }
 
-/// Republishes messages whose publish failed (or whose process died before
-/// publishing), oldest first, until shutdown.
-pub async fn relay_outbox(state: ChatState) {
-    let shutdown = state.ctx.shutdown.clone();
+/// The group commit: everything submitted while the previous transaction ran
+/// goes into the next one, so a busy service commits large groups and an idle
+/// one commits each request at once.
+async fn commit_groups(
+    outbox: OutboxRepo,
+    mut queue: mpsc::Receiver<Submission>,
+    committed: mpsc::Sender<Committed>,
+    accepted: IntCounter,
+    shutdown: CancellationToken,
+) {
     loop {
-        match state
-            .service
-            .outbox
-            .unpublished(now_millis() - RELAY_GRACE_MS, RELAY_BATCH)
-            .await
-        {
-            Ok(pending) => {
-                if !pending.is_empty() {
-                    tracing::info!(count = pending.len(), "relaying unpublished messages");
+        let first = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            next = queue.recv() => match next {
+                Some(submission) => submission,
+                None => return,
+            },
+        };
+        let mut count = first.messages.len();
+        let mut group = vec![first];
+        while count < MAX_GROUP {
+            let Ok(next) = queue.try_recv() else { break };
+            count += next.messages.len();
+            group.push(next);
+        }
+        let sizes: Vec<usize> = group.iter().map(|s| s.messages.len()).collect();
+        let messages: Vec<NewMessage> = group
+            .iter_mut()
+            .flat_map(|s| std::mem::take(&mut s.messages))
+            .collect();
+        let outcomes = match outbox.accept(messages).await {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                // Every request of the group is answered `unavailable`.
+                store_unavailable(&e);
+                continue;
+            }
+        };
+        let mut outcomes = outcomes.into_iter();
+        let mut publish = Committed::default();
+        for (submission, size) in group.into_iter().zip(sizes) {
+            let mine: Vec<_> = outcomes.by_ref().take(size).collect();
+            for event in mine.iter().flatten() {
+                accepted.inc();
+                publish.rooms.insert(event.room);
+                publish
+                    .headers
+                    .insert(event.message_id, submission.headers.clone());
+            }
+            let _ = submission.reply.send(mine);
+        }
+        if !publish.rooms.is_empty() && committed.try_send(publish).is_err() {
+            tracing::debug!("publisher busy; the relay publishes this group");
+        }
+    }
+}
+
+/// Publishes committed messages from the outbox.
+#[derive(Clone)]
+struct Publisher {
+    ctx: ServiceContext,
+    outbox: OutboxRepo,
+    published: IntCounter,
+}
+
+impl Publisher {
+    /// Publishes each committed group (with whatever queued meanwhile) until
+    /// shutdown.
+    async fn publish_committed(self, mut queue: mpsc::Receiver<Committed>) {
+        loop {
+            let mut round = tokio::select! {
+                biased;
+                () = self.ctx.shutdown.cancelled() => return,
+                next = queue.recv() => match next {
+                    Some(committed) => committed,
+                    None => return,
+                },
+            };
+            while let Ok(more) = queue.try_recv() {
+                round.rooms.extend(more.rooms);
+                round.headers.extend(more.headers);
+            }
+            let rooms: Vec<RoomId> = round.rooms.into_iter().collect();
+            self.publish_rooms(&rooms, round.headers).await;
+        }
+    }
+
+    /// Republishes what failed or what a crash left in the outbox, until
+    /// shutdown.
+    async fn relay(self) {
+        loop {
+            match self
+                .outbox
+                .stale_rooms(now_millis() - RELAY_GRACE_MS, RELAY_ROOMS)
+                .await
+            {
+                Ok(rooms) if !rooms.is_empty() => {
+                    tracing::info!(rooms = rooms.len(), "relaying unpublished messages");
+                    self.publish_rooms(&rooms, HashMap::new()).await;
                 }
-                for entry in pending {
-                    publish(&state, entry).await;
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "outbox scan failed"),
+            }
+            tokio::select! {
+                () = self.ctx.shutdown.cancelled() => return,
+                () = tokio::time::sleep(RELAY_INTERVAL) => {}
+            }
+        }
+    }
+
+    /// Publishes every queued message of `rooms`, in rounds of at most
+    /// `PUBLISH_LIMIT`; on failure the rest stays for the relay.
+    async fn publish_rooms(&self, rooms: &[RoomId], mut headers: HashMap<MessageId, Headers>) {
+        loop {
+            let bus = &self.ctx.bus;
+            let subjects = &self.ctx.subjects;
+            let round = self
+                .outbox
+                .publish(rooms, PUBLISH_LIMIT, |pending| {
+                    let outgoing: Vec<Outgoing> = pending
+                        .into_iter()
+                        .map(|p| Outgoing {
+                            subject: subjects.room_messages(p.room),
+                            msg_id: p.message_id.to_string(),
+                            headers: headers.remove(&p.message_id).unwrap_or_default(),
+                            payload: p.payload.into(),
+                        })
+                        .collect();
+                    async move { Ok(bus.publish_durable_batch(outgoing).await?) }
+                })
+                .await;
+            match round {
+                Ok(count) => {
+                    self.published.inc_by(count as u64);
+                    if count < PUBLISH_LIMIT {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "publish failed; the relay will retry");
+                    return;
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "outbox scan failed"),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(RELAY_INTERVAL) => {}
         }
     }
 }

@@ -1,20 +1,43 @@
-//! Accepted messages and the outbox: taking a room's next sequence number and
-//! queueing the event for publication happen in one transaction, so sequences
-//! have no gaps and an accepted message is never lost.
+//! Accepted messages and the outbox. A group of sends is accepted in one
+//! transaction: each room's sequence advances once for the whole group (one
+//! statement per room, not per message), and every accepted event is queued
+//! in the outbox, so sequences have no gaps and an accepted message is never
+//! lost. Publishing takes a room's queued messages in sequence order, deleting
+//! them in the same transaction that waits for the stream to store them, so
+//! whoever publishes a room's messages (any chat-service instance, or the
+//! relay) publishes every earlier one first.
+
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
+use sqlx::{Any, Transaction};
 use unhidra_core::{
     events::{RoomMessage, SCHEMA_VERSION},
     ids::{MessageId, RoomId, UserId},
 };
-use unhidra_store::{Database, now_millis};
+use unhidra_store::{Database, MAX_ROWS_PER_STATEMENT, now_millis, placeholders, value_rows};
 
-/// An accepted message waiting to be published: its event, serialised once.
+use crate::rooms::Refusal;
+
+/// One message to accept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    pub room: RoomId,
+    pub sender: UserId,
+    pub body: String,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// A queued message as the publisher takes it: its event, serialised once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
     pub message_id: MessageId,
     pub room: RoomId,
+    pub seq: u64,
     pub payload: String,
 }
 
@@ -28,86 +51,195 @@ impl OutboxRepo {
         Self { db }
     }
 
-    /// Gives `body` the room's next sequence number and queues its event.
+    /// Accepts every message whose sender is a member of its (existing) room,
+    /// numbering each room's messages in the order given. One outcome per
+    /// message, in order.
     pub async fn accept(
         &self,
-        room: RoomId,
-        sender: UserId,
-        body: String,
-        sent_at: DateTime<Utc>,
-    ) -> anyhow::Result<(RoomMessage, Pending)> {
-        let message_id = MessageId::new();
+        messages: Vec<NewMessage>,
+    ) -> anyhow::Result<Vec<Result<RoomMessage, Refusal>>> {
+        let allowed = self.allowed(&messages).await?;
+        let mut per_room: HashMap<RoomId, u64> = HashMap::new();
+        for (m, ok) in messages.iter().zip(&allowed) {
+            if ok.is_ok() {
+                *per_room.entry(m.room).or_default() += 1;
+            }
+        }
         let mut tx = self.db.pool.begin().await?;
-        let seq: i64 = sqlx::query_scalar(
-            "UPDATE rooms SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq",
-        )
-        .bind(room.to_string())
-        .fetch_one(&mut *tx)
-        .await?;
-        let event = RoomMessage {
-            v: SCHEMA_VERSION,
-            room,
-            seq: u64::try_from(seq)?,
-            message_id,
-            sender,
-            body,
-            sent_at,
-        };
-        let payload = serde_json::to_string(&event)?;
-        sqlx::query(
-            "INSERT INTO outbox (message_id, room_id, payload, created_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(message_id.to_string())
-        .bind(room.to_string())
-        .bind(&payload)
-        .bind(now_millis())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok((
-            event,
-            Pending {
-                message_id,
-                room,
-                payload,
-            },
-        ))
-    }
-
-    /// Removes a message from the outbox once the stream stored it.
-    pub async fn published(&self, message_id: MessageId) -> anyhow::Result<()> {
-        sqlx::query("DELETE FROM outbox WHERE message_id = $1")
-            .bind(message_id.to_string())
-            .execute(&self.db.pool)
+        // Sequences first: the first statement writes, so on SQLite the
+        // transaction takes the write lock (waiting its turn) before reading.
+        let mut next_seq: HashMap<RoomId, u64> = HashMap::new();
+        for (room, count) in &per_room {
+            let last: i64 = sqlx::query_scalar(
+                "UPDATE rooms SET last_seq = last_seq + $1 WHERE id = $2 RETURNING last_seq",
+            )
+            .bind(i64::try_from(*count)?)
+            .bind(room.to_string())
+            .fetch_one(&mut *tx)
             .await?;
-        Ok(())
+            next_seq.insert(*room, u64::try_from(last)? - count + 1);
+        }
+        let mut outcomes = Vec::with_capacity(messages.len());
+        let mut queued = Vec::new();
+        for (m, ok) in messages.into_iter().zip(allowed) {
+            if let Err(refusal) = ok {
+                outcomes.push(Err(refusal));
+                continue;
+            }
+            let seq = next_seq.get_mut(&m.room).context("room numbered above")?;
+            let event = RoomMessage {
+                v: SCHEMA_VERSION,
+                room: m.room,
+                seq: *seq,
+                message_id: MessageId::new(),
+                sender: m.sender,
+                body: m.body,
+                sent_at: m.sent_at,
+            };
+            *seq += 1;
+            queued.push(Pending {
+                message_id: event.message_id,
+                room: event.room,
+                seq: event.seq,
+                payload: serde_json::to_string(&event)?,
+            });
+            outcomes.push(Ok(event));
+        }
+        insert(&mut tx, &queued).await?;
+        tx.commit().await?;
+        Ok(outcomes)
     }
 
-    /// Up to `limit` messages queued before `before_ms` (Unix milliseconds),
-    /// oldest first. A row that does not parse is logged and left out.
-    pub async fn unpublished(&self, before_ms: i64, limit: i64) -> anyhow::Result<Vec<Pending>> {
-        let rows: Vec<(String, String, String)> = sqlx::query_as(
-            "SELECT message_id, room_id, payload FROM outbox WHERE created_at < $1
-             ORDER BY created_at LIMIT $2",
-        )
-        .bind(before_ms)
-        .bind(limit)
-        .fetch_all(&self.db.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(message_id, room, payload)| {
-                let parsed = (|| {
-                    anyhow::Ok(Pending {
-                        message_id: message_id.parse().context("message id")?,
-                        room: room.parse().context("room id")?,
-                        payload,
-                    })
-                })();
-                parsed
-                    .inspect_err(|e| tracing::error!(%message_id, error = ?e, "malformed outbox row skipped"))
-                    .ok()
+    /// For each message: allowed, or why not (one query for all).
+    async fn allowed(&self, messages: &[NewMessage]) -> anyhow::Result<Vec<Result<(), Refusal>>> {
+        let rooms: Vec<String> = unique(messages.iter().map(|m| m.room.to_string()));
+        let users: Vec<String> = unique(messages.iter().map(|m| m.sender.to_string()));
+        let sql = format!(
+            "SELECT r.id, m.user_id FROM rooms r
+             LEFT JOIN room_members m ON m.room_id = r.id AND m.user_id IN ({})
+             WHERE r.id IN ({})",
+            placeholders(1, users.len()),
+            placeholders(1 + users.len(), rooms.len())
+        );
+        let mut query = sqlx::query_as::<_, (String, Option<String>)>(&sql);
+        for value in users.iter().chain(&rooms) {
+            query = query.bind(value);
+        }
+        let rows = query.fetch_all(&self.db.pool).await?;
+        let existing: HashSet<&str> = rows.iter().map(|(room, _)| room.as_str()).collect();
+        let members: HashSet<(&str, &str)> = rows
+            .iter()
+            .filter_map(|(room, user)| Some((room.as_str(), user.as_deref()?)))
+            .collect();
+        Ok(messages
+            .iter()
+            .map(|m| {
+                let (room, user) = (m.room.to_string(), m.sender.to_string());
+                if !existing.contains(room.as_str()) {
+                    Err(Refusal::NoSuchRoom)
+                } else if !members.contains(&(room.as_str(), user.as_str())) {
+                    Err(Refusal::NotAMember)
+                } else {
+                    Ok(())
+                }
             })
             .collect())
     }
+
+    /// Takes up to `limit` queued messages of `rooms`, the lowest sequence
+    /// numbers of each room first, and hands them to `publish` sorted by room
+    /// and sequence. They leave the outbox only if `publish` succeeds; while
+    /// it runs, any other publisher of these rooms waits. Returns how many
+    /// were published.
+    pub async fn publish<F, Fut>(
+        &self,
+        rooms: &[RoomId],
+        limit: usize,
+        publish: F,
+    ) -> anyhow::Result<usize>
+    where
+        F: FnOnce(Vec<Pending>) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>>,
+    {
+        if rooms.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!(
+            "DELETE FROM outbox WHERE message_id IN (
+                 SELECT message_id FROM outbox WHERE room_id IN ({})
+                 ORDER BY room_id, seq LIMIT {limit})
+             RETURNING message_id, room_id, seq, payload",
+            placeholders(1, rooms.len())
+        );
+        let mut query = sqlx::query_as::<_, (String, String, i64, String)>(&sql);
+        for room in rooms {
+            query = query.bind(room.to_string());
+        }
+        let mut tx = self.db.pool.begin().await?;
+        let rows = query.fetch_all(&mut *tx).await?;
+        let mut taken = Vec::with_capacity(rows.len());
+        for (message_id, room, seq, payload) in rows {
+            taken.push(Pending {
+                message_id: message_id
+                    .parse()
+                    .with_context(|| format!("outbox message id `{message_id}`"))?,
+                room: room
+                    .parse()
+                    .with_context(|| format!("outbox room id `{room}`"))?,
+                seq: u64::try_from(seq)?,
+                payload,
+            });
+        }
+        if taken.is_empty() {
+            return Ok(0);
+        }
+        taken.sort_by_key(|p| (p.room, p.seq));
+        let count = taken.len();
+        publish(taken).await?;
+        tx.commit().await?;
+        Ok(count)
+    }
+
+    /// Rooms with messages queued before `before_ms` (Unix milliseconds): what
+    /// the relay publishes after a failed publish or a crash.
+    pub async fn stale_rooms(&self, before_ms: i64, limit: i64) -> anyhow::Result<Vec<RoomId>> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT DISTINCT room_id FROM outbox WHERE created_at < $1 LIMIT $2")
+                .bind(before_ms)
+                .bind(limit)
+                .fetch_all(&self.db.pool)
+                .await?;
+        rows.iter()
+            .map(|(room,)| {
+                room.parse()
+                    .with_context(|| format!("outbox room id `{room}`"))
+            })
+            .collect()
+    }
+}
+
+fn unique(values: impl Iterator<Item = String>) -> Vec<String> {
+    let mut seen = HashSet::new();
+    values.filter(|v| seen.insert(v.clone())).collect()
+}
+
+async fn insert(tx: &mut Transaction<'_, Any>, queued: &[Pending]) -> anyhow::Result<()> {
+    let now = now_millis();
+    for chunk in queued.chunks(MAX_ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO outbox (message_id, room_id, seq, payload, created_at) VALUES {}",
+            value_rows(5, chunk.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for p in chunk {
+            query = query
+                .bind(p.message_id.to_string())
+                .bind(p.room.to_string())
+                .bind(i64::try_from(p.seq)?)
+                .bind(&p.payload)
+                .bind(now);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
 }

@@ -34,6 +34,15 @@ pub struct Message {
     pub reply: Option<String>,
 }
 
+/// A message to publish into a stream, with its deduplication id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outgoing {
+    pub subject: String,
+    pub msg_id: String,
+    pub headers: Headers,
+    pub payload: Bytes,
+}
+
 /// Everything the bus can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -110,6 +119,12 @@ pub trait Bus: Send + Sync + 'static {
         headers: Headers,
         payload: Bytes,
     ) -> Result<()>;
+
+    /// Publishes `messages` into their streams, in order, and returns once
+    /// every one is stored: one round of acknowledgements for the lot rather
+    /// than one round trip each. On an error some may be stored already;
+    /// publishing them again is deduplicated by `msg_id`.
+    async fn publish_durable_batch(&self, messages: Vec<Outgoing>) -> Result<()>;
 
     /// Every message on subjects matching `pattern`.
     async fn subscribe(&self, pattern: &str) -> Result<Subscription>;

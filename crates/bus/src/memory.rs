@@ -21,7 +21,8 @@ use futures::{StreamExt, stream};
 use tokio::sync::{Notify, mpsc};
 
 use crate::{
-    Bus, BusError, Deliveries, Delivery, Headers, Message, Result, Settle, Subscription, matches,
+    Bus, BusError, Deliveries, Delivery, Headers, Message, Outgoing, Result, Settle, Subscription,
+    matches,
 };
 use unhidra_core::streams::{ConsumerSpec, StreamSpec};
 
@@ -162,6 +163,14 @@ impl Bus for MemoryBus {
         };
         if stream.append(Some(msg_id), message.clone()) {
             self.deliver(&message);
+        }
+        Ok(())
+    }
+
+    async fn publish_durable_batch(&self, messages: Vec<Outgoing>) -> Result<()> {
+        for m in messages {
+            self.publish_durable(&m.subject, &m.msg_id, m.headers, m.payload)
+                .await?;
         }
         Ok(())
     }

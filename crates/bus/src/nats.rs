@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use crate::{Bus, BusError, Deliveries, Delivery, Headers, Message, Result, Settle, Subscription};
+use crate::{
+    Bus, BusError, Deliveries, Delivery, Headers, Message, Outgoing, Result, Settle, Subscription,
+};
 use unhidra_core::streams::{ConsumerSpec, StreamSpec};
 
 /// A [`Bus`] over a NATS server with JetStream enabled.
@@ -65,6 +67,13 @@ fn redact(url: &str) -> String {
     }
 }
 
+fn publish_error(subject: &str, kind: PublishErrorKind) -> BusError {
+    match kind {
+        PublishErrorKind::StreamNotFound => BusError::NoStream(subject.to_owned()),
+        other => BusError::Transport(format!("publish to {subject}: {other:?}")),
+    }
+}
+
 fn to_nats(headers: Headers) -> HeaderMap {
     let mut map = HeaderMap::new();
     for (name, value) in headers {
@@ -111,19 +120,34 @@ impl Bus for NatsBus {
         headers: Headers,
         payload: Bytes,
     ) -> Result<()> {
-        let mut headers = to_nats(headers);
-        headers.insert("Nats-Msg-Id", msg_id);
-        let no_stream = |kind: PublishErrorKind| match kind {
-            PublishErrorKind::StreamNotFound => BusError::NoStream(subject.to_owned()),
-            other => BusError::Transport(format!("publish to {subject}: {other:?}")),
-        };
-        let ack = self
-            .jetstream
-            .publish_with_headers(subject.to_owned(), headers, payload)
-            .await
-            .map_err(|e| no_stream(e.kind()))?;
-        ack.await.map_err(|e| no_stream(e.kind()))?;
-        Ok(())
+        self.publish_durable_batch(vec![Outgoing {
+            subject: subject.to_owned(),
+            msg_id: msg_id.to_owned(),
+            headers,
+            payload,
+        }])
+        .await
+    }
+
+    async fn publish_durable_batch(&self, messages: Vec<Outgoing>) -> Result<()> {
+        // Every message is sent first (in order, on one connection), then the
+        // acknowledgements are awaited together.
+        let mut acks = Vec::with_capacity(messages.len());
+        for m in messages {
+            let mut headers = to_nats(m.headers);
+            headers.insert("Nats-Msg-Id", m.msg_id.as_str());
+            let ack = self
+                .jetstream
+                .publish_with_headers(m.subject.clone(), headers, m.payload)
+                .await
+                .map_err(|e| publish_error(&m.subject, e.kind()))?;
+            acks.push(async move {
+                ack.await
+                    .map_err(|e| publish_error(&m.subject, e.kind()))
+                    .map(drop)
+            });
+        }
+        futures::future::try_join_all(acks).await.map(drop)
     }
 
     async fn subscribe(&self, pattern: &str) -> Result<Subscription> {

@@ -5,7 +5,7 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use unhidra_bus::{Bus, BusError, Headers, MemoryBus, NatsBus};
+use unhidra_bus::{Bus, BusError, Headers, MemoryBus, NatsBus, Outgoing};
 use unhidra_core::streams::{ConsumerSpec, StreamSpec};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -239,6 +239,50 @@ async fn durable_publish_needs_a_stream() -> TestResult {
         assert!(result.is_err(), "{result:?}");
         let consume = bus.consume(&consumer_spec(&p, "ghost")).await;
         assert!(matches!(consume, Err(BusError::UnknownStream(_))));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn batch_publishes_are_stored_in_order_and_deduplicated() -> TestResult {
+    for (bus, p) in buses().await {
+        bus.ensure_stream(&stream_spec(&p)).await?;
+        let mut live = bus.subscribe(&format!("{p}.events.>")).await?;
+        let outgoing = |id: &str, body: &str| Outgoing {
+            subject: format!("{p}.events.{id}"),
+            msg_id: id.to_owned(),
+            headers: Headers::new(),
+            payload: text(body),
+        };
+        let batch: Vec<Outgoing> = (0..200)
+            .map(|i| outgoing(&format!("b{i}"), &i.to_string()))
+            .collect();
+        bus.publish_durable_batch(batch.clone()).await?;
+        // Published again (a relay after a lost acknowledgement): stored once.
+        bus.publish_durable_batch(batch[..50].to_vec()).await?;
+
+        let consumer = consumer_spec(&p, "batch");
+        let mut deliveries = bus.consume(&consumer).await?;
+        for i in 0..200 {
+            let d = tokio::time::timeout(WAIT, deliveries.next())
+                .await?
+                .ok_or("closed")??;
+            assert_eq!(d.message.payload, text(&i.to_string()));
+            d.ack().await?;
+        }
+        assert_eq!(bus.consumer_pending(&consumer).await?, 0);
+        let first = tokio::time::timeout(WAIT, live.next())
+            .await?
+            .ok_or("closed")?;
+        assert_eq!(first.payload, text("0"));
+
+        let nowhere = bus
+            .publish_durable_batch(vec![Outgoing {
+                subject: format!("{p}.nowhere"),
+                ..outgoing("x", "x")
+            }])
+            .await;
+        assert!(matches!(nowhere, Err(BusError::NoStream(_))), "{nowhere:?}");
     }
     Ok(())
 }

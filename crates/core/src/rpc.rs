@@ -120,23 +120,36 @@ impl<T> From<RpcReply<T>> for Result<T, RpcError> {
     }
 }
 
-/// `chat.send`: the gateway forwards a client's message; the reply is the
-/// room sequence it was accepted with.
+/// `chat.send`: the gateway forwards a connection's sends, in the order the
+/// client sent them; the reply has one outcome per send, in the same order,
+/// each the room sequence it was accepted with or why it was refused. A
+/// connection has one such request in flight at a time, so its sends to a
+/// room are numbered in the order it sent them.
 pub enum ChatSend {}
 
 impl Rpc for ChatSend {
-    type Request = SendRequest;
-    type Reply = SendAccepted;
+    type Request = SendBatch;
+    type Reply = Vec<RpcReply<SendAccepted>>;
 
     fn subject(subjects: &Subjects) -> String {
         subjects.chat_send()
     }
 }
 
+/// Sends one `chat.send` request carries at most.
+pub const MAX_SENDS_PER_BATCH: usize = 256;
+
+/// Sends of one user, in order.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SendRequest {
+pub struct SendBatch {
     pub v: u32,
     pub user: UserId,
+    pub sends: Vec<Draft>,
+}
+
+/// One message to post.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Draft {
     pub room: RoomId,
     pub body: String,
 }

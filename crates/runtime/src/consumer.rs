@@ -1,21 +1,25 @@
-//! Running a durable consumer until shutdown: each delivery goes to a handler
-//! (which acks or naks it) inside the request scope named by its
-//! `x-request-id` header; if the delivery stream ends, the consumer resumes.
-//! Redeliveries are counted and the consumer's lag is sampled as metrics.
+//! Running a durable consumer until shutdown: deliveries go to a handler
+//! (which acks or naks each) in batches: whatever arrived while the previous
+//! batch was handled, up to `MAX_BATCH`. If the delivery stream ends, the
+//! consumer resumes. Redeliveries are counted and the consumer's lag is
+//! sampled as metrics.
 
 use std::{future::Future, time::Duration};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use prometheus::{IntCounterVec, IntGaugeVec};
 use tokio::task::JoinHandle;
-use unhidra_bus::{Bus, Delivery};
+use tokio_util::sync::CancellationToken;
+use unhidra_bus::{Bus, Deliveries, Delivery};
 use unhidra_core::streams::ConsumerSpec;
-use unhidra_telemetry::{metrics::Metrics, request_id};
+use unhidra_telemetry::metrics::Metrics;
 
 use crate::ServiceContext;
 
 const RESUME_DELAY: Duration = Duration::from_secs(1);
 const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+/// Deliveries handed to the handler at once at most.
+const MAX_BATCH: usize = 512;
 
 /// Lag and redeliveries of every durable consumer of the process.
 #[derive(Clone, Debug)]
@@ -43,15 +47,15 @@ impl ConsumerMetrics {
 }
 
 /// Creates (or resumes) the durable consumer `spec`, then hands deliveries to
-/// `handle` one at a time until shutdown. Creation errors are returned, so a
-/// service refuses to start without its stream.
+/// `handle`, a batch at a time, until shutdown. Creation errors are returned,
+/// so a service refuses to start without its stream.
 pub async fn spawn_consumer<F, Fut>(
     ctx: &ServiceContext,
     spec: ConsumerSpec,
     handle: F,
 ) -> anyhow::Result<JoinHandle<()>>
 where
-    F: Fn(Delivery) -> Fut + Send + 'static,
+    F: Fn(Vec<Delivery>) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send,
 {
     let mut deliveries = ctx.bus.consume(&spec).await?;
@@ -62,7 +66,6 @@ where
     let shutdown = ctx.shutdown.clone();
     Ok(tokio::spawn(async move {
         let mut lag_sample = tokio::time::interval(LAG_SAMPLE_INTERVAL);
-        let span_name = format!("consume {}", spec.durable);
         loop {
             let next = tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -72,39 +75,64 @@ where
                 }
                 next = deliveries.next() => next,
             };
-            match next {
-                Some(Ok(delivery)) => {
-                    if delivery.attempt > 1 {
-                        metrics
-                            .redeliveries
-                            .with_label_values(&[&spec.durable])
-                            .inc();
+            let mut ended = false;
+            let mut batch = Vec::new();
+            let mut next = next;
+            loop {
+                match next {
+                    Some(Ok(delivery)) => batch.push(delivery),
+                    Some(Err(e)) => {
+                        tracing::warn!(consumer = %spec.durable, error = %e, "delivery failed")
                     }
-                    let headers = delivery.message.headers.clone();
-                    request_id::scope_from(&span_name, &headers, handle(delivery)).await;
+                    None => {
+                        ended = true;
+                        break;
+                    }
                 }
-                Some(Err(e)) => {
-                    tracing::warn!(consumer = %spec.durable, error = %e, "delivery failed")
+                if batch.len() >= MAX_BATCH {
+                    break;
                 }
-                None => loop {
-                    tracing::warn!(consumer = %spec.durable, "delivery stream ended; resuming");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(RESUME_DELAY) => {}
-                    }
-                    match bus.consume(&spec).await {
-                        Ok(resumed) => {
-                            deliveries = resumed;
-                            break;
-                        }
-                        Err(e) => {
-                            tracing::warn!(consumer = %spec.durable, error = %e, "cannot resume")
-                        }
-                    }
-                },
+                // More that already arrived joins the batch; nothing waits.
+                match deliveries.next().now_or_never() {
+                    Some(more) => next = more,
+                    None => break,
+                }
+            }
+            let redelivered = batch.iter().filter(|d| d.attempt > 1).count();
+            metrics
+                .redeliveries
+                .with_label_values(&[&spec.durable])
+                .inc_by(redelivered as u64);
+            if !batch.is_empty() {
+                handle(batch).await;
+            }
+            if ended {
+                match resume(bus.as_ref(), &spec, &shutdown).await {
+                    Some(resumed) => deliveries = resumed,
+                    None => return,
+                }
             }
         }
     }))
+}
+
+/// Consumes `spec` again after its delivery stream ended; `None` at shutdown.
+async fn resume(
+    bus: &dyn Bus,
+    spec: &ConsumerSpec,
+    shutdown: &CancellationToken,
+) -> Option<Deliveries> {
+    loop {
+        tracing::warn!(consumer = %spec.durable, "delivery stream ended; resuming");
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(RESUME_DELAY) => {}
+        }
+        match bus.consume(spec).await {
+            Ok(resumed) => return Some(resumed),
+            Err(e) => tracing::warn!(consumer = %spec.durable, error = %e, "cannot resume"),
+        }
+    }
 }
 
 async fn sample_lag(bus: &dyn Bus, spec: &ConsumerSpec, gauge: &IntGaugeVec) {

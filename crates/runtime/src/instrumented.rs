@@ -10,7 +10,7 @@ use std::{
 use async_trait::async_trait;
 use bytes::Bytes;
 use prometheus::HistogramVec;
-use unhidra_bus::{Bus, Deliveries, Headers, Message, Result, Subscription};
+use unhidra_bus::{Bus, Deliveries, Headers, Message, Outgoing, Result, Subscription};
 use unhidra_core::streams::{ConsumerSpec, StreamSpec};
 use unhidra_telemetry::{metrics::Metrics, request_id};
 
@@ -66,6 +66,20 @@ impl Bus for InstrumentedBus {
             .publish_durable(subject, msg_id, stamped(headers), payload)
             .await;
         self.observe("durable", started);
+        result
+    }
+
+    async fn publish_durable_batch(&self, mut messages: Vec<Outgoing>) -> Result<()> {
+        let started = Instant::now();
+        let count = messages.len();
+        for m in &mut messages {
+            request_id::stamp(&mut m.headers);
+        }
+        let result = self.inner.publish_durable_batch(messages).await;
+        // Each message was stored within the batch's time.
+        for _ in 0..count {
+            self.observe("durable", started);
+        }
         result
     }
 

@@ -167,25 +167,52 @@ async fn apply(
         if applied.is_some() {
             continue;
         }
+        // The claim is the transaction's first statement, a write: a second
+        // migrator (another replica on the same SQLite file) waits for this
+        // one to commit, then finds the claim taken and skips the migration.
         let mut tx = conn.begin().await?;
-        tx.execute(migration.sql)
-            .await
-            .with_context(|| format!("{service} migration {}", migration.name))?;
-        sqlx::query(
+        let claimed = sqlx::query(
             "INSERT INTO unhidra_migrations (service, version, name, applied_at)
-             VALUES ($1, $2, $3, $4)",
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
         )
         .bind(service)
         .bind(migration.version)
         .bind(migration.name)
         .bind(now_millis())
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if claimed == 0 {
+            continue;
+        }
+        tx.execute(migration.sql)
+            .await
+            .with_context(|| format!("{service} migration {}", migration.name))?;
         tx.commit().await?;
         tracing::info!(service, migration = migration.name, "migration applied");
     }
     Ok(())
 }
+
+/// `$first, $first+1, ...`: `count` numbered parameters, for `IN (...)`.
+pub fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `($1, $2), ($3, $4), ...`: `rows` tuples of `columns` numbered parameters,
+/// for a multi-row `VALUES`.
+pub fn value_rows(columns: usize, rows: usize) -> String {
+    (0..rows)
+        .map(|row| format!("({})", placeholders(1 + row * columns, columns)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Rows per multi-row statement: well under both databases' parameter limits.
+pub const MAX_ROWS_PER_STATEMENT: usize = 500;
 
 /// Whether an error is a unique-constraint violation.
 pub fn is_unique_violation(error: &sqlx::Error) -> bool {
@@ -198,4 +225,15 @@ pub fn now_millis() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbered_parameters() {
+        assert_eq!(placeholders(3, 3), "$3, $4, $5");
+        assert_eq!(value_rows(2, 2), "($1, $2), ($3, $4)");
+    }
 }

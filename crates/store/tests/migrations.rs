@@ -97,3 +97,28 @@ async fn concurrent_migrators_on_postgres_apply_once() -> anyhow::Result<()> {
     assert_eq!(count, 2);
     Ok(())
 }
+
+#[tokio::test]
+async fn concurrent_migrators_on_one_sqlite_file_apply_once() -> anyhow::Result<()> {
+    for _ in 0..10 {
+        let db = TestDatabase::sqlite().await?;
+        let mut migrators = Vec::new();
+        for _ in 0..4 {
+            let database = Database::connect(db.url(), 1).await?;
+            migrators.push(tokio::spawn(async move {
+                database.migrate("notes-service", MIGRATIONS).await?;
+                anyhow::Ok(database)
+            }));
+        }
+        let mut last = None;
+        for migrator in migrators {
+            last = Some(migrator.await??);
+        }
+        let database = last.ok_or_else(|| anyhow::anyhow!("no migrator"))?;
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM unhidra_migrations")
+            .fetch_one(&database.pool)
+            .await?;
+        assert_eq!(count, 2);
+    }
+    Ok(())
+}

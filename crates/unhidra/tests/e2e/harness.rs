@@ -56,6 +56,25 @@ impl Running {
         format!("ws://{}/ws", self.address)
     }
 
+    /// Waits until `/readyz` answers 200; if the service stopped instead, its
+    /// error.
+    pub async fn ready(&mut self) -> TestResult {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if self.handle.is_finished() {
+                let outcome = (&mut self.handle).await?;
+                return Err(format!("{} stopped: {outcome:?}", self.http()).into());
+            }
+            match get(&format!("{}/readyz", self.http()), None).await {
+                Ok((status, _)) if status.is_success() => return Ok(()),
+                _ if tokio::time::Instant::now() > deadline => {
+                    return Err(format!("{} never became ready", self.http()).into());
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
     /// Shuts it down and waits until it has stopped.
     pub async fn stop(self) -> Result<(), Error> {
         self.stop.cancel();
@@ -344,12 +363,15 @@ pub async fn all_history(api: &Api, user: &User, room: &str) -> Result<Vec<Value
     }
 }
 
-/// The five services, each started with `run` as its own binary would.
+/// The five services, each started with `run` as its own binary would;
+/// optionally more chat-service and gateway instances beside the first.
 pub struct Scaled {
     pub config: Config,
     pub gateway: Running,
     pub auth: Running,
     pub chat: Running,
+    pub more_chats: Vec<Running>,
+    pub more_gateways: Vec<Running>,
     /// None while a test has it stopped.
     pub history: Option<Running>,
     pub audit: Running,
@@ -359,11 +381,26 @@ pub struct Scaled {
 impl Scaled {
     /// None (test skipped) outside CI when NATS or Postgres is missing.
     pub async fn start() -> Result<Option<Self>, Error> {
+        Self::start_with(false, 1, 1).await
+    }
+
+    /// With `chats` chat-service and `gateways` gateway instances, on Postgres
+    /// or (`sqlite`) on one SQLite file every service shares.
+    pub async fn start_with(
+        sqlite: bool,
+        chats: usize,
+        gateways: usize,
+    ) -> Result<Option<Self>, Error> {
         let Some(nats) = unhidra_testkit::nats_url().await else {
             return Ok(None);
         };
-        let Some(db) = unhidra_testkit::TestDatabase::postgres().await? else {
-            return Ok(None);
+        let db = if sqlite {
+            unhidra_testkit::TestDatabase::sqlite().await?
+        } else {
+            let Some(db) = unhidra_testkit::TestDatabase::postgres().await? else {
+                return Ok(None);
+            };
+            db
         };
         let config = Config {
             nats_url: Some(nats.into()),
@@ -372,19 +409,33 @@ impl Scaled {
             ..Config::default()
         };
         // auth-api and chat-service answer the others' requests, so they go first.
-        let auth = Running::start(config.clone(), auth_api::run).await?;
-        let chat = Running::start(config.clone(), chat_service::run).await?;
-        let history = Running::start(config.clone(), history_service::run).await?;
-        let audit = Running::start(config.clone(), audit_service::run).await?;
-        let gateway = Running::start(config.clone(), gateway_service::run).await?;
-        for service in [&auth, &chat, &history, &audit, &gateway] {
-            wait_ready(&service.http()).await?;
+        let mut auth = Running::start(config.clone(), auth_api::run).await?;
+        let mut chat = Running::start(config.clone(), chat_service::run).await?;
+        let mut history = Running::start(config.clone(), history_service::run).await?;
+        let mut audit = Running::start(config.clone(), audit_service::run).await?;
+        let mut gateway = Running::start(config.clone(), gateway_service::run).await?;
+        let mut more_chats = Vec::new();
+        for _ in 1..chats {
+            more_chats.push(Running::start(config.clone(), chat_service::run).await?);
+        }
+        let mut more_gateways = Vec::new();
+        for _ in 1..gateways {
+            more_gateways.push(Running::start(config.clone(), gateway_service::run).await?);
+        }
+        for service in [&mut auth, &mut chat, &mut history, &mut audit, &mut gateway]
+            .into_iter()
+            .chain(&mut more_chats)
+            .chain(&mut more_gateways)
+        {
+            service.ready().await?;
         }
         Ok(Some(Self {
             config,
             gateway,
             auth,
             chat,
+            more_chats,
+            more_gateways,
             history: Some(history),
             audit,
             db,
@@ -399,6 +450,14 @@ impl Scaled {
         }
     }
 
+    /// The WebSocket URL of every gateway instance.
+    pub fn gateway_urls(&self) -> Vec<String> {
+        std::iter::once(&self.gateway)
+            .chain(&self.more_gateways)
+            .map(Running::ws)
+            .collect()
+    }
+
     pub async fn stop(self) -> TestResult {
         let services = [
             Some(self.gateway),
@@ -407,7 +466,14 @@ impl Scaled {
             Some(self.chat),
             Some(self.auth),
         ];
-        for service in services.into_iter().flatten() {
+        for service in self
+            .more_gateways
+            .into_iter()
+            .chain(self.more_chats)
+            .map(Some)
+            .chain(services)
+            .flatten()
+        {
             service.stop().await?;
         }
         Ok(())

@@ -5,5 +5,5 @@
 mod bad_input;
 mod embedded;
 mod harness;
-mod observability;
+mod pipelining;
 mod scaled;

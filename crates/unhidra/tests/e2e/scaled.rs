@@ -309,3 +309,78 @@ async fn a_membership_change_with_joined_false_stops_the_room_at_once() -> TestR
     );
     stack.stop().await
 }
+
+#[tokio::test]
+async fn a_group_committed_but_not_published_before_a_restart_is_published_after() -> TestResult {
+    use unhidra_core::subjects::Subjects;
+
+    const COUNT: usize = 300;
+    let Some(mut stack) = Scaled::start().await? else {
+        return Ok(());
+    };
+    let api = stack.api();
+    let alice = api.user("alice").await?;
+    let room = api.create_room(&alice, "public").await?;
+
+    // The rooms stream goes away: sends are still committed and acked, but
+    // every publish after the group commit fails, as if chat-service died
+    // between the two.
+    let nats = async_nats::connect(unhidra_testkit::nats_url().await.ok_or("NATS")?).await?;
+    let stream = Subjects::new(stack.config.bus_prefix.clone())
+        .rooms_stream()
+        .name;
+    async_nats::jetstream::new(nats)
+        .delete_stream(&stream)
+        .await?;
+    let socket = connect(&stack.gateway.ws(), &alice.token).await?;
+    let (mut sink, mut frames) = socket.split();
+    for i in 0..COUNT {
+        let frame =
+            json!({"type": "send", "id": format!("c{i}"), "room": room, "body": format!("m{i}")});
+        sink.send(Message::text(frame.to_string())).await?;
+    }
+    let mut acked = Vec::new();
+    while acked.len() < COUNT {
+        let Some(Ok(Message::Text(text))) = tokio::time::timeout(WAIT, frames.next()).await? else {
+            return Err("connection ended".into());
+        };
+        let frame: Value = serde_json::from_str(text.as_str())?;
+        // Live subscribers may see a message whose stream publish failed
+        // (NATS delivers it before JetStream refuses to store it).
+        match frame["type"].as_str() {
+            Some("ack") => acked.push(str_of(&frame, "message_id")?),
+            Some("message") => {}
+            _ => return Err(format!("unexpected frame {frame}").into()),
+        }
+    }
+
+    // chat-service restarts (and recreates the stream): its relay publishes
+    // every acknowledged message, which history stores exactly once.
+    stack.chat.stop().await?;
+    stack.chat = Running::start(stack.config.clone(), chat_service::run).await?;
+    wait_ready(&stack.chat.http()).await?;
+    let deadline = tokio::time::Instant::now() + WAIT * 3;
+    let stored = loop {
+        let stored = all_history(&api, &alice, &room).await?;
+        if stored.len() >= COUNT {
+            break stored;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "history has {} of {COUNT}",
+            stored.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let mut stored_ids: Vec<String> = stored
+        .iter()
+        .map(|m| str_of(m, "message_id"))
+        .collect::<Result<_, _>>()?;
+    stored_ids.sort_unstable();
+    acked.sort_unstable();
+    assert_eq!(stored_ids, acked, "each acknowledged message exactly once");
+    let mut seqs: Vec<u64> = stored.iter().filter_map(|m| m["seq"].as_u64()).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=COUNT as u64).collect::<Vec<_>>());
+    stack.stop().await
+}

@@ -1,9 +1,13 @@
 //! What an operator sees of one real scenario: metrics that moved by exactly
 //! the right amounts, and one request id in the gateway, chat and history log
-//! lines of one message. Each stack has its own metric registry, and the log
-//! and span capture is installed for this test's thread only (its runtime is
-//! single-threaded), so the other tests of this binary run beside it without
-//! touching what it reads.
+//! lines of one message. Each stack has its own metric registry; this test
+//! still has a binary of its own because it captures logs and spans with the
+//! process-wide subscriber (a thread-scoped one misses events whose callsite
+//! another test's thread registered first: tokio-rs/tracing#3531).
+
+#[allow(dead_code)]
+#[path = "e2e/harness.rs"]
+mod harness;
 
 use std::{
     collections::HashMap,
@@ -11,7 +15,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use crate::harness::*;
+use harness::*;
 use serde_json::{Value, json};
 use tracing_subscriber::{EnvFilter, fmt::MakeWriter, prelude::*};
 
@@ -47,6 +51,20 @@ impl Captured {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+
+    /// The lines, once history-service logged every message of `ids` stored.
+    async fn lines_once_stored(&self, ids: &[String]) -> Result<Vec<Value>, Error> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let lines = self.lines();
+            if ids.iter().all(|id| stored_request_id(&lines, id).is_ok())
+                || tokio::time::Instant::now() > deadline
+            {
+                return Ok(lines);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -86,7 +104,7 @@ async fn one_scenario_moves_the_metrics_and_shares_one_request_id_across_service
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
         .with_simple_exporter(spans.clone())
         .build();
-    let _capture = tracing_subscriber::registry()
+    tracing_subscriber::registry()
         .with(unhidra_telemetry::traces::layer_for(&provider))
         .with(EnvFilter::new(
             "info,gateway_service=debug,chat_service=debug,history_service=debug",
@@ -98,7 +116,7 @@ async fn one_scenario_moves_the_metrics_and_shares_one_request_id_across_service
                 .with_span_list(true)
                 .with_writer(logs.clone()),
         )
-        .set_default();
+        .try_init()?;
 
     let stack = Embedded::start().await?;
     let base = stack.app.http();
@@ -179,8 +197,9 @@ async fn one_scenario_moves_the_metrics_and_shares_one_request_id_across_service
     );
 
     // One message: its history line names a request id that the gateway's and
-    // chat-service's lines for the same message carry too.
-    let lines = logs.lines();
+    // chat-service's lines for the same message carry too. (History may
+    // answer a page an instant before its consumer logs the stored lines.)
+    let lines = logs.lines_once_stored(&acked).await?;
     let message_id = &acked[1];
     let id = stored_request_id(&lines, message_id)?;
     for service in ["gateway_service", "chat_service"] {
@@ -202,7 +221,9 @@ async fn one_scenario_moves_the_metrics_and_shares_one_request_id_across_service
 
     // Scaled out, the trace context crosses real NATS in message headers.
     if let Some((message_id, prefix)) = scaled_out_message().await? {
-        let lines = logs.lines();
+        let lines = logs
+            .lines_once_stored(std::slice::from_ref(&message_id))
+            .await?;
         let id = stored_request_id(&lines, &message_id)?;
         assert_one_trace(&spans, id, &prefix)?;
     }

@@ -1,0 +1,202 @@
+//! A connection's pipeline: every frame the client sent is answered in the
+//! order it arrived, while its sends travel to chat-service in batches, one
+//! batch in flight at a time. The gateway keeps reading while a batch is in
+//! flight, so a client that sends without waiting is limited by group commit
+//! throughput, not by one round trip per message; and since a connection's
+//! batches are sequential, its sends to a room are numbered in sending order.
+
+use std::collections::VecDeque;
+
+use unhidra_core::{
+    ids::RoomId,
+    protocol::{ErrorCode, ServerFrame},
+    rpc::{Draft, RpcCode, RpcError, RpcReply, SendAccepted},
+};
+
+enum Slot {
+    /// Answered; goes out once every earlier slot has.
+    Ready(ServerFrame),
+    /// A send waiting for the next batch.
+    Queued { id: String, draft: Draft },
+    /// A send in the batch in flight.
+    Submitted { id: String, room: RoomId },
+}
+
+/// The frames of one connection that are read but not yet written.
+#[derive(Default)]
+pub struct Pipeline {
+    slots: VecDeque<Slot>,
+}
+
+pub fn error(id: Option<String>, code: ErrorCode, message: &str) -> ServerFrame {
+    ServerFrame::Error {
+        id,
+        code,
+        message: message.to_owned(),
+    }
+}
+
+impl Pipeline {
+    /// Frames read and not yet written.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// A frame answered at once (pong, refusal).
+    pub fn push_ready(&mut self, frame: ServerFrame) {
+        self.slots.push_back(Slot::Ready(frame));
+    }
+
+    /// A send, answered when its batch comes back.
+    pub fn push_send(&mut self, id: String, draft: Draft) {
+        self.slots.push_back(Slot::Queued { id, draft });
+    }
+
+    /// The answers that may be written now: the leading answered frames.
+    pub fn take_ready(&mut self) -> Vec<ServerFrame> {
+        let mut ready = Vec::new();
+        while matches!(self.slots.front(), Some(Slot::Ready(_))) {
+            if let Some(Slot::Ready(frame)) = self.slots.pop_front() {
+                ready.push(frame);
+            }
+        }
+        ready
+    }
+
+    /// The next batch: up to `max` queued sends, in order, now in flight.
+    pub fn next_batch(&mut self, max: usize) -> Vec<Draft> {
+        let mut batch = Vec::new();
+        for slot in &mut self.slots {
+            if batch.len() == max {
+                break;
+            }
+            if let Slot::Queued { id, draft } = slot {
+                let (id, room) = (std::mem::take(id), draft.room);
+                let body = std::mem::take(&mut draft.body);
+                batch.push(Draft { room, body });
+                *slot = Slot::Submitted { id, room };
+            }
+        }
+        batch
+    }
+
+    /// Answers the sends of the batch in flight with its outcome: an ack or
+    /// an error frame each, in order.
+    pub fn complete(&mut self, outcome: Result<Vec<RpcReply<SendAccepted>>, RpcError>) {
+        let (mut replies, refused) = match outcome {
+            Ok(replies) => (replies.into_iter(), None),
+            Err(e) => (Vec::new().into_iter(), Some(e)),
+        };
+        for slot in &mut self.slots {
+            let Slot::Submitted { id, room } = slot else {
+                continue;
+            };
+            let (id, room) = (std::mem::take(id), *room);
+            let answer = match (&refused, replies.next().as_ref()) {
+                (Some(e), _) | (None, Some(RpcReply::Err(e))) => {
+                    error(Some(id), e.code.frame_code(), &e.message)
+                }
+                (None, Some(RpcReply::Ok(accepted))) => ServerFrame::Ack {
+                    id,
+                    room,
+                    seq: accepted.seq,
+                    message_id: accepted.message_id,
+                },
+                (None, None) => {
+                    tracing::error!("chat-service answered fewer sends than it was sent");
+                    let internal = RpcCode::Internal;
+                    error(Some(id), internal.frame_code(), "internal error")
+                }
+            };
+            *slot = Slot::Ready(answer);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use unhidra_core::ids::MessageId;
+
+    use super::*;
+
+    fn draft(room: RoomId, body: &str) -> Draft {
+        Draft {
+            room,
+            body: body.to_owned(),
+        }
+    }
+
+    fn ids(frames: &[ServerFrame]) -> Vec<String> {
+        frames
+            .iter()
+            .map(|f| match f {
+                ServerFrame::Ack { id, seq, .. } => format!("ack {id} {seq}"),
+                ServerFrame::Pong { id } => format!("pong {}", id.as_deref().unwrap_or("")),
+                ServerFrame::Error { id, code, .. } => {
+                    format!("error {} {code:?}", id.as_deref().unwrap_or(""))
+                }
+                ServerFrame::Message { .. } => "message".to_owned(),
+            })
+            .collect()
+    }
+
+    fn accepted(seq: u64) -> RpcReply<SendAccepted> {
+        RpcReply::Ok(SendAccepted {
+            seq,
+            message_id: MessageId::new(),
+        })
+    }
+
+    #[test]
+    fn answers_keep_the_order_frames_arrived_in() {
+        let room = RoomId::new();
+        let mut pipeline = Pipeline::default();
+        pipeline.push_ready(ServerFrame::Pong {
+            id: Some("p0".into()),
+        });
+        pipeline.push_send("s1".into(), draft(room, "one"));
+        pipeline.push_ready(ServerFrame::Pong {
+            id: Some("p1".into()),
+        });
+        pipeline.push_send("s2".into(), draft(room, "two"));
+        pipeline.push_send("s3".into(), draft(room, "three"));
+        assert_eq!(ids(&pipeline.take_ready()), vec!["pong p0"]);
+
+        // At most two sends per batch; the pong between them waits its turn.
+        let batch = pipeline.next_batch(2);
+        assert_eq!(
+            batch.iter().map(|d| d.body.as_str()).collect::<Vec<_>>(),
+            vec!["one", "two"]
+        );
+        assert!(pipeline.take_ready().is_empty());
+        pipeline.complete(Ok(vec![
+            accepted(7),
+            RpcReply::Err(RpcError::new(RpcCode::Forbidden, "not a member")),
+        ]));
+        assert_eq!(
+            ids(&pipeline.take_ready()),
+            vec!["ack s1 7", "pong p1", "error s2 Forbidden"]
+        );
+        assert_eq!(pipeline.len(), 1);
+
+        let batch = pipeline.next_batch(2);
+        assert_eq!(batch.len(), 1);
+        pipeline.complete(Err(RpcError::new(RpcCode::Unavailable, "retry later")));
+        assert_eq!(ids(&pipeline.take_ready()), vec!["error s3 Unavailable"]);
+        assert_eq!(pipeline.len(), 0);
+    }
+
+    #[test]
+    fn a_short_answer_leaves_no_send_unanswered() {
+        let room = RoomId::new();
+        let mut pipeline = Pipeline::default();
+        pipeline.push_send("a".into(), draft(room, "a"));
+        pipeline.push_send("b".into(), draft(room, "b"));
+        pipeline.next_batch(10);
+        pipeline.complete(Ok(vec![accepted(1)]));
+        assert_eq!(
+            ids(&pipeline.take_ready()),
+            vec!["ack a 1", "error b Internal"]
+        );
+    }
+}
