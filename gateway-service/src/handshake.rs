@@ -59,6 +59,8 @@ pub async fn upgrade(
         .protocols([SUBPROTOCOL])
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
+        .read_buffer_size(config.ws_read_buffer_bytes)
+        .write_buffer_size(config.ws_write_buffer_bytes)
         .on_upgrade(move |socket| {
             let in_flight = gateway.ctx.in_flight.clone();
             in_flight.track_future(connection::serve(gateway, socket, auth))

@@ -68,6 +68,13 @@ pub struct Config {
     /// `UNHIDRA_OUTBOUND_QUEUE`: frames queued per connection before it is
     /// closed as a slow consumer (256).
     pub outbound_queue: usize,
+    /// `UNHIDRA_WS_READ_BUFFER_BYTES`: how much a WebSocket reads from its
+    /// socket at a time (4096). Kept small so an idle connection costs little;
+    /// larger frames still arrive whole.
+    pub ws_read_buffer_bytes: usize,
+    /// `UNHIDRA_WS_WRITE_BUFFER_BYTES`: frames are gathered up to this many
+    /// bytes before a write to the socket (4096).
+    pub ws_write_buffer_bytes: usize,
     /// `UNHIDRA_SHUTDOWN_TIMEOUT_SECS`: how long shutdown waits for in-flight
     /// work (10).
     pub shutdown_timeout_secs: u64,
@@ -98,6 +105,8 @@ impl Default for Config {
             password_hash_concurrency: 2,
             max_frame_bytes: 64 * 1024,
             outbound_queue: 256,
+            ws_read_buffer_bytes: 4096,
+            ws_write_buffer_bytes: 4096,
             shutdown_timeout_secs: 10,
             log_format: LogFormat::Pretty,
             log: "info".to_owned(),
@@ -152,6 +161,12 @@ impl Config {
         }
         if !(1024..=16 * 1024 * 1024).contains(&self.max_frame_bytes) {
             return invalid("max_frame_bytes must be between 1024 and 16777216");
+        }
+        let buffer_ok = |size: usize| (512..=1024 * 1024).contains(&size);
+        if !buffer_ok(self.ws_read_buffer_bytes) || !buffer_ok(self.ws_write_buffer_bytes) {
+            return invalid(
+                "ws_read_buffer_bytes and ws_write_buffer_bytes must be between 512 and 1048576",
+            );
         }
         if self.outbound_queue == 0 || self.password_hash_concurrency == 0 {
             return invalid("outbound_queue and password_hash_concurrency must be at least 1");
@@ -246,6 +261,7 @@ mod tests {
             (r#"database_url = "mysql://x""#, "database_url"),
             ("no_such_setting = 1", "no_such_setting"),
             ("outbound_queue = \"many\"", "outbound_queue"),
+            ("ws_read_buffer_bytes = 16", "ws_read_buffer_bytes"),
         ] {
             let err = with(toml).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains(field), "{toml}: {err}");
