@@ -29,7 +29,7 @@ pub mod close {
 }
 
 /// A command from the client.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientFrame {
     /// Post `body` to `room`.
@@ -40,7 +40,7 @@ pub enum ClientFrame {
     },
     /// Liveness check at the application level.
     Ping {
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<String>,
     },
 }

@@ -1,0 +1,212 @@
+//! `unhidra-loadgen`: drives an Unhidra deployment (or the built-in bare
+//! relay, for reference) through a scenario and reports what it measured as a
+//! Markdown table and as JSON. Exits non-zero when anything went missing.
+
+mod idle;
+mod relay;
+mod report;
+mod target;
+mod traffic;
+
+use std::{io::BufRead, process::Stdio};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use unhidra_client::Client;
+
+use crate::{target::Target, traffic::Traffic};
+
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Rooms of many members; senders at a fixed total rate.
+    Fanout {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 10)]
+        rooms: usize,
+        #[arg(long, default_value_t = 100)]
+        members: usize,
+        #[arg(long, default_value_t = 10)]
+        senders: usize,
+        /// Messages per second, all senders together.
+        #[arg(long, default_value_t = 300)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 100)]
+        body_bytes: usize,
+    },
+    /// Many senders, one receiver per room: accepted messages per second.
+    Ingest {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 100)]
+        rooms: usize,
+        #[arg(long, default_value_t = 100)]
+        senders: usize,
+        /// Messages per second, all senders together.
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 100)]
+        body_bytes: usize,
+    },
+    /// Holds authenticated connections; memory per connection, connects per second.
+    Idle {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+    },
+    /// Runs the bare relay (what `--target relay` starts by itself).
+    Relay {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        bind: String,
+        /// Fault injection for the loadgen's own tests: drop every Nth delivery.
+        #[arg(long, hide = true)]
+        drop_every: Option<u64>,
+    },
+}
+
+#[derive(Args)]
+struct TargetArgs {
+    /// `unhidra` or `relay` (the built-in bare relay, started for the run).
+    #[arg(long, default_value = "unhidra")]
+    target: String,
+    /// Unhidra's HTTP base URL (its gateway and APIs).
+    #[arg(long, default_value = "http://127.0.0.1:9000")]
+    url: String,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Passed to the relay (fault injection for the loadgen's own tests).
+    #[arg(long, hide = true)]
+    relay_drop_every: Option<u64>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let (args, report) = match cli.command {
+        Command::Relay { bind, drop_every } => {
+            let listener = tokio::net::TcpListener::bind(&bind).await?;
+            println!("listening {}", listener.local_addr()?);
+            return relay::serve(listener, drop_every).await;
+        }
+        Command::Fanout {
+            target,
+            rooms,
+            members,
+            senders,
+            rate,
+            seconds,
+            body_bytes,
+        } => {
+            let (running, _relay) = start(&target).await?;
+            let traffic = Traffic {
+                rooms,
+                subscribers_per_room: members,
+                senders,
+                rate,
+                seconds,
+                body_bytes,
+            };
+            (target, traffic::run(&running, "fanout", traffic).await?)
+        }
+        Command::Ingest {
+            target,
+            rooms,
+            senders,
+            rate,
+            seconds,
+            body_bytes,
+        } => {
+            let (running, _relay) = start(&target).await?;
+            let traffic = Traffic {
+                rooms,
+                subscribers_per_room: 1,
+                senders,
+                rate,
+                seconds,
+                body_bytes,
+            };
+            (target, traffic::run(&running, "ingest", traffic).await?)
+        }
+        Command::Idle {
+            target,
+            connections,
+        } => {
+            let (running, _relay) = start(&target).await?;
+            (target, idle::run(&running, connections).await?)
+        }
+    };
+    println!("{}", report.markdown());
+    let json = serde_json::to_string(&report)?;
+    println!("{json}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !report.failures.is_empty() {
+        anyhow::bail!("the run lost or refused messages: {:?}", report.failures);
+    }
+    Ok(())
+}
+
+/// Kills the relay child process when dropped.
+struct RelayProcess(std::process::Child);
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn start(args: &TargetArgs) -> anyhow::Result<(Target, Option<RelayProcess>)> {
+    match args.target.as_str() {
+        "unhidra" => Ok((
+            Target::Unhidra {
+                client: Client::new(&args.url),
+            },
+            None,
+        )),
+        "relay" => {
+            let mut relay = std::process::Command::new(std::env::current_exe()?);
+            relay.arg("relay").stdout(Stdio::piped());
+            if let Some(n) = args.relay_drop_every {
+                relay.args(["--drop-every", &n.to_string()]);
+            }
+            let mut child = relay.spawn()?;
+            let pid = child.id();
+            let stdout = child.stdout.take().context("relay stdout")?;
+            let relay = RelayProcess(child);
+            let line = tokio::task::spawn_blocking(move || {
+                let mut line = String::new();
+                std::io::BufReader::new(stdout)
+                    .read_line(&mut line)
+                    .map(|_| line)
+            })
+            .await??;
+            let address = line
+                .trim()
+                .strip_prefix("listening ")
+                .context("the relay did not say where it listens")?;
+            Ok((
+                Target::Relay {
+                    ws_url: format!("ws://{address}/ws"),
+                    pid,
+                },
+                Some(relay),
+            ))
+        }
+        other => anyhow::bail!("unknown target `{other}` (unhidra or relay)"),
+    }
+}

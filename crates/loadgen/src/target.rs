@@ -1,0 +1,117 @@
+//! What a scenario runs against: Unhidra (users registered and logged in,
+//! rooms created and joined over HTTP, connections authenticated) or the
+//! built-in relay (rooms named in the connection URL, no accounts).
+
+use anyhow::Context;
+use unhidra_client::{Client, Connection};
+use unhidra_core::{ids::RoomId, rooms::Visibility};
+
+/// Who a connection is: its token (Unhidra) and its rooms.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    token: Option<String>,
+    rooms: Vec<RoomId>,
+}
+
+/// The rooms of a scenario, and per room a sender and a subscriber identity,
+/// each a member of that room only (every member connection receives the
+/// room's messages, so senders are kept out of other rooms).
+pub struct Setup {
+    pub rooms: Vec<RoomId>,
+    pub senders: Vec<Identity>,
+    pub subscribers: Vec<Identity>,
+}
+
+pub enum Target {
+    Unhidra { client: Client },
+    Relay { ws_url: String, pid: u32 },
+}
+
+const PASSWORD: &str = "loadgen password 1";
+
+impl Target {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Unhidra { .. } => "unhidra",
+            Self::Relay { .. } => "relay",
+        }
+    }
+
+    pub async fn prepare(&self, rooms: usize) -> anyhow::Result<Setup> {
+        let mut setup = Setup {
+            rooms: Vec::with_capacity(rooms),
+            senders: Vec::with_capacity(rooms),
+            subscribers: Vec::with_capacity(rooms),
+        };
+        for i in 0..rooms {
+            let (room, sender, subscriber) = match self {
+                Self::Relay { .. } => (RoomId::new(), None, None),
+                Self::Unhidra { client } => {
+                    let sender = account(client, &format!("sender{i}")).await?;
+                    let room = client
+                        .create_room(&sender, &format!("loadgen {i}"), Visibility::Public)
+                        .await?
+                        .room_id;
+                    let subscriber = account(client, &format!("subscriber{i}")).await?;
+                    client.join(&subscriber, room).await?;
+                    (room, Some(sender), Some(subscriber))
+                }
+            };
+            setup.rooms.push(room);
+            setup.senders.push(Identity {
+                token: sender,
+                rooms: vec![room],
+            });
+            setup.subscribers.push(Identity {
+                token: subscriber,
+                rooms: vec![room],
+            });
+        }
+        Ok(setup)
+    }
+
+    pub async fn connect(&self, identity: &Identity) -> anyhow::Result<Connection> {
+        let connection = match self {
+            Self::Unhidra { client } => {
+                let token = identity.token.as_deref().context("no token")?;
+                client.connect(token).await?
+            }
+            Self::Relay { ws_url, .. } => {
+                let rooms: Vec<String> = identity.rooms.iter().map(RoomId::to_string).collect();
+                Connection::open(&format!("{ws_url}?rooms={}", rooms.join(",")), None).await?
+            }
+        };
+        Ok(connection)
+    }
+
+    /// The server's resident memory in bytes: from the relay's `/proc`
+    /// entry, or from Unhidra's `process_resident_memory_bytes`.
+    pub async fn resident_bytes(&self) -> anyhow::Result<u64> {
+        match self {
+            Self::Relay { pid, .. } => {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+                let kib: u64 = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                    .context("no VmRSS")?;
+                Ok(kib * 1024)
+            }
+            Self::Unhidra { client } => {
+                let text = client.metrics().await?;
+                let value = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+                    .context("no process_resident_memory_bytes in /metrics")?;
+                Ok(value.trim().parse::<f64>()? as u64)
+            }
+        }
+    }
+}
+
+/// Registers and logs in a fresh account; its access token.
+async fn account(client: &Client, name: &str) -> anyhow::Result<String> {
+    let email = format!("{name}-{}@loadgen.example", uuid::Uuid::new_v4().simple());
+    client.register(&email, PASSWORD, name).await?;
+    Ok(client.login(&email, PASSWORD).await?.access_token)
+}

@@ -1,0 +1,303 @@
+//! `fanout` and `ingest`: sender connections (spread over the rooms, one room
+//! each) send at a fixed total rate without waiting for acks; subscriber
+//! connections receive. Each body carries its send time, so every delivery is a latency
+//! sample; acks are timed against their send (they arrive in send order).
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use hdrhistogram::Histogram;
+use tokio::sync::watch;
+use unhidra_client::{Receiver, Sender};
+use unhidra_core::{
+    ids::RoomId,
+    protocol::{ClientFrame, ServerFrame},
+};
+
+use crate::{
+    report::{Latency, Report},
+    target::Target,
+};
+
+/// The shape of a traffic run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Traffic {
+    pub rooms: usize,
+    pub subscribers_per_room: usize,
+    pub senders: usize,
+    /// Messages per second, all senders together.
+    pub rate: u64,
+    pub seconds: u64,
+    pub body_bytes: usize,
+}
+
+#[derive(Default)]
+struct Counters {
+    sent: AtomicU64,
+    acked: AtomicU64,
+    refused: AtomicU64,
+    delivered: AtomicU64,
+}
+
+const TICK: Duration = Duration::from_millis(5);
+const DRAIN: Duration = Duration::from_secs(5);
+
+fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default()
+}
+
+fn histogram() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
+}
+
+pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::Result<Report> {
+    let setup = target.prepare(traffic.rooms).await?;
+    let counters = Arc::new(Counters::default());
+    let (stop, stopped) = watch::channel(false);
+
+    let mut subscribers = Vec::new();
+    for identity in &setup.subscribers {
+        for _ in 0..traffic.subscribers_per_room {
+            let (_, receiver) = target.connect(identity).await?.split();
+            subscribers.push(tokio::spawn(subscribe(
+                receiver,
+                Arc::clone(&counters),
+                stopped.clone(),
+            )));
+        }
+    }
+    let started = Instant::now();
+    let total = traffic.rate * traffic.seconds;
+    let mut senders = Vec::new();
+    for s in 0..traffic.senders {
+        let room = s % setup.rooms.len();
+        let (sender, receiver) = target.connect(&setup.senders[room]).await?.split();
+        let share =
+            total / traffic.senders as u64 + u64::from((s as u64) < total % traffic.senders as u64);
+        let (sent_at_tx, sent_at_rx) = tokio::sync::mpsc::unbounded_channel();
+        senders.push((
+            tokio::spawn(send(
+                sender,
+                setup.rooms[room],
+                share,
+                traffic.clone(),
+                sent_at_tx,
+                Arc::clone(&counters),
+            )),
+            tokio::spawn(acks(receiver, share, sent_at_rx, Arc::clone(&counters))),
+        ));
+    }
+    let progress = tokio::spawn(progress(
+        Arc::clone(&counters),
+        total,
+        traffic.subscribers_per_room as u64,
+    ));
+
+    let mut ack_latency = histogram()?;
+    let mut send_errors = Vec::new();
+    for (sending, acking) in senders {
+        if let Err(e) = sending.await? {
+            send_errors.push(e.to_string());
+        }
+        ack_latency.add(acking.await??)?;
+    }
+    let sending_done = started.elapsed();
+    let expected = counters.acked.load(Ordering::Relaxed) * traffic.subscribers_per_room as u64;
+    let drain_until = Instant::now() + DRAIN;
+    while counters.delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop.send(true);
+    let mut delivery_latency = histogram()?;
+    for subscriber in subscribers {
+        delivery_latency.add(subscriber.await??)?;
+    }
+    progress.abort();
+    eprintln!();
+
+    let sent = counters.sent.load(Ordering::Relaxed);
+    let acked = counters.acked.load(Ordering::Relaxed);
+    let refused = counters.refused.load(Ordering::Relaxed);
+    let delivered = counters.delivered.load(Ordering::Relaxed);
+    let mut failures = send_errors;
+    if acked + refused < sent {
+        failures.push(format!(
+            "{} of {sent} sends never answered",
+            sent - acked - refused
+        ));
+    }
+    if refused > 0 {
+        failures.push(format!("{refused} of {sent} sends refused"));
+    }
+    if delivered < expected {
+        failures.push(format!(
+            "{} of {expected} deliveries missing after {DRAIN:?}",
+            expected - delivered
+        ));
+    }
+    let seconds = sending_done.as_secs_f64();
+    Ok(Report {
+        scenario: scenario.to_owned(),
+        target: target.name().to_owned(),
+        parameters: serde_json::to_value(&traffic)?,
+        figures: vec![
+            ("messages sent".into(), sent as f64),
+            ("messages acked".into(), acked as f64),
+            ("acked per second".into(), acked as f64 / seconds),
+            ("deliveries expected".into(), expected as f64),
+            ("deliveries".into(), delivered as f64),
+            ("deliveries per second".into(), delivered as f64 / seconds),
+            (
+                "delivered fraction".into(),
+                if expected == 0 {
+                    1.0
+                } else {
+                    delivered as f64 / expected as f64
+                },
+            ),
+            ("sending time (s)".into(), seconds),
+        ],
+        latencies: vec![
+            ("ack".into(), Latency::of(&ack_latency)),
+            ("delivery".into(), Latency::of(&delivery_latency)),
+        ],
+        failures,
+    })
+}
+
+/// Sends `count` messages to `room` at this connection's share of the rate.
+async fn send(
+    mut sender: Sender,
+    room: RoomId,
+    count: u64,
+    traffic: Traffic,
+    sent_at: tokio::sync::mpsc::UnboundedSender<Instant>,
+    counters: Arc<Counters>,
+) -> anyhow::Result<()> {
+    let per_second = traffic.rate as f64 / traffic.senders as f64;
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(TICK);
+    let mut sent = 0;
+    while sent < count {
+        ticker.tick().await;
+        let due = ((started.elapsed().as_secs_f64() * per_second) as u64 + 1).min(count);
+        while sent < due {
+            let stamp = format!("t={};", unix_nanos());
+            let padding = traffic.body_bytes.saturating_sub(stamp.len());
+            let frame = ClientFrame::Send {
+                id: sent.to_string(),
+                room,
+                body: format!("{stamp}{}", "x".repeat(padding)),
+            };
+            sender.feed(&frame).await?;
+            let _ = sent_at.send(Instant::now());
+            sent += 1;
+            counters.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        sender.flush().await?;
+    }
+    Ok(())
+}
+
+/// Times the acks of one sender connection (they come in send order).
+async fn acks(
+    mut receiver: Receiver,
+    count: u64,
+    mut sent_at: tokio::sync::mpsc::UnboundedReceiver<Instant>,
+    counters: Arc<Counters>,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut latency = histogram()?;
+    let mut pending: VecDeque<Instant> = VecDeque::new();
+    let mut answered = 0;
+    while answered < count {
+        let next = tokio::time::timeout(DRAIN * 2, receiver.next()).await;
+        let frame = match next {
+            Ok(Ok(Some(frame))) => frame,
+            Ok(Ok(None)) => anyhow::bail!("sender connection closed after {answered} answers"),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => anyhow::bail!("no answer for {:?} after {answered} answers", DRAIN * 2),
+        };
+        let (ack, error) = match frame {
+            ServerFrame::Ack { .. } => (true, false),
+            ServerFrame::Error { .. } => (false, true),
+            _ => continue,
+        };
+        while let Ok(at) = sent_at.try_recv() {
+            pending.push_back(at);
+        }
+        if let Some(at) = pending.pop_front() {
+            latency.record(at.elapsed().as_micros().max(1) as u64)?;
+        }
+        answered += 1;
+        if ack {
+            counters.acked.fetch_add(1, Ordering::Relaxed);
+        }
+        if error {
+            counters.refused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(latency)
+}
+
+/// Counts and times deliveries until told to stop.
+async fn subscribe(
+    mut receiver: Receiver,
+    counters: Arc<Counters>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut latency = histogram()?;
+    loop {
+        let frame = tokio::select! {
+            _ = stop.changed() => return Ok(latency),
+            frame = receiver.next() => frame?,
+        };
+        match frame {
+            Some(ServerFrame::Message { body, .. }) => {
+                counters.delivered.fetch_add(1, Ordering::Relaxed);
+                let sent = body
+                    .strip_prefix("t=")
+                    .and_then(|rest| rest.split(';').next())
+                    .and_then(|nanos| nanos.parse::<u64>().ok());
+                if let Some(sent) = sent {
+                    let micros = unix_nanos().saturating_sub(sent) / 1000;
+                    latency.record(micros.max(1))?;
+                }
+            }
+            Some(_) => {}
+            None => anyhow::bail!("subscriber connection closed"),
+        }
+    }
+}
+
+/// A progress bar on stderr, once a second.
+async fn progress(counters: Arc<Counters>, total: u64, fanout: u64) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        ticker.tick().await;
+        let sent = counters.sent.load(Ordering::Relaxed);
+        let done = if total == 0 {
+            1.0
+        } else {
+            sent as f64 / total as f64
+        };
+        let filled = (done * 30.0) as usize;
+        eprint!(
+            "\r[{}{}] {:>3.0}% sent {sent}/{total} acked {} delivered {}/{}   ",
+            "#".repeat(filled),
+            ".".repeat(30 - filled.min(30)),
+            done * 100.0,
+            counters.acked.load(Ordering::Relaxed),
+            counters.delivered.load(Ordering::Relaxed),
+            counters.acked.load(Ordering::Relaxed) * fanout,
+        );
+    }
+}

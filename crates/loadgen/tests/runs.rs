@@ -1,0 +1,117 @@
+//! The load generator on small runs: it reports what it measured, and fails
+//! loudly when messages go missing.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn loadgen(args: &[&str]) -> std::io::Result<(bool, Value, String)> {
+    let output = Command::new(env!("CARGO_BIN_EXE_unhidra-loadgen"))
+        .args(args)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let report = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or(Value::Null);
+    Ok((output.status.success(), report, stdout))
+}
+
+fn figure(report: &Value, name: &str) -> Option<f64> {
+    report["figures"]
+        .as_array()?
+        .iter()
+        .find(|f| f[0] == name)
+        .and_then(|f| f[1].as_f64())
+}
+
+#[test]
+fn a_clean_relay_run_reports_every_figure() -> Result<(), Box<dyn std::error::Error>> {
+    let (ok, report, stdout) = loadgen(&[
+        "fanout",
+        "--target",
+        "relay",
+        "--rooms",
+        "2",
+        "--members",
+        "3",
+        "--senders",
+        "2",
+        "--rate",
+        "200",
+        "--seconds",
+        "1",
+    ])?;
+    assert!(ok, "{stdout}");
+    assert!(stdout.contains("| delivered fraction | 1.00 |"), "{stdout}");
+    assert_eq!(figure(&report, "messages acked"), Some(200.0));
+    assert_eq!(figure(&report, "deliveries"), Some(600.0));
+    assert_eq!(report["latencies"][1][1]["count"], 600);
+    Ok(())
+}
+
+#[test]
+fn missing_deliveries_fail_the_run() -> Result<(), Box<dyn std::error::Error>> {
+    let (ok, report, stdout) = loadgen(&[
+        "fanout",
+        "--target",
+        "relay",
+        "--rooms",
+        "1",
+        "--members",
+        "2",
+        "--senders",
+        "1",
+        "--rate",
+        "100",
+        "--seconds",
+        "1",
+        "--relay-drop-every",
+        "10",
+    ])?;
+    assert!(!ok, "a lossy run passed: {stdout}");
+    assert_eq!(figure(&report, "deliveries"), Some(180.0));
+    assert!(stdout.contains("20 of 200 deliveries missing"), "{stdout}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_run_against_the_embedded_default() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let config = unhidra_core::Config {
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let signal = stop.clone();
+    let server = tokio::spawn(unhidra::run(listener, config, async move {
+        signal.cancelled().await
+    }));
+    let args = [
+        "ingest",
+        "--url",
+        &url,
+        "--rooms",
+        "2",
+        "--senders",
+        "4",
+        "--rate",
+        "400",
+        "--seconds",
+        "1",
+    ]
+    .map(str::to_owned);
+    let (ok, report, stdout) =
+        tokio::task::spawn_blocking(move || loadgen(&args.each_ref().map(String::as_str)))
+            .await??;
+    assert!(ok, "{stdout}");
+    assert_eq!(report["target"], "unhidra");
+    assert_eq!(figure(&report, "messages acked"), Some(400.0));
+    assert_eq!(figure(&report, "delivered fraction"), Some(1.0));
+    stop.cancel();
+    server.await??;
+    Ok(())
+}
