@@ -1,7 +1,7 @@
 //! The audit log: security events, stored once each.
 
 use unhidra_core::events::AuditEvent;
-use unhidra_store::{Database, MAX_ROWS_PER_STATEMENT, now_millis, value_rows};
+use unhidra_store::{Database, MAX_ROWS_PER_STATEMENT, now_millis};
 
 #[derive(Clone, Debug)]
 pub struct AuditRepo {
@@ -23,7 +23,7 @@ impl AuditRepo {
             let sql = format!(
                 "INSERT INTO audit_events (id, kind, actor, subject, detail, occurred_at, recorded_at)
                  VALUES {} ON CONFLICT DO NOTHING",
-                value_rows(7, chunk.len())
+                self.db.value_rows(7, chunk.len())
             );
             let mut query = sqlx::query(&sql);
             for event in chunk {

@@ -7,7 +7,7 @@ use unhidra_core::{
     events::RoomMessage,
     ids::{MessageId, RoomId, UserId},
 };
-use unhidra_store::{Database, MAX_ROWS_PER_STATEMENT, now_millis, value_rows};
+use unhidra_store::{Database, MAX_ROWS_PER_STATEMENT, now_millis};
 
 /// One message as history serves it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -39,7 +39,7 @@ impl HistoryRepo {
             let sql = format!(
                 "INSERT INTO messages (message_id, room_id, seq, sender, body, sent_at, stored_at)
                  VALUES {} ON CONFLICT DO NOTHING",
-                value_rows(7, chunk.len())
+                self.db.value_rows(7, chunk.len())
             );
             let mut query = sqlx::query(&sql);
             for event in chunk {

@@ -19,7 +19,7 @@ use unhidra_core::{
     events::{RoomMessage, SCHEMA_VERSION},
     ids::{MessageId, RoomId, UserId},
 };
-use unhidra_store::{Database, MAX_ROWS_PER_STATEMENT, now_millis, placeholders, value_rows};
+use unhidra_store::{Database, MAX_ROWS_PER_STATEMENT, now_millis};
 
 use crate::rooms::Refusal;
 
@@ -105,7 +105,7 @@ impl OutboxRepo {
             });
             outcomes.push(Ok(event));
         }
-        insert(&mut tx, &queued).await?;
+        insert(&self.db, &mut tx, &queued).await?;
         tx.commit().await?;
         Ok(outcomes)
     }
@@ -118,8 +118,8 @@ impl OutboxRepo {
             "SELECT r.id, m.user_id FROM rooms r
              LEFT JOIN room_members m ON m.room_id = r.id AND m.user_id IN ({})
              WHERE r.id IN ({})",
-            placeholders(1, users.len()),
-            placeholders(1 + users.len(), rooms.len())
+            self.db.placeholders(1, users.len()),
+            self.db.placeholders(1 + users.len(), rooms.len())
         );
         let mut query = sqlx::query_as::<_, (String, Option<String>)>(&sql);
         for value in users.iter().chain(&rooms) {
@@ -169,7 +169,7 @@ impl OutboxRepo {
                  SELECT message_id FROM outbox WHERE room_id IN ({})
                  ORDER BY room_id, seq LIMIT {limit})
              RETURNING message_id, room_id, seq, payload",
-            placeholders(1, rooms.len())
+            self.db.placeholders(1, rooms.len())
         );
         let mut query = sqlx::query_as::<_, (String, String, i64, String)>(&sql);
         for room in rooms {
@@ -223,12 +223,16 @@ fn unique(values: impl Iterator<Item = String>) -> Vec<String> {
     values.filter(|v| seen.insert(v.clone())).collect()
 }
 
-async fn insert(tx: &mut Transaction<'_, Any>, queued: &[Pending]) -> anyhow::Result<()> {
+async fn insert(
+    db: &Database,
+    tx: &mut Transaction<'_, Any>,
+    queued: &[Pending],
+) -> anyhow::Result<()> {
     let now = now_millis();
     for chunk in queued.chunks(MAX_ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO outbox (message_id, room_id, seq, payload, created_at) VALUES {}",
-            value_rows(5, chunk.len())
+            db.value_rows(5, chunk.len())
         );
         let mut query = sqlx::query(&sql);
         for p in chunk {

