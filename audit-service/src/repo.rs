@@ -17,7 +17,7 @@ impl AuditRepo {
     /// stored; returns how many were new.
     pub async fn insert(&self, events: &[AuditEvent]) -> anyhow::Result<u64> {
         let now = now_millis();
-        let mut tx = self.db.pool.begin().await?;
+        let mut write = self.db.begin_write().await?;
         let mut inserted = 0;
         for chunk in events.chunks(MAX_ROWS_PER_STATEMENT) {
             let sql = format!(
@@ -36,9 +36,9 @@ impl AuditRepo {
                     .bind(event.at.timestamp_millis())
                     .bind(now);
             }
-            inserted += query.execute(&mut *tx).await?.rows_affected();
+            inserted += query.execute(&mut *write.tx).await?.rows_affected();
         }
-        tx.commit().await?;
+        write.commit().await?;
         Ok(inserted)
     }
 }

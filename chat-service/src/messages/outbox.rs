@@ -65,7 +65,7 @@ impl OutboxRepo {
                 *per_room.entry(m.room).or_default() += 1;
             }
         }
-        let mut tx = self.db.pool.begin().await?;
+        let mut write = self.db.begin_write().await?;
         // Sequences first: the first statement writes, so on SQLite the
         // transaction takes the write lock (waiting its turn) before reading.
         let mut next_seq: HashMap<RoomId, u64> = HashMap::new();
@@ -75,7 +75,7 @@ impl OutboxRepo {
             )
             .bind(i64::try_from(*count)?)
             .bind(room.to_string())
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut *write.tx)
             .await?;
             next_seq.insert(*room, u64::try_from(last)? - count + 1);
         }
@@ -105,8 +105,8 @@ impl OutboxRepo {
             });
             outcomes.push(Ok(event));
         }
-        insert(&self.db, &mut tx, &queued).await?;
-        tx.commit().await?;
+        insert(&self.db, &mut write.tx, &queued).await?;
+        write.commit().await?;
         Ok(outcomes)
     }
 
@@ -175,8 +175,8 @@ impl OutboxRepo {
         for room in rooms {
             query = query.bind(room.to_string());
         }
-        let mut tx = self.db.pool.begin().await?;
-        let rows = query.fetch_all(&mut *tx).await?;
+        let mut write = self.db.begin_write().await?;
+        let rows = query.fetch_all(&mut *write.tx).await?;
         let mut taken = Vec::with_capacity(rows.len());
         for (message_id, room, seq, payload) in rows {
             taken.push(Pending {
@@ -196,7 +196,7 @@ impl OutboxRepo {
         taken.sort_by_key(|p| (p.room, p.seq));
         let count = taken.len();
         publish(taken).await?;
-        tx.commit().await?;
+        write.commit().await?;
         Ok(count)
     }
 

@@ -40,7 +40,7 @@ impl RoomRepo {
     /// Stores a new room with `owner` as its first member, in one transaction.
     pub async fn create(&self, room: &Room, owner: UserId) -> anyhow::Result<()> {
         let now = now_millis();
-        let mut tx = self.db.pool.begin().await?;
+        let mut write = self.db.begin_write().await?;
         sqlx::query(
             "INSERT INTO rooms (id, name, visibility, created_by, created_at)
              VALUES ($1, $2, $3, $4, $5)",
@@ -50,7 +50,7 @@ impl RoomRepo {
         .bind(room.visibility.as_str())
         .bind(owner.to_string())
         .bind(now)
-        .execute(&mut *tx)
+        .execute(&mut *write.tx)
         .await?;
         sqlx::query(
             "INSERT INTO room_members (room_id, user_id, role, joined_at) VALUES ($1, $2, $3, $4)",
@@ -59,9 +59,9 @@ impl RoomRepo {
         .bind(owner.to_string())
         .bind(Role::Owner.as_str())
         .bind(now)
-        .execute(&mut *tx)
+        .execute(&mut *write.tx)
         .await?;
-        tx.commit().await?;
+        write.commit().await?;
         Ok(())
     }
 

@@ -48,7 +48,7 @@ impl std::fmt::Debug for MemoryBus {
 
 #[derive(Default)]
 struct Inner {
-    subscriptions: Mutex<Vec<Sub>>,
+    subscriptions: Mutex<Subscriptions>,
     streams: Mutex<HashMap<String, Arc<MemStream>>>,
     counter: AtomicU64,
 }
@@ -57,6 +57,51 @@ struct Sub {
     pattern: String,
     group: Option<String>,
     tx: mpsc::Sender<Message>,
+}
+
+/// Subscriptions to one exact subject (reply inboxes, mostly) are found by
+/// lookup; only wildcard patterns are matched one by one.
+#[derive(Default)]
+struct Subscriptions {
+    exact: HashMap<String, Vec<Sub>>,
+    wildcard: Vec<Sub>,
+}
+
+impl Subscriptions {
+    fn add(&mut self, sub: Sub) {
+        // Subscriptions dropped since are forgotten here, so the maps stay
+        // as large as what is listening.
+        self.exact.retain(|_, subs| {
+            subs.retain(|s| !s.tx.is_closed());
+            !subs.is_empty()
+        });
+        if sub.pattern.split('.').any(|t| t == "*" || t == ">") {
+            self.wildcard.push(sub);
+        } else {
+            self.exact.entry(sub.pattern.clone()).or_default().push(sub);
+        }
+    }
+
+    /// The live subscriptions matching `subject`; closed ones are dropped.
+    fn matching(&mut self, subject: &str) -> Vec<&Sub> {
+        self.wildcard.retain(|s| !s.tx.is_closed());
+        if let Some(subs) = self.exact.get_mut(subject) {
+            subs.retain(|s| !s.tx.is_closed());
+            if subs.is_empty() {
+                self.exact.remove(subject);
+            }
+        }
+        self.exact
+            .get(subject)
+            .into_iter()
+            .flatten()
+            .chain(
+                self.wildcard
+                    .iter()
+                    .filter(|s| matches(&s.pattern, subject)),
+            )
+            .collect()
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -76,13 +121,9 @@ impl MemoryBus {
     fn deliver(&self, message: &Message) -> usize {
         let pick = self.inner.counter.fetch_add(1, Ordering::Relaxed) as usize;
         let mut subscriptions = lock(&self.inner.subscriptions);
-        subscriptions.retain(|s| !s.tx.is_closed());
         let mut groups: HashMap<&str, Vec<&Sub>> = HashMap::new();
         let mut delivered = 0;
-        for sub in subscriptions
-            .iter()
-            .filter(|s| matches(&s.pattern, &message.subject))
-        {
+        for sub in subscriptions.matching(&message.subject) {
             match &sub.group {
                 Some(group) => groups.entry(group).or_default().push(sub),
                 None => delivered += usize::from(offer(sub, message)),
@@ -109,7 +150,7 @@ impl MemoryBus {
 
     fn add_subscription(&self, pattern: &str, group: Option<&str>) -> Subscription {
         let (tx, rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
-        lock(&self.inner.subscriptions).push(Sub {
+        lock(&self.inner.subscriptions).add(Sub {
             pattern: pattern.to_owned(),
             group: group.map(str::to_owned),
             tx,
@@ -199,16 +240,20 @@ impl Bus for MemoryBus {
             subject: subject.to_owned(),
             headers,
             payload,
-            reply: Some(inbox),
+            reply: Some(inbox.clone()),
         };
         if self.deliver(&request) == 0 {
+            lock(&self.inner.subscriptions).exact.remove(&inbox);
             return Err(BusError::NoResponders(subject.to_owned()));
         }
-        match tokio::time::timeout(timeout, replies.next()).await {
+        let reply = match tokio::time::timeout(timeout, replies.next()).await {
             Ok(Some(reply)) => Ok(reply),
             Ok(None) => Err(BusError::Transport("reply subscription closed".into())),
             Err(_) => Err(BusError::Timeout(subject.to_owned())),
-        }
+        };
+        drop(replies);
+        lock(&self.inner.subscriptions).exact.remove(&inbox);
+        reply
     }
 
     async fn ensure_stream(&self, spec: &StreamSpec) -> Result<()> {

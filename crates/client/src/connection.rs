@@ -8,7 +8,7 @@ use futures::{
 };
 use tokio::net::TcpStream;
 use tokio_tungstenite::{
-    MaybeTlsStream, WebSocketStream, connect_async,
+    MaybeTlsStream, WebSocketStream, connect_async_with_config,
     tungstenite::{Message, client::IntoClientRequest, http::HeaderValue},
 };
 use unhidra_core::protocol::{BEARER_PROTOCOL_PREFIX, ClientFrame, SUBPROTOCOL, ServerFrame};
@@ -45,20 +45,23 @@ impl Connection {
             "sec-websocket-protocol",
             HeaderValue::from_str(&protocols).map_err(transport)?,
         );
-        let (socket, _) = connect_async(request).await.map_err(|e| match e {
-            tokio_tungstenite::tungstenite::Error::Http(response) => ClientError::Refused {
-                status: response.status().as_u16(),
-                body: response
-                    .body()
-                    .as_ref()
-                    .and_then(|b| serde_json::from_slice(b).ok())
-                    .unwrap_or_else(|| unhidra_core::error::ErrorBody {
-                        error: "unknown".into(),
-                        message: "handshake refused".into(),
-                    }),
-            },
-            other => transport(other),
-        })?;
+        // Nagle's algorithm off: a lone small frame goes out at once.
+        let (socket, _) = connect_async_with_config(request, None, true)
+            .await
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(response) => ClientError::Refused {
+                    status: response.status().as_u16(),
+                    body: response
+                        .body()
+                        .as_ref()
+                        .and_then(|b| serde_json::from_slice(b).ok())
+                        .unwrap_or_else(|| unhidra_core::error::ErrorBody {
+                            error: "unknown".into(),
+                            message: "handshake refused".into(),
+                        }),
+                },
+                other => transport(other),
+            })?;
         Ok(Self { socket })
     }
 

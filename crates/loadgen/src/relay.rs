@@ -35,6 +35,7 @@ pub async fn serve(listener: TcpListener, drop_every: Option<u64>) -> anyhow::Re
     let deliveries = Arc::new(AtomicU64::new(0));
     loop {
         let (stream, _) = listener.accept().await?;
+        stream.set_nodelay(true)?;
         let rooms = Arc::clone(&rooms);
         let dropper = drop_every.map(|n| (n, Arc::clone(&deliveries)));
         tokio::spawn(async move {

@@ -16,7 +16,7 @@ pub mod rpc;
 
 use std::{future::Future, sync::Arc};
 
-use axum::{Router, extract::FromRef};
+use axum::{Router, extract::FromRef, serve::ListenerExt};
 use secrecy::ExposeSecret;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -176,6 +176,13 @@ impl ServiceContext {
             ));
         tracing::info!(address = %listener.local_addr()?, "listening");
         let shutdown = self.shutdown.clone();
+        // Small frames (acks, messages) go out at once instead of waiting
+        // for the peer's delayed ACK.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+        });
         let server = axum::serve(listener, router)
             .with_graceful_shutdown(async move { shutdown.cancelled().await });
         let server = tokio::spawn(async move { server.await });

@@ -7,14 +7,15 @@
 
 mod pool_metrics;
 
-use std::{path::Path, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use futures::future::BoxFuture;
 use sqlx::{
-    AnyConnection, AnyPool, Connection, Executor,
+    Any, AnyConnection, AnyPool, Connection, Executor, Transaction,
     any::{AnyPoolOptions, install_default_drivers},
 };
+use tokio::sync::OwnedMutexGuard;
 
 /// Which database a pool talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +43,23 @@ pub use pool_metrics::PoolCollector;
 pub struct Database {
     pub pool: AnyPool,
     pub backend: Backend,
+    /// SQLite takes one writer at a time; the writers of this process queue
+    /// here for their turn rather than in SQLite's busy handler, which sleeps
+    /// for milliseconds at a time.
+    writer: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A write transaction: on SQLite it holds this process's writer turn until
+/// it commits or is dropped.
+pub struct Write {
+    pub tx: Transaction<'static, Any>,
+    _turn: Option<OwnedMutexGuard<()>>,
+}
+
+impl Write {
+    pub async fn commit(self) -> sqlx::Result<()> {
+        self.tx.commit().await
+    }
 }
 
 /// One schema change of one service, applied once, in version order.
@@ -96,7 +114,11 @@ impl Database {
             .connect(url)
             .await
             .context("connecting to the database")?;
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            writer: Arc::default(),
+        })
     }
 
     /// Applies `service`'s migrations that are not applied yet, each in its own
@@ -127,6 +149,18 @@ impl Database {
                 .await?;
         }
         result
+    }
+
+    /// Begins a transaction that writes; see [`Write`].
+    pub async fn begin_write(&self) -> sqlx::Result<Write> {
+        let turn = match self.backend {
+            Backend::Sqlite => Some(Arc::clone(&self.writer).lock_owned().await),
+            Backend::Postgres => None,
+        };
+        Ok(Write {
+            tx: self.pool.begin().await?,
+            _turn: turn,
+        })
     }
 
     /// Whether the database answers (for readiness checks).
