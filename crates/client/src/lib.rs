@@ -72,11 +72,38 @@ struct Page {
     messages: Vec<StoredMessage>,
 }
 
-/// The HTTP APIs of one Unhidra deployment (the all-in-one process, or a
-/// single entry point in front of the services).
+/// Where each part of a deployment answers: all at one base URL for the
+/// all-in-one process (or one entry point), or each service at its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    /// auth-api: register, log in.
+    pub auth: String,
+    /// chat-service: rooms.
+    pub chat: String,
+    /// history-service: messages.
+    pub history: String,
+    /// gateway-service: `/ws` (and `/metrics` of the process holding the
+    /// connections).
+    pub gateway: String,
+}
+
+impl Endpoints {
+    /// Everything at `base` (`http://host:port`).
+    pub fn all_at(base: &str) -> Self {
+        let base = base.trim_end_matches('/').to_owned();
+        Self {
+            auth: base.clone(),
+            chat: base.clone(),
+            history: base.clone(),
+            gateway: base,
+        }
+    }
+}
+
+/// The HTTP APIs and the gateway of one Unhidra deployment.
 #[derive(Debug, Clone)]
 pub struct Client {
-    base: String,
+    endpoints: Endpoints,
     http: reqwest::Client,
 }
 
@@ -85,26 +112,26 @@ fn transport(e: impl std::fmt::Display) -> ClientError {
 }
 
 impl Client {
-    /// `base` is `http://host:port` (or https).
+    /// Everything at `base` (`http://host:port`, or https).
     pub fn new(base: &str) -> Self {
+        Self::with_endpoints(Endpoints::all_at(base))
+    }
+
+    pub fn with_endpoints(endpoints: Endpoints) -> Self {
         Self {
-            base: base.trim_end_matches('/').to_owned(),
+            endpoints,
             http: reqwest::Client::new(),
         }
     }
 
     /// The WebSocket URL of this deployment's gateway.
     pub fn ws_url(&self) -> String {
-        let rest = self
-            .base
+        let base = &self.endpoints.gateway;
+        let rest = base
             .strip_prefix("https://")
             .map(|r| format!("wss://{r}"))
-            .or_else(|| {
-                self.base
-                    .strip_prefix("http://")
-                    .map(|r| format!("ws://{r}"))
-            })
-            .unwrap_or_else(|| self.base.clone());
+            .or_else(|| base.strip_prefix("http://").map(|r| format!("ws://{r}")))
+            .unwrap_or_else(|| base.clone());
         format!("{rest}/ws")
     }
 
@@ -134,8 +161,8 @@ impl Client {
         }
     }
 
-    fn post(&self, path: &str, body: &impl Serialize) -> reqwest::RequestBuilder {
-        self.http.post(format!("{}{path}", self.base)).json(body)
+    fn post(&self, base: &str, path: &str, body: &impl Serialize) -> reqwest::RequestBuilder {
+        self.http.post(format!("{base}{path}")).json(body)
     }
 
     pub async fn register(
@@ -145,13 +172,15 @@ impl Client {
         display_name: &str,
     ) -> Result<Registered> {
         let body = json!({"email": email, "password": password, "display_name": display_name});
-        self.call(self.post("/api/v1/auth/register", &body), None)
+        let auth = &self.endpoints.auth;
+        self.call(self.post(auth, "/api/v1/auth/register", &body), None)
             .await
     }
 
     pub async fn login(&self, email: &str, password: &str) -> Result<Tokens> {
         let body = json!({"email": email, "password": password});
-        self.call(self.post("/api/v1/auth/login", &body), None)
+        let auth = &self.endpoints.auth;
+        self.call(self.post(auth, "/api/v1/auth/login", &body), None)
             .await
     }
 
@@ -162,13 +191,16 @@ impl Client {
         visibility: Visibility,
     ) -> Result<RoomView> {
         let body = json!({"name": name, "visibility": visibility});
-        self.call(self.post("/api/v1/rooms", &body), Some(token))
+        let chat = &self.endpoints.chat;
+        self.call(self.post(chat, "/api/v1/rooms", &body), Some(token))
             .await
     }
 
     pub async fn join(&self, token: &str, room: RoomId) -> Result<RoomView> {
         let path = format!("/api/v1/rooms/{room}/join");
-        self.call(self.post(&path, &json!({})), Some(token)).await
+        let chat = &self.endpoints.chat;
+        self.call(self.post(chat, &path, &json!({})), Some(token))
+            .await
     }
 
     /// Up to `limit` messages with a sequence below `before`, newest first.
@@ -179,7 +211,10 @@ impl Client {
         before: Option<u64>,
         limit: u32,
     ) -> Result<Vec<StoredMessage>> {
-        let mut url = format!("{}/api/v1/rooms/{room}/messages?limit={limit}", self.base);
+        let mut url = format!(
+            "{}/api/v1/rooms/{room}/messages?limit={limit}",
+            self.endpoints.history
+        );
         if let Some(before) = before {
             url.push_str(&format!("&before={before}"));
         }
@@ -187,11 +222,11 @@ impl Client {
         Ok(page.messages)
     }
 
-    /// The Prometheus exposition at `/metrics`.
+    /// The Prometheus exposition at the gateway's `/metrics`.
     pub async fn metrics(&self) -> Result<String> {
         let response = self
             .http
-            .get(format!("{}/metrics", self.base))
+            .get(format!("{}/metrics", self.endpoints.gateway))
             .send()
             .await
             .map_err(transport)?;

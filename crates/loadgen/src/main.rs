@@ -12,7 +12,7 @@ use std::{io::BufRead, process::Stdio};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use unhidra_client::Client;
+use unhidra_client::{Client, Endpoints};
 
 use crate::{target::Target, traffic::Traffic};
 
@@ -84,6 +84,12 @@ struct TargetArgs {
     /// Unhidra's HTTP base URL (its gateway and APIs).
     #[arg(long, default_value = "http://127.0.0.1:9000")]
     url: String,
+    /// Scaled out: auth-api's base URL, if not at `--url`.
+    #[arg(long)]
+    auth_url: Option<String>,
+    /// Scaled out: chat-service's base URL, if not at `--url`.
+    #[arg(long)]
+    chat_url: Option<String>,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -172,12 +178,21 @@ impl Drop for RelayProcess {
 
 async fn start(args: &TargetArgs) -> anyhow::Result<(Target, Option<RelayProcess>)> {
     match args.target.as_str() {
-        "unhidra" => Ok((
-            Target::Unhidra {
-                client: Client::new(&args.url),
-            },
-            None,
-        )),
+        "unhidra" => {
+            let mut endpoints = Endpoints::all_at(&args.url);
+            if let Some(auth) = &args.auth_url {
+                endpoints.auth = auth.trim_end_matches('/').to_owned();
+            }
+            if let Some(chat) = &args.chat_url {
+                endpoints.chat = chat.trim_end_matches('/').to_owned();
+            }
+            Ok((
+                Target::Unhidra {
+                    client: Client::with_endpoints(endpoints),
+                },
+                None,
+            ))
+        }
         "relay" => {
             let mut relay = std::process::Command::new(std::env::current_exe()?);
             relay.arg("relay").stdout(Stdio::piped());

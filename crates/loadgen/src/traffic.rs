@@ -118,8 +118,12 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
     }
     let _ = stop.send(true);
     let mut delivery_latency = histogram()?;
+    let mut subscriber_errors = Vec::new();
     for subscriber in subscribers {
-        delivery_latency.add(subscriber.await??)?;
+        match subscriber.await? {
+            Ok(latency) => delivery_latency.add(latency)?,
+            Err(e) => subscriber_errors.push(e.to_string()),
+        }
     }
     progress.abort();
     eprintln!();
@@ -129,6 +133,12 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
     let refused = counters.refused.load(Ordering::Relaxed);
     let delivered = counters.delivered.load(Ordering::Relaxed);
     let mut failures = send_errors;
+    if let Some(first) = subscriber_errors.first() {
+        failures.push(format!(
+            "{} subscriber connections failed, first: {first}",
+            subscriber_errors.len()
+        ));
+    }
     if acked + refused < sent {
         failures.push(format!(
             "{} of {sent} sends never answered",
@@ -273,7 +283,7 @@ async fn subscribe(
                 }
             }
             Some(_) => {}
-            None => anyhow::bail!("subscriber connection closed"),
+            None => anyhow::bail!("subscriber connection closed by the server"),
         }
     }
 }
