@@ -116,7 +116,6 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             body_bytes,
         } => {
-            let (running, _relay) = start(&target).await?;
             let traffic = Traffic {
                 rooms,
                 subscribers_per_room: members,
@@ -125,7 +124,7 @@ async fn main() -> anyhow::Result<()> {
                 seconds,
                 body_bytes,
             };
-            (target, traffic::run(&running, "fanout", traffic).await?)
+            run_traffic(target, "fanout", traffic).await?
         }
         Command::Ingest {
             target,
@@ -135,7 +134,6 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             body_bytes,
         } => {
-            let (running, _relay) = start(&target).await?;
             let traffic = Traffic {
                 rooms,
                 subscribers_per_room: 1,
@@ -144,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
                 seconds,
                 body_bytes,
             };
-            (target, traffic::run(&running, "ingest", traffic).await?)
+            run_traffic(target, "ingest", traffic).await?
         }
         Command::Idle {
             target,
@@ -164,6 +162,16 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("the run lost or refused messages: {:?}", report.failures);
     }
     Ok(())
+}
+
+async fn run_traffic(
+    args: TargetArgs,
+    scenario: &str,
+    traffic: Traffic,
+) -> anyhow::Result<(TargetArgs, report::Report)> {
+    let (running, _relay) = start(&args).await?;
+    let report = traffic::run(&running, scenario, traffic).await?;
+    Ok((args, report))
 }
 
 /// Kills the relay child process when dropped.
