@@ -8,7 +8,7 @@
 //! relay) publishes every earlier one first.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     future::Future,
 };
 
@@ -59,7 +59,9 @@ impl OutboxRepo {
         messages: Vec<NewMessage>,
     ) -> anyhow::Result<Vec<Result<RoomMessage, Refusal>>> {
         let allowed = self.allowed(&messages).await?;
-        let mut per_room: HashMap<RoomId, u64> = HashMap::new();
+        // Rooms in one order for every transaction, so two chat-service
+        // instances numbering the same rooms cannot deadlock.
+        let mut per_room: BTreeMap<RoomId, u64> = BTreeMap::new();
         for (m, ok) in messages.iter().zip(&allowed) {
             if ok.is_ok() {
                 *per_room.entry(m.room).or_default() += 1;
