@@ -5,8 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures::future::BoxFuture;
-use futures::{SinkExt, StreamExt, stream::SplitSink};
+use futures::{SinkExt, StreamExt, future::BoxFuture, stream::SplitSink};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use unhidra_authn::Authenticated;
