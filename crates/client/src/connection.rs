@@ -74,6 +74,11 @@ impl Connection {
         next(&mut self.socket).await
     }
 
+    /// Closes with a normal close frame.
+    pub async fn close(mut self) -> Result<()> {
+        self.socket.close(None).await.map_err(transport)
+    }
+
     pub fn split(self) -> (Sender, Receiver) {
         let (sink, stream) = self.socket.split();
         (Sender { sink }, Receiver { stream })

@@ -2,6 +2,7 @@
 //! relay, for reference) through a scenario and reports what it measured as a
 //! Markdown table and as JSON. Exits non-zero when anything went missing.
 
+mod connect;
 mod idle;
 mod relay;
 mod report;
@@ -65,6 +66,16 @@ enum Command {
         target: TargetArgs,
         #[arg(long, default_value_t = 1000)]
         connections: usize,
+    },
+    /// Authenticated connects per second: open, ping, close, repeatedly.
+    Connect {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Connections being opened at once.
+        #[arg(long, default_value_t = 16)]
+        workers: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
     },
     /// Runs the bare relay (what `--target relay` starts by itself).
     Relay {
@@ -143,6 +154,14 @@ async fn main() -> anyhow::Result<()> {
                 body_bytes,
             };
             run_traffic(target, "ingest", traffic).await?
+        }
+        Command::Connect {
+            target,
+            workers,
+            seconds,
+        } => {
+            let (running, _relay) = start(&target).await?;
+            (target, connect::run(&running, workers, seconds).await?)
         }
         Command::Idle {
             target,

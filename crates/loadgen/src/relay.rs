@@ -1,9 +1,9 @@
 //! The reference: a bare broadcast relay on tokio-tungstenite with a 4 KiB
 //! read buffer. It speaks just enough of `unhidra.v1` for the scenarios (a
 //! `send` is acked and broadcast to the room's connections as a `message`
-//! frame, serialised once), with no authentication, storage or ordering
-//! guarantees: what this machine can do, for Unhidra's figures to be stated
-//! against. A connection names its rooms in the query: `/ws?rooms=<id>,<id>`.
+//! frame, serialised once; a `ping` gets its `pong`), with no authentication,
+//! storage or ordering guarantees: what this machine can do, for Unhidra's
+//! figures to be stated against. A connection names its rooms in the query: `/ws?rooms=<id>,<id>`.
 
 use std::{
     collections::HashMap,
@@ -95,8 +95,16 @@ async fn connection(
         let Message::Text(text) = message else {
             continue;
         };
-        let Ok(ClientFrame::Send { id, room, body }) = parse_client_frame(text.as_str()) else {
-            continue;
+        let (id, room, body) = match parse_client_frame(text.as_str()) {
+            Ok(ClientFrame::Send { id, room, body }) => (id, room, body),
+            Ok(ClientFrame::Ping { id }) => {
+                let pong = serde_json::to_string(&ServerFrame::Pong { id })?;
+                if outbound.send(Utf8Bytes::from(pong)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            Err(_) => continue,
         };
         let seq = seqs.entry(room).or_default();
         *seq += 1;

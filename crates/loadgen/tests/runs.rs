@@ -115,3 +115,21 @@ async fn a_small_run_against_the_embedded_default() -> Result<(), Box<dyn std::e
     server.await??;
     Ok(())
 }
+
+#[test]
+fn connects_are_counted_and_timed() -> Result<(), Box<dyn std::error::Error>> {
+    let (ok, report, stdout) = loadgen(&[
+        "connect",
+        "--target",
+        "relay",
+        "--workers",
+        "2",
+        "--seconds",
+        "1",
+    ])?;
+    assert!(ok, "{stdout}");
+    let served = figure(&report, "connections served").unwrap_or_default();
+    assert!(served >= 1.0, "{stdout}");
+    assert_eq!(report["latencies"][0][1]["count"].as_f64(), Some(served));
+    Ok(())
+}
