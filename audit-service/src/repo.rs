@@ -1,7 +1,7 @@
 //! The audit log: security events, stored once each.
 
 use unhidra_core::events::AuditEvent;
-use unhidra_store::{Database, MAX_ROWS_PER_STATEMENT, now_millis};
+use unhidra_store::{Database, now_millis};
 
 #[derive(Clone, Debug)]
 pub struct AuditRepo {
@@ -18,26 +18,26 @@ impl AuditRepo {
     pub async fn insert(&self, events: &[AuditEvent]) -> anyhow::Result<u64> {
         let now = now_millis();
         let mut write = self.db.begin_write().await?;
-        let mut inserted = 0;
-        for chunk in events.chunks(MAX_ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "INSERT INTO audit_events (id, kind, actor, subject, detail, occurred_at, recorded_at)
-                 VALUES {} ON CONFLICT DO NOTHING",
-                self.db.value_rows(7, chunk.len())
-            );
-            let mut query = sqlx::query(&sql);
-            for event in chunk {
-                query = query
-                    .bind(event.id.to_string())
-                    .bind(event.kind.as_str())
-                    .bind(event.actor.map(|a| a.to_string()))
-                    .bind(event.subject.clone())
-                    .bind(event.detail.to_string())
-                    .bind(event.at.timestamp_millis())
-                    .bind(now);
-            }
-            inserted += query.execute(&mut *write.tx).await?.rows_affected();
-        }
+        let inserted = self
+            .db
+            .insert_rows(
+                &mut write,
+                "audit_events (id, kind, actor, subject, detail, occurred_at, recorded_at)",
+                7,
+                "ON CONFLICT DO NOTHING",
+                events,
+                |query, event| {
+                    Ok(query
+                        .bind(event.id.to_string())
+                        .bind(event.kind.as_str())
+                        .bind(event.actor.map(|a| a.to_string()))
+                        .bind(event.subject.as_deref())
+                        .bind(event.detail.to_string())
+                        .bind(event.at.timestamp_millis())
+                        .bind(now))
+                },
+            )
+            .await?;
         write.commit().await?;
         Ok(inserted)
     }

@@ -7,7 +7,7 @@ use unhidra_core::{
     events::RoomMessage,
     ids::{MessageId, RoomId, UserId},
 };
-use unhidra_store::{Database, MAX_ROWS_PER_STATEMENT, now_millis};
+use unhidra_store::{Database, now_millis};
 
 /// One message as history serves it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -34,26 +34,26 @@ impl HistoryRepo {
     pub async fn insert(&self, events: &[RoomMessage]) -> anyhow::Result<u64> {
         let now = now_millis();
         let mut write = self.db.begin_write().await?;
-        let mut inserted = 0;
-        for chunk in events.chunks(MAX_ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "INSERT INTO messages (message_id, room_id, seq, sender, body, sent_at, stored_at)
-                 VALUES {} ON CONFLICT DO NOTHING",
-                self.db.value_rows(7, chunk.len())
-            );
-            let mut query = sqlx::query(&sql);
-            for event in chunk {
-                query = query
-                    .bind(event.message_id.to_string())
-                    .bind(event.room.to_string())
-                    .bind(i64::try_from(event.seq)?)
-                    .bind(event.sender.to_string())
-                    .bind(event.body.as_str())
-                    .bind(event.sent_at.timestamp_millis())
-                    .bind(now);
-            }
-            inserted += query.execute(&mut *write.tx).await?.rows_affected();
-        }
+        let inserted = self
+            .db
+            .insert_rows(
+                &mut write,
+                "messages (message_id, room_id, seq, sender, body, sent_at, stored_at)",
+                7,
+                "ON CONFLICT DO NOTHING",
+                events,
+                |query, event| {
+                    Ok(query
+                        .bind(event.message_id.to_string())
+                        .bind(event.room.to_string())
+                        .bind(i64::try_from(event.seq)?)
+                        .bind(event.sender.to_string())
+                        .bind(event.body.as_str())
+                        .bind(event.sent_at.timestamp_millis())
+                        .bind(now))
+                },
+            )
+            .await?;
         write.commit().await?;
         Ok(inserted)
     }

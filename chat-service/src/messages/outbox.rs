@@ -14,12 +14,11 @@ use std::{
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use sqlx::{Any, Transaction};
 use unhidra_core::{
     events::{RoomMessage, SCHEMA_VERSION},
     ids::{MessageId, RoomId, UserId},
 };
-use unhidra_store::{Database, MAX_ROWS_PER_STATEMENT, now_millis};
+use unhidra_store::{Database, now_millis};
 
 use crate::rooms::Refusal;
 
@@ -82,7 +81,10 @@ impl OutboxRepo {
             .bind(room.to_string())
             .fetch_one(&mut *write.tx)
             .await?;
-            next_seq.insert(*room, u64::try_from(last)? - count + 1);
+            let first = u64::try_from(last)?
+                .checked_sub(count - 1)
+                .with_context(|| format!("room {room} numbered below its own count"))?;
+            next_seq.insert(*room, first);
         }
         let mut outcomes = Vec::with_capacity(messages.len());
         let mut queued = Vec::new();
@@ -110,7 +112,24 @@ impl OutboxRepo {
             });
             outcomes.push(Ok(event));
         }
-        insert(&self.db, &mut write.tx, &queued).await?;
+        let now = now_millis();
+        self.db
+            .insert_rows(
+                &mut write,
+                "outbox (message_id, room_id, seq, payload, created_at)",
+                5,
+                "",
+                &queued,
+                |query, p| {
+                    Ok(query
+                        .bind(p.message_id.to_string())
+                        .bind(p.room.to_string())
+                        .bind(i64::try_from(p.seq)?)
+                        .bind(p.payload.as_str())
+                        .bind(now))
+                },
+            )
+            .await?;
         write.commit().await?;
         Ok(outcomes)
     }
@@ -226,29 +245,4 @@ impl OutboxRepo {
 fn unique(values: impl Iterator<Item = String>) -> Vec<String> {
     let mut seen = HashSet::new();
     values.filter(|v| seen.insert(v.clone())).collect()
-}
-
-async fn insert(
-    db: &Database,
-    tx: &mut Transaction<'_, Any>,
-    queued: &[Pending],
-) -> anyhow::Result<()> {
-    let now = now_millis();
-    for chunk in queued.chunks(MAX_ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO outbox (message_id, room_id, seq, payload, created_at) VALUES {}",
-            db.value_rows(5, chunk.len())
-        );
-        let mut query = sqlx::query(&sql);
-        for p in chunk {
-            query = query
-                .bind(p.message_id.to_string())
-                .bind(p.room.to_string())
-                .bind(i64::try_from(p.seq)?)
-                .bind(&p.payload)
-                .bind(now);
-        }
-        query.execute(&mut **tx).await?;
-    }
-    Ok(())
 }

@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use unhidra_core::protocol::{ClientFrame, ServerFrame};
 
 use crate::{
-    report::{Latency, Report},
+    report::{Latency, Report, histogram},
     target::{Identity, Target},
 };
 
@@ -23,7 +23,7 @@ pub async fn run(target: &Target, workers: usize, seconds: u64) -> anyhow::Resul
     let outcomes =
         futures::future::join_all((0..workers).map(|_| worker(target, identity, deadline))).await;
     let elapsed = started.elapsed().as_secs_f64();
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut latency = histogram()?;
     let mut failures = Vec::new();
     for outcome in outcomes {
         match outcome {
@@ -50,7 +50,7 @@ async fn worker(
     identity: &Identity,
     deadline: Instant,
 ) -> anyhow::Result<Histogram<u64>> {
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut latency = histogram()?;
     while Instant::now() < deadline {
         let started = Instant::now();
         let mut connection = target.connect(identity).await?;

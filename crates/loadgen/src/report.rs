@@ -3,6 +3,12 @@
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+/// An empty histogram of microseconds, 1 µs to 60 s, three significant
+/// digits: every latency the loadgen records goes into one.
+pub fn histogram() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
+}
+
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Serialize)]
 pub struct Latency {

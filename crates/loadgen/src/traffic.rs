@@ -21,7 +21,7 @@ use unhidra_core::{
 };
 
 use crate::{
-    report::{Latency, Report},
+    report::{Latency, Report, histogram},
     target::Target,
 };
 
@@ -55,11 +55,11 @@ fn unix_nanos() -> u64 {
         .unwrap_or_default()
 }
 
-fn histogram() -> anyhow::Result<Histogram<u64>> {
-    Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
-}
-
 pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        traffic.rooms > 0 && traffic.senders > 0,
+        "--rooms and --senders must be at least 1"
+    );
     let setup = target.prepare(traffic.rooms).await?;
     let counters = Arc::new(Counters::default());
     let (stop, stopped) = watch::channel(false);

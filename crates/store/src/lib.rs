@@ -254,7 +254,44 @@ impl Database {
 }
 
 /// Rows per multi-row statement: well under both databases' parameter limits.
-pub const MAX_ROWS_PER_STATEMENT: usize = 500;
+const MAX_ROWS_PER_STATEMENT: usize = 500;
+
+/// A query on either database, as `sqlx::query` builds it.
+pub type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
+
+impl Database {
+    /// Inserts `rows` in `write` with multi-row statements
+    /// `INSERT INTO <into> VALUES (...), ... <suffix>`, a few hundred rows
+    /// each; `bind` binds one row's `columns` values in order. Returns how
+    /// many rows were inserted (with `ON CONFLICT DO NOTHING` in `suffix`,
+    /// the new ones).
+    pub async fn insert_rows<T, F>(
+        &self,
+        write: &mut Write,
+        into: &str,
+        columns: usize,
+        suffix: &str,
+        rows: &[T],
+        bind: F,
+    ) -> anyhow::Result<u64>
+    where
+        F: for<'q> Fn(AnyQuery<'q>, &'q T) -> anyhow::Result<AnyQuery<'q>>,
+    {
+        let mut inserted = 0;
+        for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO {into} VALUES {} {suffix}",
+                self.value_rows(columns, chunk.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for row in chunk {
+                query = bind(query, row)?;
+            }
+            inserted += query.execute(&mut *write.tx).await?.rows_affected();
+        }
+        Ok(inserted)
+    }
+}
 
 /// Whether an error is a unique-constraint violation.
 pub fn is_unique_violation(error: &sqlx::Error) -> bool {
