@@ -363,6 +363,28 @@ pub async fn all_history(api: &Api, user: &User, room: &str) -> Result<Vec<Value
     }
 }
 
+/// Every message of a room once history holds at least `count`; fails
+/// after `wait` naming how many it had.
+pub async fn history_of_at_least(
+    api: &Api,
+    user: &User,
+    room: &str,
+    count: usize,
+    wait: Duration,
+) -> Result<Vec<Value>, Error> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let stored = all_history(api, user, room).await?;
+        if stored.len() >= count {
+            return Ok(stored);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("history has {} of {count}", stored.len()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The five services, each started with `run` as its own binary would;
 /// optionally more chat-service and gateway instances beside the first.
 pub struct Scaled {

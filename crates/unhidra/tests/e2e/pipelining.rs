@@ -184,14 +184,7 @@ async fn a_connection_that_pipelines_1000_sends_gets_1000_acks_in_send_order() -
         .collect();
     assert_eq!(got, expected);
     // Every ack names a message that is in the history.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let stored = loop {
-        let stored = all_history(&api, &alice, &room).await?;
-        if stored.len() >= COUNT || tokio::time::Instant::now() > deadline {
-            break stored;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
+    let stored = history_of_at_least(&api, &alice, &room, COUNT, WAIT).await?;
     let mut stored_ids: Vec<&str> = stored
         .iter()
         .filter_map(|m| m["message_id"].as_str())

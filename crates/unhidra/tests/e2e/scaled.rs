@@ -103,19 +103,7 @@ async fn history_down_during_1000_sends_then_stores_each_exactly_once() -> TestR
     // history-service comes back (same durable consumer) and catches up.
     stack.history = Some(Running::start(stack.config.clone(), history_service::run).await?);
     let history_api = stack.api();
-    let deadline = tokio::time::Instant::now() + WAIT * 6;
-    let stored = loop {
-        let stored = all_history(&history_api, &alice, &room).await?;
-        if stored.len() >= COUNT {
-            break stored;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "history has {} of {COUNT}",
-            stored.len()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    };
+    let stored = history_of_at_least(&history_api, &alice, &room, COUNT, WAIT * 6).await?;
     let mut stored_seqs: Vec<u64> = stored.iter().filter_map(|m| m["seq"].as_u64()).collect();
     stored_seqs.sort_unstable();
     assert_eq!(
@@ -359,19 +347,7 @@ async fn a_group_committed_but_not_published_before_a_restart_is_published_after
     stack.chat.stop().await?;
     stack.chat = Running::start(stack.config.clone(), chat_service::run).await?;
     wait_ready(&stack.chat.http()).await?;
-    let deadline = tokio::time::Instant::now() + WAIT * 3;
-    let stored = loop {
-        let stored = all_history(&api, &alice, &room).await?;
-        if stored.len() >= COUNT {
-            break stored;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "history has {} of {COUNT}",
-            stored.len()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    };
+    let stored = history_of_at_least(&api, &alice, &room, COUNT, WAIT * 3).await?;
     let mut stored_ids: Vec<String> = stored
         .iter()
         .map(|m| str_of(m, "message_id"))
