@@ -2,14 +2,22 @@
 //! optional TOML file named by `UNHIDRA_CONFIG`. Every field has a default that
 //! suits the embedded mode; `Config::load` refuses anything invalid at start-up.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    num::NonZeroU32,
+    path::PathBuf,
+    time::Duration,
+};
 
 use figment::{
     Figment,
     providers::{Env, Format, Toml},
 };
+use ipnet::IpNet;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
+
+use crate::rate::Rate;
 
 /// Log output style.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -43,6 +51,9 @@ pub struct Config {
     /// `UNHIDRA_BUS_PREFIX`: first token of every subject and stream name
     /// (`unhidra`); lets several deployments or tests share one NATS.
     pub bus_prefix: String,
+    /// `UNHIDRA_REDIS_URL`: Redis for the rate-limit state that every node
+    /// shares. Unset, limits are kept in-process (right for one process).
+    pub redis_url: Option<SecretString>,
     /// `UNHIDRA_BUS_TIMEOUT_MS`: how long a service waits for another's reply (5000).
     pub bus_timeout_ms: u64,
     /// `UNHIDRA_ALLOWED_ORIGINS`: comma-separated browser origins allowed to open
@@ -50,6 +61,37 @@ pub struct Config {
     /// always allowed; `*` allows every origin.
     #[serde(deserialize_with = "comma_list")]
     pub allowed_origins: Vec<String>,
+    /// `UNHIDRA_TRUSTED_PROXIES`: comma-separated addresses or CIDR ranges of
+    /// reverse proxies whose `X-Forwarded-For` / `Forwarded` header names the
+    /// client. Empty (the default), the client is the socket's peer.
+    #[serde(deserialize_with = "ip_ranges")]
+    pub trusted_proxies: Vec<IpNet>,
+    /// `UNHIDRA_HTTP_HEADER_TIMEOUT_SECS`: a client must send its request
+    /// headers (or WebSocket handshake) within this time (10).
+    pub http_header_timeout_secs: u64,
+    /// `UNHIDRA_HTTP_REQUEST_TIMEOUT_SECS`: longest time a request may take,
+    /// body included, before it is answered 408 (30).
+    pub http_request_timeout_secs: u64,
+    /// `UNHIDRA_HTTP_MAX_CONCURRENT_REQUESTS`: requests handled at once per
+    /// process; beyond it requests get 503 at once (1024).
+    pub http_max_concurrent_requests: usize,
+    /// `UNHIDRA_HTTP_BODY_LIMIT_BYTES`: largest request body of the API (1 MiB).
+    pub http_body_limit_bytes: usize,
+    /// `UNHIDRA_AUTH_BODY_LIMIT_BYTES`: largest body of a credential route
+    /// such as login or register (16 KiB).
+    pub auth_body_limit_bytes: usize,
+    /// `UNHIDRA_LIMIT_HTTP_IP`: requests per client IP, every route (1200/min).
+    pub limit_http_ip: Rate,
+    /// `UNHIDRA_LIMIT_HTTP_USER`: requests per authenticated user (1200/min).
+    pub limit_http_user: Rate,
+    /// `UNHIDRA_LIMIT_LOGIN_IP`: logins per client IP (5/min).
+    pub limit_login_ip: Rate,
+    /// `UNHIDRA_LIMIT_LOGIN_ACCOUNT`: logins per account email (10/min).
+    pub limit_login_account: Rate,
+    /// `UNHIDRA_LIMIT_REGISTER_IP`: registrations per client IP (3/min).
+    pub limit_register_ip: Rate,
+    /// `UNHIDRA_LIMIT_REFRESH_IP`: token refreshes per client IP (30/min).
+    pub limit_refresh_ip: Rate,
     /// `UNHIDRA_TOKEN_ISSUER`: `iss` of access tokens (`unhidra`).
     pub token_issuer: String,
     /// `UNHIDRA_TOKEN_AUDIENCE`: `aud` of access tokens (`unhidra`).
@@ -61,10 +103,29 @@ pub struct Config {
     /// `UNHIDRA_PASSWORD_HASH_CONCURRENCY`: argon2id hashes computed at once (2);
     /// each takes 19 MiB and a CPU core for tens of milliseconds.
     pub password_hash_concurrency: usize,
+    /// `UNHIDRA_PASSWORD_HASH_QUEUE`: requests that may wait for a hashing
+    /// slot (64); beyond it they get 503 with `Retry-After` at once.
+    pub password_hash_queue: usize,
+    /// `UNHIDRA_PASSWORD_HASH_WAIT_MS`: longest wait for a hashing slot
+    /// before 503 with `Retry-After` (2000).
+    pub password_hash_wait_ms: u64,
     /// `UNHIDRA_MAX_FRAME_BYTES`: largest WebSocket frame the gateway processes
-    /// (65536). Larger frames get a `too_large` error; frames over 32 times this
-    /// close the connection with 1009.
+    /// (65536, at most 1 MiB). Larger frames get a `too_large` error; frames
+    /// over 32 times this, or over 1 MiB, close the connection with 1009.
     pub max_frame_bytes: usize,
+    /// `UNHIDRA_LIMIT_WS_CONNECT_IP`: WebSocket connection attempts per client
+    /// IP (60/min).
+    pub limit_ws_connect_ip: Rate,
+    /// `UNHIDRA_WS_CONNECTIONS_PER_USER`: open WebSockets per user on one
+    /// gateway (10).
+    pub ws_connections_per_user: usize,
+    /// `UNHIDRA_WS_CONNECTIONS_PER_IP`: open WebSockets per client IP on one
+    /// gateway (100).
+    pub ws_connections_per_ip: usize,
+    /// `UNHIDRA_LIMIT_WS_FRAMES`: frames per connection (100/s).
+    pub limit_ws_frames: Rate,
+    /// `UNHIDRA_LIMIT_WS_BYTES`: bytes of frames per connection (1048576/s).
+    pub limit_ws_bytes: Rate,
     /// `UNHIDRA_OUTBOUND_QUEUE`: frames queued per connection before it is
     /// closed as a slow consumer (256).
     pub outbound_queue: usize,
@@ -96,14 +157,34 @@ impl Default for Config {
             database_max_connections: 10,
             nats_url: None,
             bus_prefix: "unhidra".to_owned(),
+            redis_url: None,
             bus_timeout_ms: 5_000,
             allowed_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
+            http_header_timeout_secs: 10,
+            http_request_timeout_secs: 30,
+            http_max_concurrent_requests: 1024,
+            http_body_limit_bytes: 1024 * 1024,
+            auth_body_limit_bytes: 16 * 1024,
+            limit_http_ip: per_minute(1200),
+            limit_http_user: per_minute(1200),
+            limit_login_ip: per_minute(5),
+            limit_login_account: per_minute(10),
+            limit_register_ip: per_minute(3),
+            limit_refresh_ip: per_minute(30),
             token_issuer: "unhidra".to_owned(),
             token_audience: "unhidra".to_owned(),
             access_token_ttl_secs: 900,
             refresh_token_ttl_secs: 30 * 24 * 3600,
             password_hash_concurrency: 2,
+            password_hash_queue: 64,
+            password_hash_wait_ms: 2_000,
             max_frame_bytes: 64 * 1024,
+            limit_ws_connect_ip: per_minute(60),
+            ws_connections_per_user: 10,
+            ws_connections_per_ip: 100,
+            limit_ws_frames: Rate::new(100, Duration::from_secs(1)),
+            limit_ws_bytes: Rate::new(1024 * 1024, Duration::from_secs(1)),
             outbound_queue: 256,
             ws_read_buffer_bytes: 4096,
             ws_write_buffer_bytes: 4096,
@@ -159,8 +240,32 @@ impl Config {
         if !prefix_ok {
             return invalid("bus_prefix must be non-empty ASCII letters, digits, '_' or '-'");
         }
-        if !(1024..=16 * 1024 * 1024).contains(&self.max_frame_bytes) {
-            return invalid("max_frame_bytes must be between 1024 and 16777216");
+        if !(1024..=MAX_FRAME_LIMIT).contains(&self.max_frame_bytes) {
+            return invalid("max_frame_bytes must be between 1024 and 1048576");
+        }
+        if self.http_header_timeout_secs == 0 || self.http_request_timeout_secs == 0 {
+            return invalid(
+                "http_header_timeout_secs and http_request_timeout_secs must be at least 1",
+            );
+        }
+        if self.http_max_concurrent_requests == 0 {
+            return invalid("http_max_concurrent_requests must be at least 1");
+        }
+        let body_ok = |size: usize| (1024..=64 * 1024 * 1024).contains(&size);
+        if !body_ok(self.http_body_limit_bytes) || !body_ok(self.auth_body_limit_bytes) {
+            return invalid(
+                "http_body_limit_bytes and auth_body_limit_bytes must be between 1024 and 67108864",
+            );
+        }
+        if self.ws_connections_per_user == 0 || self.ws_connections_per_ip == 0 {
+            return invalid("ws_connections_per_user and ws_connections_per_ip must be at least 1");
+        }
+        if let Rate::Every { count, .. } = self.limit_ws_bytes {
+            if (count.get() as usize) < self.max_frame_bytes {
+                return invalid(
+                    "limit_ws_bytes must allow at least max_frame_bytes per period, or be off",
+                );
+            }
         }
         let buffer_ok = |size: usize| (512..=1024 * 1024).contains(&size);
         if !buffer_ok(self.ws_read_buffer_bytes) || !buffer_ok(self.ws_write_buffer_bytes) {
@@ -200,6 +305,14 @@ impl Config {
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], default_port)))
     }
 
+    /// The frame size beyond which the WebSocket layer itself refuses a
+    /// frame and closes the connection.
+    pub fn hard_frame_limit(&self) -> usize {
+        self.max_frame_bytes
+            .saturating_mul(HARD_FRAME_FACTOR)
+            .min(MAX_FRAME_LIMIT)
+    }
+
     pub fn bus_timeout(&self) -> Duration {
         Duration::from_millis(self.bus_timeout_ms)
     }
@@ -207,6 +320,29 @@ impl Config {
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_secs)
     }
+}
+
+/// Frames over `max_frame_bytes` get an error frame; frames over this many
+/// times that (and never more than [`MAX_FRAME_LIMIT`]) close the connection.
+const HARD_FRAME_FACTOR: usize = 32;
+/// No WebSocket frame is ever read beyond this size.
+pub const MAX_FRAME_LIMIT: usize = 1024 * 1024;
+
+fn per_minute(count: u32) -> Rate {
+    NonZeroU32::new(count).map_or(Rate::Off, Rate::per_minute)
+}
+
+fn ip_ranges<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::Error> {
+    comma_list(deserializer)?
+        .iter()
+        .map(|item| {
+            item.parse::<IpNet>()
+                .or_else(|_| item.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!("`{item}` is not an IP address or CIDR range"))
+                })
+        })
+        .collect()
 }
 
 fn comma_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
@@ -245,6 +381,30 @@ mod tests {
     }
 
     #[test]
+    fn proxies_and_rates_are_read_as_written() -> Result<(), ConfigError> {
+        let config = with(
+            r#"
+            trusted_proxies = "10.0.0.0/8, 192.0.2.7"
+            limit_login_ip = "20/h"
+            limit_http_user = "off"
+            "#,
+        )?;
+        let proxies: Vec<String> = config
+            .trusted_proxies
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(proxies, ["10.0.0.0/8", "192.0.2.7/32"]);
+        assert_eq!(config.limit_login_ip.to_string(), "20/h");
+        assert_eq!(config.limit_http_user, Rate::Off);
+        assert_eq!(
+            with("max_frame_bytes = 1048576")?.hard_frame_limit(),
+            1048576
+        );
+        Ok(())
+    }
+
+    #[test]
     fn origins_are_a_comma_list() -> Result<(), ConfigError> {
         let config = with(r#"allowed_origins = "https://a.example/, https://b.example""#)?;
         assert_eq!(
@@ -262,6 +422,10 @@ mod tests {
             ("no_such_setting = 1", "no_such_setting"),
             ("outbound_queue = \"many\"", "outbound_queue"),
             ("ws_read_buffer_bytes = 16", "ws_read_buffer_bytes"),
+            ("max_frame_bytes = 2097152", "max_frame_bytes"),
+            (r#"trusted_proxies = "10.0.0.0/33""#, "10.0.0.0/33"),
+            (r#"limit_login_ip = "5 per minute""#, "5 per minute"),
+            (r#"limit_ws_bytes = "100/s""#, "limit_ws_bytes"),
         ] {
             let err = with(toml).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains(field), "{toml}: {err}");

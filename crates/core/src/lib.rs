@@ -3,11 +3,13 @@
 //! subjects, streams and event payloads, and the typed request/reply contracts
 //! every service agrees on. A leaf crate: serde-level dependencies only.
 
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod events;
 pub mod ids;
 pub mod protocol;
+pub mod rate;
 pub mod rooms;
 pub mod rpc;
 pub mod streams;

@@ -1,6 +1,6 @@
-//! Test support: finds the NATS and Postgres servers the integration tests need
-//! (addresses from `UNHIDRA_TEST_NATS_URL` and `UNHIDRA_TEST_POSTGRES_URL`, with
-//! loopback defaults), and gives each test isolated data: its own database and
+//! Test support: finds the NATS, Redis and Postgres servers the integration
+//! tests need (addresses from `UNHIDRA_TEST_NATS_URL`, `UNHIDRA_TEST_REDIS_URL`
+//! and `UNHIDRA_TEST_POSTGRES_URL`, with loopback defaults), and gives each test isolated data: its own database and
 //! its own bus prefix. Outside CI a missing server skips the test with a message
 //! saying why; with `CI=true` it fails the test. [`on_each_database`] runs one
 //! repository suite on SQLite and on Postgres.
@@ -47,6 +47,19 @@ pub async fn nats_url() -> Option<String> {
         Ok(()) => Some(url),
         Err(why) => {
             missing("NATS", &url, &why);
+            None
+        }
+    }
+}
+
+/// The Redis URL, if a server answers there (`UNHIDRA_TEST_REDIS_URL`).
+pub async fn redis_url() -> Option<String> {
+    let url = std::env::var("UNHIDRA_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    match reachable(&url).await {
+        Ok(()) => Some(url),
+        Err(why) => {
+            missing("Redis", &url, &why);
             None
         }
     }
