@@ -16,7 +16,8 @@ use axum::{
 use prometheus::{IntCounter, IntCounterVec};
 use tokio::net::TcpListener;
 use unhidra_core::{Config, rpc::AuthJwks, token::Jwks};
-use unhidra_runtime::{ApiState, Service, ServiceContext, rpc};
+use unhidra_ratelimit::Limit;
+use unhidra_runtime::{ApiState, Service, ServiceContext, body_limit, rpc};
 use unhidra_store::{Database, Migration};
 
 use crate::{
@@ -41,6 +42,27 @@ struct Auth {
     passwords: Passwords,
     keys: SigningKeys,
     metrics: AuthMetrics,
+    limits: CredentialLimits,
+}
+
+/// The limits of the credential routes (each `None` when set to `off`).
+#[derive(Clone)]
+struct CredentialLimits {
+    login_ip: Option<Limit>,
+    login_account: Option<Limit>,
+    register_ip: Option<Limit>,
+    refresh_ip: Option<Limit>,
+}
+
+impl CredentialLimits {
+    fn new(config: &Config) -> Self {
+        Self {
+            login_ip: Limit::new("login_ip", config.limit_login_ip),
+            login_account: Limit::new("login_account", config.limit_login_account),
+            register_ip: Limit::new("register_ip", config.limit_register_ip),
+            refresh_ip: Limit::new("refresh_ip", config.limit_refresh_ip),
+        }
+    }
 }
 
 type AuthState = ApiState<Auth>;
@@ -77,9 +99,10 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         ctx: ctx.clone(),
         service: Auth {
             accounts: AccountRepo::new(db.clone()),
-            passwords: Passwords::new(ctx.config.password_hash_concurrency).await?,
+            passwords: Passwords::new(&ctx.config).await?,
             keys: keys.clone(),
             metrics: AuthMetrics::register(&ctx)?,
+            limits: CredentialLimits::new(&ctx.config),
         },
     };
     let jwks_responder = rpc::respond::<AuthJwks, _, _>(&ctx, NAME, move |_| {
@@ -87,10 +110,11 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         async move { Ok(jwks) }
     })
     .await?;
-    let router = Router::new()
+    let credentials = Router::new()
         .route("/api/v1/auth/register", post(users::register))
         .route("/api/v1/auth/login", post(sessions::login))
-        .route("/api/v1/auth/refresh", post(sessions::refresh))
+        .route("/api/v1/auth/refresh", post(sessions::refresh));
+    let router = body_limit(credentials, ctx.config.auth_body_limit_bytes)
         .route("/.well-known/jwks.json", get(jwks))
         .with_state(state);
     Ok(Service {

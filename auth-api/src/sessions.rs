@@ -13,9 +13,9 @@ use unhidra_core::{
     ids::{SessionId, UserId},
     token::AccessClaims,
 };
-use unhidra_runtime::{ApiError, ApiJson};
+use unhidra_runtime::{ApiError, ApiJson, Throttle};
 
-use crate::{AuthState, users::normalize_email};
+use crate::{AuthState, passwords::check_length, users::normalize_email};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,9 +79,16 @@ fn access_token(state: &AuthState, user: UserId, session: SessionId) -> Result<S
 
 pub async fn login(
     State(state): State<AuthState>,
+    throttle: Throttle,
     ApiJson(request): ApiJson<LoginRequest>,
 ) -> Result<Json<Tokens>, ApiError> {
+    let limits = &state.service.limits;
+    throttle.limit_ip(limits.login_ip.as_ref()).await?;
+    check_length(&request.password)?;
     let email = normalize_email(&request.email);
+    if let Some(email) = &email {
+        throttle.limit(limits.login_account.as_ref(), email).await?;
+    }
     let credentials = match &email {
         Some(email) => state.service.accounts.credentials(email).await?,
         None => None,
@@ -140,8 +147,12 @@ pub async fn login(
 
 pub async fn refresh(
     State(state): State<AuthState>,
+    throttle: Throttle,
     ApiJson(request): ApiJson<RefreshRequest>,
 ) -> Result<Json<Tokens>, ApiError> {
+    throttle
+        .limit_ip(state.service.limits.refresh_ip.as_ref())
+        .await?;
     let old_hash = hash_refresh_token(request.refresh_token.expose_secret());
     let (refresh_token, new_hash) = new_refresh_token();
     let refused = || ApiError::Unauthenticated {

@@ -7,13 +7,15 @@ use unhidra_core::{
     events::{AuditEvent, AuditKind},
     ids::UserId,
 };
-use unhidra_runtime::{ApiError, ApiJson};
+use unhidra_runtime::{ApiError, ApiJson, Throttle};
 
-use crate::{AuthState, accounts::NewUser};
+use crate::{
+    AuthState,
+    accounts::NewUser,
+    passwords::{MAX_PASSWORD_BYTES, check_length},
+};
 
 const MIN_PASSWORD_CHARS: usize = 8;
-/// Bounds the work an attacker can make argon2 do per request.
-const MAX_PASSWORD_BYTES: usize = 1024;
 const MAX_DISPLAY_NAME_CHARS: usize = 64;
 
 #[derive(Deserialize)]
@@ -59,12 +61,17 @@ fn display_name(requested: Option<String>, email: &str) -> Result<String, ApiErr
 
 pub async fn register(
     State(state): State<AuthState>,
+    throttle: Throttle,
     ApiJson(request): ApiJson<RegisterRequest>,
 ) -> Result<(StatusCode, Json<Registered>), ApiError> {
+    throttle
+        .limit_ip(state.service.limits.register_ip.as_ref())
+        .await?;
+    check_length(&request.password)?;
     let email = normalize_email(&request.email)
         .ok_or_else(|| ApiError::Invalid("email is not a valid address".into()))?;
     let password = request.password.expose_secret();
-    if password.chars().count() < MIN_PASSWORD_CHARS || password.len() > MAX_PASSWORD_BYTES {
+    if password.chars().count() < MIN_PASSWORD_CHARS {
         return Err(ApiError::Invalid(format!(
             "password must be at least {MIN_PASSWORD_CHARS} characters and at most {MAX_PASSWORD_BYTES} bytes"
         )));

@@ -1,5 +1,6 @@
-//! `GET /ws`: origin and token are checked before the upgrade, so a refused
-//! client gets a plain HTTP 403 or 401 with the usual error body.
+//! `GET /ws`: connection attempts per IP, origin and token are checked
+//! before the upgrade, so a refused client gets a plain HTTP 429, 403 or 401
+//! with the usual error body.
 
 use std::sync::Arc;
 
@@ -16,20 +17,21 @@ use unhidra_core::{
     error::ErrorBody,
     protocol::{BEARER_PROTOCOL_PREFIX, SUBPROTOCOL},
 };
-use unhidra_runtime::{ApiError, bearer_token};
+use unhidra_runtime::{ApiError, ClientIp, bearer_token};
 
 use crate::{Gateway, connection};
 
-/// Frames over `max_frame_bytes` get an error frame; frames over this many
-/// times that are refused by the WebSocket layer and close the connection.
-const HARD_LIMIT_FACTOR: usize = 32;
-
 pub async fn upgrade(
     State(gateway): State<Arc<Gateway>>,
+    ip: ClientIp,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let config = &gateway.ctx.config;
+    let attempts = gateway.limits.connect_ip.as_ref();
+    if let Err(refused) = gateway.ctx.limits.enforce(attempts, &ip.key()).await {
+        return refused.into_response();
+    }
     if !origin_allowed(&headers, &config.allowed_origins) {
         tracing::warn!(origin = ?headers.get(header::ORIGIN), "WebSocket refused: origin not allowed");
         return ApiError::Forbidden("origin not allowed".into()).into_response();
@@ -54,7 +56,7 @@ pub async fn upgrade(
             return (rejection.status(), Json(body)).into_response();
         }
     };
-    let hard_limit = config.max_frame_bytes.saturating_mul(HARD_LIMIT_FACTOR);
+    let hard_limit = config.hard_frame_limit();
     upgrade
         .protocols([SUBPROTOCOL])
         .max_message_size(hard_limit)

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use axum::{Router, routing::get};
 use tokio::net::TcpListener;
 use unhidra_core::Config;
+use unhidra_ratelimit::Limit;
 use unhidra_runtime::{Service, ServiceContext};
 
 use crate::{metrics::GatewayMetrics, registry::Registry};
@@ -29,6 +30,12 @@ struct Gateway {
     ctx: ServiceContext,
     registry: Registry,
     metrics: GatewayMetrics,
+    limits: SocketLimits,
+}
+
+/// The WebSocket limits (each `None` when set to `off`).
+struct SocketLimits {
+    connect_ip: Option<Limit>,
 }
 
 /// Subscribes to room events and serves `/ws`.
@@ -36,6 +43,9 @@ pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
     let gateway = Arc::new(Gateway {
         registry: Registry::default(),
         metrics: GatewayMetrics::register(&ctx.metrics)?,
+        limits: SocketLimits {
+            connect_ip: Limit::new("ws_connect_ip", ctx.config.limit_ws_connect_ip),
+        },
         ctx,
     });
     let fanout = fanout::spawn(Arc::clone(&gateway)).await?;

@@ -83,7 +83,7 @@ async fn a_small_run_against_the_embedded_default() -> Result<(), Box<dyn std::e
     let url = format!("http://{}", listener.local_addr()?);
     let config = unhidra_core::Config {
         data_dir: dir.path().to_path_buf(),
-        ..Default::default()
+        ..unhidra_testkit::config()
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let signal = stop.clone();

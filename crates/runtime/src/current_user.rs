@@ -1,5 +1,6 @@
 //! The authenticated user of an HTTP request: the bearer token of its
-//! `Authorization` header, verified against the process's JWKS cache.
+//! `Authorization` header, verified against the process's JWKS cache, and
+//! counted against the per-user request budget.
 
 use std::sync::Arc;
 
@@ -9,7 +10,7 @@ use axum::{
 };
 use unhidra_authn::{Authenticated, TokenVerifier};
 
-use crate::ApiError;
+use crate::{ApiError, Limits, limits::limit_user};
 
 /// The bearer token of an `Authorization` header, if any.
 pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
@@ -21,13 +22,15 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Extractor for handlers that need an authenticated user (401 otherwise).
+/// Extractor for handlers that need an authenticated user (401 otherwise,
+/// 429 over the per-user budget).
 #[derive(Debug, Clone, Copy)]
 pub struct CurrentUser(pub Authenticated);
 
 impl<S> FromRequestParts<S> for CurrentUser
 where
     Arc<TokenVerifier>: FromRef<S>,
+    Limits: FromRef<S>,
     S: Send + Sync,
 {
     type Rejection = ApiError;
@@ -36,6 +39,7 @@ where
         let token = bearer_token(&parts.headers)
             .ok_or_else(|| ApiError::unauthenticated("missing bearer token"))?;
         let verified = Arc::<TokenVerifier>::from_ref(state).verify(token).await?;
+        limit_user(parts, &Limits::from_ref(state), &verified.user.to_string()).await?;
         Ok(CurrentUser(verified))
     }
 }

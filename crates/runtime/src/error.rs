@@ -6,14 +6,17 @@
 use axum::{
     Json,
     extract::rejection::JsonRejection,
-    http::StatusCode,
+    http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
+use std::time::Duration;
+
 use unhidra_authn::TokenError;
 use unhidra_core::{
     error::ErrorBody,
     rpc::{RpcCode, RpcError},
 };
+use unhidra_ratelimit::Decision;
 
 /// Everything an API handler can refuse a request with.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +39,26 @@ pub enum ApiError {
     /// The input is well-formed but invalid (422).
     #[error("{0}")]
     Invalid(String),
+    /// The body is larger than the route accepts (413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// A rate limit refused the request (429, with `Retry-After` and the
+    /// `X-RateLimit-*` headers).
+    #[error("too many requests ({limit}); retry in {} s", crate::limits::whole_seconds(.decision.retry_after).max(1))]
+    RateLimited {
+        limit: &'static str,
+        decision: Decision,
+    },
+    /// The server is at capacity for this kind of work right now (503, with
+    /// `Retry-After`).
+    #[error("{message}")]
+    Overloaded {
+        message: String,
+        retry_after: Duration,
+    },
+    /// The request took longer than the server allows (408).
+    #[error("the request took too long")]
+    Timeout,
     /// Another service refused the request; its code decides the status.
     #[error("{}", .0.message)]
     Refused(RpcError),
@@ -61,6 +84,10 @@ impl ApiError {
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout => StatusCode::REQUEST_TIMEOUT,
             Self::Refused(e) => StatusCode::from_u16(e.code.http_status())
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             Self::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -74,6 +101,10 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::MalformedJson(_) => "malformed_json",
             Self::Invalid(_) => "invalid_input",
+            Self::TooLarge(_) => "too_large",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Overloaded { .. } => "overloaded",
+            Self::Timeout => "request_timeout",
             Self::Refused(e) => e.code.as_str(),
             Self::Unexpected(_) => "internal",
         }
@@ -100,7 +131,20 @@ impl IntoResponse for ApiError {
             }
             other => tracing::debug!(code = other.code(), message = %other, "request refused"),
         }
-        (self.status(), Json(self.body())).into_response()
+        let mut response = (self.status(), Json(self.body())).into_response();
+        match &self {
+            Self::RateLimited { decision, .. } => {
+                crate::limits::write_headers(response.headers_mut(), decision);
+            }
+            Self::Overloaded { retry_after, .. } => {
+                let seconds = crate::limits::whole_seconds(*retry_after).max(1);
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            }
+            _ => {}
+        }
+        response
     }
 }
 
@@ -110,6 +154,9 @@ impl From<JsonRejection> for ApiError {
             JsonRejection::JsonDataError(e) => Self::Invalid(e.body_text()),
             JsonRejection::MissingJsonContentType(_) => {
                 Self::MalformedJson("expected Content-Type: application/json".to_owned())
+            }
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Self::TooLarge("the request body is larger than this route accepts".to_owned())
             }
             other => Self::MalformedJson(other.body_text()),
         }

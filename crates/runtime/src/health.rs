@@ -1,5 +1,6 @@
 //! `/healthz` (the process runs), `/readyz` (its bus and databases answer;
-//! each failing check is named) and `/metrics` (the process's registry).
+//! each failing check is named; where rate limits are kept is named too,
+//! and a Redis outage leaves the node ready, on local limits) and `/metrics` (the process's registry).
 
 use std::sync::Arc;
 
@@ -9,9 +10,12 @@ use unhidra_bus::Bus;
 use unhidra_store::Database;
 use unhidra_telemetry::metrics::Metrics;
 
+use crate::Limits;
+
 pub fn routes(
     bus: Arc<dyn Bus>,
     databases: Vec<(&'static str, Database)>,
+    limits: Limits,
     metrics: Metrics,
 ) -> Router {
     let databases = Arc::new(databases);
@@ -22,6 +26,7 @@ pub fn routes(
             get(move || {
                 let bus = Arc::clone(&bus);
                 let databases = Arc::clone(&databases);
+                let limits = limits.clone();
                 async move {
                     let mut checks = serde_json::Map::new();
                     let mut ready = bus.healthy().await;
@@ -34,6 +39,7 @@ pub fn routes(
                             json!(if ok { "ok" } else { "unreachable" }),
                         );
                     }
+                    checks.insert("rate_limits".into(), json!(limits.backend().as_str()));
                     let status = if ready {
                         StatusCode::OK
                     } else {

@@ -6,23 +6,31 @@
 //! [`Service`] built on a [`ServiceContext`]; the all-in-one binary serves
 //! several on one listener, each service binary serves its own.
 
+mod client_ip;
 pub mod consumer;
 mod current_user;
 mod error;
 mod health;
 mod instrumented;
+mod limits;
 pub mod recorder;
 pub mod rpc;
+mod server;
 
 use std::{future::Future, sync::Arc};
 
-use axum::{Router, extract::FromRef, serve::ListenerExt};
+use axum::{Router, extract::FromRef};
 use secrecy::ExposeSecret;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use unhidra_authn::TokenVerifier;
 use unhidra_bus::{Bus, MemoryBus, NatsBus, RpcClient};
-use unhidra_core::{Config, events::AuditEvent, subjects::Subjects};
+use unhidra_core::{
+    Config,
+    clock::{SharedClock, SystemClock},
+    events::AuditEvent,
+    subjects::Subjects,
+};
 use unhidra_store::{Database, sqlite_url};
 use unhidra_telemetry::{http::HttpMetrics, metrics::Metrics};
 
@@ -35,8 +43,11 @@ use crate::{consumer::ConsumerMetrics, instrumented::InstrumentedBus};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub use crate::{
+    client_ip::ClientIp,
     current_user::{CurrentUser, bearer_token},
     error::{ApiError, ApiJson},
+    limits::{Limits, Throttle},
+    server::body_limit,
 };
 
 /// One service, ready to serve: its routes, its database (for readiness) and
@@ -62,6 +73,12 @@ impl<S> FromRef<ApiState<S>> for Arc<TokenVerifier> {
     }
 }
 
+impl<S> FromRef<ApiState<S>> for Limits {
+    fn from_ref(state: &ApiState<S>) -> Self {
+        state.ctx.limits.clone()
+    }
+}
+
 /// Configuration, bus, metrics and shutdown signal, shared by the services of
 /// a process.
 #[derive(Clone)]
@@ -82,12 +99,26 @@ pub struct ServiceContext {
     pub in_flight: TaskTracker,
     /// Access-token verification, with one JWKS cache per process.
     pub verifier: Arc<TokenVerifier>,
+    /// The time, for everything that expires (a test may move it).
+    pub clock: SharedClock,
+    /// The process's rate limiter and shared limits.
+    pub limits: Limits,
 }
 
 impl ServiceContext {
-    /// Connects the bus (`nats_url`, else in-process) and arms shutdown.
+    /// Connects the bus (`nats_url`, else in-process) and the rate limiter
+    /// (`redis_url`, else in-process), and arms shutdown.
     pub async fn connect(
         config: Config,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<Self> {
+        Self::connect_with_clock(config, Arc::new(SystemClock), shutdown).await
+    }
+
+    /// [`ServiceContext::connect`] on a given clock.
+    pub async fn connect_with_clock(
+        config: Config,
+        clock: SharedClock,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<Self> {
         let bus: Arc<dyn Bus> = match &config.nats_url {
@@ -106,6 +137,8 @@ impl ServiceContext {
         let rpc = RpcClient::new(Arc::clone(&bus), subjects.clone(), config.bus_timeout());
         Ok(Self {
             verifier: Arc::new(TokenVerifier::new(&config, rpc.clone())),
+            limits: Limits::new(&config, Arc::clone(&clock), &metrics)?,
+            clock,
             rpc,
             subjects,
             consumer_metrics: ConsumerMetrics::register(&metrics)?,
@@ -164,10 +197,11 @@ impl ServiceContext {
             }
             tasks.extend(service.tasks);
         }
-        let router = router
+        let router = server::guard_api(router, &self.config, self.limits.clone())
             .merge(health::routes(
                 Arc::clone(&self.bus),
                 databases,
+                self.limits.clone(),
                 self.metrics.clone(),
             ))
             .layer(axum::middleware::from_fn_with_state(
@@ -175,22 +209,18 @@ impl ServiceContext {
                 unhidra_telemetry::http::track,
             ));
         tracing::info!(address = %listener.local_addr()?, "listening");
-        let shutdown = self.shutdown.clone();
-        // Small frames (acks, messages) go out at once instead of waiting
-        // for the peer's delayed ACK.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY not set");
-            }
-        });
-        let server = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await });
-        let server = tokio::spawn(async move { server.await });
+        let header_timeout = std::time::Duration::from_secs(self.config.http_header_timeout_secs);
+        let server = tokio::spawn(server::serve(
+            listener,
+            router,
+            header_timeout,
+            self.shutdown.clone(),
+        ));
         self.shutdown.cancelled().await;
         let deadline = self.config.shutdown_timeout();
         let in_flight = self.in_flight.clone();
         let drained = tokio::time::timeout(deadline, async {
-            let served = server.await;
+            let served = server.await.map(Ok::<(), std::io::Error>);
             for task in tasks {
                 let _ = task.await;
             }

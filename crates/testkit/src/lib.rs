@@ -65,6 +65,27 @@ pub async fn redis_url() -> Option<String> {
     }
 }
 
+/// The default configuration with every rate limit off and the connection
+/// caps out of the way: for tests about something else, which register and
+/// connect many users from one address.
+pub fn config() -> unhidra_core::Config {
+    use unhidra_core::rate::Rate;
+    unhidra_core::Config {
+        limit_http_ip: Rate::Off,
+        limit_http_user: Rate::Off,
+        limit_login_ip: Rate::Off,
+        limit_login_account: Rate::Off,
+        limit_register_ip: Rate::Off,
+        limit_refresh_ip: Rate::Off,
+        limit_ws_connect_ip: Rate::Off,
+        limit_ws_frames: Rate::Off,
+        limit_ws_bytes: Rate::Off,
+        ws_connections_per_user: usize::MAX,
+        ws_connections_per_ip: usize::MAX,
+        ..unhidra_core::Config::default()
+    }
+}
+
 /// A bus prefix no other test uses.
 pub fn unique_prefix() -> String {
     format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])

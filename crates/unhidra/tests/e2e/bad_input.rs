@@ -51,7 +51,7 @@ async fn bad_frames_get_error_frames_and_the_connection_keeps_serving() -> TestR
     );
 
     let huge =
-        json!({"type": "send", "id": "big", "room": private_room, "body": "x".repeat(1024 * 1024)});
+        json!({"type": "send", "id": "big", "room": private_room, "body": "x".repeat(512 * 1024)});
     let e = error_for(&mut ws, Message::text(huge.to_string())).await?;
     assert_eq!(e["code"], "too_large");
 
@@ -91,7 +91,7 @@ async fn bad_frames_get_error_frames_and_the_connection_keeps_serving() -> TestR
 async fn a_frame_over_the_hard_limit_closes_with_1009() -> TestResult {
     let stack = Embedded::start_with(Config {
         max_frame_bytes: 1024,
-        ..Config::default()
+        ..unhidra_testkit::config()
     })
     .await?;
     let alice = stack.api().user("alice").await?;
@@ -126,7 +126,7 @@ fn sign(claims: &AccessClaims, kid: &str, der: &[u8]) -> Result<String, Error> {
 async fn hostile_tokens_and_origins_are_refused_before_the_upgrade() -> TestResult {
     let stack = Embedded::start_with(Config {
         allowed_origins: vec!["https://app.example".into()],
-        ..Config::default()
+        ..unhidra_testkit::config()
     })
     .await?;
     let alice = stack.api().user("alice").await?;

@@ -124,7 +124,7 @@ async fn embedded_restart_keeps_users_rooms_history_and_the_signing_key() -> Tes
     let dir = tempfile::tempdir()?;
     let config = unhidra_core::Config {
         data_dir: dir.path().to_path_buf(),
-        ..Default::default()
+        ..unhidra_testkit::config()
     };
     let first = Running::start(config.clone(), unhidra::run).await?;
     let api = Api {
@@ -228,7 +228,7 @@ async fn connections_close_with_documented_codes_on_token_expiry_and_shutdown() 
 
     let stack = Embedded::start_with(unhidra_core::Config {
         access_token_ttl_secs: 1,
-        ..Default::default()
+        ..unhidra_testkit::config()
     })
     .await?;
     let alice = stack.api().user("alice").await?;
@@ -367,7 +367,7 @@ async fn a_message_committed_but_not_published_before_a_crash_is_relayed_after_r
     let dir = tempfile::tempdir()?;
     let config = unhidra_core::Config {
         data_dir: dir.path().to_path_buf(),
-        ..Default::default()
+        ..unhidra_testkit::config()
     };
     let first = Running::start(config.clone(), unhidra::run).await?;
     let base = first.http();

@@ -92,7 +92,7 @@ pub struct Embedded {
 
 impl Embedded {
     pub async fn start() -> Result<Self, Error> {
-        Self::start_with(Config::default()).await
+        Self::start_with(unhidra_testkit::config()).await
     }
 
     pub async fn start_with(config: Config) -> Result<Self, Error> {
@@ -428,7 +428,7 @@ impl Scaled {
             nats_url: Some(nats.into()),
             database_url: Some(db.url().to_owned().into()),
             bus_prefix: unhidra_testkit::unique_prefix(),
-            ..Config::default()
+            ..unhidra_testkit::config()
         };
         // auth-api and chat-service answer the others' requests, so they go first.
         let mut auth = Running::start(config.clone(), auth_api::run).await?;

@@ -5,5 +5,6 @@
 mod bad_input;
 mod embedded;
 mod harness;
+mod limits;
 mod pipelining;
 mod scaled;

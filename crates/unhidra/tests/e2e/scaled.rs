@@ -169,7 +169,7 @@ async fn readyz_follows_postgres_and_nats_outages_without_a_restart() -> TestRes
         nats_url: Some(format!("nats://{}", nats_proxy.address).into()),
         database_url: Some(format!("postgres://postgres@{}/{db_name}", pg_proxy.address).into()),
         bus_prefix: unhidra_testkit::unique_prefix(),
-        ..Config::default()
+        ..unhidra_testkit::config()
     };
     let history = Running::start(config, history_service::run).await?;
     let body = await_readiness(&history, 200).await?;

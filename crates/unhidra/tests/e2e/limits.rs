@@ -1,0 +1,427 @@
+//! The limits layer as a client meets it: 429 with `Retry-After` and the
+//! `X-RateLimit-*` headers on every limited route, client addresses from
+//! trusted proxies only, limits shared through Redis by two processes, body
+//! limits that refuse before reading, a bounded password-hashing queue, and
+//! a header timeout that cuts slow clients off.
+
+use std::time::Duration;
+
+use reqwest::{StatusCode, header::HeaderMap};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use unhidra_core::{Config, rate::Rate};
+
+use crate::harness::*;
+
+fn per_minute(count: u32) -> Rate {
+    Rate::new(count, Duration::from_secs(60))
+}
+
+/// Status, rate-limit headers and body of a login attempt from `forwarded_for`
+/// (if any).
+async fn login(
+    base: &str,
+    email: &str,
+    forwarded_for: Option<&str>,
+) -> Result<(StatusCode, HeaderMap, Value), Error> {
+    let mut request = http()
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&json!({"email": email, "password": "not the password"}));
+    if let Some(ip) = forwarded_for {
+        request = request.header("x-forwarded-for", ip);
+    }
+    let response = request.send().await?;
+    let (status, headers) = (response.status(), response.headers().clone());
+    Ok((
+        status,
+        headers,
+        response.json().await.unwrap_or(Value::Null),
+    ))
+}
+
+async fn register(base: &str, n: u32) -> Result<(StatusCode, Value), Error> {
+    let email = format!("r{n}-{}@example.com", uuid::Uuid::new_v4().simple());
+    post(
+        &format!("{base}/api/v1/auth/register"),
+        None,
+        json!({"email": email, "password": "correct horse battery"}),
+    )
+    .await
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.parse().ok()
+}
+
+#[tokio::test]
+async fn login_and_register_are_limited_per_ip_with_headers() -> TestResult {
+    let stack = Embedded::start_with(Config {
+        limit_login_ip: per_minute(5),
+        limit_register_ip: per_minute(3),
+        ..unhidra_testkit::config()
+    })
+    .await?;
+    let base = stack.app.http();
+    for attempt in 0..5_u64 {
+        let email = format!("nobody{attempt}@example.com");
+        let (status, headers, _) = login(&base, &email, None).await?;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "attempt {attempt}");
+        assert_eq!(header(&headers, "x-ratelimit-limit"), Some(5));
+        assert_eq!(header(&headers, "x-ratelimit-remaining"), Some(4 - attempt));
+        assert!(header(&headers, "x-ratelimit-reset").is_some_and(|s| s <= 60));
+    }
+    let (status, headers, body) = login(&base, "nobody@example.com", None).await?;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"], "rate_limited");
+    assert_eq!(header(&headers, "x-ratelimit-remaining"), Some(0));
+    let retry = header(&headers, "retry-after").ok_or("Retry-After")?;
+    assert!(
+        (1..=12).contains(&retry),
+        "one login back within 12 s: {retry}"
+    );
+
+    for n in 0..3 {
+        assert_eq!(register(&base, n).await?.0, StatusCode::CREATED);
+    }
+    let (status, body) = register(&base, 3).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("rate_limited"))
+    );
+
+    let (_, metrics) = get_text(&format!("{base}/metrics")).await?;
+    assert!(
+        metrics.contains(
+            r#"unhidra_rate_limit_decisions_total{limit="login_ip",outcome="limited"} 1"#
+        ),
+        "{metrics}"
+    );
+    let (_, ready) = get(&format!("{base}/readyz"), None).await?;
+    assert_eq!(ready["checks"]["rate_limits"], "local");
+    stack.app.stop().await
+}
+
+#[tokio::test]
+async fn forwarded_addresses_count_only_from_trusted_proxies() -> TestResult {
+    let limited = |trusted: &str| -> Result<Config, Error> {
+        Ok(Config {
+            limit_login_ip: per_minute(1),
+            trusted_proxies: vec![trusted.parse()?],
+            ..unhidra_testkit::config()
+        })
+    };
+    // The test client is 127.0.0.1: as a trusted proxy, it names clients.
+    let behind_proxy = Embedded::start_with(limited("127.0.0.0/8")?).await?;
+    let base = behind_proxy.app.http();
+    for client in ["203.0.113.7", "203.0.113.8"] {
+        let (status, ..) = login(&base, "a@example.com", Some(client)).await?;
+        assert_eq!(
+            status,
+            StatusCode::UNAUTHORIZED,
+            "{client} has its own budget"
+        );
+    }
+    let (status, ..) = login(&base, "a@example.com", Some("203.0.113.7")).await?;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    behind_proxy.app.stop().await?;
+
+    // Not trusted: the header is the client's own claim and is ignored.
+    let exposed = Embedded::start_with(limited("10.0.0.0/8")?).await?;
+    let base = exposed.app.http();
+    let (status, ..) = login(&base, "a@example.com", Some("203.0.113.7")).await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, ..) = login(&base, "a@example.com", Some("203.0.113.8")).await?;
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "one budget for 127.0.0.1"
+    );
+    exposed.app.stop().await
+}
+
+#[tokio::test]
+async fn two_processes_sharing_redis_enforce_one_login_limit() -> TestResult {
+    let Some(redis) = unhidra_testkit::redis_url().await else {
+        return Ok(());
+    };
+    let config = Config {
+        redis_url: Some(redis.into()),
+        bus_prefix: unhidra_testkit::unique_prefix(),
+        limit_login_ip: per_minute(5),
+        ..unhidra_testkit::config()
+    };
+    let first = Embedded::start_with(config.clone()).await?;
+    let second = Embedded::start_with(config).await?;
+    let (a, b) = (first.app.http(), second.app.http());
+    for attempt in 0..5 {
+        let base = if attempt % 2 == 0 { &a } else { &b };
+        let (status, ..) = login(base, "x@example.com", None).await?;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "attempt {attempt}");
+    }
+    for base in [&a, &b] {
+        let (status, headers, _) = login(base, "x@example.com", None).await?;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "6th on {base}");
+        assert!(headers.contains_key("retry-after"));
+    }
+    let (_, ready) = get(&format!("{a}/readyz"), None).await?;
+    assert_eq!(ready["checks"]["rate_limits"], "redis");
+    first.app.stop().await?;
+    second.app.stop().await
+}
+
+#[tokio::test]
+async fn authenticated_requests_have_a_per_user_budget() -> TestResult {
+    let stack = Embedded::start_with(Config {
+        limit_http_user: per_minute(3),
+        ..unhidra_testkit::config()
+    })
+    .await?;
+    let api = stack.api();
+    let (alice, bob) = (api.user("alice").await?, api.user("bob").await?);
+    let rooms = format!("{}/api/v1/rooms", stack.app.http());
+    for _ in 0..3 {
+        assert_eq!(get(&rooms, Some(&alice.token)).await?.0, StatusCode::OK);
+    }
+    let (status, body) = get(&rooms, Some(&alice.token)).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("rate_limited"))
+    );
+    assert_eq!(
+        get(&rooms, Some(&bob.token)).await?.0,
+        StatusCode::OK,
+        "bob has his own"
+    );
+    stack.app.stop().await
+}
+
+#[tokio::test]
+async fn websocket_handshakes_are_limited_per_ip() -> TestResult {
+    let stack = Embedded::start_with(Config {
+        limit_ws_connect_ip: per_minute(2),
+        ..unhidra_testkit::config()
+    })
+    .await?;
+    let alice = stack.api().user("alice").await?;
+    let _first = connect(&stack.app.ws(), &alice.token).await?;
+    let _second = connect(&stack.app.ws(), &alice.token).await?;
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            stack.app.ws(),
+        )?;
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("unhidra.v1, bearer.{}", alice.token).parse()?,
+    );
+    let (status, body) = refused(request).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("rate_limited"))
+    );
+    stack.app.stop().await
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_refused_before_they_are_read() -> TestResult {
+    let stack = Embedded::start().await?;
+    let address = stack.app.address;
+    // A declared 10 MiB body: 413 comes back although none of it was sent.
+    let mut tcp = tokio::net::TcpStream::connect(address).await?;
+    tcp.write_all(
+        b"POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10485760\r\n\r\n",
+    )
+    .await?;
+    let mut head = vec![0_u8; 4096];
+    let n = tokio::time::timeout(WAIT, tcp.read(&mut head)).await??;
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(head.contains(r#""error":"too_large""#), "{head}");
+
+    // A streamed body with no length stops being read at the auth limit.
+    let mut tcp = tokio::net::TcpStream::connect(address).await?;
+    tcp.write_all(
+        b"POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .await?;
+    let chunk = format!("400\r\n{}\r\n", " ".repeat(1024));
+    for _ in 0..64 {
+        if tcp.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let mut head = vec![0_u8; 4096];
+    let n = tokio::time::timeout(WAIT, tcp.read(&mut head)).await??;
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(head.contains(r#""error":"too_large""#), "{head}");
+    stack.app.stop().await
+}
+
+#[tokio::test]
+async fn a_login_flood_is_refused_early_and_health_keeps_answering() -> TestResult {
+    // The binary in its own process, so its resident memory is its own.
+    let dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut process = std::process::Command::new(env!("CARGO_BIN_EXE_unhidra"))
+        .env("UNHIDRA_BIND", format!("127.0.0.1:{port}"))
+        .env("UNHIDRA_DATA_DIR", dir.path())
+        .env("UNHIDRA_PASSWORD_HASH_CONCURRENCY", "1")
+        .env("UNHIDRA_PASSWORD_HASH_QUEUE", "2")
+        .env("UNHIDRA_LIMIT_LOGIN_IP", "off")
+        .env("UNHIDRA_LIMIT_LOGIN_ACCOUNT", "off")
+        .env("UNHIDRA_LIMIT_HTTP_IP", "off")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let outcome = login_flood(&format!("http://127.0.0.1:{port}"), process.id()).await;
+    process.kill()?;
+    process.wait()?;
+    outcome
+}
+
+async fn login_flood(base: &str, pid: u32) -> TestResult {
+    wait_ready(base).await?;
+    let idle = resident_bytes(pid)?;
+
+    // 300 concurrent logins with 1 MiB passwords: refused by the body limit
+    // before the body is read, while /healthz keeps answering.
+    let huge = json!({"email": "a@example.com", "password": "p".repeat(1024 * 1024)}).to_string();
+    let floods = (0..300).map(|_| {
+        let (base, huge) = (base.to_owned(), huge.clone());
+        tokio::spawn(async move {
+            let response = http()
+                .post(format!("{base}/api/v1/auth/login"))
+                .header("content-type", "application/json")
+                .body(huge)
+                .send()
+                .await;
+            match response {
+                Ok(response) => Some(response.status()),
+                // Refused before the body was read: the server may close
+                // while the client still writes it.
+                Err(e) if e.is_request() || e.is_body() => None,
+                Err(e) => panic!("login flood: {e}"),
+            }
+        })
+    });
+    let health = {
+        let base = base.to_owned();
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                let answered = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    get(&format!("{base}/healthz"), None),
+                )
+                .await;
+                if !matches!(answered, Ok(Ok((StatusCode::OK, _)))) {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            true
+        })
+    };
+    let mut refused = 0;
+    for flood in futures::future::join_all(floods).await {
+        match flood? {
+            Some(status) => {
+                assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+                refused += 1;
+            }
+            None => refused += 1,
+        }
+    }
+    assert_eq!(refused, 300);
+    assert!(health.await?, "/healthz answered throughout");
+    let grown = resident_bytes(pid)?.saturating_sub(idle);
+    assert!(
+        grown < 50 * 1024 * 1024,
+        "resident memory grew by {grown} bytes"
+    );
+
+    // Passwords of a valid size beyond the hashing queue: 503 at once.
+    let logins = (0..20).map(|_| {
+        let base = base.to_owned();
+        tokio::spawn(async move {
+            let response = http()
+                .post(format!("{base}/api/v1/auth/login"))
+                .json(&json!({"email": "nobody@example.com", "password": "wrong password"}))
+                .send()
+                .await?;
+            let retry = response.headers().get("retry-after").cloned();
+            let status = response.status();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            Ok::<_, Error>((status, body["error"].clone(), retry))
+        })
+    });
+    let mut overloaded = 0;
+    for login in futures::future::join_all(logins).await {
+        let (status, error, retry) = login??;
+        match status {
+            StatusCode::UNAUTHORIZED => {}
+            StatusCode::SERVICE_UNAVAILABLE => {
+                overloaded += 1;
+                assert_eq!(error, "overloaded");
+                assert!(retry.is_some(), "503 says when to retry");
+            }
+            other => return Err(format!("unexpected {other}").into()),
+        }
+    }
+    assert!(
+        overloaded > 0,
+        "some of 20 concurrent logins found the queue full"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_sending_headers_slowly_is_cut_off() -> TestResult {
+    let stack = Embedded::start_with(Config {
+        http_header_timeout_secs: 1,
+        ..unhidra_testkit::config()
+    })
+    .await?;
+    let mut tcp = tokio::net::TcpStream::connect(stack.app.address).await?;
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\n").await?;
+    // One header byte every 300 ms, never finishing: the server must end
+    // the connection (answering 408 or not) instead of waiting forever.
+    let trickle = async {
+        loop {
+            if tcp.write_all(b"a").await.is_err() {
+                return;
+            }
+            let mut buf = [0_u8; 256];
+            match tokio::time::timeout(Duration::from_millis(300), tcp.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return,
+                Ok(Ok(n)) => {
+                    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+                    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+                    return;
+                }
+                Err(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, trickle)
+        .await
+        .map_err(|_| "a client trickling headers was still connected after 10 s")?;
+    stack.app.stop().await
+}
+
+/// A process's resident memory.
+fn resident_bytes(pid: u32) -> Result<u64, Error> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm"))?;
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .ok_or("statm")?;
+    Ok(pages * 4096)
+}
+
+async fn get_text(url: &str) -> Result<(StatusCode, String), Error> {
+    let response = http().get(url).send().await?;
+    Ok((response.status(), response.text().await?))
+}
