@@ -18,10 +18,12 @@ use unhidra_core::{
         SendAccepted, SendBatch,
     },
 };
+use unhidra_runtime::ClientIp;
 use unhidra_telemetry::request_id;
 
 use crate::{
     Gateway,
+    budget::{FrameBudget, Verdict},
     metrics::GatewayMetrics,
     pipeline::{Pipeline, error},
     registry::{ConnId, Outbound},
@@ -36,7 +38,25 @@ const MAX_PIPELINE: usize = 1024;
 /// Frames written before one flush at most.
 const MAX_BURST: u64 = 128;
 
-pub async fn serve(gateway: Arc<Gateway>, socket: WebSocket, auth: Authenticated) {
+pub async fn serve(
+    gateway: Arc<Gateway>,
+    mut socket: WebSocket,
+    auth: Authenticated,
+    ip: ClientIp,
+) {
+    // Checked before the upgrade; decided here, where two racing handshakes
+    // cannot both take the last place.
+    let _ticket = match gateway.admission.admit(auth.user, &ip) {
+        Ok(ticket) => ticket,
+        Err(full) => {
+            let frame = CloseFrame {
+                code: close::POLICY_VIOLATION,
+                reason: Utf8Bytes::from(full.message()),
+            };
+            let _ = socket.send(Message::Close(Some(frame))).await;
+            return;
+        }
+    };
     gateway.metrics.connections.inc();
     let (sink, mut stream) = socket.split();
     let (outbound, queue) = mpsc::channel(gateway.ctx.config.outbound_queue);
@@ -104,6 +124,12 @@ async fn read(
 ) {
     let mut pipeline = Pipeline::default();
     let mut in_flight: Option<BoxFuture<'static, BatchOutcome>> = None;
+    let limits = &gateway.limits;
+    let mut budget = FrameBudget::new(
+        limits.frames.as_ref(),
+        limits.bytes.as_ref(),
+        &gateway.ctx.clock,
+    );
     loop {
         for frame in pipeline.take_ready() {
             let Ok(text) = serde_json::to_string(&frame) else {
@@ -148,17 +174,36 @@ async fn read(
                     return;
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(Message::Binary(_))) => {
+                Some(Ok(message)) => {
                     gateway.metrics.frames_in.inc();
-                    pipeline.push_ready(error(
-                        None,
-                        ErrorCode::InvalidFrame,
-                        "binary frames are not supported; send JSON text",
-                    ));
-                }
-                Some(Ok(Message::Text(text))) => {
-                    gateway.metrics.frames_in.inc();
-                    accept_frame(&mut pipeline, auth, text.as_str(), gateway.ctx.config.max_frame_bytes);
+                    let size = match &message {
+                        Message::Text(text) => text.len(),
+                        Message::Binary(bytes) => bytes.len(),
+                        _ => 0,
+                    };
+                    match budget.take(size) {
+                        Verdict::Accept => {}
+                        Verdict::Refuse(retry_after) => {
+                            gateway.metrics.frames_limited.inc();
+                            pipeline.push_ready(rate_limited(retry_after));
+                            continue;
+                        }
+                        Verdict::Close => {
+                            tracing::info!(user_id = %auth.user, "WebSocket closed: kept sending past its rate limit");
+                            let _ = outbound
+                                .send(Outbound::Close(close::POLICY_VIOLATION, "rate limit exceeded"))
+                                .await;
+                            return drain(stream).await;
+                        }
+                    }
+                    match message {
+                        Message::Text(text) => accept_frame(&mut pipeline, auth, text.as_str(), gateway.ctx.config.max_frame_bytes),
+                        _ => pipeline.push_ready(error(
+                            None,
+                            ErrorCode::InvalidFrame,
+                            "binary frames are not supported; send JSON text",
+                        )),
+                    }
                 }
             },
         }
@@ -218,6 +263,18 @@ fn accept_frame(pipeline: &mut Pipeline, auth: &Authenticated, text: &str, max_f
             tracing::debug!(user_id = %auth.user, code = ?e.code, "frame refused");
             pipeline.push_ready(e.into());
         }
+    }
+}
+
+fn rate_limited(retry_after: Duration) -> ServerFrame {
+    let millis = u64::try_from(retry_after.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    ServerFrame::Error {
+        id: None,
+        code: ErrorCode::RateLimited,
+        message: format!("too many frames; retry in {millis} ms"),
+        retry_after_ms: Some(millis),
     }
 }
 

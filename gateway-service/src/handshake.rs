@@ -46,6 +46,10 @@ pub async fn upgrade(
             return ApiError::from(e).into_response();
         }
     };
+    if let Err(full) = gateway.admission.check(auth.user, &ip) {
+        tracing::info!(user_id = %auth.user, client_ip = %ip, "WebSocket refused: too many connections");
+        return ApiError::TooManyConnections(full.message()).into_response();
+    }
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
         Err(rejection) => {
@@ -65,7 +69,7 @@ pub async fn upgrade(
         .write_buffer_size(config.ws_write_buffer_bytes)
         .on_upgrade(move |socket| {
             let in_flight = gateway.ctx.in_flight.clone();
-            in_flight.track_future(connection::serve(gateway, socket, auth))
+            in_flight.track_future(connection::serve(gateway, socket, auth, ip))
         })
 }
 

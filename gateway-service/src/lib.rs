@@ -5,6 +5,8 @@
 //! fans room events out to the member connections it holds, with one bus
 //! subscription per gateway node.
 
+mod admission;
+mod budget;
 mod connection;
 mod fanout;
 mod handshake;
@@ -20,7 +22,7 @@ use unhidra_core::Config;
 use unhidra_ratelimit::Limit;
 use unhidra_runtime::{Service, ServiceContext};
 
-use crate::{metrics::GatewayMetrics, registry::Registry};
+use crate::{admission::Admission, metrics::GatewayMetrics, registry::Registry};
 
 pub const NAME: &str = "gateway-service";
 pub const DEFAULT_PORT: u16 = 9000;
@@ -31,11 +33,14 @@ struct Gateway {
     registry: Registry,
     metrics: GatewayMetrics,
     limits: SocketLimits,
+    admission: Arc<Admission>,
 }
 
-/// The WebSocket limits (each `None` when set to `off`).
+/// The WebSocket rate limits (each `None` when set to `off`).
 struct SocketLimits {
     connect_ip: Option<Limit>,
+    frames: Option<Limit>,
+    bytes: Option<Limit>,
 }
 
 /// Subscribes to room events and serves `/ws`.
@@ -45,7 +50,13 @@ pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
         metrics: GatewayMetrics::register(&ctx.metrics)?,
         limits: SocketLimits {
             connect_ip: Limit::new("ws_connect_ip", ctx.config.limit_ws_connect_ip),
+            frames: Limit::new("ws_frames", ctx.config.limit_ws_frames),
+            bytes: Limit::new("ws_bytes", ctx.config.limit_ws_bytes),
         },
+        admission: Arc::new(Admission::new(
+            ctx.config.ws_connections_per_user,
+            ctx.config.ws_connections_per_ip,
+        )),
         ctx,
     });
     let fanout = fanout::spawn(Arc::clone(&gateway)).await?;

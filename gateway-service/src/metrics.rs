@@ -9,6 +9,7 @@ pub struct GatewayMetrics {
     pub connections: IntGauge,
     pub frames_in: IntCounter,
     pub frames_out: IntCounter,
+    pub frames_limited: IntCounter,
     pub slow_consumers: IntCounter,
     pub delivered: IntCounter,
 }
@@ -24,6 +25,10 @@ impl GatewayMetrics {
             frames_out: metrics.counter(
                 "unhidra_ws_frames_sent_total",
                 "WebSocket frames written to clients.",
+            )?,
+            frames_limited: metrics.counter(
+                "unhidra_ws_frames_rate_limited_total",
+                "WebSocket frames refused with rate_limited (frames or bytes per second).",
             )?,
             slow_consumers: metrics.counter(
                 "unhidra_ws_slow_consumer_disconnects_total",

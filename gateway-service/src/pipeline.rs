@@ -33,6 +33,7 @@ pub fn error(id: Option<String>, code: ErrorCode, message: &str) -> ServerFrame 
         id,
         code,
         message: message.to_owned(),
+        retry_after_ms: None,
     }
 }
 

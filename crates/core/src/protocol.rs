@@ -22,6 +22,8 @@ pub mod close {
     pub const TOO_BIG: u16 = 1009;
     /// The server could not load the user's rooms; reconnect later.
     pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// The client kept sending far past its rate limit.
+    pub const POLICY_VIOLATION: u16 = 1008;
     /// The access token expired; reconnect with a fresh one.
     pub const TOKEN_EXPIRED: u16 = 4001;
     /// The client did not read its frames fast enough.
@@ -74,6 +76,9 @@ pub enum ServerFrame {
         id: Option<String>,
         code: ErrorCode,
         message: String,
+        /// With `rate_limited`: when the frame would be accepted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
 }
 
@@ -87,6 +92,9 @@ pub enum ErrorCode {
     UnknownType,
     /// Larger than `max_frame_bytes`.
     TooLarge,
+    /// Over the connection's frame or byte rate; retry after
+    /// `retry_after_ms`.
+    RateLimited,
     /// Not a member of the room.
     Forbidden,
     /// No such room.
@@ -111,6 +119,7 @@ impl From<FrameError> for ServerFrame {
             id: e.id,
             code: e.code,
             message: e.message,
+            retry_after_ms: None,
         }
     }
 }

@@ -13,7 +13,10 @@ use std::{num::NonZeroU32, sync::Arc, time::Duration};
 use secrecy::ExposeSecret;
 use unhidra_core::{Config, clock::SharedClock, rate::Rate};
 
-pub use crate::{local::LocalLimiter, redis::RedisLimiter};
+pub use crate::{
+    local::{Bucket, LocalLimiter},
+    redis::RedisLimiter,
+};
 
 /// A named limit: at most `count` units per `period`, in bursts of up to
 /// `count`.

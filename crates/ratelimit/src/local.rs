@@ -1,4 +1,6 @@
-//! In-process limits on governor's keyed GCRA, one keyed limiter per limit.
+//! In-process limits on governor's GCRA: keyed, one keyed limiter per
+//! limit ([`LocalLimiter`]), or for a single owner such as one connection
+//! ([`Bucket`]).
 
 use std::{
     num::NonZeroU32,
@@ -11,7 +13,9 @@ use std::{
 
 use dashmap::DashMap;
 use governor::{
-    Quota, clock, middleware::StateInformationMiddleware, state::keyed::DashMapStateStore,
+    InsufficientCapacity, NotUntil, Quota, clock,
+    middleware::{StateInformationMiddleware, StateSnapshot},
+    state::{InMemoryState, NotKeyed, keyed::DashMapStateStore},
 };
 use unhidra_core::clock::SharedClock;
 
@@ -34,6 +38,90 @@ impl clock::Clock for Clock {
 
 type Keyed =
     governor::RateLimiter<String, DashMapStateStore<String>, Clock, StateInformationMiddleware>;
+type Direct = governor::RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
+
+fn quota(limit: &Limit) -> Quota {
+    let interval = limit.interval().max(Duration::from_nanos(1));
+    Quota::with_period(interval)
+        .unwrap_or_else(|| Quota::per_second(limit.count))
+        .allow_burst(limit.count)
+}
+
+type Outcome = Result<Result<StateSnapshot, NotUntil<Duration>>, InsufficientCapacity>;
+
+/// governor's answer as a [`Decision`].
+fn decision(limit: &Limit, cost: NonZeroU32, outcome: Outcome, now: Duration) -> Decision {
+    let interval = limit.interval();
+    match outcome {
+        Ok(Ok(state)) => {
+            let remaining = state.remaining_burst_capacity().min(limit.count());
+            Decision {
+                allowed: true,
+                limit: limit.count(),
+                remaining,
+                reset_after: interval * (limit.count() - remaining),
+                retry_after: Duration::ZERO,
+            }
+        }
+        Ok(Err(not_until)) => {
+            let retry_after = not_until.wait_time_from(now);
+            Decision {
+                allowed: false,
+                limit: limit.count(),
+                remaining: 0,
+                reset_after: retry_after + interval * limit.count().saturating_sub(cost.get()),
+                retry_after,
+            }
+        }
+        Err(_) => limit.never(),
+    }
+}
+
+fn free(limit: &Limit) -> Decision {
+    Decision {
+        allowed: true,
+        limit: limit.count(),
+        remaining: limit.count(),
+        reset_after: Duration::ZERO,
+        retry_after: Duration::ZERO,
+    }
+}
+
+/// One owner's allowance under one limit (a connection's frames per
+/// second): nothing shared, a few dozen bytes.
+pub struct Bucket {
+    limit: Limit,
+    clock: SharedClock,
+    limiter: Direct,
+}
+
+impl Bucket {
+    pub fn new(limit: Limit, clock: SharedClock) -> Self {
+        let limiter = governor::RateLimiter::new(
+            quota(&limit),
+            InMemoryState::default(),
+            Clock(Arc::clone(&clock)),
+        );
+        Self {
+            limit,
+            clock,
+            limiter,
+        }
+    }
+
+    /// Takes `cost` units if the bucket holds them; a refusal takes nothing.
+    pub fn take(&self, cost: u32) -> Decision {
+        let Some(cost) = NonZeroU32::new(cost) else {
+            return free(&self.limit);
+        };
+        let outcome = self.limiter.check_n(cost);
+        decision(&self.limit, cost, outcome, self.clock.now())
+    }
+
+    pub fn limit(&self) -> &Limit {
+        &self.limit
+    }
+}
 
 /// Limits kept in this process only.
 pub struct LocalLimiter {
@@ -56,12 +144,8 @@ impl LocalLimiter {
             return Arc::clone(&keyed);
         }
         let entry = self.limiters.entry(limit.clone()).or_insert_with(|| {
-            let interval = limit.interval().max(Duration::from_nanos(1));
-            let quota = Quota::with_period(interval)
-                .unwrap_or_else(|| Quota::per_second(limit.count))
-                .allow_burst(limit.count);
             Arc::new(governor::RateLimiter::new(
-                quota,
+                quota(limit),
                 DashMapStateStore::default(),
                 Clock(Arc::clone(&self.clock)),
             ))
@@ -85,39 +169,10 @@ impl LocalLimiter {
             self.sweep();
         }
         let Some(cost) = NonZeroU32::new(cost) else {
-            return Decision {
-                allowed: true,
-                limit: limit.count(),
-                remaining: limit.count(),
-                reset_after: Duration::ZERO,
-                retry_after: Duration::ZERO,
-            };
+            return free(limit);
         };
-        let interval = limit.interval();
-        let keyed = self.limiter(limit);
-        match keyed.check_key_n(&key.to_owned(), cost) {
-            Ok(Ok(state)) => {
-                let remaining = state.remaining_burst_capacity().min(limit.count());
-                Decision {
-                    allowed: true,
-                    limit: limit.count(),
-                    remaining,
-                    reset_after: interval * (limit.count() - remaining),
-                    retry_after: Duration::ZERO,
-                }
-            }
-            Ok(Err(not_until)) => {
-                let retry_after = not_until.wait_time_from(self.clock.now());
-                Decision {
-                    allowed: false,
-                    limit: limit.count(),
-                    remaining: 0,
-                    reset_after: retry_after + interval * limit.count().saturating_sub(cost.get()),
-                    retry_after,
-                }
-            }
-            Err(_) => limit.never(),
-        }
+        let outcome = self.limiter(limit).check_key_n(&key.to_owned(), cost);
+        decision(limit, cost, outcome, self.clock.now())
     }
 }
 
@@ -129,5 +184,32 @@ impl RateLimiter for LocalLimiter {
 
     fn backend(&self) -> Backend {
         Backend::Local
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use unhidra_core::{clock::ManualClock, rate::Rate};
+
+    use super::*;
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_refills_over_time() {
+        let clock = Arc::new(ManualClock::starting_at(Duration::from_secs(1_000)));
+        let count = NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN);
+        let limit = Limit::new("ws_frames", Rate::per_second(count));
+        let Some(limit) = limit else { return };
+        let bucket = Bucket::new(limit, Arc::clone(&clock) as SharedClock);
+        for _ in 0..10 {
+            assert!(bucket.take(1).allowed);
+        }
+        let refused = bucket.take(1);
+        assert!(!refused.allowed);
+        assert_eq!(refused.retry_after, Duration::from_millis(100));
+        clock.advance(Duration::from_millis(250));
+        assert!(bucket.take(2).allowed, "two frames back after 250 ms");
+        assert!(!bucket.take(1).allowed);
     }
 }

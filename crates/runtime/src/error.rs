@@ -18,6 +18,10 @@ use unhidra_core::{
 };
 use unhidra_ratelimit::Decision;
 
+/// When a client refused for holding too many connections should try
+/// again: long enough for a reconnect loop not to hammer the gateway.
+const TOO_MANY_CONNECTIONS_RETRY_SECS: u64 = 5;
+
 /// Everything an API handler can refuse a request with.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -49,6 +53,10 @@ pub enum ApiError {
         limit: &'static str,
         decision: Decision,
     },
+    /// The user or address already holds as many connections as allowed
+    /// (429, with `Retry-After`).
+    #[error("{0}")]
+    TooManyConnections(String),
     /// The server is at capacity for this kind of work right now (503, with
     /// `Retry-After`).
     #[error("{message}")]
@@ -85,7 +93,7 @@ impl ApiError {
             Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::TooManyConnections(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::REQUEST_TIMEOUT,
             Self::Refused(e) => StatusCode::from_u16(e.code.http_status())
@@ -103,6 +111,7 @@ impl ApiError {
             Self::Invalid(_) => "invalid_input",
             Self::TooLarge(_) => "too_large",
             Self::RateLimited { .. } => "rate_limited",
+            Self::TooManyConnections(_) => "too_many_connections",
             Self::Overloaded { .. } => "overloaded",
             Self::Timeout => "request_timeout",
             Self::Refused(e) => e.code.as_str(),
@@ -141,6 +150,12 @@ impl IntoResponse for ApiError {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            }
+            Self::TooManyConnections(_) => {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(TOO_MANY_CONNECTIONS_RETRY_SECS),
+                );
             }
             _ => {}
         }

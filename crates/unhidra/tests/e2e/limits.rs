@@ -425,3 +425,130 @@ async fn get_text(url: &str) -> Result<(StatusCode, String), Error> {
     let response = http().get(url).send().await?;
     Ok((response.status(), response.text().await?))
 }
+
+#[tokio::test]
+async fn a_websocket_flood_gets_error_frames_then_1008_while_the_room_keeps_flowing() -> TestResult
+{
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, protocol::frame::coding::CloseCode};
+
+    let stack = Embedded::start_with(Config {
+        limit_ws_frames: Rate::new(10, Duration::from_secs(1)),
+        ..unhidra_testkit::config()
+    })
+    .await?;
+    let api = stack.api();
+    let (alice, bob, mallory) = (
+        api.user("alice").await?,
+        api.user("bob").await?,
+        api.user("mallory").await?,
+    );
+    let room = api.create_room(&alice, "public").await?;
+    for user in [&bob, &mallory] {
+        assert_eq!(api.join(user, &room).await?.0, StatusCode::OK);
+    }
+    let mut flood = connect(&stack.app.ws(), &mallory.token).await?;
+    let mut talker = connect(&stack.app.ws(), &alice.token).await?;
+    let mut listener = connect(&stack.app.ws(), &bob.token).await?;
+
+    // Over the limit: error frames that say when to retry.
+    for i in 0..15 {
+        send(&mut flood, json!({"type": "ping", "id": format!("p{i}")})).await?;
+    }
+    let mut pongs = 0;
+    let mut limited = Vec::new();
+    for _ in 0..15 {
+        let frame = next_frame(&mut flood).await?;
+        match frame["type"].as_str() {
+            Some("pong") => pongs += 1,
+            Some("error") => limited.push(frame),
+            _ => return Err(format!("unexpected {frame}").into()),
+        }
+    }
+    assert!(pongs >= 10, "the burst was answered: {pongs}");
+    assert!(!limited.is_empty(), "frames past the burst were refused");
+    for e in &limited {
+        assert_eq!(e["code"], "rate_limited");
+        assert!(
+            e["retry_after_ms"]
+                .as_u64()
+                .is_some_and(|ms| (1..=1000).contains(&ms)),
+            "{e}"
+        );
+    }
+    // Still usable once the client waits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send(&mut flood, json!({"type": "ping", "id": "after"})).await?;
+    assert_eq!(next_of(&mut flood, "pong").await?["id"], "after");
+
+    // Keeping on far past the limit: closed with 1008, while the room flows.
+    let (mut flood_sink, mut flood_stream) = flood.split();
+    let flooding = tokio::spawn(async move {
+        for i in 0..500 {
+            let ping = json!({"type": "ping", "id": format!("f{i}")}).to_string();
+            if flood_sink.send(Message::text(ping)).await.is_err() {
+                break;
+            }
+        }
+    });
+    send(
+        &mut talker,
+        json!({"type": "send", "id": "m1", "room": room, "body": "still here"}),
+    )
+    .await?;
+    let delivered = next_of(&mut listener, "message").await?;
+    assert_eq!(delivered["body"], "still here");
+    let close = loop {
+        match tokio::time::timeout(WAIT, flood_stream.next()).await? {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => {}
+            other => return Err(format!("no close frame: {other:?}").into()),
+        }
+    };
+    let _ = flooding.await;
+    let close = close.ok_or("close frame without a code")?;
+    assert_eq!(close.code, CloseCode::Policy);
+    assert_eq!(close.reason.as_str(), "rate limit exceeded");
+    stack.app.stop().await
+}
+
+#[tokio::test]
+async fn open_connections_per_user_are_capped() -> TestResult {
+    let stack = Embedded::start_with(Config {
+        ws_connections_per_user: 2,
+        ..unhidra_testkit::config()
+    })
+    .await?;
+    let alice = stack.api().user("alice").await?;
+    let first = connect(&stack.app.ws(), &alice.token).await?;
+    let _second = connect(&stack.app.ws(), &alice.token).await?;
+    let handshake = || -> Result<_, Error> {
+        let mut request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                stack.app.ws(),
+            )?;
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            format!("unhidra.v1, bearer.{}", alice.token).parse()?,
+        );
+        Ok(request)
+    };
+    let (status, body) = refused(handshake()?).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("too_many_connections"))
+    );
+    // A closed connection gives its place back.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio_tungstenite::connect_async(handshake()?).await {
+            Ok(_) => break,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(format!("the place never came back: {e}").into()),
+        }
+    }
+    stack.app.stop().await
+}
