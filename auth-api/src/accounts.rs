@@ -18,6 +18,35 @@ pub struct NewUser<'a> {
 pub struct Credentials {
     pub user: UserId,
     pub password_hash: String,
+    /// Unix milliseconds until which the account is locked, if it was.
+    pub locked_until: Option<i64>,
+}
+
+impl Credentials {
+    /// How long the account stays locked, if it is locked at `now_ms`.
+    pub fn locked_for(&self, now_ms: i64) -> Option<std::time::Duration> {
+        let left = self.locked_until?.checked_sub(now_ms)?;
+        (left > 0).then(|| std::time::Duration::from_millis(left.unsigned_abs()))
+    }
+}
+
+/// How failed logins lock an account: `failures` in a row lock it for
+/// `first_ms`, doubled for each lock since its last successful login, up to
+/// `max_ms`.
+#[derive(Debug, Clone, Copy)]
+pub struct LockoutPolicy {
+    pub failures: u32,
+    pub first_ms: i64,
+    pub max_ms: i64,
+}
+
+impl LockoutPolicy {
+    fn lock_ms(&self, previous_locks: i64) -> i64 {
+        let doublings = u32::try_from(previous_locks.clamp(0, 30)).unwrap_or(30);
+        self.first_ms
+            .saturating_mul(1_i64 << doublings)
+            .min(self.max_ms)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -60,18 +89,66 @@ impl AccountRepo {
     }
 
     pub async fn credentials(&self, email: &str) -> anyhow::Result<Option<Credentials>> {
-        let row: Option<(String, String)> =
-            sqlx::query_as("SELECT id, password_hash FROM users WHERE email = $1")
+        let row: Option<(String, String, Option<i64>)> =
+            sqlx::query_as("SELECT id, password_hash, locked_until FROM users WHERE email = $1")
                 .bind(email)
                 .fetch_optional(&self.db.pool)
                 .await?;
-        row.map(|(id, password_hash)| {
+        row.map(|(id, password_hash, locked_until)| {
             Ok(Credentials {
                 user: id.parse()?,
                 password_hash,
+                locked_until,
             })
         })
         .transpose()
+    }
+
+    /// Counts a failed login; when it completes `policy.failures` in a row,
+    /// locks the account and answers until when. Atomic per statement, so
+    /// two auth-api replicas cannot both lock (or both miss) the account.
+    pub async fn record_failure(
+        &self,
+        user: UserId,
+        policy: LockoutPolicy,
+        now_ms: i64,
+    ) -> anyhow::Result<Option<i64>> {
+        let counted: Option<(i64, i64)> = sqlx::query_as(
+            "UPDATE users SET failed_logins = failed_logins + 1 WHERE id = $1
+             RETURNING CAST(failed_logins AS BIGINT), CAST(lockouts AS BIGINT)",
+        )
+        .bind(user.to_string())
+        .fetch_optional(&self.db.pool)
+        .await?;
+        let Some((failures, locks)) = counted else {
+            return Ok(None);
+        };
+        if policy.failures == 0 || failures < i64::from(policy.failures) {
+            return Ok(None);
+        }
+        let until = now_ms.saturating_add(policy.lock_ms(locks));
+        let locked = sqlx::query(
+            "UPDATE users SET failed_logins = 0, lockouts = lockouts + 1, locked_until = $1
+             WHERE id = $2 AND failed_logins >= $3",
+        )
+        .bind(until)
+        .bind(user.to_string())
+        .bind(i64::from(policy.failures))
+        .execute(&self.db.pool)
+        .await?;
+        Ok((locked.rows_affected() == 1).then_some(until))
+    }
+
+    /// A successful login: the failure count and the lock history start over.
+    pub async fn record_success(&self, user: UserId) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE users SET failed_logins = 0, lockouts = 0, locked_until = NULL
+             WHERE id = $1 AND (failed_logins <> 0 OR lockouts <> 0 OR locked_until IS NOT NULL)",
+        )
+        .bind(user.to_string())
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
     }
 
     /// Opens a session whose refresh token hashes to `refresh_hash`, valid
@@ -159,10 +236,67 @@ mod conformance {
                 accounts.credentials(email).await?,
                 Some(Credentials {
                     user: user.id,
-                    password_hash: user.password_hash.to_owned()
+                    password_hash: user.password_hash.to_owned(),
+                    locked_until: None,
                 })
             );
             assert_eq!(accounts.credentials("nobody@example.com").await?, None);
+            Ok(())
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn failed_logins_in_a_row_lock_with_growing_times() -> anyhow::Result<()> {
+        on_each_database(|db| async move {
+            let accounts = open(db.url()).await?;
+            let user = UserId::new();
+            accounts
+                .create_user(&NewUser {
+                    id: user,
+                    email: "ann@example.com",
+                    display_name: "ann",
+                    password_hash: "x",
+                })
+                .await?;
+            let policy = LockoutPolicy {
+                failures: 3,
+                first_ms: 60_000,
+                max_ms: 150_000,
+            };
+            let now = 1_000_000;
+            let mut locks = Vec::new();
+            for _ in 0..9 {
+                locks.push(accounts.record_failure(user, policy, now).await?);
+            }
+            assert_eq!(
+                locks,
+                [
+                    None,
+                    None,
+                    Some(now + 60_000),
+                    None,
+                    None,
+                    Some(now + 120_000),
+                    None,
+                    None,
+                    Some(now + 150_000)
+                ],
+                "3 in a row lock, each lock twice as long, up to the maximum"
+            );
+            let locked = accounts.credentials("ann@example.com").await?;
+            assert_eq!(locked.and_then(|c| c.locked_until), Some(now + 150_000));
+            accounts.record_success(user).await?;
+            let unlocked = accounts.credentials("ann@example.com").await?;
+            assert_eq!(unlocked.and_then(|c| c.locked_until), None);
+            for _ in 0..2 {
+                assert_eq!(accounts.record_failure(user, policy, now).await?, None);
+            }
+            assert_eq!(
+                accounts.record_failure(user, policy, now).await?,
+                Some(now + 60_000),
+                "a success starts the lock times over"
+            );
             Ok(())
         })
         .await

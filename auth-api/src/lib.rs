@@ -21,7 +21,7 @@ use unhidra_runtime::{ApiState, Service, ServiceContext, body_limit, rpc};
 use unhidra_store::{Database, Migration};
 
 use crate::{
-    accounts::AccountRepo,
+    accounts::{AccountRepo, LockoutPolicy},
     passwords::Passwords,
     signing_keys::{SigningKeyRepo, SigningKeys},
 };
@@ -29,11 +29,18 @@ use crate::{
 pub const NAME: &str = "auth-api";
 pub const DEFAULT_PORT: u16 = 9200;
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "identities",
-    sql: include_str!("../migrations/0001_identities.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "identities",
+        sql: include_str!("../migrations/0001_identities.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "lockout",
+        sql: include_str!("../migrations/0002_lockout.sql"),
+    },
+];
 
 /// auth-api's part of its handlers' state.
 #[derive(Clone)]
@@ -43,6 +50,7 @@ struct Auth {
     keys: SigningKeys,
     metrics: AuthMetrics,
     limits: CredentialLimits,
+    lockout: LockoutPolicy,
 }
 
 /// The limits of the credential routes (each `None` when set to `off`).
@@ -71,6 +79,7 @@ type AuthState = ApiState<Auth>;
 struct AuthMetrics {
     logins: IntCounterVec,
     tokens_issued: IntCounter,
+    lockouts: IntCounter,
 }
 
 impl AuthMetrics {
@@ -85,6 +94,10 @@ impl AuthMetrics {
             tokens_issued: ctx
                 .metrics
                 .counter("unhidra_tokens_issued_total", "Access tokens issued.")?,
+            lockouts: ctx.metrics.counter(
+                "unhidra_account_lockouts_total",
+                "Accounts locked after failed logins in a row.",
+            )?,
         })
     }
 }
@@ -103,6 +116,11 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
             keys: keys.clone(),
             metrics: AuthMetrics::register(&ctx)?,
             limits: CredentialLimits::new(&ctx.config),
+            lockout: LockoutPolicy {
+                failures: ctx.config.lockout_failures,
+                first_ms: seconds_to_ms(ctx.config.lockout_secs),
+                max_ms: seconds_to_ms(ctx.config.lockout_max_secs),
+            },
         },
     };
     let jwks_responder = rpc::respond::<AuthJwks, _, _>(&ctx, NAME, move |_| {
@@ -123,6 +141,10 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         database: Some(db),
         tasks: vec![jwks_responder],
     })
+}
+
+fn seconds_to_ms(seconds: u64) -> i64 {
+    i64::try_from(seconds.saturating_mul(1000)).unwrap_or(i64::MAX)
 }
 
 async fn jwks(State(state): State<AuthState>) -> Json<Jwks> {

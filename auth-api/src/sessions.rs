@@ -13,7 +13,7 @@ use unhidra_core::{
     ids::{SessionId, UserId},
     token::AccessClaims,
 };
-use unhidra_runtime::{ApiError, ApiJson, Throttle};
+use unhidra_runtime::{ApiError, ApiJson, ClientIp, Throttle};
 
 use crate::{AuthState, passwords::check_length, users::normalize_email};
 
@@ -93,27 +93,27 @@ pub async fn login(
         Some(email) => state.service.accounts.credentials(email).await?,
         None => None,
     };
+    let now_ms = clock_millis(&state);
+    // A locked account is refused before its password is looked at, so
+    // guessing goes on neither here nor on another replica.
+    if let Some(credentials) = &credentials {
+        if let Some(retry_after) = credentials.locked_for(now_ms) {
+            tracing::info!(user_id = %credentials.user, "login refused: account locked");
+            return Err(ApiError::Locked { retry_after });
+        }
+    }
     let user_id = credentials.as_ref().map(|c| c.user);
     let matched = state
         .service
         .passwords
         .verify(request.password, credentials.map(|c| c.password_hash))
         .await?;
-    let logins = &state.service.metrics.logins;
     let Some(user_id) = user_id.filter(|_| matched) else {
-        logins.with_label_values(&["failure"]).inc();
-        tracing::warn!(user_id = ?user_id, reason = "bad credentials", "login refused");
         let subject = email.unwrap_or_else(|| request.email.chars().take(254).collect());
-        state
-            .ctx
-            .audit(AuditEvent::new(
-                AuditKind::LoginFailed,
-                user_id,
-                Some(subject),
-            ))
-            .await;
-        return Err(invalid_credentials());
+        return Err(failed_login(&state, &throttle.ip, user_id, subject, now_ms).await);
     };
+    state.service.accounts.record_success(user_id).await?;
+    let logins = &state.service.metrics.logins;
 
     let session = SessionId::new();
     let (refresh_token, refresh_hash) = new_refresh_token();
@@ -143,6 +143,70 @@ pub async fn login(
         expires_in: state.ctx.config.access_token_ttl_secs,
         user_id,
     }))
+}
+
+fn clock_millis(state: &AuthState) -> i64 {
+    i64::try_from(state.ctx.clock.now().as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A wrong password or unknown email: counted against the account (which
+/// may lock) and the address (which may be blocked on every node), audited,
+/// and answered like every other failed login.
+async fn failed_login(
+    state: &AuthState,
+    ip: &ClientIp,
+    user: Option<UserId>,
+    subject: String,
+    now_ms: i64,
+) -> ApiError {
+    state
+        .service
+        .metrics
+        .logins
+        .with_label_values(&["failure"])
+        .inc();
+    tracing::warn!(user_id = ?user, client_ip = %ip, reason = "bad credentials", "login refused");
+    let ctx = &state.ctx;
+    let audit =
+        |kind, detail| AuditEvent::new(kind, user, Some(subject.clone())).with_detail(detail);
+    ctx.audit(audit(
+        AuditKind::LoginFailed,
+        serde_json::json!({"ip": ip.to_string()}),
+    ))
+    .await;
+    if let Some(user) = user {
+        let policy = state.service.lockout;
+        match state
+            .service
+            .accounts
+            .record_failure(user, policy, now_ms)
+            .await
+        {
+            Ok(Some(until)) => {
+                let seconds = (until - now_ms) / 1000;
+                tracing::warn!(user_id = %user, lock_secs = seconds, "account locked");
+                state.service.metrics.lockouts.inc();
+                let detail = serde_json::json!({
+                    "message": format!("{} failed logins in a row; locked for {seconds} s", policy.failures),
+                    "ip": ip.to_string(),
+                    "locked_until_ms": until,
+                });
+                ctx.audit(audit(AuditKind::AccountLocked, detail)).await;
+            }
+            Ok(None) => {}
+            Err(e) => return ApiError::Unexpected(e),
+        }
+    }
+    if let Some(blocked) = ctx.limits.strike(ip).await {
+        let detail = serde_json::json!({
+            "message": format!("{} invalid login attempts from {ip}", blocked.failures),
+            "ip": ip.to_string(),
+            "window_secs": blocked.window.as_secs(),
+            "block_secs": blocked.block.as_secs(),
+        });
+        ctx.audit(audit(AuditKind::IpBlocked, detail)).await;
+    }
+    invalid_credentials()
 }
 
 pub async fn refresh(

@@ -92,6 +92,30 @@ pub struct Config {
     pub limit_register_ip: Rate,
     /// `UNHIDRA_LIMIT_REFRESH_IP`: token refreshes per client IP (30/min).
     pub limit_refresh_ip: Rate,
+    /// `UNHIDRA_IP_BLOCK_FAILURES`: failed logins from one address within
+    /// `ip_block_window_secs` that block it for `ip_block_secs` (5; 0 turns
+    /// this stage off).
+    pub ip_block_failures: u32,
+    /// `UNHIDRA_IP_BLOCK_WINDOW_SECS` (900).
+    pub ip_block_window_secs: u64,
+    /// `UNHIDRA_IP_BLOCK_SECS` (900).
+    pub ip_block_secs: u64,
+    /// `UNHIDRA_IP_BLOCK_LONG_FAILURES`: failed logins from one address
+    /// within `ip_block_long_window_secs` that block it for
+    /// `ip_block_long_secs` (10; 0 turns this stage off).
+    pub ip_block_long_failures: u32,
+    /// `UNHIDRA_IP_BLOCK_LONG_WINDOW_SECS` (86400).
+    pub ip_block_long_window_secs: u64,
+    /// `UNHIDRA_IP_BLOCK_LONG_SECS` (86400).
+    pub ip_block_long_secs: u64,
+    /// `UNHIDRA_LOCKOUT_FAILURES`: failed logins in a row that lock an
+    /// account (5; 0 turns lockout off).
+    pub lockout_failures: u32,
+    /// `UNHIDRA_LOCKOUT_SECS`: the first lock (60); each further lock of the
+    /// same account doubles it.
+    pub lockout_secs: u64,
+    /// `UNHIDRA_LOCKOUT_MAX_SECS`: the longest lock (3600).
+    pub lockout_max_secs: u64,
     /// `UNHIDRA_TOKEN_ISSUER`: `iss` of access tokens (`unhidra`).
     pub token_issuer: String,
     /// `UNHIDRA_TOKEN_AUDIENCE`: `aud` of access tokens (`unhidra`).
@@ -172,6 +196,15 @@ impl Default for Config {
             limit_login_account: per_minute(10),
             limit_register_ip: per_minute(3),
             limit_refresh_ip: per_minute(30),
+            ip_block_failures: 5,
+            ip_block_window_secs: 900,
+            ip_block_secs: 900,
+            ip_block_long_failures: 10,
+            ip_block_long_window_secs: 86_400,
+            ip_block_long_secs: 86_400,
+            lockout_failures: 5,
+            lockout_secs: 60,
+            lockout_max_secs: 3600,
             token_issuer: "unhidra".to_owned(),
             token_audience: "unhidra".to_owned(),
             access_token_ttl_secs: 900,
@@ -256,6 +289,22 @@ impl Config {
             return invalid(
                 "http_body_limit_bytes and auth_body_limit_bytes must be between 1024 and 67108864",
             );
+        }
+        if self.lockout_secs == 0 || self.lockout_max_secs < self.lockout_secs {
+            return invalid("lockout_secs must be at least 1 and at most lockout_max_secs");
+        }
+        let stage_ok =
+            |failures: u32, window: u64, block: u64| failures == 0 || (window > 0 && block > 0);
+        if !stage_ok(
+            self.ip_block_failures,
+            self.ip_block_window_secs,
+            self.ip_block_secs,
+        ) || !stage_ok(
+            self.ip_block_long_failures,
+            self.ip_block_long_window_secs,
+            self.ip_block_long_secs,
+        ) {
+            return invalid("an IP block stage needs a window and a block of at least one second");
         }
         if self.ws_connections_per_user == 0 || self.ws_connections_per_ip == 0 {
             return invalid("ws_connections_per_user and ws_connections_per_ip must be at least 1");

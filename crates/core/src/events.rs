@@ -38,6 +38,10 @@ pub enum AuditKind {
     UserRegistered,
     LoginSucceeded,
     LoginFailed,
+    /// Failed logins in a row locked an account.
+    AccountLocked,
+    /// Failed logins from one address blocked it on every node.
+    IpBlocked,
     RoomCreated,
 }
 
@@ -47,6 +51,8 @@ impl AuditKind {
             Self::UserRegistered => "user_registered",
             Self::LoginSucceeded => "login_succeeded",
             Self::LoginFailed => "login_failed",
+            Self::AccountLocked => "account_locked",
+            Self::IpBlocked => "ip_blocked",
             Self::RoomCreated => "room_created",
         }
     }
@@ -77,5 +83,10 @@ impl AuditEvent {
             at: Utc::now(),
             detail: serde_json::Value::Null,
         }
+    }
+
+    /// The event with `detail` (what happened, in words and fields).
+    pub fn with_detail(self, detail: serde_json::Value) -> Self {
+        Self { detail, ..self }
     }
 }

@@ -5,6 +5,7 @@
 //! refuses hot keys without a round trip and takes over, with the same
 //! limits, while Redis is unreachable.
 
+mod blocks;
 mod local;
 mod redis;
 
@@ -14,6 +15,7 @@ use secrecy::ExposeSecret;
 use unhidra_core::{Config, clock::SharedClock, rate::Rate};
 
 pub use crate::{
+    blocks::{Blocklist, LocalBlocklist, RedisBlocklist},
     local::{Bucket, LocalLimiter},
     redis::RedisLimiter,
 };
@@ -116,15 +118,29 @@ pub trait RateLimiter: Send + Sync {
     fn backend(&self) -> Backend;
 }
 
-/// The limiter the configuration names: Redis under `prefix` when
-/// `redis_url` is set, in-process otherwise.
-pub fn from_config(
-    config: &Config,
-    prefix: &str,
-    clock: SharedClock,
-) -> anyhow::Result<Arc<dyn RateLimiter>> {
-    Ok(match &config.redis_url {
-        Some(url) => Arc::new(RedisLimiter::new(url.expose_secret(), prefix, clock)?),
-        None => Arc::new(LocalLimiter::new(clock)),
+/// The limiter and blocklist the configuration names: in Redis under
+/// `prefix` (one connection for both) when `redis_url` is set, in-process
+/// otherwise.
+pub struct Backends {
+    pub limiter: Arc<dyn RateLimiter>,
+    pub blocklist: Arc<dyn Blocklist>,
+}
+
+pub fn from_config(config: &Config, prefix: &str, clock: SharedClock) -> anyhow::Result<Backends> {
+    let redis = match &config.redis_url {
+        Some(url) => Some(redis::Redis::connect(
+            url.expose_secret(),
+            prefix,
+            Arc::clone(&clock),
+        )?),
+        None => None,
+    };
+    let limiter: Arc<dyn RateLimiter> = match &redis {
+        Some(redis) => Arc::new(RedisLimiter::on(redis.clone(), Arc::clone(&clock))),
+        None => Arc::new(LocalLimiter::new(Arc::clone(&clock))),
+    };
+    Ok(Backends {
+        limiter,
+        blocklist: blocks::shared(redis, clock),
     })
 }

@@ -4,13 +4,17 @@
 //! answer is already known, and that decides alone while Redis is down.
 
 use std::{
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use dashmap::DashMap;
 use redis::{
-    Client, Script,
+    Client, RedisResult, Script,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 use unhidra_core::clock::SharedClock;
@@ -45,11 +49,93 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// Remembered refusals beyond which expired ones are swept.
 const MAX_REMEMBERED_REFUSALS: usize = 10_000;
 
+/// One Redis connection under a key prefix, shared by the limiter and the
+/// blocklist, with the outage handling both need: a bounded wait, then a
+/// quiet second before Redis is asked again, logged once per outage.
+#[derive(Clone)]
+pub(crate) struct Redis {
+    inner: Arc<RedisInner>,
+}
+
+struct RedisInner {
+    manager: ConnectionManager,
+    prefix: String,
+    clock: SharedClock,
+    /// Microseconds since the epoch before which Redis is not asked.
+    quiet_until: AtomicU64,
+    unreachable: AtomicBool,
+}
+
+impl Redis {
+    /// Connects lazily: a Redis that is down at start-up leaves its users
+    /// on local state until it answers.
+    pub(crate) fn connect(url: &str, prefix: &str, clock: SharedClock) -> anyhow::Result<Self> {
+        let client = Client::open(url).map_err(|e| anyhow::anyhow!("redis_url: {e}"))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT))
+            .set_number_of_retries(1);
+        Ok(Self {
+            inner: Arc::new(RedisInner {
+                manager: ConnectionManager::new_lazy_with_config(client, config)?,
+                prefix: prefix.to_owned(),
+                clock,
+                quiet_until: AtomicU64::new(0),
+                unreachable: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    pub(crate) fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// Runs `command` on Redis; `None` when Redis is unreachable (now, or
+    /// within the last second).
+    pub(crate) async fn run<T, F, Fut>(&self, command: F) -> Option<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        if now < Duration::from_micros(inner.quiet_until.load(Ordering::Relaxed)) {
+            return None;
+        }
+        match tokio::time::timeout(REDIS_TIMEOUT, command(inner.manager.clone())).await {
+            Ok(Ok(answer)) => {
+                if inner.unreachable.swap(false, Ordering::Relaxed) {
+                    tracing::info!("Redis answers again: limits and blocks are shared again");
+                }
+                Some(answer)
+            }
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {REDIS_TIMEOUT:?}"),
+                };
+                let quiet = now + RETRY_AFTER_FAILURE;
+                inner.quiet_until.store(
+                    u64::try_from(quiet.as_micros()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+                if !inner.unreachable.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(%error, "Redis unreachable: this node applies its own limits and blocks");
+                }
+                None
+            }
+        }
+    }
+
+    pub(crate) fn reachable(&self) -> bool {
+        !self.inner.unreachable.load(Ordering::Relaxed)
+    }
+}
+
 /// Limits in Redis, under a key prefix, with a local tier in front.
 pub struct RedisLimiter {
-    redis: ConnectionManager,
+    redis: Redis,
     script: Script,
-    prefix: String,
     clock: SharedClock,
     /// Same limits, this node's traffic only: a key it refuses is refused
     /// everywhere, and while Redis is unreachable it decides.
@@ -57,54 +143,41 @@ pub struct RedisLimiter {
     /// Refusals Redis gave, until they lapse: a flood on one key is refused
     /// here instead of costing a round trip each.
     refused_until: DashMap<String, Duration>,
-    /// Microseconds since the epoch before which Redis is not asked.
-    quiet_until: AtomicU64,
-    unreachable: AtomicBool,
 }
 
 impl RedisLimiter {
     /// Connects lazily: a Redis that is down at start-up leaves the limiter
     /// in fallback until it answers.
     pub fn new(url: &str, prefix: &str, clock: SharedClock) -> anyhow::Result<Self> {
-        let client = Client::open(url).map_err(|e| anyhow::anyhow!("redis_url: {e}"))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT))
-            .set_number_of_retries(1);
-        let redis = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(Self {
-            redis,
-            script: Script::new(GCRA),
-            prefix: prefix.to_owned(),
-            local: LocalLimiter::new(std::sync::Arc::clone(&clock)),
+        Ok(Self::on(
+            Redis::connect(url, prefix, Arc::clone(&clock))?,
             clock,
-            refused_until: DashMap::new(),
-            quiet_until: AtomicU64::new(0),
-            unreachable: AtomicBool::new(false),
-        })
+        ))
     }
 
-    async fn ask(
-        &self,
-        limit: &Limit,
-        key: &str,
-        cost: u32,
-        now: Duration,
-    ) -> anyhow::Result<Decision> {
+    pub(crate) fn on(redis: Redis, clock: SharedClock) -> Self {
+        Self {
+            redis,
+            script: Script::new(GCRA),
+            local: LocalLimiter::new(Arc::clone(&clock)),
+            clock,
+            refused_until: DashMap::new(),
+        }
+    }
+
+    async fn ask(&self, limit: &Limit, key: &str, cost: u32, now: Duration) -> Option<Decision> {
         let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let mut redis = self.redis.clone();
         let mut invocation = self.script.key(self.key(limit, key));
         invocation
             .arg(micros(now))
             .arg(micros(limit.interval()).max(1))
             .arg(limit.count())
             .arg(cost);
-        let answer = tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut redis));
-        let (allowed, remaining, reset_after, retry_after): (u8, u32, u64, u64) =
-            answer
-                .await
-                .map_err(|_| anyhow::anyhow!("no answer within {REDIS_TIMEOUT:?}"))??;
-        Ok(Decision {
+        let (allowed, remaining, reset_after, retry_after): (u8, u32, u64, u64) = self
+            .redis
+            .run(|mut c: ConnectionManager| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        Some(Decision {
             allowed: allowed == 1,
             limit: limit.count(),
             remaining: remaining.min(limit.count()),
@@ -114,7 +187,7 @@ impl RedisLimiter {
     }
 
     fn key(&self, limit: &Limit, key: &str) -> String {
-        format!("{}:rl:{}:{}", self.prefix, limit.name(), key)
+        format!("{}:rl:{}:{}", self.redis.prefix(), limit.name(), key)
     }
 
     fn remember_refusal(&self, remembered: String, until: Duration, now: Duration) {
@@ -122,20 +195,6 @@ impl RedisLimiter {
             self.refused_until.retain(|_, until| *until > now);
         }
         self.refused_until.insert(remembered, until);
-    }
-
-    fn failed(&self, error: &anyhow::Error, now: Duration) {
-        let quiet = u64::try_from((now + RETRY_AFTER_FAILURE).as_micros()).unwrap_or(u64::MAX);
-        self.quiet_until.store(quiet, Ordering::Relaxed);
-        if !self.unreachable.swap(true, Ordering::Relaxed) {
-            tracing::warn!(error = %error, "Redis unreachable: rate limits fall back to this node's own");
-        }
-    }
-
-    fn answered(&self) {
-        if self.unreachable.swap(false, Ordering::Relaxed) {
-            tracing::info!("Redis answers again: rate limits are shared again");
-        }
     }
 }
 
@@ -163,30 +222,22 @@ impl RateLimiter for RedisLimiter {
         if !local.allowed {
             return local;
         }
-        let quiet_until = Duration::from_micros(self.quiet_until.load(Ordering::Relaxed));
-        if now < quiet_until {
-            return local;
-        }
         match self.ask(limit, key, cost, now).await {
-            Ok(decision) => {
-                self.answered();
+            Some(decision) => {
                 if !decision.allowed {
                     self.remember_refusal(remembered, now + decision.retry_after, now);
                 }
                 decision
             }
-            Err(e) => {
-                self.failed(&e, now);
-                local
-            }
+            None => local,
         }
     }
 
     fn backend(&self) -> Backend {
-        if self.unreachable.load(Ordering::Relaxed) {
-            Backend::Fallback
-        } else {
+        if self.redis.reachable() {
             Backend::Shared
+        } else {
+            Backend::Fallback
         }
     }
 }

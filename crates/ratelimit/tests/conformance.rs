@@ -1,5 +1,5 @@
-//! One suite for every `RateLimiter`: in-process (governor) and Redis, each
-//! on a clock the test moves. Redis runs under a prefix of its own per test;
+//! One suite for every `RateLimiter` and one for every `Blocklist`:
+//! in-process and Redis, each on a clock the test moves. Redis runs under a prefix of its own per test;
 //! outside CI a missing Redis skips its half with a message.
 
 use std::{num::NonZeroU32, sync::Arc, time::Duration};
@@ -8,7 +8,10 @@ use unhidra_core::{
     clock::{ManualClock, SharedClock},
     rate::Rate,
 };
-use unhidra_ratelimit::{Backend, Limit, LocalLimiter, RateLimiter, RedisLimiter};
+use unhidra_ratelimit::{
+    Backend, Blocklist, Limit, LocalBlocklist, LocalLimiter, RateLimiter, RedisBlocklist,
+    RedisLimiter,
+};
 use unhidra_testkit::{Proxy, redis_url, unique_prefix};
 
 fn clock() -> Arc<ManualClock> {
@@ -208,4 +211,96 @@ async fn checks(limiter: &dyn RateLimiter, limit: &Limit, key: &str, n: usize) -
         allowed.push(limiter.check(limit, key, 1).await.allowed);
     }
     allowed
+}
+
+/// What every blocklist must do; `name` is in every failure.
+async fn blocklist_conformance(name: &str, blocks: &dyn Blocklist, clock: &ManualClock) {
+    let window = Duration::from_secs(15 * 60);
+    for expected in 1..=3 {
+        let count = blocks.strike("203.0.113.7", window).await;
+        assert_eq!(count, expected, "{name}: failures counted in the window");
+    }
+    assert_eq!(
+        blocks.strike("198.51.100.1", window).await,
+        1,
+        "{name}: keys are independent"
+    );
+    clock.advance(window);
+    assert_eq!(
+        blocks.strike("203.0.113.7", window).await,
+        1,
+        "{name}: a new window starts over"
+    );
+
+    assert_eq!(
+        blocks.blocked("203.0.113.7").await,
+        None,
+        "{name}: not blocked yet"
+    );
+    blocks.block("203.0.113.7", Duration::from_secs(900)).await;
+    assert_eq!(
+        blocks.blocked("203.0.113.7").await,
+        Some(Duration::from_secs(900)),
+        "{name}: blocked for the whole duration"
+    );
+    blocks.block("203.0.113.7", Duration::from_secs(60)).await;
+    clock.advance(Duration::from_secs(600));
+    assert_eq!(
+        blocks.blocked("203.0.113.7").await,
+        Some(Duration::from_secs(300)),
+        "{name}: a shorter block does not shorten a longer one"
+    );
+    assert_eq!(
+        blocks.blocked("198.51.100.1").await,
+        None,
+        "{name}: only that key"
+    );
+    clock.advance(Duration::from_secs(300));
+    assert_eq!(
+        blocks.blocked("203.0.113.7").await,
+        None,
+        "{name}: the block expires"
+    );
+
+    blocks.block("192.0.2.9", Duration::from_secs(86_400)).await;
+    assert!(blocks.blocked("192.0.2.9").await.is_some());
+    blocks.unblock("192.0.2.9").await;
+    assert_eq!(blocks.blocked("192.0.2.9").await, None, "{name}: unblocked");
+}
+
+#[tokio::test]
+async fn local_blocklist_conforms() {
+    let clock = clock();
+    let blocks = LocalBlocklist::new(Arc::clone(&clock) as SharedClock);
+    blocklist_conformance("local", &blocks, &clock).await;
+}
+
+#[tokio::test]
+async fn redis_blocklist_conforms_and_is_shared() {
+    let Some(url) = redis_url().await else { return };
+    let (clock, prefix) = (clock(), unique_prefix());
+    let node = || {
+        RedisBlocklist::connect(&url, &prefix, Arc::clone(&clock) as SharedClock)
+            .unwrap_or_else(|e| panic!("redis blocklist: {e}"))
+    };
+    let (a, b) = (node(), node());
+    blocklist_conformance("redis", &a, &clock).await;
+    a.block("203.0.113.50", Duration::from_secs(60)).await;
+    assert_eq!(
+        b.blocked("203.0.113.50").await,
+        Some(Duration::from_secs(60)),
+        "seen by b"
+    );
+    assert_eq!(b.strike("203.0.113.51", Duration::from_secs(60)).await, 1);
+    assert_eq!(
+        a.strike("203.0.113.51", Duration::from_secs(60)).await,
+        2,
+        "counted together"
+    );
+    b.unblock("203.0.113.50").await;
+    assert_eq!(
+        a.blocked("203.0.113.50").await,
+        None,
+        "unblocked everywhere"
+    );
 }

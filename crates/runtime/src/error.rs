@@ -53,6 +53,14 @@ pub enum ApiError {
         limit: &'static str,
         decision: Decision,
     },
+    /// The client address is blocked after repeated failures (403, with
+    /// `Retry-After`).
+    #[error("this address is blocked after repeated failed logins; retry in {} s", crate::limits::whole_seconds(*.retry_after).max(1))]
+    IpBlocked { retry_after: Duration },
+    /// The account is locked after repeated failed logins (423, with
+    /// `Retry-After`).
+    #[error("the account is locked after repeated failed logins; retry in {} s", crate::limits::whole_seconds(*.retry_after).max(1))]
+    Locked { retry_after: Duration },
     /// The user or address already holds as many connections as allowed
     /// (429, with `Retry-After`).
     #[error("{0}")]
@@ -93,6 +101,8 @@ impl ApiError {
             Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::IpBlocked { .. } => StatusCode::FORBIDDEN,
+            Self::Locked { .. } => StatusCode::LOCKED,
             Self::RateLimited { .. } | Self::TooManyConnections(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::REQUEST_TIMEOUT,
@@ -110,6 +120,8 @@ impl ApiError {
             Self::MalformedJson(_) => "malformed_json",
             Self::Invalid(_) => "invalid_input",
             Self::TooLarge(_) => "too_large",
+            Self::IpBlocked { .. } => "ip_blocked",
+            Self::Locked { .. } => "account_locked",
             Self::RateLimited { .. } => "rate_limited",
             Self::TooManyConnections(_) => "too_many_connections",
             Self::Overloaded { .. } => "overloaded",
@@ -145,7 +157,9 @@ impl IntoResponse for ApiError {
             Self::RateLimited { decision, .. } => {
                 crate::limits::write_headers(response.headers_mut(), decision);
             }
-            Self::Overloaded { retry_after, .. } => {
+            Self::Overloaded { retry_after, .. }
+            | Self::IpBlocked { retry_after }
+            | Self::Locked { retry_after } => {
                 let seconds = crate::limits::whole_seconds(*retry_after).max(1);
                 response
                     .headers_mut()

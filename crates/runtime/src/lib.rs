@@ -46,7 +46,7 @@ pub use crate::{
     client_ip::ClientIp,
     current_user::{CurrentUser, bearer_token},
     error::{ApiError, ApiJson},
-    limits::{Limits, Throttle},
+    limits::{Blocked, Limits, Throttle},
     server::body_limit,
 };
 

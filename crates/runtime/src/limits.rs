@@ -1,6 +1,8 @@
-//! Rate limits at the HTTP edge: the process's [`Limits`] (the configured
-//! limiter, counted in `/metrics`), the edge middleware that resolves the
-//! client address and applies the per-IP budget to every API route, and
+//! Rate limits and address blocks at the HTTP edge: the process's [`Limits`]
+//! (the configured limiter and blocklist, counted in `/metrics`), the edge
+//! middleware that resolves the client address, refuses blocked addresses
+//! and applies the per-IP budget to every API route (the WebSocket handshake
+//! included), and
 //! [`Throttle`], with which handlers apply their own limits (login per IP,
 //! per account). Every limited route answers `X-RateLimit-Limit`,
 //! `-Remaining` and `-Reset` for the tightest limit it applied; a refusal is
@@ -19,9 +21,9 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use ipnet::IpNet;
-use prometheus::{IntCounterVec, IntGauge};
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use unhidra_core::{Config, clock::SharedClock};
-use unhidra_ratelimit::{Backend, Decision, Limit, RateLimiter};
+use unhidra_ratelimit::{Backend, Blocklist, Decision, Limit, RateLimiter};
 use unhidra_telemetry::metrics::Metrics;
 
 use crate::{ApiError, ClientIp};
@@ -30,11 +32,34 @@ const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
-/// The process's rate limiter and the limits every service shares.
+/// A stage of automatic address blocks: `failures` within `window` block
+/// the address for `block`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BlockStage {
+    failures: u32,
+    window: Duration,
+    block: Duration,
+}
+
+/// An address block that a failure just caused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blocked {
+    pub failures: u32,
+    pub window: Duration,
+    pub block: Duration,
+}
+
+/// The process's rate limiter and blocklist, and the limits every service
+/// shares.
 #[derive(Clone)]
 pub struct Limits {
     limiter: Arc<dyn RateLimiter>,
+    blocklist: Arc<dyn Blocklist>,
+    /// Longest block first.
+    stages: Arc<[BlockStage]>,
     decisions: IntCounterVec,
+    blocks: IntCounterVec,
+    blocked_requests: IntCounter,
     fallback: IntGauge,
     trusted_proxies: Arc<[IpNet]>,
     http_ip: Option<Limit>,
@@ -45,9 +70,40 @@ impl Limits {
     /// The limiter `config` names (Redis or in-process), registered in
     /// `metrics`.
     pub fn new(config: &Config, clock: SharedClock, metrics: &Metrics) -> anyhow::Result<Self> {
-        let limiter = unhidra_ratelimit::from_config(config, &config.bus_prefix, clock)?;
+        let backends = unhidra_ratelimit::from_config(config, &config.bus_prefix, clock)?;
+        let stage = |failures, window, block| BlockStage {
+            failures,
+            window: Duration::from_secs(window),
+            block: Duration::from_secs(block),
+        };
+        let mut stages = vec![
+            stage(
+                config.ip_block_long_failures,
+                config.ip_block_long_window_secs,
+                config.ip_block_long_secs,
+            ),
+            stage(
+                config.ip_block_failures,
+                config.ip_block_window_secs,
+                config.ip_block_secs,
+            ),
+        ];
+        stages.retain(|s| s.failures > 0);
+        stages.sort_by_key(|s| std::cmp::Reverse(s.block));
         Ok(Self {
-            limiter,
+            limiter: backends.limiter,
+            blocklist: backends.blocklist,
+            stages: stages.into(),
+            blocks: metrics.counter_vec(
+                "unhidra_ip_blocks_total",
+                "Client addresses blocked automatically, by block length in seconds.",
+                &["block_secs"],
+                &[],
+            )?,
+            blocked_requests: metrics.counter(
+                "unhidra_blocked_requests_total",
+                "Requests and WebSocket handshakes refused because their address is blocked.",
+            )?,
             decisions: metrics.counter_vec(
                 "unhidra_rate_limit_decisions_total",
                 "Rate-limit checks by limit and outcome (allowed, limited).",
@@ -88,6 +144,36 @@ impl Limits {
             Some(limit) => enforce(self, &Applied::default(), limit, key).await,
             None => Ok(()),
         }
+    }
+
+    /// Counts a failed credential check from `ip`; when that completes a
+    /// block stage, blocks the address on every node and says so.
+    pub async fn strike(&self, ip: &ClientIp) -> Option<Blocked> {
+        let key = ip.key();
+        let mut reached = None;
+        for stage in self.stages.iter() {
+            let counter = format!("{key}|{}", stage.window.as_secs());
+            let failures = self.blocklist.strike(&counter, stage.window).await;
+            if reached.is_none() && failures >= stage.failures {
+                reached = Some(Blocked {
+                    failures,
+                    window: stage.window,
+                    block: stage.block,
+                });
+            }
+        }
+        let blocked = reached?;
+        self.blocklist.block(&key, blocked.block).await;
+        self.blocks
+            .with_label_values(&[&blocked.block.as_secs().to_string()])
+            .inc();
+        tracing::warn!(client_ip = %ip, failures = blocked.failures, block_secs = blocked.block.as_secs(), "address blocked");
+        Some(blocked)
+    }
+
+    /// How long `ip` stays blocked, if it is.
+    pub async fn blocked(&self, ip: &ClientIp) -> Option<Duration> {
+        self.blocklist.blocked(&ip.key()).await
     }
 
     /// Where limits are kept right now (`/readyz` names it).
@@ -202,6 +288,11 @@ pub async fn edge(State(limits): State<Limits>, mut request: Request, next: Next
         .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
     let ip = ClientIp::resolve(peer, request.headers(), &limits.trusted_proxies);
     let applied = Applied::default();
+    if let Some(left) = limits.blocked(&ip).await {
+        limits.blocked_requests.inc();
+        tracing::info!(client_ip = %ip, "refused: address blocked");
+        return ApiError::IpBlocked { retry_after: left }.into_response();
+    }
     request.extensions_mut().insert(ip);
     request.extensions_mut().insert(applied.clone());
     if let Some(limit) = &limits.http_ip {

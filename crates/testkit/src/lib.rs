@@ -82,6 +82,9 @@ pub fn config() -> unhidra_core::Config {
         limit_ws_bytes: Rate::Off,
         ws_connections_per_user: usize::MAX,
         ws_connections_per_ip: usize::MAX,
+        ip_block_failures: 0,
+        ip_block_long_failures: 0,
+        lockout_failures: 0,
         ..unhidra_core::Config::default()
     }
 }

@@ -3,8 +3,13 @@
 //! and one SQLite file per service under `./data`). The same service code runs
 //! here as in the scaled-out deployment.
 
+use std::sync::Arc;
+
 use tokio::net::TcpListener;
-use unhidra_core::Config;
+use unhidra_core::{
+    Config,
+    clock::{SharedClock, SystemClock},
+};
 use unhidra_runtime::ServiceContext;
 
 /// The port of the all-in-one binary (the gateway's).
@@ -16,7 +21,18 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let ctx = ServiceContext::connect(config, shutdown).await?;
+    run_on_clock(listener, config, Arc::new(SystemClock), shutdown).await
+}
+
+/// [`run`] with `clock` deciding lockouts, blocks and rate-limit windows
+/// (tests move it).
+pub async fn run_on_clock(
+    listener: TcpListener,
+    config: Config,
+    clock: SharedClock,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let ctx = ServiceContext::connect_with_clock(config, clock, shutdown).await?;
     // Responders first (auth-api's JWKS, chat-service's requests), then the
     // consumers and the gateway that depend on them.
     let auth = auth_api::build(ctx.clone(), ctx.open_database(auth_api::NAME).await?).await?;

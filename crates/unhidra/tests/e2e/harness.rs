@@ -96,12 +96,24 @@ impl Embedded {
     }
 
     pub async fn start_with(config: Config) -> Result<Self, Error> {
+        let clock = std::sync::Arc::new(unhidra_core::clock::SystemClock);
+        Self::start_on_clock(config, clock).await
+    }
+
+    /// On a clock the test moves.
+    pub async fn start_on_clock(
+        config: Config,
+        clock: unhidra_core::clock::SharedClock,
+    ) -> Result<Self, Error> {
         let dir = tempfile::tempdir()?;
         let config = Config {
             data_dir: dir.path().to_path_buf(),
             ..config
         };
-        let app = Running::start(config, unhidra::run).await?;
+        let run = move |listener, config, shutdown| {
+            unhidra::run_on_clock(listener, config, clock, shutdown)
+        };
+        let app = Running::start(config, run).await?;
         Ok(Self {
             app,
             data_dir: dir.path().to_path_buf(),

@@ -552,3 +552,202 @@ async fn open_connections_per_user_are_capped() -> TestResult {
     }
     stack.app.stop().await
 }
+
+/// A login with `password`, from the test client.
+async fn login_with(
+    base: &str,
+    email: &str,
+    password: &str,
+) -> Result<(StatusCode, HeaderMap, Value), Error> {
+    let response = http()
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .await?;
+    let (status, headers) = (response.status(), response.headers().clone());
+    Ok((
+        status,
+        headers,
+        response.json().await.unwrap_or(Value::Null),
+    ))
+}
+
+#[tokio::test]
+async fn failed_logins_lock_the_account_with_growing_times() -> TestResult {
+    let clock = std::sync::Arc::new(unhidra_core::clock::ManualClock::starting_at(
+        unhidra_core::clock::Clock::now(&unhidra_core::clock::SystemClock),
+    ));
+    let stack = Embedded::start_on_clock(
+        Config {
+            lockout_failures: 3,
+            lockout_secs: 60,
+            lockout_max_secs: 3600,
+            ..unhidra_testkit::config()
+        },
+        clock.clone(),
+    )
+    .await?;
+    let base = stack.app.http();
+    let email = format!("ann-{}@example.com", uuid::Uuid::new_v4().simple());
+    let password = "correct horse battery";
+    let (status, _) = post(
+        &format!("{base}/api/v1/auth/register"),
+        None,
+        json!({"email": email, "password": password}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED);
+
+    for _ in 0..3 {
+        let (status, ..) = login_with(&base, &email, "wrong password").await?;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    // Locked: even the right password is refused, with when to come back.
+    let (status, headers, body) = login_with(&base, &email, password).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::LOCKED, Some("account_locked"))
+    );
+    assert_eq!(header(&headers, "retry-after"), Some(60));
+
+    clock.advance(Duration::from_secs(61));
+    for _ in 0..3 {
+        let (status, ..) = login_with(&base, &email, "wrong again").await?;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let (status, headers, _) = login_with(&base, &email, password).await?;
+    assert_eq!(status, StatusCode::LOCKED);
+    assert_eq!(
+        header(&headers, "retry-after"),
+        Some(120),
+        "the second lock is twice as long"
+    );
+
+    clock.advance(Duration::from_secs(121));
+    let (status, ..) = login_with(&base, &email, password).await?;
+    assert_eq!(status, StatusCode::OK, "the lock expired");
+
+    let (_, metrics) = get_text(&format!("{base}/metrics")).await?;
+    assert!(
+        metrics.contains("unhidra_account_lockouts_total 2"),
+        "{metrics}"
+    );
+    let audit = wait_for_audit(&stack, "account_locked", 2).await?;
+    assert!(
+        audit[0]["detail"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("3 failed logins in a row")),
+        "{audit:?}"
+    );
+    stack.app.stop().await
+}
+
+#[tokio::test]
+async fn failed_logins_block_the_address_in_stages() -> TestResult {
+    let clock = std::sync::Arc::new(unhidra_core::clock::ManualClock::starting_at(
+        unhidra_core::clock::Clock::now(&unhidra_core::clock::SystemClock),
+    ));
+    let stack = Embedded::start_on_clock(
+        Config {
+            ip_block_failures: 5,
+            ip_block_window_secs: 900,
+            ip_block_secs: 900,
+            ip_block_long_failures: 10,
+            ip_block_long_window_secs: 86_400,
+            ip_block_long_secs: 86_400,
+            ..unhidra_testkit::config()
+        },
+        clock.clone(),
+    )
+    .await?;
+    let base = stack.app.http();
+    let alice = stack.api().user("alice").await?;
+    for attempt in 0..5 {
+        let (status, ..) = login(&base, &format!("guess{attempt}@example.com"), None).await?;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "attempt {attempt}");
+    }
+    // Blocked on every route, the WebSocket handshake included.
+    let (status, headers, body) = login(&base, "guess@example.com", None).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("ip_blocked"))
+    );
+    assert_eq!(header(&headers, "retry-after"), Some(900));
+    let rooms = format!("{base}/api/v1/rooms");
+    assert_eq!(
+        get(&rooms, Some(&alice.token)).await?.0,
+        StatusCode::FORBIDDEN
+    );
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            stack.app.ws(),
+        )?;
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("unhidra.v1, bearer.{}", alice.token).parse()?,
+    );
+    let (status, body) = refused(request).await?;
+    assert_eq!((status, body["error"].as_str()), (403, Some("ip_blocked")));
+    // Health and metrics stay reachable for the operator.
+    assert_eq!(
+        get(&format!("{base}/healthz"), None).await?.0,
+        StatusCode::OK
+    );
+
+    // The block ends; five more failures within the day: the long block.
+    clock.advance(Duration::from_secs(901));
+    assert_eq!(get(&rooms, Some(&alice.token)).await?.0, StatusCode::OK);
+    for _ in 0..5 {
+        let (status, ..) = login(&base, "guess@example.com", None).await?;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let (status, headers, _) = login(&base, "guess@example.com", None).await?;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(header(&headers, "retry-after"), Some(86_400));
+    clock.advance(Duration::from_secs(86_401));
+    assert_eq!(get(&rooms, Some(&alice.token)).await?.0, StatusCode::OK);
+
+    let audit = wait_for_audit(&stack, "ip_blocked", 2).await?;
+    let messages: Vec<&str> = audit
+        .iter()
+        .filter_map(|e| e["detail"]["message"].as_str())
+        .collect();
+    assert!(
+        messages.contains(&"5 invalid login attempts from 127.0.0.1"),
+        "{messages:?}"
+    );
+    assert!(
+        messages.contains(&"10 invalid login attempts from 127.0.0.1"),
+        "{messages:?}"
+    );
+    stack.app.stop().await
+}
+
+/// The audit events of `kind` in the embedded stack's audit database, once
+/// there are `count` of them (oldest first).
+async fn wait_for_audit(stack: &Embedded, kind: &str, count: usize) -> Result<Vec<Value>, Error> {
+    let url = unhidra_store::sqlite_url(&stack.data_dir, audit_service::NAME);
+    let pool = sqlx::SqlitePool::connect(&url).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let rows: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT detail, subject FROM audit_events WHERE kind = ? ORDER BY occurred_at, recorded_at",
+        )
+        .bind(kind)
+        .fetch_all(&pool)
+        .await?;
+        let found = rows.len();
+        if found >= count {
+            return rows
+                .into_iter()
+                .map(|(detail, subject)| {
+                    Ok(json!({"detail": serde_json::from_str::<Value>(&detail)?, "subject": subject}))
+                })
+                .collect();
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("{found} of {count} {kind} audit events").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
