@@ -3,7 +3,7 @@
 
 - Every Unhidra service of docker-compose.yml is started from the built
   binaries with the compose command and environment, with only the addresses
-  moved to loopback (NATS, a fresh Postgres database, free ports). Each must
+  moved to loopback (NATS, Redis, a fresh Postgres database, free ports). Each must
   become ready, pass its container HEALTHCHECK command, and serve a Prometheus
   exposition that `promtool check metrics` accepts; a user registers, logs in
   and creates a room through them.
@@ -12,7 +12,8 @@
 - The Helm chart's values.yaml validates against values.schema.json.
 
 Usage: deploy/check.py <directory of built binaries>
-Environment: UNHIDRA_TEST_NATS_URL, UNHIDRA_TEST_POSTGRES_URL (loopback defaults).
+Environment: UNHIDRA_TEST_NATS_URL, UNHIDRA_TEST_REDIS_URL,
+UNHIDRA_TEST_POSTGRES_URL (loopback defaults).
 """
 
 import json
@@ -33,6 +34,7 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NATS = os.environ.get("UNHIDRA_TEST_NATS_URL", "nats://127.0.0.1:4222")
+REDIS = os.environ.get("UNHIDRA_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 POSTGRES = os.environ.get(
     "UNHIDRA_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/postgres"
 )
@@ -96,6 +98,8 @@ def start_compose_services(binaries):
         port = free_port()
         env["UNHIDRA_BIND"] = f"127.0.0.1:{port}"
         env["UNHIDRA_NATS_URL"] = NATS
+        if "UNHIDRA_REDIS_URL" in env:
+            env["UNHIDRA_REDIS_URL"] = REDIS
         env["UNHIDRA_DATABASE_URL"] = database
         env["UNHIDRA_BUS_PREFIX"] = prefix
         process = subprocess.Popen(
@@ -147,6 +151,11 @@ def check_running(started):
         )
         if health.returncode != 0:
             fail(f"{name}: HEALTHCHECK command failed: {health.stderr[-300:]!r}")
+        status, body = http("GET", f"http://127.0.0.1:{port}/readyz")
+        limits = json.loads(body)["checks"]["rate_limits"]
+        expected = "redis" if "UNHIDRA_REDIS_URL" in env else "local"
+        if limits != expected:
+            fail(f"{name}: rate limits kept in {limits!r}, expected {expected!r}")
         status, body = http("GET", f"http://127.0.0.1:{port}/metrics")
         if status != 200:
             fail(f"{name}: /metrics answered {status}")

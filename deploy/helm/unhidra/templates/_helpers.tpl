@@ -39,3 +39,12 @@ auditService: {binary: audit-service, component: audit-service, public: false}
 {{- include "unhidra.fullname" . -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The Secret holding the Redis URL: the operator's, or the chart's. */}}
+{{- define "unhidra.redisSecretName" -}}
+{{- if .Values.redis.existingSecret -}}
+{{- .Values.redis.existingSecret -}}
+{{- else -}}
+{{- include "unhidra.fullname" . -}}
+{{- end -}}
+{{- end -}}
