@@ -125,6 +125,7 @@ async fn read(
     let mut pipeline = Pipeline::default();
     let mut in_flight: Option<BoxFuture<'static, BatchOutcome>> = None;
     let limits = &gateway.limits;
+    let user_key = auth.user.to_string();
     let mut budget = FrameBudget::new(
         limits.frames.as_ref(),
         limits.bytes.as_ref(),
@@ -185,7 +186,7 @@ async fn read(
                         Verdict::Accept => {}
                         Verdict::Refuse(retry_after) => {
                             gateway.metrics.frames_limited.inc();
-                            pipeline.push_ready(rate_limited(retry_after));
+                            pipeline.push_ready(rate_limited(None, retry_after, "frames"));
                             continue;
                         }
                         Verdict::Close => {
@@ -197,7 +198,17 @@ async fn read(
                         }
                     }
                     match message {
-                        Message::Text(text) => accept_frame(&mut pipeline, auth, text.as_str(), gateway.ctx.config.max_frame_bytes),
+                        Message::Text(text) => {
+                            let max_frame = gateway.ctx.config.max_frame_bytes;
+                            if let Some((id, draft)) = accept_frame(&mut pipeline, auth, text.as_str(), max_frame) {
+                                match over_message_limit(gateway, &user_key).await {
+                                    None => pipeline.push_send(id, draft),
+                                    Some(retry_after) => {
+                                        pipeline.push_ready(rate_limited(Some(id), retry_after, "messages"));
+                                    }
+                                }
+                            }
+                        }
                         _ => pipeline.push_ready(error(
                             None,
                             ErrorCode::InvalidFrame,
@@ -247,33 +258,49 @@ fn submit(
     ))
 }
 
-/// Answers a text frame at once, or queues its send.
-fn accept_frame(pipeline: &mut Pipeline, auth: &Authenticated, text: &str, max_frame: usize) {
+/// Answers a text frame at once, or hands back the send it holds.
+fn accept_frame(
+    pipeline: &mut Pipeline,
+    auth: &Authenticated,
+    text: &str,
+    max_frame: usize,
+) -> Option<(String, Draft)> {
     if text.len() > max_frame {
-        return pipeline.push_ready(error(
+        pipeline.push_ready(error(
             None,
             ErrorCode::TooLarge,
             &format!("frame is {} bytes; the limit is {max_frame}", text.len()),
         ));
+        return None;
     }
     match parse_client_frame(text) {
         Ok(ClientFrame::Ping { id }) => pipeline.push_ready(ServerFrame::Pong { id }),
-        Ok(ClientFrame::Send { id, room, body }) => pipeline.push_send(id, Draft { room, body }),
+        Ok(ClientFrame::Send { id, room, body }) => return Some((id, Draft { room, body })),
         Err(e) => {
             tracing::debug!(user_id = %auth.user, code = ?e.code, "frame refused");
             pipeline.push_ready(e.into());
         }
     }
+    None
 }
 
-fn rate_limited(retry_after: Duration) -> ServerFrame {
+/// When the user may send again, if they are over their messages per
+/// second across all their connections (on every gateway, through Redis
+/// when it is configured).
+async fn over_message_limit(gateway: &Gateway, user_key: &str) -> Option<Duration> {
+    let limit = gateway.limits.messages.as_ref()?;
+    let decision = gateway.ctx.limits.check(limit, user_key, 1).await;
+    (!decision.allowed).then_some(decision.retry_after)
+}
+
+fn rate_limited(id: Option<String>, retry_after: Duration, what: &str) -> ServerFrame {
     let millis = u64::try_from(retry_after.as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
     ServerFrame::Error {
-        id: None,
+        id,
         code: ErrorCode::RateLimited,
-        message: format!("too many frames; retry in {millis} ms"),
+        message: format!("too many {what}; retry in {millis} ms"),
         retry_after_ms: Some(millis),
     }
 }

@@ -41,6 +41,7 @@ struct SocketLimits {
     connect_ip: Option<Limit>,
     frames: Option<Limit>,
     bytes: Option<Limit>,
+    messages: Option<Limit>,
 }
 
 /// Subscribes to room events and serves `/ws`.
@@ -52,6 +53,7 @@ pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
             connect_ip: Limit::new("ws_connect_ip", ctx.config.limit_ws_connect_ip),
             frames: Limit::new("ws_frames", ctx.config.limit_ws_frames),
             bytes: Limit::new("ws_bytes", ctx.config.limit_ws_bytes),
+            messages: Limit::new("messages_user", ctx.config.limit_messages_user),
         },
         admission: Arc::new(Admission::new(
             ctx.config.ws_connections_per_user,

@@ -150,6 +150,10 @@ pub struct Config {
     pub limit_ws_frames: Rate,
     /// `UNHIDRA_LIMIT_WS_BYTES`: bytes of frames per connection (1048576/s).
     pub limit_ws_bytes: Rate,
+    /// `UNHIDRA_LIMIT_MESSAGES_USER`: messages a user sends per second
+    /// across all their connections, on every gateway (Redis when
+    /// configured) (50/s).
+    pub limit_messages_user: Rate,
     /// `UNHIDRA_OUTBOUND_QUEUE`: frames queued per connection before it is
     /// closed as a slow consumer (256).
     pub outbound_queue: usize,
@@ -218,6 +222,7 @@ impl Default for Config {
             ws_connections_per_ip: 100,
             limit_ws_frames: Rate::new(100, Duration::from_secs(1)),
             limit_ws_bytes: Rate::new(1024 * 1024, Duration::from_secs(1)),
+            limit_messages_user: Rate::new(50, Duration::from_secs(1)),
             outbound_queue: 256,
             ws_read_buffer_bytes: 4096,
             ws_write_buffer_bytes: 4096,

@@ -80,6 +80,7 @@ pub fn config() -> unhidra_core::Config {
         limit_ws_connect_ip: Rate::Off,
         limit_ws_frames: Rate::Off,
         limit_ws_bytes: Rate::Off,
+        limit_messages_user: Rate::Off,
         ws_connections_per_user: usize::MAX,
         ws_connections_per_ip: usize::MAX,
         ip_block_failures: 0,

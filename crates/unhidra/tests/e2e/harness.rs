@@ -425,6 +425,17 @@ impl Scaled {
         chats: usize,
         gateways: usize,
     ) -> Result<Option<Self>, Error> {
+        Self::start_configured(unhidra_testkit::config(), sqlite, chats, gateways).await
+    }
+
+    /// [`Scaled::start_with`] on `base` (its bus and database settings are
+    /// replaced).
+    pub async fn start_configured(
+        base: Config,
+        sqlite: bool,
+        chats: usize,
+        gateways: usize,
+    ) -> Result<Option<Self>, Error> {
         let Some(nats) = unhidra_testkit::nats_url().await else {
             return Ok(None);
         };
@@ -440,7 +451,7 @@ impl Scaled {
             nats_url: Some(nats.into()),
             database_url: Some(db.url().to_owned().into()),
             bus_prefix: unhidra_testkit::unique_prefix(),
-            ..unhidra_testkit::config()
+            ..base
         };
         // auth-api and chat-service answer the others' requests, so they go first.
         let mut auth = Running::start(config.clone(), auth_api::run).await?;

@@ -751,3 +751,49 @@ async fn wait_for_audit(stack: &Embedded, kind: &str, count: usize) -> Result<Ve
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_users_messages_are_limited_across_two_gateways_sharing_redis() -> TestResult {
+    let Some(redis) = unhidra_testkit::redis_url().await else {
+        return Ok(());
+    };
+    let base = Config {
+        redis_url: Some(redis.into()),
+        limit_messages_user: per_minute(5),
+        ..unhidra_testkit::config()
+    };
+    let Some(stack) = Scaled::start_configured(base, false, 1, 2).await? else {
+        return Ok(());
+    };
+    let api = stack.api();
+    let alice = api.user("alice").await?;
+    let room = api.create_room(&alice, "public").await?;
+    let gateways = stack.gateway_urls();
+    let mut a = connect(&gateways[0], &alice.token).await?;
+    let mut b = connect(&gateways[1], &alice.token).await?;
+    for n in 0..5 {
+        let socket = if n % 2 == 0 { &mut a } else { &mut b };
+        send(
+            socket,
+            json!({"type": "send", "id": format!("m{n}"), "room": room, "body": "hi"}),
+        )
+        .await?;
+        let ack = next_of(socket, "ack").await?;
+        assert_eq!(ack["id"], format!("m{n}"));
+    }
+    for (name, socket) in [("a", &mut a), ("b", &mut b)] {
+        send(
+            socket,
+            json!({"type": "send", "id": "over", "room": room, "body": "one more"}),
+        )
+        .await?;
+        let refused = next_of(socket, "error").await?;
+        assert_eq!(
+            (refused["code"].as_str(), refused["id"].as_str()),
+            (Some("rate_limited"), Some("over")),
+            "the 6th message on gateway {name}"
+        );
+        assert!(refused["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0));
+    }
+    stack.stop().await
+}
