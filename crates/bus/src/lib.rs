@@ -54,6 +54,9 @@ pub enum BusError {
     NoStream(String),
     #[error("stream `{0}` does not exist")]
     UnknownStream(String),
+    /// The stream holds `max_bytes` of unprocessed messages; retry later.
+    #[error("stream `{0}` is full")]
+    StreamFull(String),
     #[error("bus: {0}")]
     Transport(String),
 }

@@ -1,9 +1,10 @@
 //! The in-process bus of the embedded default. Same semantics as NATS within one
 //! process: subscriptions see what is published while they listen, queue groups
-//! share the load, streams keep messages in memory for `max_age` (at most
-//! `MAX_STREAM_MESSAGES`, oldest dropped first, like a JetStream limits stream),
-//! and unacknowledged deliveries are redelivered after `ack_wait` or when the
-//! consumer resumes. Nothing survives the process: the embedded mode relies on
+//! share the load, streams keep each message in memory until every durable
+//! consumer acknowledged it (or `max_age` passed), refuse publishes beyond
+//! `max_bytes` or `MAX_STREAM_MESSAGES` (like a JetStream interest stream
+//! that discards new), and unacknowledged deliveries are redelivered after
+//! `ack_wait` or when the consumer resumes. Nothing survives the process: the embedded mode relies on
 //! the services' own tables (chat-service's outbox) for durability.
 
 use std::{
@@ -29,7 +30,7 @@ use unhidra_core::streams::{ConsumerSpec, StreamSpec};
 /// Messages buffered per subscription before new ones are dropped (as NATS does
 /// for a slow subscriber).
 const SUBSCRIPTION_CAPACITY: usize = 65_536;
-/// Messages a stream keeps at most (oldest dropped first), besides `max_age`.
+/// Messages a stream holds at most, besides `max_bytes`.
 const MAX_STREAM_MESSAGES: usize = 100_000;
 /// Deliveries a consumer may hold unacknowledged before it gets no new ones.
 const MAX_ACK_PENDING: usize = 1_000;
@@ -180,7 +181,11 @@ impl Bus for MemoryBus {
             reply: None,
         };
         if let Some(stream) = self.stream_for(subject) {
-            stream.append(None, message.clone());
+            // Not acknowledged: like a core NATS publish, it is delivered live
+            // even when its stream is full.
+            if let Err(e) = stream.append(None, message.clone()) {
+                tracing::warn!(error = %e, "message not stored");
+            }
         }
         self.deliver(&message);
         Ok(())
@@ -202,7 +207,7 @@ impl Bus for MemoryBus {
             payload,
             reply: None,
         };
-        if stream.append(Some(msg_id), message.clone()) {
+        if stream.append(Some(msg_id), message.clone())? {
             self.deliver(&message);
         }
         Ok(())
@@ -257,12 +262,15 @@ impl Bus for MemoryBus {
     }
 
     async fn ensure_stream(&self, spec: &StreamSpec) -> Result<()> {
-        let mut streams = lock(&self.inner.streams);
-        match streams.get(&spec.name) {
-            Some(existing) => lock(&existing.state).spec = spec.clone(),
-            None => {
-                streams.insert(spec.name.clone(), Arc::new(MemStream::new(spec.clone())));
-            }
+        let stream = Arc::clone(
+            lock(&self.inner.streams)
+                .entry(spec.name.clone())
+                .or_insert_with(|| Arc::new(MemStream::new(spec.clone()))),
+        );
+        let mut state = lock(&stream.state);
+        state.spec = spec.clone();
+        for consumer in &spec.consumers {
+            state.add_consumer(consumer);
         }
         Ok(())
     }
@@ -320,6 +328,8 @@ struct StreamState {
     spec: StreamSpec,
     last_seq: u64,
     messages: BTreeMap<u64, (Instant, Message)>,
+    /// What `messages` take, as [`size`] counts it.
+    bytes: u64,
     recent_ids: VecDeque<(Instant, String)>,
     recent_id_set: HashSet<String>,
     consumers: HashMap<String, ConsumerState>,
@@ -349,6 +359,7 @@ impl MemStream {
                 spec,
                 last_seq: 0,
                 messages: BTreeMap::new(),
+                bytes: 0,
                 recent_ids: VecDeque::new(),
                 recent_id_set: HashSet::new(),
                 consumers: HashMap::new(),
@@ -357,11 +368,18 @@ impl MemStream {
         }
     }
 
-    /// Stores a message unless `msg_id` was seen within the duplicate window;
-    /// returns whether it was stored.
-    fn append(&self, msg_id: Option<&str>, message: Message) -> bool {
+    /// Stores a message unless `msg_id` was seen within the duplicate window
+    /// (then `false`); refuses it when the stream is full.
+    fn append(&self, msg_id: Option<&str>, message: Message) -> Result<bool> {
         let now = Instant::now();
         let mut state = lock(&self.state);
+        state.discard_expired(now);
+        let size = size(&message);
+        if state.messages.len() >= MAX_STREAM_MESSAGES
+            || state.bytes.saturating_add(size) > state.spec.max_bytes
+        {
+            return Err(BusError::StreamFull(state.spec.name.clone()));
+        }
         let window = state.spec.duplicate_window;
         while let Some((at, _)) = state.recent_ids.front() {
             if now.duration_since(*at) < window {
@@ -373,26 +391,17 @@ impl MemStream {
         }
         if let Some(id) = msg_id {
             if !state.recent_id_set.insert(id.to_owned()) {
-                return false;
+                return Ok(false);
             }
             state.recent_ids.push_back((now, id.to_owned()));
-        }
-        let max_age = state.spec.max_age;
-        while let Some(entry) = state.messages.first_entry() {
-            if now.duration_since(entry.get().0) < max_age {
-                break;
-            }
-            entry.remove();
-        }
-        while state.messages.len() >= MAX_STREAM_MESSAGES {
-            state.messages.pop_first();
         }
         state.last_seq += 1;
         let seq = state.last_seq;
         state.messages.insert(seq, (now, message));
+        state.bytes += size;
         drop(state);
         self.changed.notify_waiters();
-        true
+        Ok(true)
     }
 
     /// Creates the consumer at the start of the stream, or resumes it with every
@@ -400,15 +409,7 @@ impl MemStream {
     fn resume_consumer(&self, spec: &ConsumerSpec) {
         let now = Instant::now();
         let mut state = lock(&self.state);
-        let consumer = state
-            .consumers
-            .entry(spec.durable.clone())
-            .or_insert_with(|| ConsumerState {
-                spec: spec.clone(),
-                next_seq: 1,
-                pending: BTreeMap::new(),
-            });
-        consumer.spec = spec.clone();
+        let consumer = state.add_consumer(spec);
         for pending in consumer.pending.values_mut() {
             pending.due = now;
         }
@@ -454,6 +455,7 @@ impl MemStream {
         match redeliver_in {
             None => {
                 consumer.pending.remove(&seq);
+                state.discard_processed();
             }
             Some(delay) => {
                 if let Some(p) = consumer.pending.get_mut(&seq) {
@@ -466,7 +468,66 @@ impl MemStream {
     }
 }
 
+/// What a message takes in a stream: its subject, headers and payload.
+fn size(message: &Message) -> u64 {
+    let headers: usize = message.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    (message.subject.len() + headers + message.payload.len()) as u64
+}
+
 impl StreamState {
+    /// The consumer `spec` names, created at the start of the stream if new.
+    fn add_consumer(&mut self, spec: &ConsumerSpec) -> &mut ConsumerState {
+        let consumer = self
+            .consumers
+            .entry(spec.durable.clone())
+            .or_insert_with(|| ConsumerState {
+                spec: spec.clone(),
+                next_seq: 1,
+                pending: BTreeMap::new(),
+            });
+        consumer.spec = spec.clone();
+        consumer
+    }
+
+    fn remove_first(&mut self) {
+        if let Some((_, (_, message))) = self.messages.pop_first() {
+            self.bytes = self.bytes.saturating_sub(size(&message));
+        }
+    }
+
+    fn discard_expired(&mut self, now: Instant) {
+        let max_age = self.spec.max_age;
+        while let Some((_, (at, _))) = self.messages.first_key_value() {
+            if now.duration_since(*at) < max_age {
+                break;
+            }
+            self.remove_first();
+        }
+    }
+
+    /// Removes the oldest messages every consumer has acknowledged (or is
+    /// not interested in). With no consumer at all, messages stay until
+    /// they expire.
+    fn discard_processed(&mut self) {
+        if self.consumers.is_empty() {
+            return;
+        }
+        while let Some((&seq, (_, message))) = self.messages.first_key_value() {
+            let processed = self.consumers.values().all(|c| {
+                let wanted = c
+                    .spec
+                    .filter
+                    .as_deref()
+                    .is_none_or(|f| matches(f, &message.subject));
+                !wanted || (seq < c.next_seq && !c.pending.contains_key(&seq))
+            });
+            if !processed {
+                break;
+            }
+            self.remove_first();
+        }
+    }
+
     fn next(&mut self, durable: &str, now: Instant) -> Next {
         let Some(consumer) = self.consumers.get_mut(durable) else {
             return Next::Gone;

@@ -197,12 +197,35 @@ impl Bus for NatsBus {
                 name: spec.name.clone(),
                 subjects: spec.subjects.clone(),
                 max_age: spec.max_age,
+                max_bytes: i64::try_from(spec.max_bytes).unwrap_or(i64::MAX),
+                // Kept until every consumer acknowledged it; when full, new
+                // publishes are refused instead of unprocessed ones dropped.
+                retention: stream::RetentionPolicy::Interest,
+                discard: stream::DiscardPolicy::New,
                 duplicate_window: spec.duplicate_window,
                 storage: stream::StorageType::File,
                 ..Default::default()
             })
             .await
+            .map_err(|e| {
+                BusError::Transport(format!(
+                    "stream {}: {e} (a stream made by an older Unhidra keeps every message; \
+                     once its consumers have caught up, delete it with `nats stream rm {}` \
+                     and restart)",
+                    spec.name, spec.name
+                ))
+            })?;
+        let stream = self
+            .jetstream
+            .get_stream(&spec.name)
+            .await
             .map_err(transport)?;
+        for consumer in &spec.consumers {
+            stream
+                .create_consumer(pull_config(consumer))
+                .await
+                .map_err(transport)?;
+        }
         Ok(())
     }
 
@@ -213,14 +236,7 @@ impl Bus for NatsBus {
             .await
             .map_err(|_| BusError::UnknownStream(spec.stream.clone()))?;
         let consumer = stream
-            .create_consumer(pull::Config {
-                durable_name: Some(spec.durable.clone()),
-                filter_subject: spec.filter.clone().unwrap_or_default(),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: spec.ack_wait,
-                max_deliver: spec.max_deliver.map_or(-1, i64::from),
-                ..Default::default()
-            })
+            .create_consumer(pull_config(spec))
             .await
             .map_err(transport)?;
         let messages = consumer.messages().await.map_err(transport)?;
@@ -255,6 +271,19 @@ impl Bus for NatsBus {
 
     async fn healthy(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+/// The JetStream consumer a [`ConsumerSpec`] describes (the same whether
+/// the stream creates it or a consumer resumes it).
+fn pull_config(spec: &ConsumerSpec) -> pull::Config {
+    pull::Config {
+        durable_name: Some(spec.durable.clone()),
+        filter_subject: spec.filter.clone().unwrap_or_default(),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: spec.ack_wait,
+        max_deliver: spec.max_deliver.map_or(-1, i64::from),
+        ..Default::default()
     }
 }
 

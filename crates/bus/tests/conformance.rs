@@ -29,12 +29,18 @@ fn text(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
 }
 
+/// The test stream, keeping messages for the consumers the tests use.
 fn stream_spec(prefix: &str) -> StreamSpec {
     StreamSpec {
         name: format!("{prefix}_EVENTS"),
         subjects: vec![format!("{prefix}.events.>")],
         max_age: Duration::from_secs(600),
+        max_bytes: 1024 * 1024,
         duplicate_window: Duration::from_secs(60),
+        consumers: ["store", "audit", "batch"]
+            .into_iter()
+            .map(|durable| consumer_spec(prefix, durable))
+            .collect(),
     }
 }
 
@@ -220,7 +226,8 @@ async fn durable_consumers_resume_redeliver_and_deduplicate() -> TestResult {
         );
         assert_eq!(bus.consumer_pending(&consumer).await?, 0);
 
-        // A second durable consumer starts from the beginning of the stream.
+        // The stream's other consumer has acknowledged nothing yet: it starts
+        // from the beginning, and nothing was removed from under it.
         let mut other = bus.consume(&consumer_spec(&p, "audit")).await?;
         let d = tokio::time::timeout(WAIT, other.next())
             .await?
@@ -283,6 +290,72 @@ async fn batch_publishes_are_stored_in_order_and_deduplicated() -> TestResult {
             }])
             .await;
         assert!(matches!(nowhere, Err(BusError::NoStream(_))), "{nowhere:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_full_stream_refuses_publishes_and_keeps_what_is_unprocessed() -> TestResult {
+    for (bus, p) in buses().await {
+        let spec = StreamSpec {
+            max_bytes: 4096,
+            consumers: vec![consumer_spec(&p, "store")],
+            ..stream_spec(&p)
+        };
+        bus.ensure_stream(&spec).await?;
+        let body = "x".repeat(200);
+        let mut stored = 0;
+        let refused = loop {
+            let published = bus
+                .publish_durable(
+                    &format!("{p}.events.x"),
+                    &format!("m{stored}"),
+                    Headers::new(),
+                    text(&body),
+                )
+                .await;
+            match published {
+                Ok(()) => stored += 1,
+                Err(e) => break e,
+            }
+            assert!(stored < 100, "4 KiB never filled up");
+        };
+        assert!(stored >= 5, "only {stored} fit: {refused}");
+
+        // Every stored message is still there, none dropped for the refused.
+        let consumer = consumer_spec(&p, "store");
+        let mut deliveries = bus.consume(&consumer).await?;
+        for n in 0..stored {
+            let d = tokio::time::timeout(WAIT, deliveries.next())
+                .await?
+                .ok_or("closed")??;
+            assert_eq!(d.message.payload, text(&body), "message {n}");
+            d.ack().await?;
+        }
+        // Processed messages leave the stream: there is room again.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let again = bus
+                .publish_durable(
+                    &format!("{p}.events.x"),
+                    "after",
+                    Headers::new(),
+                    text(&body),
+                )
+                .await;
+            if again.is_ok() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still full after acks: {again:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let d = tokio::time::timeout(WAIT, deliveries.next())
+            .await?
+            .ok_or("closed")??;
+        assert_eq!(d.message.payload, text(&body));
     }
     Ok(())
 }

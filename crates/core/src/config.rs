@@ -54,6 +54,12 @@ pub struct Config {
     /// `UNHIDRA_REDIS_URL`: Redis for the rate-limit state that every node
     /// shares. Unset, limits are kept in-process (right for one process).
     pub redis_url: Option<SecretString>,
+    /// `UNHIDRA_STREAM_MAX_BYTES`: the most each durable stream (room
+    /// events, audit events) holds of messages not yet processed, on
+    /// JetStream's disk or in the in-process bus's memory (256 MiB). A full
+    /// stream refuses publishes, which wait in chat-service's outbox; nothing
+    /// unprocessed is dropped.
+    pub stream_max_bytes: u64,
     /// `UNHIDRA_BUS_TIMEOUT_MS`: how long a service waits for another's reply (5000).
     pub bus_timeout_ms: u64,
     /// `UNHIDRA_ALLOWED_ORIGINS`: comma-separated browser origins allowed to open
@@ -186,6 +192,7 @@ impl Default for Config {
             nats_url: None,
             bus_prefix: "unhidra".to_owned(),
             redis_url: None,
+            stream_max_bytes: 256 * 1024 * 1024,
             bus_timeout_ms: 5_000,
             allowed_origins: Vec::new(),
             trusted_proxies: Vec::new(),
@@ -280,6 +287,9 @@ impl Config {
         }
         if !(1024..=MAX_FRAME_LIMIT).contains(&self.max_frame_bytes) {
             return invalid("max_frame_bytes must be between 1024 and 1048576");
+        }
+        if self.stream_max_bytes < 64 * 1024 {
+            return invalid("stream_max_bytes must be at least 65536");
         }
         if self.http_header_timeout_secs == 0 || self.http_request_timeout_secs == 0 {
             return invalid(

@@ -27,17 +27,30 @@ impl RoomEventKind {
     }
 }
 
+/// Bytes each stream holds at most unless configured otherwise.
+pub const DEFAULT_STREAM_MAX_BYTES: u64 = 256 * 1024 * 1024;
+
 /// Subject and stream names under one prefix.
 #[derive(Debug, Clone)]
 pub struct Subjects {
     prefix: String,
+    stream_max_bytes: u64,
 }
 
 impl Subjects {
     /// `prefix` must be a valid subject token (checked by `Config`).
     pub fn new(prefix: impl Into<String>) -> Self {
         Self {
+            stream_max_bytes: DEFAULT_STREAM_MAX_BYTES,
             prefix: prefix.into(),
+        }
+    }
+
+    /// The same names, with streams of at most `bytes`.
+    pub fn with_stream_max_bytes(self, bytes: u64) -> Self {
+        Self {
+            stream_max_bytes: bytes,
+            ..self
         }
     }
 
@@ -118,7 +131,9 @@ impl Subjects {
             name: self.stream_name("ROOMS"),
             subjects: vec![self.all_room_messages()],
             max_age: Duration::from_secs(7 * 24 * 3600),
+            max_bytes: self.stream_max_bytes,
             duplicate_window: Duration::from_secs(120),
+            consumers: vec![self.history_consumer()],
         }
     }
 
@@ -128,7 +143,9 @@ impl Subjects {
             name: self.stream_name("AUDIT"),
             subjects: vec![format!("{}.audit.>", self.prefix)],
             max_age: Duration::from_secs(30 * 24 * 3600),
+            max_bytes: self.stream_max_bytes,
             duplicate_window: Duration::from_secs(120),
+            consumers: vec![self.audit_consumer()],
         }
     }
 

@@ -133,7 +133,8 @@ impl ServiceContext {
             shutdown.await;
             trigger.cancel();
         });
-        let subjects = Subjects::new(&config.bus_prefix);
+        let subjects =
+            Subjects::new(&config.bus_prefix).with_stream_max_bytes(config.stream_max_bytes);
         let rpc = RpcClient::new(Arc::clone(&bus), subjects.clone(), config.bus_timeout());
         Ok(Self {
             verifier: Arc::new(TokenVerifier::new(&config, rpc.clone())),
