@@ -20,7 +20,7 @@ use unhidra_store::{Database, Migration};
 
 use crate::{
     messages::{GroupCommit, MessageMetrics, OutboxRepo},
-    rooms::RoomRepo,
+    rooms::{Caps, RoomRepo},
 };
 
 pub const NAME: &str = "chat-service";
@@ -77,7 +77,13 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
     let state = ChatState {
         ctx: ctx.clone(),
         service: Chat {
-            rooms: RoomRepo::new(db.clone()),
+            rooms: RoomRepo::new(
+                db.clone(),
+                Caps {
+                    rooms_per_user: ctx.config.max_rooms_per_user,
+                    members_per_room: ctx.config.max_members_per_room,
+                },
+            ),
             commits,
         },
     };

@@ -13,7 +13,12 @@ use unhidra_testkit::{TestDatabase, on_each_database};
 use crate::{
     MIGRATIONS, NAME,
     messages::{NewMessage, OutboxRepo},
-    rooms::{Refusal, Room, RoomRepo},
+    rooms::{Caps, Full, Refusal, Room, RoomRepo},
+};
+
+const ROOMY: Caps = Caps {
+    rooms_per_user: 1000,
+    members_per_room: 1000,
 };
 
 async fn open(db: &TestDatabase) -> anyhow::Result<Database> {
@@ -33,12 +38,12 @@ fn room(name: &str, visibility: Visibility) -> Room {
 #[tokio::test]
 async fn rooms_and_members() -> anyhow::Result<()> {
     on_each_database(|db| async move {
-        let rooms = RoomRepo::new(open(&db).await?);
+        let rooms = RoomRepo::new(open(&db).await?, ROOMY);
         let (owner, guest) = (UserId::new(), UserId::new());
         let hostile = room("'); DROP TABLE rooms; --", Visibility::Public);
         let private = room("private", Visibility::Private);
-        rooms.create(&hostile, owner).await?;
-        rooms.create(&private, owner).await?;
+        rooms.create(&hostile, owner).await??;
+        rooms.create(&private, owner).await??;
 
         assert_eq!(rooms.get(hostile.id).await?, Some(hostile.clone()));
         assert_eq!(rooms.get(RoomId::new()).await?, None);
@@ -52,8 +57,14 @@ async fn rooms_and_members() -> anyhow::Result<()> {
             Err(Refusal::NoSuchRoom)
         );
 
-        assert!(rooms.add_member(hostile.id, guest, Role::Member).await?);
-        assert!(!rooms.add_member(hostile.id, guest, Role::Member).await?);
+        assert_eq!(
+            rooms.add_member(hostile.id, guest, Role::Member).await?,
+            Ok(true)
+        );
+        assert_eq!(
+            rooms.add_member(hostile.id, guest, Role::Member).await?,
+            Ok(false)
+        );
         assert_eq!(rooms.role_of(hostile.id, guest).await?, Ok(Role::Member));
 
         let mut expected = vec![
@@ -74,13 +85,61 @@ async fn rooms_and_members() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn rooms_per_user_and_members_per_room_are_capped() -> anyhow::Result<()> {
+    on_each_database(|db| async move {
+        let caps = Caps {
+            rooms_per_user: 2,
+            members_per_room: 3,
+        };
+        let rooms = RoomRepo::new(open(&db).await?, caps);
+        let ann = UserId::new();
+        let (first, second, third) = (
+            room("first", Visibility::Public),
+            room("second", Visibility::Public),
+            room("third", Visibility::Public),
+        );
+        rooms.create(&first, ann).await??;
+        rooms.create(&second, ann).await??;
+        assert_eq!(rooms.create(&third, ann).await?, Err(Full::UserRooms(2)));
+        assert_eq!(rooms.get(third.id).await?, None, "nothing stored");
+
+        let bob = UserId::new();
+        rooms.create(&third, bob).await??;
+        assert_eq!(
+            rooms.add_member(third.id, ann, Role::Member).await?,
+            Err(Full::UserRooms(2)),
+            "ann is in two rooms already"
+        );
+        for guest in [UserId::new(), UserId::new()] {
+            assert_eq!(
+                rooms.add_member(third.id, guest, Role::Member).await?,
+                Ok(true)
+            );
+        }
+        assert_eq!(
+            rooms
+                .add_member(third.id, UserId::new(), Role::Member)
+                .await?,
+            Err(Full::RoomMembers(3))
+        );
+        assert_eq!(
+            rooms.add_member(third.id, bob, Role::Member).await?,
+            Ok(false),
+            "a member joining again is no refusal"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
 async fn unknown_roles_and_visibilities_are_errors() -> anyhow::Result<()> {
     on_each_database(|db| async move {
         let database = open(&db).await?;
-        let rooms = RoomRepo::new(database.clone());
+        let rooms = RoomRepo::new(database.clone(), ROOMY);
         let (owner, admin) = (UserId::new(), UserId::new());
         let odd = room("odd", Visibility::Public);
-        rooms.create(&odd, owner).await?;
+        rooms.create(&odd, owner).await??;
         sqlx::query(
             "INSERT INTO room_members (room_id, user_id, role, joined_at) VALUES ($1, $2, 'admin', 0)",
         )
@@ -124,12 +183,12 @@ fn new_message(room: RoomId, sender: UserId, body: &str) -> NewMessage {
 async fn groups_get_gap_free_sequences_in_order_and_refusals_take_none() -> anyhow::Result<()> {
     on_each_database(|db| async move {
         let database = open(&db).await?;
-        let rooms = RoomRepo::new(database.clone());
+        let rooms = RoomRepo::new(database.clone(), ROOMY);
         let outbox = OutboxRepo::new(database);
         let (owner, stranger) = (UserId::new(), UserId::new());
         let (a, b) = (room("a", Visibility::Public), room("b", Visibility::Public));
-        rooms.create(&a, owner).await?;
-        rooms.create(&b, owner).await?;
+        rooms.create(&a, owner).await??;
+        rooms.create(&b, owner).await??;
 
         // Concurrent groups into one room: 1..=200 without gaps, each group
         // numbered in the order given.
@@ -199,12 +258,12 @@ async fn publishing_takes_each_room_in_sequence_order_and_keeps_what_failed() ->
 {
     on_each_database(|db| async move {
         let database = open(&db).await?;
-        let rooms = RoomRepo::new(database.clone());
+        let rooms = RoomRepo::new(database.clone(), ROOMY);
         let outbox = OutboxRepo::new(database);
         let owner = UserId::new();
         let (a, b) = (room("a", Visibility::Public), room("b", Visibility::Public));
-        rooms.create(&a, owner).await?;
-        rooms.create(&b, owner).await?;
+        rooms.create(&a, owner).await??;
+        rooms.create(&b, owner).await??;
         let mut messages = Vec::new();
         for i in 0..30 {
             messages.push(new_message(a.id, owner, &format!("a{i}")));

@@ -16,7 +16,7 @@ use unhidra_core::{
 };
 use unhidra_runtime::{ApiError, ApiJson, CurrentUser};
 
-pub use self::repo::{Refusal, Room, RoomRepo};
+pub use self::repo::{Caps, Full, Refusal, Room, RoomRepo};
 use crate::{ChatState, membership::announce_join};
 
 const MAX_ROOM_NAME_CHARS: usize = 100;
@@ -56,6 +56,19 @@ fn no_such_room() -> ApiError {
     ApiError::NotFound("no such room".into())
 }
 
+impl From<Full> for ApiError {
+    fn from(full: Full) -> Self {
+        let code = match full {
+            Full::UserRooms(_) => "too_many_rooms",
+            Full::RoomMembers(_) => "room_full",
+        };
+        ApiError::Conflict {
+            code,
+            message: full.to_string(),
+        }
+    }
+}
+
 pub async fn create(
     State(state): State<ChatState>,
     CurrentUser(me): CurrentUser,
@@ -73,7 +86,7 @@ pub async fn create(
         name,
         visibility: request.visibility,
     };
-    state.service.rooms.create(&room, me.user).await?;
+    state.service.rooms.create(&room, me.user).await??;
     tracing::info!(room_id = %room.id, user_id = %me.user, "room created");
     announce_join(&state, room.id, me.user).await;
     state
@@ -103,7 +116,7 @@ pub async fn join(
         }
         Err(Refusal::NotAMember) => {}
     }
-    rooms.add_member(id, me.user, Role::Member).await?;
+    rooms.add_member(id, me.user, Role::Member).await??;
     tracing::info!(room_id = %id, user_id = %me.user, "room joined");
     announce_join(&state, id, me.user).await;
     Ok(Json(RoomView::of(room, Role::Member)))

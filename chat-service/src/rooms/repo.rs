@@ -22,9 +22,26 @@ pub enum Refusal {
     NotAMember,
 }
 
+/// How many rooms a user may belong to, and members a room may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    pub rooms_per_user: u32,
+    pub members_per_room: u32,
+}
+
+/// A cap that refused a membership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Full {
+    #[error("you already belong to {0} rooms, the most allowed")]
+    UserRooms(u32),
+    #[error("this room already has {0} members, the most allowed")]
+    RoomMembers(u32),
+}
+
 #[derive(Clone, Debug)]
 pub struct RoomRepo {
     db: Database,
+    caps: Caps,
 }
 
 fn room_id(raw: &str) -> anyhow::Result<RoomId> {
@@ -33,13 +50,17 @@ fn room_id(raw: &str) -> anyhow::Result<RoomId> {
 }
 
 impl RoomRepo {
-    pub fn new(db: Database) -> Self {
-        Self { db }
+    pub fn new(db: Database, caps: Caps) -> Self {
+        Self { db, caps }
     }
 
-    /// Stores a new room with `owner` as its first member, in one transaction.
-    pub async fn create(&self, room: &Room, owner: UserId) -> anyhow::Result<()> {
+    /// Stores a new room with `owner` as its first member, in one
+    /// transaction, unless the owner already belongs to as many rooms as
+    /// allowed.
+    pub async fn create(&self, room: &Room, owner: UserId) -> anyhow::Result<Result<(), Full>> {
         let now = now_millis();
+        // Writes first: on a SQLite file shared by several processes, a
+        // transaction that reads before it writes can fail to upgrade its lock.
         let mut write = self.db.begin_write().await?;
         sqlx::query(
             "INSERT INTO rooms (id, name, visibility, created_by, created_at)
@@ -52,17 +73,25 @@ impl RoomRepo {
         .bind(now)
         .execute(&mut *write.tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO room_members (room_id, user_id, role, joined_at) VALUES ($1, $2, $3, $4)",
+        let joined = sqlx::query(
+            "INSERT INTO room_members (room_id, user_id, role, joined_at)
+             SELECT $1, $2, $3, $4
+             WHERE (SELECT COUNT(*) FROM room_members WHERE user_id = $2) < $5",
         )
         .bind(room.id.to_string())
         .bind(owner.to_string())
         .bind(Role::Owner.as_str())
         .bind(now)
+        .bind(i64::from(self.caps.rooms_per_user))
         .execute(&mut *write.tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if joined == 0 {
+            // Dropping the transaction rolls the room back.
+            return Ok(Err(Full::UserRooms(self.caps.rooms_per_user)));
+        }
         write.commit().await?;
-        Ok(())
+        Ok(Ok(()))
     }
 
     pub async fn get(&self, id: RoomId) -> anyhow::Result<Option<Room>> {
@@ -103,20 +132,47 @@ impl RoomRepo {
         })
     }
 
-    /// Adds a member; false when the user already was one.
-    pub async fn add_member(&self, room: RoomId, user: UserId, role: Role) -> anyhow::Result<bool> {
+    /// Adds a member if both caps allow it (checked in the same statement;
+    /// concurrent joins may pass a cap by a few); `Ok(false)` when the user
+    /// already was one.
+    pub async fn add_member(
+        &self,
+        room: RoomId,
+        user: UserId,
+        role: Role,
+    ) -> anyhow::Result<Result<bool, Full>> {
         let inserted = sqlx::query(
-            "INSERT INTO room_members (room_id, user_id, role, joined_at) VALUES ($1, $2, $3, $4)
+            "INSERT INTO room_members (room_id, user_id, role, joined_at)
+             SELECT $1, $2, $3, $4
+             WHERE (SELECT COUNT(*) FROM room_members WHERE user_id = $2) < $5
+               AND (SELECT COUNT(*) FROM room_members WHERE room_id = $1) < $6
              ON CONFLICT DO NOTHING",
         )
         .bind(room.to_string())
         .bind(user.to_string())
         .bind(role.as_str())
         .bind(now_millis())
+        .bind(i64::from(self.caps.rooms_per_user))
+        .bind(i64::from(self.caps.members_per_room))
         .execute(&self.db.pool)
         .await?
         .rows_affected();
-        Ok(inserted == 1)
+        if inserted == 1 {
+            return Ok(Ok(true));
+        }
+        if self.role_of(room, user).await?.is_ok() {
+            return Ok(Ok(false));
+        }
+        let belongs: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM room_members WHERE user_id = $1")
+                .bind(user.to_string())
+                .fetch_one(&self.db.pool)
+                .await?;
+        Ok(Err(if belongs >= i64::from(self.caps.rooms_per_user) {
+            Full::UserRooms(self.caps.rooms_per_user)
+        } else {
+            Full::RoomMembers(self.caps.members_per_room)
+        }))
     }
 
     /// The rooms `user` belongs to, with the user's role, by room id.

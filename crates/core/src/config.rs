@@ -122,6 +122,10 @@ pub struct Config {
     pub lockout_secs: u64,
     /// `UNHIDRA_LOCKOUT_MAX_SECS`: the longest lock (3600).
     pub lockout_max_secs: u64,
+    /// `UNHIDRA_MAX_ROOMS_PER_USER`: rooms a user may belong to (1000).
+    pub max_rooms_per_user: u32,
+    /// `UNHIDRA_MAX_MEMBERS_PER_ROOM`: members a room may have (10000).
+    pub max_members_per_room: u32,
     /// `UNHIDRA_TOKEN_ISSUER`: `iss` of access tokens (`unhidra`).
     pub token_issuer: String,
     /// `UNHIDRA_TOKEN_AUDIENCE`: `aud` of access tokens (`unhidra`).
@@ -213,6 +217,8 @@ impl Default for Config {
             ip_block_long_failures: 10,
             ip_block_long_window_secs: 86_400,
             ip_block_long_secs: 86_400,
+            max_rooms_per_user: 1000,
+            max_members_per_room: 10_000,
             lockout_failures: 5,
             lockout_secs: 60,
             lockout_max_secs: 3600,
@@ -320,6 +326,9 @@ impl Config {
             self.ip_block_long_secs,
         ) {
             return invalid("an IP block stage needs a window and a block of at least one second");
+        }
+        if self.max_rooms_per_user == 0 || self.max_members_per_room == 0 {
+            return invalid("max_rooms_per_user and max_members_per_room must be at least 1");
         }
         if self.ws_connections_per_user == 0 || self.ws_connections_per_ip == 0 {
             return invalid("ws_connections_per_user and ws_connections_per_ip must be at least 1");

@@ -797,3 +797,32 @@ async fn a_users_messages_are_limited_across_two_gateways_sharing_redis() -> Tes
     }
     stack.stop().await
 }
+
+#[tokio::test]
+async fn rooms_per_user_and_members_per_room_are_capped_over_http() -> TestResult {
+    let stack = Embedded::start_with(Config {
+        max_rooms_per_user: 1,
+        max_members_per_room: 1,
+        ..unhidra_testkit::config()
+    })
+    .await?;
+    let api = stack.api();
+    let (alice, bob) = (api.user("alice").await?, api.user("bob").await?);
+    let room = api.create_room(&alice, "public").await?;
+    let (status, body) = post(
+        &format!("{}/api/v1/rooms", stack.app.http()),
+        Some(&alice.token),
+        json!({"name": "second", "visibility": "public"}),
+    )
+    .await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::CONFLICT, Some("too_many_rooms"))
+    );
+    let (status, body) = api.join(&bob, &room).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::CONFLICT, Some("room_full"))
+    );
+    stack.app.stop().await
+}
