@@ -826,3 +826,86 @@ async fn rooms_per_user_and_members_per_room_are_capped_over_http() -> TestResul
     );
     stack.app.stop().await
 }
+
+#[tokio::test]
+async fn a_redis_outage_falls_back_to_local_limits_and_sharing_resumes() -> TestResult {
+    let Some(redis) = unhidra_testkit::redis_url().await else {
+        return Ok(());
+    };
+    let proxy = unhidra_testkit::Proxy::start(&unhidra_testkit::host_port(&redis)).await?;
+    let shared = Config {
+        bus_prefix: unhidra_testkit::unique_prefix(),
+        limit_login_ip: Rate::new(3, Duration::from_secs(3600)),
+        limit_http_ip: Rate::new(10_000, Duration::from_secs(60)),
+        ..unhidra_testkit::config()
+    };
+    let a = Embedded::start_with(Config {
+        redis_url: Some(format!("redis://{}", proxy.address).into()),
+        ..shared.clone()
+    })
+    .await?;
+    let b = Embedded::start_with(Config {
+        redis_url: Some(redis.into()),
+        ..shared
+    })
+    .await?;
+    let (base_a, base_b) = (a.app.http(), b.app.http());
+    let rate_limits = |base: String| async move {
+        let (_, ready) = get(&format!("{base}/readyz"), None).await?;
+        Ok::<_, Error>(
+            ready["checks"]["rate_limits"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        )
+    };
+
+    for _ in 0..2 {
+        assert_eq!(
+            login(&base_a, "x@example.com", None).await?.0,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    assert_eq!(rate_limits(base_a.clone()).await?, "redis");
+
+    proxy.cut();
+    // Neither unlimited nor refusing everyone: a goes on with its own count.
+    assert_eq!(
+        login(&base_a, "x@example.com", None).await?.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        login(&base_a, "x@example.com", None).await?.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(rate_limits(base_a.clone()).await?, "fallback_local");
+    let (_, metrics) = get_text(&format!("{base_a}/metrics")).await?;
+    assert!(
+        metrics.contains("unhidra_rate_limit_fallback 1"),
+        "{metrics}"
+    );
+
+    proxy.restore();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while rate_limits(base_a.clone()).await? != "redis" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a never shared its limits again"
+        );
+        // Any API request asks Redis (the per-IP budget) once it is due again.
+        get(&format!("{base_a}/api/v1/rooms"), None).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Shared again: Redis holds a's two logins from before the outage, so b,
+    // whose own count is empty, gets one and is refused the next.
+    assert_eq!(
+        login(&base_b, "x@example.com", None).await?.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        login(&base_b, "x@example.com", None).await?.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    a.app.stop().await?;
+    b.app.stop().await
+}
