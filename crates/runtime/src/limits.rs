@@ -2,9 +2,8 @@
 //! (the configured limiter and blocklist, counted in `/metrics`), the edge
 //! middleware that resolves the client address, refuses blocked addresses
 //! and applies the per-IP budget to every API route (the WebSocket handshake
-//! included), and
-//! [`Throttle`], with which handlers apply their own limits (login per IP,
-//! per account). Every limited route answers `X-RateLimit-Limit`,
+//! included), and [`Throttle`], with which handlers apply their own limits
+//! (login per IP, per account). Every limited route answers `X-RateLimit-Limit`,
 //! `-Remaining` and `-Reset` for the tightest limit it applied; a refusal is
 //! `429` with `Retry-After`.
 
@@ -237,7 +236,9 @@ async fn enforce(
     if decision.allowed {
         return Ok(());
     }
-    tracing::info!(limit = limit.name(), key, "rate limited");
+    // The key may be an email: only the limit's name at info.
+    tracing::info!(limit = limit.name(), "rate limited");
+    tracing::debug!(limit = limit.name(), key, "rate limited key");
     Err(ApiError::RateLimited {
         limit: limit.name(),
         decision,

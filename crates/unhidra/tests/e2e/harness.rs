@@ -254,14 +254,23 @@ pub fn str_of(value: &Value, field: &str) -> Result<String, Error> {
 
 pub type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Opens a WebSocket with the token in the subprotocol header, as a browser does.
-pub async fn connect(ws_url: &str, token: &str) -> Result<Socket, Error> {
+/// A WebSocket handshake with the token in the subprotocol header, as a
+/// browser sends it.
+pub fn handshake(
+    ws_url: &str,
+    token: &str,
+) -> Result<tungstenite::handshake::client::Request, Error> {
     let mut request = ws_url.into_client_request()?;
     request.headers_mut().insert(
         "sec-websocket-protocol",
         HeaderValue::from_str(&format!("unhidra.v1, bearer.{token}"))?,
     );
-    let (socket, response) = connect_async(request).await?;
+    Ok(request)
+}
+
+/// Opens a WebSocket with the token in the subprotocol header.
+pub async fn connect(ws_url: &str, token: &str) -> Result<Socket, Error> {
+    let (socket, response) = connect_async(handshake(ws_url, token)?).await?;
     assert_eq!(
         response
             .headers()

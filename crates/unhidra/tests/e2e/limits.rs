@@ -205,15 +205,7 @@ async fn websocket_handshakes_are_limited_per_ip() -> TestResult {
     let alice = stack.api().user("alice").await?;
     let _first = connect(&stack.app.ws(), &alice.token).await?;
     let _second = connect(&stack.app.ws(), &alice.token).await?;
-    let mut request =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-            stack.app.ws(),
-        )?;
-    request.headers_mut().insert(
-        "sec-websocket-protocol",
-        format!("unhidra.v1, bearer.{}", alice.token).parse()?,
-    );
-    let (status, body) = refused(request).await?;
+    let (status, body) = refused(handshake(&stack.app.ws(), &alice.token)?).await?;
     assert_eq!(
         (status, body["error"].as_str()),
         (429, Some("rate_limited"))
@@ -522,18 +514,8 @@ async fn open_connections_per_user_are_capped() -> TestResult {
     let alice = stack.api().user("alice").await?;
     let first = connect(&stack.app.ws(), &alice.token).await?;
     let _second = connect(&stack.app.ws(), &alice.token).await?;
-    let handshake = || -> Result<_, Error> {
-        let mut request =
-            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-                stack.app.ws(),
-            )?;
-        request.headers_mut().insert(
-            "sec-websocket-protocol",
-            format!("unhidra.v1, bearer.{}", alice.token).parse()?,
-        );
-        Ok(request)
-    };
-    let (status, body) = refused(handshake()?).await?;
+    let alice_handshake = || handshake(&stack.app.ws(), &alice.token);
+    let (status, body) = refused(alice_handshake()?).await?;
     assert_eq!(
         (status, body["error"].as_str()),
         (429, Some("too_many_connections"))
@@ -542,7 +524,7 @@ async fn open_connections_per_user_are_capped() -> TestResult {
     drop(first);
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        match tokio_tungstenite::connect_async(handshake()?).await {
+        match tokio_tungstenite::connect_async(alice_handshake()?).await {
             Ok(_) => break,
             Err(_) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -551,6 +533,12 @@ async fn open_connections_per_user_are_capped() -> TestResult {
         }
     }
     stack.app.stop().await
+}
+
+/// A clock the test moves, starting now.
+fn manual_clock() -> std::sync::Arc<unhidra_core::clock::ManualClock> {
+    use unhidra_core::clock::{Clock, ManualClock, SystemClock};
+    std::sync::Arc::new(ManualClock::starting_at(SystemClock.now()))
 }
 
 /// A login with `password`, from the test client.
@@ -574,9 +562,7 @@ async fn login_with(
 
 #[tokio::test]
 async fn failed_logins_lock_the_account_with_growing_times() -> TestResult {
-    let clock = std::sync::Arc::new(unhidra_core::clock::ManualClock::starting_at(
-        unhidra_core::clock::Clock::now(&unhidra_core::clock::SystemClock),
-    ));
+    let clock = manual_clock();
     let stack = Embedded::start_on_clock(
         Config {
             lockout_failures: 3,
@@ -644,9 +630,7 @@ async fn failed_logins_lock_the_account_with_growing_times() -> TestResult {
 
 #[tokio::test]
 async fn failed_logins_block_the_address_in_stages() -> TestResult {
-    let clock = std::sync::Arc::new(unhidra_core::clock::ManualClock::starting_at(
-        unhidra_core::clock::Clock::now(&unhidra_core::clock::SystemClock),
-    ));
+    let clock = manual_clock();
     let stack = Embedded::start_on_clock(
         Config {
             ip_block_failures: 5,
@@ -678,15 +662,7 @@ async fn failed_logins_block_the_address_in_stages() -> TestResult {
         get(&rooms, Some(&alice.token)).await?.0,
         StatusCode::FORBIDDEN
     );
-    let mut request =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-            stack.app.ws(),
-        )?;
-    request.headers_mut().insert(
-        "sec-websocket-protocol",
-        format!("unhidra.v1, bearer.{}", alice.token).parse()?,
-    );
-    let (status, body) = refused(request).await?;
+    let (status, body) = refused(handshake(&stack.app.ws(), &alice.token)?).await?;
     assert_eq!((status, body["error"].as_str()), (403, Some("ip_blocked")));
     // Health and metrics stay reachable for the operator.
     assert_eq!(
