@@ -175,6 +175,16 @@ impl AccountRepo {
         Ok(())
     }
 
+    /// The user whose session holds the refresh token hashing to `hash`.
+    pub async fn refresh_token_user(&self, hash: &str) -> anyhow::Result<Option<UserId>> {
+        let user: Option<String> =
+            sqlx::query_scalar("SELECT user_id FROM sessions WHERE refresh_token_hash = $1")
+                .bind(hash)
+                .fetch_optional(&self.db.pool)
+                .await?;
+        Ok(user.map(|u| u.parse()).transpose()?)
+    }
+
     /// Replaces the refresh token of the live session holding `old_hash`, in
     /// one statement, so a refresh token works exactly once. `None` when no
     /// live session holds it.

@@ -59,7 +59,9 @@ struct CredentialLimits {
     login_ip: Option<Limit>,
     login_account: Option<Limit>,
     register_ip: Option<Limit>,
+    register_account: Option<Limit>,
     refresh_ip: Option<Limit>,
+    refresh_account: Option<Limit>,
 }
 
 impl CredentialLimits {
@@ -68,7 +70,9 @@ impl CredentialLimits {
             login_ip: Limit::new("login_ip", config.limit_login_ip),
             login_account: Limit::new("login_account", config.limit_login_account),
             register_ip: Limit::new("register_ip", config.limit_register_ip),
+            register_account: Limit::new("register_account", config.limit_register_account),
             refresh_ip: Limit::new("refresh_ip", config.limit_refresh_ip),
+            refresh_account: Limit::new("refresh_account", config.limit_refresh_account),
         }
     }
 }

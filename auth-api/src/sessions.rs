@@ -214,18 +214,23 @@ pub async fn refresh(
     throttle: Throttle,
     ApiJson(request): ApiJson<RefreshRequest>,
 ) -> Result<Json<Tokens>, ApiError> {
-    throttle
-        .limit_ip(state.service.limits.refresh_ip.as_ref())
-        .await?;
+    let limits = &state.service.limits;
+    throttle.limit_ip(limits.refresh_ip.as_ref()).await?;
     let old_hash = hash_refresh_token(request.refresh_token.expose_secret());
     let (refresh_token, new_hash) = new_refresh_token();
     let refused = || ApiError::Unauthenticated {
         code: "invalid_refresh_token",
         message: "refresh token is unknown, used, revoked or expired".into(),
     };
-    let (session, user) = state
-        .service
-        .accounts
+    let accounts = &state.service.accounts;
+    // Counted against its user before it is used up: a refused refresh
+    // keeps its token.
+    if let Some(user) = accounts.refresh_token_user(&old_hash).await? {
+        throttle
+            .limit(limits.refresh_account.as_ref(), &user.to_string())
+            .await?;
+    }
+    let (session, user) = accounts
         .rotate_refresh_token(&old_hash, &new_hash)
         .await?
         .ok_or_else(refused)?;

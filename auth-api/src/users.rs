@@ -64,12 +64,14 @@ pub async fn register(
     throttle: Throttle,
     ApiJson(request): ApiJson<RegisterRequest>,
 ) -> Result<(StatusCode, Json<Registered>), ApiError> {
-    throttle
-        .limit_ip(state.service.limits.register_ip.as_ref())
-        .await?;
+    let limits = &state.service.limits;
+    throttle.limit_ip(limits.register_ip.as_ref()).await?;
     check_length(&request.password)?;
     let email = normalize_email(&request.email)
         .ok_or_else(|| ApiError::Invalid("email is not a valid address".into()))?;
+    throttle
+        .limit(limits.register_account.as_ref(), &email)
+        .await?;
     let password = request.password.expose_secret();
     if password.chars().count() < MIN_PASSWORD_CHARS {
         return Err(ApiError::Invalid(format!(

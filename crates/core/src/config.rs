@@ -96,8 +96,12 @@ pub struct Config {
     pub limit_login_account: Rate,
     /// `UNHIDRA_LIMIT_REGISTER_IP`: registrations per client IP (3/min).
     pub limit_register_ip: Rate,
+    /// `UNHIDRA_LIMIT_REGISTER_ACCOUNT`: registrations per email (3/h).
+    pub limit_register_account: Rate,
     /// `UNHIDRA_LIMIT_REFRESH_IP`: token refreshes per client IP (30/min).
     pub limit_refresh_ip: Rate,
+    /// `UNHIDRA_LIMIT_REFRESH_ACCOUNT`: token refreshes per user (30/min).
+    pub limit_refresh_account: Rate,
     /// `UNHIDRA_IP_BLOCK_FAILURES`: failed logins from one address within
     /// `ip_block_window_secs` that block it for `ip_block_secs` (5; 0 turns
     /// this stage off).
@@ -210,7 +214,12 @@ impl Default for Config {
             limit_login_ip: per_minute(5),
             limit_login_account: per_minute(10),
             limit_register_ip: per_minute(3),
+            limit_register_account: NonZeroU32::new(3).map_or(Rate::Off, |n| Rate::Every {
+                count: n,
+                period: Duration::from_secs(3600),
+            }),
             limit_refresh_ip: per_minute(30),
+            limit_refresh_account: per_minute(30),
             ip_block_failures: 5,
             ip_block_window_secs: 900,
             ip_block_secs: 900,

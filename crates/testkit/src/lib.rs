@@ -77,6 +77,8 @@ pub fn config() -> unhidra_core::Config {
         limit_login_account: Rate::Off,
         limit_register_ip: Rate::Off,
         limit_refresh_ip: Rate::Off,
+        limit_register_account: Rate::Off,
+        limit_refresh_account: Rate::Off,
         limit_ws_connect_ip: Rate::Off,
         limit_ws_frames: Rate::Off,
         limit_ws_bytes: Rate::Off,

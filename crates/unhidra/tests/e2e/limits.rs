@@ -301,18 +301,21 @@ async fn login_flood(base: &str, pid: u32) -> TestResult {
     let health = {
         let base = base.to_owned();
         tokio::spawn(async move {
+            let mut slowest = Duration::ZERO;
             for _ in 0..20 {
+                let started = std::time::Instant::now();
                 let answered = tokio::time::timeout(
                     Duration::from_secs(2),
                     get(&format!("{base}/healthz"), None),
                 )
                 .await;
                 if !matches!(answered, Ok(Ok((StatusCode::OK, _)))) {
-                    return false;
+                    return None;
                 }
+                slowest = slowest.max(started.elapsed());
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            true
+            Some(slowest)
         })
     };
     let mut refused = 0;
@@ -326,7 +329,9 @@ async fn login_flood(base: &str, pid: u32) -> TestResult {
         }
     }
     assert_eq!(refused, 300);
-    assert!(health.await?, "/healthz answered throughout");
+    let slowest = health.await?.ok_or("/healthz did not answer throughout")?;
+    // A figure for the issue and docs, not an assertion: this machine is shared.
+    eprintln!("slowest /healthz during the flood: {slowest:?}");
     let grown = resident_bytes(pid)?.saturating_sub(idle);
     assert!(
         grown < 50 * 1024 * 1024,
@@ -884,4 +889,133 @@ async fn a_redis_outage_falls_back_to_local_limits_and_sharing_resumes() -> Test
     );
     a.app.stop().await?;
     b.app.stop().await
+}
+
+/// Status, rate-limit headers and body of an unauthenticated POST.
+async fn post_full(url: String, body: Value) -> Result<(StatusCode, HeaderMap, Value), Error> {
+    let request = http().post(url).json(&body);
+    let response = request.send().await?;
+    let (status, headers) = (response.status(), response.headers().clone());
+    Ok((
+        status,
+        headers,
+        response.json().await.unwrap_or(Value::Null),
+    ))
+}
+
+/// A refusal as every limited route gives it.
+fn assert_limited(what: &str, status: StatusCode, headers: &HeaderMap, body: &Value) {
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{what}: {body}");
+    assert_eq!(body["error"], "rate_limited", "{what}");
+    assert_eq!(header(headers, "x-ratelimit-remaining"), Some(0), "{what}");
+    assert!(
+        header(headers, "retry-after").is_some_and(|s| s >= 1),
+        "{what}"
+    );
+}
+
+#[tokio::test]
+async fn every_credential_limit_counts_per_account_and_per_address() -> TestResult {
+    let clock = manual_clock();
+    let stack = Embedded::start_on_clock(
+        Config {
+            limit_login_account: per_minute(2),
+            limit_register_account: per_minute(2),
+            limit_refresh_ip: per_minute(3),
+            limit_refresh_account: per_minute(2),
+            limit_http_ip: per_minute(1000),
+            ..unhidra_testkit::config()
+        },
+        clock.clone(),
+    )
+    .await?;
+    let base = stack.app.http();
+
+    // Logins per account: the same email is refused, another is not.
+    for _ in 0..2 {
+        let (status, headers, _) = login(&base, "target@example.com", None).await?;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(header(&headers, "x-ratelimit-remaining").is_some());
+    }
+    let (status, headers, body) = login(&base, "target@example.com", None).await?;
+    assert_limited("login per account", status, &headers, &body);
+    assert_eq!(
+        login(&base, "other@example.com", None).await?.0,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Registrations per email: the second is a conflict, the third refused.
+    let register = |email: &'static str| {
+        post_full(
+            format!("{}/api/v1/auth/register", stack.app.http()),
+            json!({"email": email, "password": "correct horse battery"}),
+        )
+    };
+    assert_eq!(register("ann@example.com").await?.0, StatusCode::CREATED);
+    assert_eq!(register("ann@example.com").await?.0, StatusCode::CONFLICT);
+    let (status, headers, body) = register("ann@example.com").await?;
+    assert_limited("register per account", status, &headers, &body);
+
+    // Refreshes per user: a refused refresh keeps its token.
+    let (status, _, tokens) = post_full(
+        format!("{base}/api/v1/auth/login"),
+        json!({"email": "ann@example.com", "password": "correct horse battery"}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK);
+    let refresh = |token: String| {
+        post_full(
+            format!("{}/api/v1/auth/refresh", stack.app.http()),
+            json!({"refresh_token": token}),
+        )
+    };
+    let mut token = str_of(&tokens, "refresh_token")?;
+    for _ in 0..2 {
+        let (status, _, body) = refresh(token.clone()).await?;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        token = str_of(&body, "refresh_token")?;
+    }
+    let (status, headers, body) = refresh(token.clone()).await?;
+    assert_limited("refresh per account", status, &headers, &body);
+    clock.advance(Duration::from_secs(61));
+    let (status, _, body) = refresh(token).await?;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the refused token still works: {body}"
+    );
+
+    // Refreshes per address: unknown tokens count too (3/min, one used
+    // since the clock moved).
+    for _ in 0..2 {
+        let (status, _, _) = refresh("forged".to_owned()).await?;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let (status, headers, body) = refresh("forged".to_owned()).await?;
+    assert_limited("refresh per address", status, &headers, &body);
+
+    // The general budget per address, on every API route.
+    let stack_http = Embedded::start_with(Config {
+        limit_http_ip: per_minute(3),
+        ..unhidra_testkit::config()
+    })
+    .await?;
+    let rooms = format!("{}/api/v1/rooms", stack_http.app.http());
+    for remaining in (0..3).rev() {
+        let response = http().get(&rooms).send().await?;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(header(response.headers(), "x-ratelimit-limit"), Some(3));
+        assert_eq!(
+            header(response.headers(), "x-ratelimit-remaining"),
+            Some(remaining)
+        );
+    }
+    let response = http().get(&rooms).send().await?;
+    let (status, headers) = (response.status(), response.headers().clone());
+    let body: Value = response.json().await?;
+    assert_limited("requests per address", status, &headers, &body);
+    let (status, _) = get(&format!("{}/healthz", stack_http.app.http()), None).await?;
+    assert_eq!(status, StatusCode::OK, "health is not limited");
+    stack_http.app.stop().await?;
+    stack.app.stop().await
 }
