@@ -1,7 +1,10 @@
 //! Users and their sessions, in the auth database. Only hashes of refresh
 //! tokens are stored.
 
-use unhidra_core::ids::{SessionId, UserId};
+use unhidra_core::{
+    ids::{SessionId, UserId},
+    users::SystemRole,
+};
 use unhidra_store::{Database, is_unique_violation, now_millis};
 
 /// A new account.
@@ -11,6 +14,15 @@ pub struct NewUser<'a> {
     pub email: &'a str,
     pub display_name: &'a str,
     pub password_hash: &'a str,
+    pub role: SystemRole,
+}
+
+/// What an account may do right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    pub role: SystemRole,
+    /// Disabled by an admin: no login, no refresh.
+    pub disabled: bool,
 }
 
 /// What a login checks a password against.
@@ -20,6 +32,23 @@ pub struct Credentials {
     pub password_hash: String,
     /// Unix milliseconds until which the account is locked, if it was.
     pub locked_until: Option<i64>,
+    pub standing: Standing,
+}
+
+#[derive(sqlx::FromRow)]
+struct CredentialsRow {
+    id: String,
+    password_hash: String,
+    locked_until: Option<i64>,
+    role: String,
+    disabled_at: Option<i64>,
+}
+
+fn standing(role: &str, disabled_at: Option<i64>) -> anyhow::Result<Standing> {
+    Ok(Standing {
+        role: role.parse()?,
+        disabled: disabled_at.is_some(),
+    })
 }
 
 impl Credentials {
@@ -71,13 +100,14 @@ impl AccountRepo {
     /// decides races).
     pub async fn create_user(&self, user: &NewUser<'_>) -> anyhow::Result<bool> {
         let inserted = sqlx::query(
-            "INSERT INTO users (id, email, display_name, password_hash, created_at)
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO users (id, email, display_name, password_hash, role, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(user.id.to_string())
         .bind(user.email)
         .bind(user.display_name)
         .bind(user.password_hash)
+        .bind(user.role.as_str())
         .bind(now_millis())
         .execute(&self.db.pool)
         .await;
@@ -89,19 +119,63 @@ impl AccountRepo {
     }
 
     pub async fn credentials(&self, email: &str) -> anyhow::Result<Option<Credentials>> {
-        let row: Option<(String, String, Option<i64>)> =
-            sqlx::query_as("SELECT id, password_hash, locked_until FROM users WHERE email = $1")
-                .bind(email)
-                .fetch_optional(&self.db.pool)
-                .await?;
-        row.map(|(id, password_hash, locked_until)| {
+        let row: Option<CredentialsRow> = sqlx::query_as(
+            "SELECT id, password_hash, locked_until, role, disabled_at FROM users WHERE email = $1",
+        )
+        .bind(email)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        row.map(|row| {
             Ok(Credentials {
-                user: id.parse()?,
-                password_hash,
-                locked_until,
+                user: row.id.parse()?,
+                password_hash: row.password_hash,
+                locked_until: row.locked_until,
+                standing: standing(&row.role, row.disabled_at)?,
             })
         })
         .transpose()
+    }
+
+    /// What `user` may do now, if there is such a user.
+    pub async fn standing(&self, user: UserId) -> anyhow::Result<Option<Standing>> {
+        let row: Option<(String, Option<i64>)> =
+            sqlx::query_as("SELECT role, disabled_at FROM users WHERE id = $1")
+                .bind(user.to_string())
+                .fetch_optional(&self.db.pool)
+                .await?;
+        row.map(|(role, disabled_at)| standing(&role, disabled_at))
+            .transpose()
+    }
+
+    /// Gives `user` the system role `role`; false when there is no such user.
+    pub async fn set_role(&self, user: UserId, role: SystemRole) -> anyhow::Result<bool> {
+        let updated = sqlx::query("UPDATE users SET role = $1 WHERE id = $2")
+            .bind(role.as_str())
+            .bind(user.to_string())
+            .execute(&self.db.pool)
+            .await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    /// Disables (or enables again) `user`; false when there is no such user.
+    pub async fn set_disabled(&self, user: UserId, disabled: bool) -> anyhow::Result<bool> {
+        let updated = sqlx::query("UPDATE users SET disabled_at = $1 WHERE id = $2")
+            .bind(disabled.then(now_millis))
+            .bind(user.to_string())
+            .execute(&self.db.pool)
+            .await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    /// Makes the account with `email` an admin; its id, if there is one.
+    pub async fn promote(&self, email: &str) -> anyhow::Result<Option<UserId>> {
+        let id: Option<String> =
+            sqlx::query_scalar("UPDATE users SET role = $1 WHERE email = $2 RETURNING id")
+                .bind(SystemRole::Admin.as_str())
+                .bind(email)
+                .fetch_optional(&self.db.pool)
+                .await?;
+        Ok(id.map(|id| id.parse()).transpose()?)
     }
 
     /// Counts a failed login; when it completes `policy.failures` in a row,
@@ -175,14 +249,21 @@ impl AccountRepo {
         Ok(())
     }
 
-    /// The user whose session holds the refresh token hashing to `hash`.
-    pub async fn refresh_token_user(&self, hash: &str) -> anyhow::Result<Option<UserId>> {
-        let user: Option<String> =
-            sqlx::query_scalar("SELECT user_id FROM sessions WHERE refresh_token_hash = $1")
-                .bind(hash)
-                .fetch_optional(&self.db.pool)
-                .await?;
-        Ok(user.map(|u| u.parse()).transpose()?)
+    /// The user whose session holds the refresh token hashing to `hash`,
+    /// and what that user may do now.
+    pub async fn refresh_token_owner(
+        &self,
+        hash: &str,
+    ) -> anyhow::Result<Option<(UserId, Standing)>> {
+        let row: Option<(String, String, Option<i64>)> = sqlx::query_as(
+            "SELECT u.id, u.role, u.disabled_at FROM sessions s JOIN users u ON u.id = s.user_id
+             WHERE s.refresh_token_hash = $1",
+        )
+        .bind(hash)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        row.map(|(id, role, disabled_at)| Ok((id.parse()?, standing(&role, disabled_at)?)))
+            .transpose()
     }
 
     /// Replaces the refresh token of the live session holding `old_hash`, in
@@ -233,6 +314,7 @@ mod conformance {
                 email,
                 display_name: "'); DROP TABLE users; --",
                 password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA",
+                role: SystemRole::Member,
             };
             assert!(!accounts.email_taken(email).await?);
             assert!(accounts.create_user(&user).await?);
@@ -248,9 +330,42 @@ mod conformance {
                     user: user.id,
                     password_hash: user.password_hash.to_owned(),
                     locked_until: None,
+                    standing: Standing {
+                        role: SystemRole::Member,
+                        disabled: false,
+                    },
                 })
             );
             assert_eq!(accounts.credentials("nobody@example.com").await?, None);
+
+            // Roles and disabling, as a login and a refresh read them.
+            assert_eq!(accounts.promote(email).await?, Some(user.id));
+            assert!(accounts.set_disabled(user.id, true).await?);
+            let standing = accounts.credentials(email).await?.map(|c| c.standing);
+            assert_eq!(
+                standing,
+                Some(Standing {
+                    role: SystemRole::Admin,
+                    disabled: true
+                })
+            );
+            assert!(accounts.set_role(user.id, SystemRole::Guest).await?);
+            assert!(accounts.set_disabled(user.id, false).await?);
+            accounts
+                .open_session(SessionId::new(), user.id, "h1", 60_000)
+                .await?;
+            assert_eq!(
+                accounts.refresh_token_owner("h1").await?,
+                Some((
+                    user.id,
+                    Standing {
+                        role: SystemRole::Guest,
+                        disabled: false
+                    }
+                ))
+            );
+            assert!(!accounts.set_role(UserId::new(), SystemRole::Admin).await?);
+            assert_eq!(accounts.promote("nobody@example.com").await?, None);
             Ok(())
         })
         .await
@@ -267,6 +382,7 @@ mod conformance {
                     email: "ann@example.com",
                     display_name: "ann",
                     password_hash: "x",
+                    role: SystemRole::Member,
                 })
                 .await?;
             let policy = LockoutPolicy {
@@ -323,6 +439,7 @@ mod conformance {
                     email: "ann@example.com",
                     display_name: "ann",
                     password_hash: "x",
+                    role: SystemRole::Member,
                 })
                 .await?;
             let session = SessionId::new();

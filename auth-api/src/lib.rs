@@ -3,6 +3,7 @@
 //! tokens (published as a JWKS over HTTP and over the bus).
 
 mod accounts;
+mod admin;
 mod passwords;
 mod sessions;
 mod signing_keys;
@@ -11,7 +12,7 @@ mod users;
 use axum::{
     Json, Router,
     extract::State,
-    routing::{get, post},
+    routing::{get, patch, post},
 };
 use prometheus::{IntCounter, IntCounterVec};
 use tokio::net::TcpListener;
@@ -39,6 +40,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "lockout",
         sql: include_str!("../migrations/0002_lockout.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "roles",
+        sql: include_str!("../migrations/0003_roles.sql"),
     },
 ];
 
@@ -112,11 +118,20 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
     db.migrate(NAME, MIGRATIONS).await?;
     ctx.bus.ensure_stream(&ctx.subjects.audit_stream()).await?;
     let keys = SigningKeys::load_or_create(&SigningKeyRepo::new(db.clone())).await?;
+    let accounts = AccountRepo::new(db.clone());
+    let passwords = Passwords::new(&ctx.config).await?;
+    if let (Some(email), Some(password)) = (
+        &ctx.config.bootstrap_admin_email,
+        &ctx.config.bootstrap_admin_password,
+    ) {
+        let admin = admin::ensure_admin(&accounts, &passwords, email, password.clone()).await?;
+        tracing::info!(user_id = %admin, "bootstrap admin in place");
+    }
     let state = AuthState {
         ctx: ctx.clone(),
         service: Auth {
-            accounts: AccountRepo::new(db.clone()),
-            passwords: Passwords::new(&ctx.config).await?,
+            accounts,
+            passwords,
             keys: keys.clone(),
             metrics: AuthMetrics::register(&ctx)?,
             limits: CredentialLimits::new(&ctx.config),
@@ -137,6 +152,12 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         .route("/api/v1/auth/login", post(sessions::login))
         .route("/api/v1/auth/refresh", post(sessions::refresh));
     let router = body_limit(credentials, ctx.config.auth_body_limit_bytes)
+        .route("/api/v1/admin/users/{user_id}", patch(admin::change_user))
+        .route("/api/v1/admin/blocks", post(admin::block))
+        .route(
+            "/api/v1/admin/blocks/{ip}",
+            get(admin::show_block).delete(admin::unblock),
+        )
         .route("/.well-known/jwks.json", get(jwks))
         .with_state(state);
     Ok(Service {
@@ -153,6 +174,26 @@ fn seconds_to_ms(seconds: u64) -> i64 {
 
 async fn jwks(State(state): State<AuthState>) -> Json<Jwks> {
     Json(state.service.keys.jwks().clone())
+}
+
+/// `unhidra admin create`: makes the account with `email` an admin in the
+/// auth database `config` names, creating it with `password` if needed.
+pub async fn create_admin(
+    config: &Config,
+    email: &str,
+    password: secrecy::SecretString,
+) -> anyhow::Result<unhidra_core::ids::UserId> {
+    let url = match &config.database_url {
+        Some(url) => secrecy::ExposeSecret::expose_secret(url).to_owned(),
+        None => {
+            std::fs::create_dir_all(&config.data_dir)?;
+            unhidra_store::sqlite_url(&config.data_dir, NAME)
+        }
+    };
+    let db = Database::connect(&url, 1).await?;
+    db.migrate(NAME, MIGRATIONS).await?;
+    let passwords = Passwords::new(config).await?;
+    admin::ensure_admin(&AccountRepo::new(db), &passwords, email, password).await
 }
 
 /// Runs auth-api alone on `listener` until `shutdown` resolves.

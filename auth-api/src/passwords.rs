@@ -26,6 +26,7 @@ use unhidra_runtime::ApiError;
 
 /// Bounds the work an attacker can make argon2 do per request.
 pub const MAX_PASSWORD_BYTES: usize = 1024;
+pub const MIN_PASSWORD_CHARS: usize = 8;
 
 /// Refuses a password too long to be worth hashing, before any work.
 pub fn check_length(password: &SecretString) -> Result<(), ApiError> {

@@ -12,6 +12,7 @@ use unhidra_core::{
     events::{AuditEvent, AuditKind},
     ids::{SessionId, UserId},
     token::AccessClaims,
+    users::SystemRole,
 };
 use unhidra_runtime::{ApiError, ApiJson, ClientIp, Throttle};
 
@@ -60,12 +61,18 @@ fn hash_refresh_token(token: &str) -> String {
     URL_SAFE_NO_PAD.encode(Sha256::digest(token.as_bytes()))
 }
 
-fn access_token(state: &AuthState, user: UserId, session: SessionId) -> Result<String, ApiError> {
+fn access_token(
+    state: &AuthState,
+    user: UserId,
+    session: SessionId,
+    role: SystemRole,
+) -> Result<String, ApiError> {
     let now = chrono::Utc::now().timestamp();
     let ttl = i64::try_from(state.ctx.config.access_token_ttl_secs).unwrap_or(i64::MAX);
     let claims = AccessClaims {
         sub: user.to_string(),
         sid: session.to_string(),
+        role,
         jti: uuid::Uuid::now_v7().to_string(),
         iat: now,
         exp: now.saturating_add(ttl),
@@ -103,16 +110,22 @@ pub async fn login(
         }
     }
     let user_id = credentials.as_ref().map(|c| c.user);
+    let standing = credentials.as_ref().map(|c| c.standing);
     let matched = state
         .service
         .passwords
         .verify(request.password, credentials.map(|c| c.password_hash))
         .await?;
-    let Some(user_id) = user_id.filter(|_| matched) else {
+    let (Some(user_id), Some(standing)) = (user_id.filter(|_| matched), standing) else {
         let subject = email.unwrap_or_else(|| request.email.chars().take(254).collect());
         return Err(failed_login(&state, &throttle.ip, user_id, subject, now_ms).await);
     };
     state.service.accounts.record_success(user_id).await?;
+    // Told only to whoever knows the password.
+    if standing.disabled {
+        tracing::info!(%user_id, "login refused: account disabled");
+        return Err(ApiError::AccountDisabled);
+    }
     let logins = &state.service.metrics.logins;
 
     let session = SessionId::new();
@@ -125,7 +138,7 @@ pub async fn login(
         .accounts
         .open_session(session, user_id, &refresh_hash, refresh_ttl_ms)
         .await?;
-    let access_token = access_token(&state, user_id, session)?;
+    let access_token = access_token(&state, user_id, session, standing.role)?;
     logins.with_label_values(&["success"]).inc();
     tracing::info!(%user_id, session_id = %session, "login");
     state
@@ -224,17 +237,22 @@ pub async fn refresh(
     };
     let accounts = &state.service.accounts;
     // Counted against its user before it is used up: a refused refresh
-    // keeps its token.
-    if let Some(user) = accounts.refresh_token_user(&old_hash).await? {
-        throttle
-            .limit(limits.refresh_account.as_ref(), &user.to_string())
-            .await?;
+    // keeps its token. The new access token carries the user's role now.
+    let (owner, standing) = accounts
+        .refresh_token_owner(&old_hash)
+        .await?
+        .ok_or_else(refused)?;
+    throttle
+        .limit(limits.refresh_account.as_ref(), &owner.to_string())
+        .await?;
+    if standing.disabled {
+        return Err(ApiError::AccountDisabled);
     }
     let (session, user) = accounts
         .rotate_refresh_token(&old_hash, &new_hash)
         .await?
         .ok_or_else(refused)?;
-    let access_token = access_token(&state, user, session)?;
+    let access_token = access_token(&state, user, session, standing.role)?;
     Ok(Json(Tokens {
         access_token,
         refresh_token,

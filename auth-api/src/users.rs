@@ -6,16 +6,15 @@ use serde::{Deserialize, Serialize};
 use unhidra_core::{
     events::{AuditEvent, AuditKind},
     ids::UserId,
+    users::SystemRole,
 };
 use unhidra_runtime::{ApiError, ApiJson, Throttle};
 
 use crate::{
     AuthState,
     accounts::NewUser,
-    passwords::{MAX_PASSWORD_BYTES, check_length},
+    passwords::{MAX_PASSWORD_BYTES, MIN_PASSWORD_CHARS, check_length},
 };
-
-const MIN_PASSWORD_CHARS: usize = 8;
 const MAX_DISPLAY_NAME_CHARS: usize = 64;
 
 #[derive(Deserialize)]
@@ -97,6 +96,7 @@ pub async fn register(
             email: &email,
             display_name: &display_name,
             password_hash: &hash,
+            role: SystemRole::Member,
         })
         .await?;
     if !created {

@@ -74,6 +74,9 @@ pub async fn create(
     CurrentUser(me): CurrentUser,
     ApiJson(request): ApiJson<CreateRoom>,
 ) -> Result<(StatusCode, Json<RoomView>), ApiError> {
+    if !me.role.creates_rooms() {
+        return Err(ApiError::Forbidden("guests cannot create rooms".into()));
+    }
     let name = request.name.trim().to_owned();
     let length = name.chars().count();
     if length == 0 || length > MAX_ROOM_NAME_CHARS || name.chars().any(char::is_control) {

@@ -62,6 +62,7 @@ fn verify(c: &mut Criterion) {
     let claims = AccessClaims {
         sub: uuid::Uuid::now_v7().to_string(),
         sid: uuid::Uuid::now_v7().to_string(),
+        role: unhidra_core::users::SystemRole::Member,
         jti: uuid::Uuid::now_v7().to_string(),
         iat: now,
         exp: now + 3600,

@@ -18,6 +18,7 @@ use unhidra_core::{
     ids::{SessionId, UserId},
     rpc::{AuthJwks, JwksRequest, RpcError},
     token::{AccessClaims, JWT_ALG},
+    users::SystemRole,
 };
 
 /// How often an unknown `kid` may trigger a JWKS refetch.
@@ -28,6 +29,8 @@ const MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(5);
 pub struct Authenticated {
     pub user: UserId,
     pub session: SessionId,
+    /// The user's system role when the token was issued.
+    pub role: SystemRole,
     /// Unix seconds.
     pub expires_at: i64,
 }
@@ -119,6 +122,7 @@ impl TokenVerifier {
         Ok(Authenticated {
             user,
             session,
+            role: claims.role,
             expires_at: claims.exp,
         })
     }

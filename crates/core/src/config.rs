@@ -130,6 +130,12 @@ pub struct Config {
     pub max_rooms_per_user: u32,
     /// `UNHIDRA_MAX_MEMBERS_PER_ROOM`: members a room may have (10000).
     pub max_members_per_room: u32,
+    /// `UNHIDRA_BOOTSTRAP_ADMIN_EMAIL` and `UNHIDRA_BOOTSTRAP_ADMIN_PASSWORD`:
+    /// at start, auth-api makes this account an admin, creating it with this
+    /// password if it does not exist (an existing account keeps its
+    /// password). Both or neither.
+    pub bootstrap_admin_email: Option<String>,
+    pub bootstrap_admin_password: Option<SecretString>,
     /// `UNHIDRA_TOKEN_ISSUER`: `iss` of access tokens (`unhidra`).
     pub token_issuer: String,
     /// `UNHIDRA_TOKEN_AUDIENCE`: `aud` of access tokens (`unhidra`).
@@ -226,6 +232,8 @@ impl Default for Config {
             ip_block_long_failures: 10,
             ip_block_long_window_secs: 86_400,
             ip_block_long_secs: 86_400,
+            bootstrap_admin_email: None,
+            bootstrap_admin_password: None,
             max_rooms_per_user: 1000,
             max_members_per_room: 10_000,
             lockout_failures: 5,
@@ -335,6 +343,11 @@ impl Config {
             self.ip_block_long_secs,
         ) {
             return invalid("an IP block stage needs a window and a block of at least one second");
+        }
+        if self.bootstrap_admin_email.is_some() != self.bootstrap_admin_password.is_some() {
+            return invalid(
+                "set both bootstrap_admin_email and bootstrap_admin_password, or neither",
+            );
         }
         if self.max_rooms_per_user == 0 || self.max_members_per_room == 0 {
             return invalid("max_rooms_per_user and max_members_per_room must be at least 1");

@@ -40,8 +40,12 @@ pub enum AuditKind {
     LoginFailed,
     /// Failed logins in a row locked an account.
     AccountLocked,
-    /// Failed logins from one address blocked it on every node.
+    /// Failed logins from one address, or an admin, blocked it on every node.
     IpBlocked,
+    /// An admin lifted an address block.
+    IpUnblocked,
+    /// An admin changed an account's role or disabled or enabled it.
+    UserChanged,
     RoomCreated,
 }
 
@@ -53,6 +57,8 @@ impl AuditKind {
             Self::LoginFailed => "login_failed",
             Self::AccountLocked => "account_locked",
             Self::IpBlocked => "ip_blocked",
+            Self::IpUnblocked => "ip_unblocked",
+            Self::UserChanged => "user_changed",
             Self::RoomCreated => "room_created",
         }
     }

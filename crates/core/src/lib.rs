@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod ids;
+mod names;
 pub mod protocol;
 pub mod rate;
 pub mod rooms;
@@ -15,5 +16,6 @@ pub mod rpc;
 pub mod streams;
 pub mod subjects;
 pub mod token;
+pub mod users;
 
 pub use config::Config;

@@ -1,9 +1,10 @@
 //! Rooms as every party sees them: a member's role and a room's visibility,
 //! with the exact strings the APIs and the databases use.
 
-use std::{fmt, str::FromStr};
-
 use serde::{Deserialize, Serialize};
+
+pub use crate::names::UnknownVariant;
+use crate::names::names;
 
 /// A member's role in a room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,46 +23,6 @@ pub enum Visibility {
     Public,
     /// Members only.
     Private,
-}
-
-/// A stored or sent value that names no known variant.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown {kind} `{value}`")]
-pub struct UnknownVariant {
-    pub kind: &'static str,
-    pub value: String,
-}
-
-macro_rules! names {
-    ($type:ident, $kind:literal, $($variant:ident => $name:literal),+) => {
-        impl $type {
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $(Self::$variant => $name,)+
-                }
-            }
-        }
-
-        impl FromStr for $type {
-            type Err = UnknownVariant;
-
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                match s {
-                    $($name => Ok(Self::$variant),)+
-                    other => Err(UnknownVariant {
-                        kind: $kind,
-                        value: other.chars().take(64).collect(),
-                    }),
-                }
-            }
-        }
-
-        impl fmt::Display for $type {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
 }
 
 names!(Role, "role", Owner => "owner", Member => "member");

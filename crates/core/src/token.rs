@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::users::SystemRole;
+
 /// The only signing algorithm Unhidra issues and accepts.
 pub const JWT_ALG: &str = "EdDSA";
 
@@ -13,6 +15,8 @@ pub struct AccessClaims {
     pub sub: String,
     /// The session id.
     pub sid: String,
+    /// The user's system role when the token was issued.
+    pub role: SystemRole,
     /// Unique token id, for revocation.
     pub jti: String,
     pub iat: i64,

@@ -43,3 +43,26 @@ where
         Ok(CurrentUser(verified))
     }
 }
+
+/// Extractor for handlers only admins may call (401 without a token, 403
+/// without the admin role).
+#[derive(Debug, Clone, Copy)]
+pub struct AdminUser(pub Authenticated);
+
+impl<S> FromRequestParts<S> for AdminUser
+where
+    Arc<TokenVerifier>: FromRef<S>,
+    Limits: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let CurrentUser(me) = CurrentUser::from_request_parts(parts, state).await?;
+        if !me.role.is_admin() {
+            tracing::warn!(user_id = %me.user, "admin endpoint refused");
+            return Err(ApiError::Forbidden("this needs the admin role".into()));
+        }
+        Ok(AdminUser(me))
+    }
+}

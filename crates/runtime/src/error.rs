@@ -31,6 +31,9 @@ pub enum ApiError {
     /// Authenticated but not allowed (403).
     #[error("{0}")]
     Forbidden(String),
+    /// The account was disabled by an admin (403).
+    #[error("this account is disabled")]
+    AccountDisabled,
     /// The resource does not exist (404).
     #[error("{0}")]
     NotFound(String),
@@ -95,7 +98,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Forbidden(_) | Self::AccountDisabled => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
@@ -116,6 +119,7 @@ impl ApiError {
         match self {
             Self::Unauthenticated { code, .. } | Self::Conflict { code, .. } => code,
             Self::Forbidden(_) => "forbidden",
+            Self::AccountDisabled => "account_disabled",
             Self::NotFound(_) => "not_found",
             Self::MalformedJson(_) => "malformed_json",
             Self::Invalid(_) => "invalid_input",

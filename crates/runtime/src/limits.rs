@@ -170,6 +170,15 @@ impl Limits {
         Some(blocked)
     }
 
+    /// Blocks `ip` on every node for `duration` (an admin's decision).
+    pub async fn block(&self, ip: &ClientIp, duration: Duration) {
+        self.blocklist.block(&ip.key(), duration).await;
+    }
+
+    pub async fn unblock(&self, ip: &ClientIp) {
+        self.blocklist.unblock(&ip.key()).await;
+    }
+
     /// How long `ip` stays blocked, if it is.
     pub async fn blocked(&self, ip: &ClientIp) -> Option<Duration> {
         self.blocklist.blocked(&ip.key()).await

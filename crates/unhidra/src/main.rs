@@ -1,11 +1,40 @@
 //! `unhidra`: the embedded default. `cargo run --release --bin unhidra` starts
 //! every service on 127.0.0.1:9000 with SQLite under `./data`; no other
-//! software is needed.
+//! software is needed. `unhidra admin create <email>` makes that account an
+//! admin (creating it with the password read from standard input).
+
+use std::io::BufRead;
+
+use secrecy::SecretString;
+
+const ADMIN_USAGE: &str =
+    "usage: unhidra admin create <email>   (the password is read from standard input)";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("admin") {
+        return admin(&args[1..]).await;
+    }
     unhidra_runtime::main_for("unhidra", unhidra::DEFAULT_PORT, |listener, config| {
         unhidra::run(listener, config, unhidra_runtime::shutdown_signal())
     })
     .await
+}
+
+async fn admin(args: &[String]) -> anyhow::Result<()> {
+    let [command, email] = args else {
+        anyhow::bail!(ADMIN_USAGE);
+    };
+    if command != "create" {
+        anyhow::bail!(ADMIN_USAGE);
+    }
+    let config = unhidra_core::Config::load()?;
+    // Read, not taken from the command line, where other users could see it.
+    let mut password = String::new();
+    std::io::stdin().lock().read_line(&mut password)?;
+    let password = SecretString::from(password.trim_end_matches(['\r', '\n']).to_owned());
+    let user = auth_api::create_admin(&config, email, password).await?;
+    println!("{email} is an admin (user {user})");
+    Ok(())
 }

@@ -2,6 +2,7 @@
 //! all-in-one process and against the services scaled out over real NATS
 //! JetStream and Postgres.
 
+mod admin;
 mod bad_input;
 mod embedded;
 mod harness;

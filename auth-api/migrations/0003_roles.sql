@@ -1,0 +1,2 @@
+ALTER TABLE users ADD COLUMN role TEXT NOT NULL DEFAULT 'member';
+ALTER TABLE users ADD COLUMN disabled_at BIGINT;

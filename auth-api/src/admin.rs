@@ -1,0 +1,238 @@
+//! The admin API (every call needs the admin role and is audited):
+//! `PATCH /api/v1/admin/users/{id}` changes an account's role or disables
+//! it; `POST /api/v1/admin/blocks`, `GET` and `DELETE
+//! /api/v1/admin/blocks/{ip}` block and unblock client addresses on every
+//! node. Also the first admin: from the bootstrap settings at start, or from
+//! `unhidra admin create`.
+
+use std::{net::IpAddr, time::Duration};
+
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::StatusCode,
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use unhidra_core::{
+    events::{AuditEvent, AuditKind},
+    ids::UserId,
+    users::SystemRole,
+};
+use unhidra_runtime::{AdminUser, ApiError, ApiJson, ClientIp};
+
+use crate::{
+    AuthState,
+    accounts::{AccountRepo, NewUser},
+    passwords::{MIN_PASSWORD_CHARS, Passwords, check_length},
+    users::normalize_email,
+};
+
+/// The longest block an admin may set: a year.
+const MAX_BLOCK_SECS: u64 = 365 * 24 * 3600;
+const MAX_REASON_CHARS: usize = 200;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserChange {
+    role: Option<SystemRole>,
+    disabled: Option<bool>,
+}
+
+#[derive(Serialize)]
+pub struct UserStanding {
+    user_id: UserId,
+    role: SystemRole,
+    disabled: bool,
+}
+
+pub async fn change_user(
+    State(state): State<AuthState>,
+    AdminUser(admin): AdminUser,
+    Path(user): Path<String>,
+    ApiJson(change): ApiJson<UserChange>,
+) -> Result<Json<UserStanding>, ApiError> {
+    let no_such_user = || ApiError::NotFound("no such user".into());
+    let user: UserId = user.parse().map_err(|_| no_such_user())?;
+    let demotes_self = change.role.is_some_and(|r| r != SystemRole::Admin);
+    if user == admin.user && (demotes_self || change.disabled == Some(true)) {
+        return Err(ApiError::Conflict {
+            code: "own_account",
+            message: "admins cannot demote or disable themselves".into(),
+        });
+    }
+    let accounts = &state.service.accounts;
+    if let Some(role) = change.role {
+        if !accounts.set_role(user, role).await? {
+            return Err(no_such_user());
+        }
+    }
+    if let Some(disabled) = change.disabled {
+        if !accounts.set_disabled(user, disabled).await? {
+            return Err(no_such_user());
+        }
+    }
+    let standing = accounts.standing(user).await?.ok_or_else(no_such_user)?;
+    tracing::info!(admin_id = %admin.user, user_id = %user, role = %standing.role, disabled = standing.disabled, "account changed");
+    let detail = json!({"role": standing.role, "disabled": standing.disabled});
+    state
+        .ctx
+        .audit(
+            AuditEvent::new(
+                AuditKind::UserChanged,
+                Some(admin.user),
+                Some(user.to_string()),
+            )
+            .with_detail(detail),
+        )
+        .await;
+    Ok(Json(UserStanding {
+        user_id: user,
+        role: standing.role,
+        disabled: standing.disabled,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockRequest {
+    ip: String,
+    seconds: u64,
+    reason: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct BlockView {
+    ip: String,
+    blocked: bool,
+    /// Seconds until the block ends, when blocked.
+    retry_after_secs: Option<u64>,
+}
+
+fn address(raw: &str) -> Result<ClientIp, ApiError> {
+    raw.trim().parse::<IpAddr>().map(ClientIp).map_err(|_| {
+        ApiError::Invalid(format!(
+            "`{}` is not an IP address",
+            raw.chars().take(64).collect::<String>()
+        ))
+    })
+}
+
+pub async fn block(
+    State(state): State<AuthState>,
+    AdminUser(admin): AdminUser,
+    ApiJson(request): ApiJson<BlockRequest>,
+) -> Result<(StatusCode, Json<BlockView>), ApiError> {
+    let ip = address(&request.ip)?;
+    if !(1..=MAX_BLOCK_SECS).contains(&request.seconds) {
+        return Err(ApiError::Invalid(format!(
+            "seconds must be 1 to {MAX_BLOCK_SECS}"
+        )));
+    }
+    let reason = request.reason.unwrap_or_default();
+    if reason.chars().count() > MAX_REASON_CHARS || reason.chars().any(char::is_control) {
+        return Err(ApiError::Invalid(format!(
+            "reason must be at most {MAX_REASON_CHARS} printable characters"
+        )));
+    }
+    state
+        .ctx
+        .limits
+        .block(&ip, Duration::from_secs(request.seconds))
+        .await;
+    tracing::warn!(admin_id = %admin.user, client_ip = %ip, seconds = request.seconds, "address blocked by an admin");
+    let detail = json!({
+        "message": format!("{ip} blocked by an admin for {} s", request.seconds),
+        "ip": ip.to_string(),
+        "block_secs": request.seconds,
+        "reason": reason,
+    });
+    state
+        .ctx
+        .audit(
+            AuditEvent::new(AuditKind::IpBlocked, Some(admin.user), Some(ip.key()))
+                .with_detail(detail),
+        )
+        .await;
+    Ok((StatusCode::CREATED, Json(block_view(&state, ip).await)))
+}
+
+pub async fn show_block(
+    State(state): State<AuthState>,
+    AdminUser(_): AdminUser,
+    Path(ip): Path<String>,
+) -> Result<Json<BlockView>, ApiError> {
+    Ok(Json(block_view(&state, address(&ip)?).await))
+}
+
+pub async fn unblock(
+    State(state): State<AuthState>,
+    AdminUser(admin): AdminUser,
+    Path(ip): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let ip = address(&ip)?;
+    state.ctx.limits.unblock(&ip).await;
+    tracing::info!(admin_id = %admin.user, client_ip = %ip, "address unblocked by an admin");
+    state
+        .ctx
+        .audit(AuditEvent::new(
+            AuditKind::IpUnblocked,
+            Some(admin.user),
+            Some(ip.key()),
+        ))
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn block_view(state: &AuthState, ip: ClientIp) -> BlockView {
+    let left = state.ctx.limits.blocked(&ip).await;
+    BlockView {
+        ip: ip.key(),
+        blocked: left.is_some(),
+        retry_after_secs: left.map(|d| d.as_secs().max(1)),
+    }
+}
+
+/// Makes the account with `email` an admin, creating it with `password` if
+/// there is none (an existing account keeps its password). Idempotent, and
+/// safe when several auth-api replicas run it at once.
+pub async fn ensure_admin(
+    accounts: &AccountRepo,
+    passwords: &Passwords,
+    email: &str,
+    password: SecretString,
+) -> anyhow::Result<UserId> {
+    let email = normalize_email(email)
+        .ok_or_else(|| anyhow::anyhow!("the admin email `{email}` is not a valid address"))?;
+    if let Some(existing) = accounts.promote(&email).await? {
+        return Ok(existing);
+    }
+    check_length(&password).map_err(|e| anyhow::anyhow!("admin password: {e}"))?;
+    if password.expose_secret().chars().count() < MIN_PASSWORD_CHARS {
+        anyhow::bail!("the admin password must be at least {MIN_PASSWORD_CHARS} characters");
+    }
+    let hash = passwords
+        .hash(password)
+        .await
+        .map_err(|e| anyhow::anyhow!("hashing the admin password: {e}"))?;
+    let id = UserId::new();
+    let display_name = email.split('@').next().unwrap_or("admin");
+    let created = accounts
+        .create_user(&NewUser {
+            id,
+            email: &email,
+            display_name,
+            password_hash: &hash,
+            role: SystemRole::Admin,
+        })
+        .await?;
+    if created {
+        return Ok(id);
+    }
+    // Another replica created it meanwhile.
+    accounts
+        .promote(&email)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the admin account vanished while being created"))
+}

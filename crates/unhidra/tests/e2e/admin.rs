@@ -1,0 +1,384 @@
+//! System roles as users meet them: the bootstrap admin, `unhidra admin
+//! create`, admin-only endpoints, role changes and disabled accounts, and
+//! address blocks an admin sets and lifts.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use unhidra_core::Config;
+
+use crate::harness::*;
+
+const ADMIN_EMAIL: &str = "root@example.com";
+const ADMIN_PASSWORD: &str = "admin password one";
+
+async fn login_as(api: &Api, email: &str, password: &str) -> Result<(StatusCode, Value), Error> {
+    post(
+        &format!("{}/api/v1/auth/login", api.auth),
+        None,
+        json!({"email": email, "password": password}),
+    )
+    .await
+}
+
+async fn admin_token(api: &Api) -> Result<String, Error> {
+    let (status, body) = login_as(api, ADMIN_EMAIL, ADMIN_PASSWORD).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    str_of(&body, "access_token")
+}
+
+/// A request from `client` (a trusted proxy, the test, names it).
+async fn from(
+    client: &str,
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> Result<(StatusCode, Value), Error> {
+    let mut request = http()
+        .request(method, url)
+        .header("x-forwarded-for", client);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await?;
+    let status = response.status();
+    Ok((status, response.json().await.unwrap_or(Value::Null)))
+}
+
+fn with_bootstrap_admin() -> Result<Config, Error> {
+    Ok(Config {
+        bootstrap_admin_email: Some(ADMIN_EMAIL.into()),
+        bootstrap_admin_password: Some(ADMIN_PASSWORD.to_owned().into()),
+        trusted_proxies: vec!["127.0.0.0/8".parse()?],
+        ..unhidra_testkit::config()
+    })
+}
+
+#[tokio::test]
+async fn admins_block_and_unblock_addresses_everywhere() -> TestResult {
+    let stack = Embedded::start_with(with_bootstrap_admin()?).await?;
+    let api = stack.api();
+    let base = stack.app.http();
+    let admin = admin_token(&api).await?;
+    let alice = api.user("alice").await?;
+    let blocks = format!("{base}/api/v1/admin/blocks");
+    let post_ = reqwest::Method::POST;
+
+    // Only admins.
+    let block = json!({"ip": "203.0.113.7", "seconds": 600, "reason": "spam"});
+    let (status, _) = from(
+        "198.51.100.1",
+        post_.clone(),
+        &blocks,
+        None,
+        Some(block.clone()),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, body) = from(
+        "198.51.100.1",
+        post_.clone(),
+        &blocks,
+        Some(&alice.token),
+        Some(block.clone()),
+    )
+    .await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
+
+    // Bad input gets a clear refusal.
+    for bad in [
+        json!({"ip": "not-an-ip", "seconds": 60}),
+        json!({"ip": "203.0.113.7", "seconds": 0}),
+        json!({"ip": "203.0.113.7", "seconds": 60, "reason": "x".repeat(300)}),
+    ] {
+        let (status, body) = from(
+            "198.51.100.1",
+            post_.clone(),
+            &blocks,
+            Some(&admin),
+            Some(bad),
+        )
+        .await?;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_input"))
+        );
+    }
+
+    let (status, body) = from("198.51.100.1", post_, &blocks, Some(&admin), Some(block)).await?;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(
+        (body["ip"].as_str(), body["blocked"].as_bool()),
+        (Some("203.0.113.7"), Some(true))
+    );
+
+    // The blocked address is refused on every route and at the handshake;
+    // others are not.
+    let rooms = format!("{base}/api/v1/rooms");
+    let get_ = reqwest::Method::GET;
+    let (status, body) = from(
+        "203.0.113.7",
+        get_.clone(),
+        &rooms,
+        Some(&alice.token),
+        None,
+    )
+    .await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("ip_blocked"))
+    );
+    let mut handshake_request = handshake(&stack.app.ws(), &alice.token)?;
+    handshake_request
+        .headers_mut()
+        .insert("x-forwarded-for", "203.0.113.7".parse()?);
+    let (status, body) = refused(handshake_request).await?;
+    assert_eq!((status, body["error"].as_str()), (403, Some("ip_blocked")));
+    let (status, _) = from(
+        "198.51.100.1",
+        get_.clone(),
+        &rooms,
+        Some(&alice.token),
+        None,
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK);
+
+    let one = format!("{blocks}/203.0.113.7");
+    let (status, body) = from("198.51.100.1", get_.clone(), &one, Some(&admin), None).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body["retry_after_secs"]
+            .as_u64()
+            .is_some_and(|s| (1..=600).contains(&s)),
+        "{body}"
+    );
+    let (status, _) = from(
+        "198.51.100.1",
+        reqwest::Method::DELETE,
+        &one,
+        Some(&admin),
+        None,
+    )
+    .await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = from("203.0.113.7", get_, &rooms, Some(&alice.token), None).await?;
+    assert_eq!(status, StatusCode::OK, "unblocked");
+    stack.app.stop().await
+}
+
+#[tokio::test]
+async fn admins_change_roles_and_disable_accounts() -> TestResult {
+    let stack = Embedded::start_with(with_bootstrap_admin()?).await?;
+    let api = stack.api();
+    let base = stack.app.http();
+    let admin = admin_token(&api).await?;
+    let user_url = |id: &str| format!("{base}/api/v1/admin/users/{id}");
+    let patch = reqwest::Method::PATCH;
+    let here = "198.51.100.1";
+
+    // A guest creates no rooms, from the next token on.
+    let email = format!("gus-{}@example.com", uuid::Uuid::new_v4().simple());
+    let (status, registered) = post(
+        &format!("{base}/api/v1/auth/register"),
+        None,
+        json!({"email": email, "password": "correct horse battery"}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED);
+    let gus = str_of(&registered, "user_id")?;
+    let (status, body) = from(
+        here,
+        patch.clone(),
+        &user_url(&gus),
+        Some(&admin),
+        Some(json!({"role": "guest"})),
+    )
+    .await?;
+    assert_eq!(
+        (status, body["role"].as_str()),
+        (StatusCode::OK, Some("guest")),
+        "{body}"
+    );
+    let (_, tokens) = login_as(&api, &email, "correct horse battery").await?;
+    let guest = str_of(&tokens, "access_token")?;
+    let (status, body) = post(
+        &format!("{base}/api/v1/rooms"),
+        Some(&guest),
+        json!({"name": "mine", "visibility": "public"}),
+    )
+    .await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
+
+    // Disabled: no login, no refresh.
+    let (status, body) = from(
+        here,
+        patch.clone(),
+        &user_url(&gus),
+        Some(&admin),
+        Some(json!({"disabled": true})),
+    )
+    .await?;
+    assert_eq!(
+        (status, body["disabled"].as_bool()),
+        (StatusCode::OK, Some(true))
+    );
+    let (status, body) = login_as(&api, &email, "correct horse battery").await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("account_disabled"))
+    );
+    let (status, body) = post(
+        &format!("{base}/api/v1/auth/refresh"),
+        None,
+        json!({"refresh_token": str_of(&tokens, "refresh_token")?}),
+    )
+    .await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("account_disabled"))
+    );
+    // A wrong password still says only that.
+    let (status, body) = login_as(&api, &email, "wrong password").await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_credentials"))
+    );
+    let (status, _) = from(
+        here,
+        patch.clone(),
+        &user_url(&gus),
+        Some(&admin),
+        Some(json!({"disabled": false})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        login_as(&api, &email, "correct horse battery").await?.0,
+        StatusCode::OK
+    );
+
+    // Admins do not lock themselves out; unknown users and roles are refused.
+    let (_, me) = login_as(&api, ADMIN_EMAIL, ADMIN_PASSWORD).await?;
+    let admin_id = str_of(&me, "user_id")?;
+    let (status, body) = from(
+        here,
+        patch.clone(),
+        &user_url(&admin_id),
+        Some(&admin),
+        Some(json!({"role": "member"})),
+    )
+    .await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::CONFLICT, Some("own_account"))
+    );
+    let (status, _) = from(
+        here,
+        patch.clone(),
+        &user_url(&uuid::Uuid::now_v7().to_string()),
+        Some(&admin),
+        Some(json!({"role": "guest"})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = from(
+        here,
+        patch.clone(),
+        &user_url("'; DROP TABLE users; --"),
+        Some(&admin),
+        Some(json!({"role": "guest"})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = from(
+        here,
+        patch,
+        &user_url(&gus),
+        Some(&admin),
+        Some(json!({"role": "root"})),
+    )
+    .await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_input"))
+    );
+    stack.app.stop().await
+}
+
+#[tokio::test]
+async fn the_first_admin_comes_from_the_cli_or_the_bootstrap_settings_idempotently() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let config = Config {
+        data_dir: dir.path().to_path_buf(),
+        ..unhidra_testkit::config()
+    };
+    // `unhidra admin create`, with the password on standard input.
+    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_unhidra"))
+        .args(["admin", "create", ADMIN_EMAIL])
+        .env("UNHIDRA_DATA_DIR", dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(stdin) = cli.stdin.as_mut() {
+        use std::io::Write;
+        writeln!(stdin, "{ADMIN_PASSWORD}")?;
+    }
+    let output = cli.wait_with_output()?;
+    assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("is an admin"));
+
+    // Run again, and with bootstrap settings naming another password: the
+    // same account, its first password kept.
+    let first =
+        auth_api::create_admin(&config, ADMIN_EMAIL, ADMIN_PASSWORD.to_owned().into()).await?;
+    let again =
+        auth_api::create_admin(&config, ADMIN_EMAIL, "another password".to_owned().into()).await?;
+    assert_eq!(first, again);
+    let app = Running::start(
+        Config {
+            bootstrap_admin_email: Some(ADMIN_EMAIL.into()),
+            bootstrap_admin_password: Some("another password".to_owned().into()),
+            ..config
+        },
+        unhidra::run,
+    )
+    .await?;
+    wait_ready(&app.http()).await?;
+    let api = Api {
+        auth: app.http(),
+        chat: app.http(),
+        history: app.http(),
+    };
+    let (status, body) = login_as(&api, ADMIN_EMAIL, ADMIN_PASSWORD).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["user_id"], first.to_string());
+    assert_eq!(
+        login_as(&api, ADMIN_EMAIL, "another password").await?.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let token = str_of(&body, "access_token")?;
+    let (status, _) = get(
+        &format!("{}/api/v1/admin/blocks/192.0.2.1", app.http()),
+        Some(&token),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "an admin");
+
+    // A bad invocation says how to use it.
+    let usage = std::process::Command::new(env!("CARGO_BIN_EXE_unhidra"))
+        .args(["admin", "promote"])
+        .output()?;
+    assert!(!usage.status.success());
+    assert!(String::from_utf8_lossy(&usage.stderr).contains("usage: unhidra admin create"));
+    app.stop().await
+}
