@@ -124,6 +124,11 @@ impl Client {
         }
     }
 
+    /// Where this client reaches each API.
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
     /// The WebSocket URL of this deployment's gateway.
     pub fn ws_url(&self) -> String {
         let base = &self.endpoints.gateway;

@@ -4,6 +4,7 @@
 
 mod connect;
 mod idle;
+mod logins;
 mod relay;
 mod report;
 mod target;
@@ -76,6 +77,17 @@ enum Command {
         workers: usize,
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+    },
+    /// A login flood: how it is answered, and how `/healthz` answers meanwhile.
+    Logins {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Logins sent at once.
+        #[arg(long, default_value_t = 300)]
+        concurrency: usize,
+        /// Size of each login's password (1 MiB: refused before hashing).
+        #[arg(long, default_value_t = 1024 * 1024)]
+        password_bytes: usize,
     },
     /// Runs the bare relay (what `--target relay` starts by itself).
     Relay {
@@ -162,6 +174,15 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let (running, _relay) = start(&target).await?;
             (target, connect::run(&running, workers, seconds).await?)
+        }
+        Command::Logins {
+            target,
+            concurrency,
+            password_bytes,
+        } => {
+            let (running, _relay) = start(&target).await?;
+            let report = logins::run(&running, concurrency, password_bytes).await?;
+            (target, report)
         }
         Command::Idle {
             target,

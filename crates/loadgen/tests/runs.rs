@@ -111,6 +111,20 @@ async fn a_small_run_against_the_embedded_default() -> Result<(), Box<dyn std::e
     assert_eq!(report["target"], "unhidra");
     assert_eq!(figure(&report, "messages acked"), Some(400.0));
     assert_eq!(figure(&report, "delivered fraction"), Some(1.0));
+
+    // A flood of logins with 1 MiB passwords: every one refused unread.
+    let args = ["logins", "--url", &url, "--concurrency", "20"].map(str::to_owned);
+    let (ok, report, stdout) =
+        tokio::task::spawn_blocking(move || loadgen(&args.each_ref().map(String::as_str)))
+            .await??;
+    assert!(ok, "{stdout}");
+    let refused = figure(&report, "answered 413").unwrap_or_default()
+        + figure(&report, "answered closed unread").unwrap_or_default();
+    assert_eq!(refused, 20.0, "{stdout}");
+    assert!(
+        report["latencies"][1][1]["count"].as_u64() >= Some(1),
+        "{stdout}"
+    );
     stop.cancel();
     server.await??;
     Ok(())
