@@ -1,10 +1,6 @@
-//! Users and their sessions, in the auth database. Only hashes of refresh
-//! tokens are stored.
+//! Users in the auth database: credentials, system role, lockout state.
 
-use unhidra_core::{
-    ids::{SessionId, UserId},
-    users::SystemRole,
-};
+use unhidra_core::{ids::UserId, users::SystemRole};
 use unhidra_store::{Database, is_unique_violation, now_millis};
 
 /// A new account.
@@ -44,7 +40,7 @@ struct CredentialsRow {
     disabled_at: Option<i64>,
 }
 
-fn standing(role: &str, disabled_at: Option<i64>) -> anyhow::Result<Standing> {
+pub fn standing(role: &str, disabled_at: Option<i64>) -> anyhow::Result<Standing> {
     Ok(Standing {
         role: role.parse()?,
         disabled: disabled_at.is_some(),
@@ -224,69 +220,6 @@ impl AccountRepo {
         .await?;
         Ok(())
     }
-
-    /// Opens a session whose refresh token hashes to `refresh_hash`, valid
-    /// for `ttl_ms`.
-    pub async fn open_session(
-        &self,
-        session: SessionId,
-        user: UserId,
-        refresh_hash: &str,
-        ttl_ms: i64,
-    ) -> anyhow::Result<()> {
-        let now = now_millis();
-        sqlx::query(
-            "INSERT INTO sessions (id, user_id, refresh_token_hash, created_at, expires_at)
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(session.to_string())
-        .bind(user.to_string())
-        .bind(refresh_hash)
-        .bind(now)
-        .bind(now.saturating_add(ttl_ms))
-        .execute(&self.db.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// The user whose session holds the refresh token hashing to `hash`,
-    /// and what that user may do now.
-    pub async fn refresh_token_owner(
-        &self,
-        hash: &str,
-    ) -> anyhow::Result<Option<(UserId, Standing)>> {
-        let row: Option<(String, String, Option<i64>)> = sqlx::query_as(
-            "SELECT u.id, u.role, u.disabled_at FROM sessions s JOIN users u ON u.id = s.user_id
-             WHERE s.refresh_token_hash = $1",
-        )
-        .bind(hash)
-        .fetch_optional(&self.db.pool)
-        .await?;
-        row.map(|(id, role, disabled_at)| Ok((id.parse()?, standing(&role, disabled_at)?)))
-            .transpose()
-    }
-
-    /// Replaces the refresh token of the live session holding `old_hash`, in
-    /// one statement, so a refresh token works exactly once. `None` when no
-    /// live session holds it.
-    pub async fn rotate_refresh_token(
-        &self,
-        old_hash: &str,
-        new_hash: &str,
-    ) -> anyhow::Result<Option<(SessionId, UserId)>> {
-        let row: Option<(String, String)> = sqlx::query_as(
-            "UPDATE sessions SET refresh_token_hash = $1
-             WHERE refresh_token_hash = $2 AND revoked_at IS NULL AND expires_at > $3
-             RETURNING id, user_id",
-        )
-        .bind(new_hash)
-        .bind(old_hash)
-        .bind(now_millis())
-        .fetch_optional(&self.db.pool)
-        .await?;
-        row.map(|(session, user)| Ok((session.parse()?, user.parse()?)))
-            .transpose()
-    }
 }
 
 #[cfg(test)]
@@ -351,18 +284,12 @@ mod conformance {
             );
             assert!(accounts.set_role(user.id, SystemRole::Guest).await?);
             assert!(accounts.set_disabled(user.id, false).await?);
-            accounts
-                .open_session(SessionId::new(), user.id, "h1", 60_000)
-                .await?;
             assert_eq!(
-                accounts.refresh_token_owner("h1").await?,
-                Some((
-                    user.id,
-                    Standing {
-                        role: SystemRole::Guest,
-                        disabled: false
-                    }
-                ))
+                accounts.standing(user.id).await?,
+                Some(Standing {
+                    role: SystemRole::Guest,
+                    disabled: false
+                })
             );
             assert!(!accounts.set_role(UserId::new(), SystemRole::Admin).await?);
             assert_eq!(accounts.promote("nobody@example.com").await?, None);
@@ -423,40 +350,6 @@ mod conformance {
                 Some(now + 60_000),
                 "a success starts the lock times over"
             );
-            Ok(())
-        })
-        .await
-    }
-
-    #[tokio::test]
-    async fn a_refresh_token_rotates_once_and_never_after_expiry() -> anyhow::Result<()> {
-        on_each_database(|db| async move {
-            let accounts = open(db.url()).await?;
-            let user = UserId::new();
-            accounts
-                .create_user(&NewUser {
-                    id: user,
-                    email: "ann@example.com",
-                    display_name: "ann",
-                    password_hash: "x",
-                    role: SystemRole::Member,
-                })
-                .await?;
-            let session = SessionId::new();
-            accounts.open_session(session, user, "h1", 60_000).await?;
-            assert_eq!(
-                accounts.rotate_refresh_token("h1", "h2").await?,
-                Some((session, user))
-            );
-            assert_eq!(accounts.rotate_refresh_token("h1", "h3").await?, None);
-            assert_eq!(
-                accounts.rotate_refresh_token("h2", "h3").await?,
-                Some((session, user))
-            );
-
-            let expired = SessionId::new();
-            accounts.open_session(expired, user, "old", -1).await?;
-            assert_eq!(accounts.rotate_refresh_token("old", "new").await?, None);
             Ok(())
         })
         .await

@@ -72,6 +72,11 @@ pub async fn change_user(
         if !accounts.set_disabled(user, disabled).await? {
             return Err(no_such_user());
         }
+        if disabled {
+            // Its tokens stop working now, its sockets close.
+            let revoked = state.service.sessions.revoke_all(user).await?;
+            crate::sessions::manage::announce(&state, user, revoked).await;
+        }
     }
     let standing = accounts.standing(user).await?.ok_or_else(no_such_user)?;
     tracing::info!(admin_id = %admin.user, user_id = %user, role = %standing.role, disabled = standing.disabled, "account changed");

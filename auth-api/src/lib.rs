@@ -12,11 +12,15 @@ mod users;
 use axum::{
     Json, Router,
     extract::State,
-    routing::{get, patch, post},
+    routing::{delete, get, patch, post},
 };
 use prometheus::{IntCounter, IntCounterVec};
 use tokio::net::TcpListener;
-use unhidra_core::{Config, rpc::AuthJwks, token::Jwks};
+use unhidra_core::{
+    Config,
+    rpc::{AuthJwks, AuthRevocations},
+    token::Jwks,
+};
 use unhidra_ratelimit::Limit;
 use unhidra_runtime::{ApiState, Service, ServiceContext, body_limit, rpc};
 use unhidra_store::{Database, Migration};
@@ -24,6 +28,7 @@ use unhidra_store::{Database, Migration};
 use crate::{
     accounts::{AccountRepo, LockoutPolicy},
     passwords::Passwords,
+    sessions::SessionRepo,
     signing_keys::{SigningKeyRepo, SigningKeys},
 };
 
@@ -46,12 +51,18 @@ const MIGRATIONS: &[Migration] = &[
         name: "roles",
         sql: include_str!("../migrations/0003_roles.sql"),
     },
+    Migration {
+        version: 4,
+        name: "session families",
+        sql: include_str!("../migrations/0004_session_families.sql"),
+    },
 ];
 
 /// auth-api's part of its handlers' state.
 #[derive(Clone)]
 struct Auth {
     accounts: AccountRepo,
+    sessions: SessionRepo,
     passwords: Passwords,
     keys: SigningKeys,
     metrics: AuthMetrics,
@@ -131,6 +142,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         ctx: ctx.clone(),
         service: Auth {
             accounts,
+            sessions: SessionRepo::new(db.clone()),
             passwords,
             keys: keys.clone(),
             metrics: AuthMetrics::register(&ctx)?,
@@ -147,11 +159,28 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         async move { Ok(jwks) }
     })
     .await?;
+    let revocations = state.clone();
+    let revocations_responder = rpc::respond::<AuthRevocations, _, _>(&ctx, NAME, move |_| {
+        let state = revocations.clone();
+        async move { sessions::manage::recent(&state).await }
+    })
+    .await?;
     let credentials = Router::new()
         .route("/api/v1/auth/register", post(users::register))
         .route("/api/v1/auth/login", post(sessions::login))
         .route("/api/v1/auth/refresh", post(sessions::refresh));
+    let own_sessions = Router::new()
+        .route("/api/v1/auth/logout", post(sessions::manage::logout))
+        .route(
+            "/api/v1/auth/sessions",
+            get(sessions::manage::list).delete(sessions::manage::revoke_all),
+        )
+        .route(
+            "/api/v1/auth/sessions/{session_id}",
+            delete(sessions::manage::revoke),
+        );
     let router = body_limit(credentials, ctx.config.auth_body_limit_bytes)
+        .merge(own_sessions)
         .route("/api/v1/admin/users/{user_id}", patch(admin::change_user))
         .route("/api/v1/admin/blocks", post(admin::block))
         .route(
@@ -164,7 +193,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         name: NAME,
         router,
         database: Some(db),
-        tasks: vec![jwks_responder],
+        tasks: vec![jwks_responder, revocations_responder],
     })
 }
 

@@ -64,7 +64,7 @@ pub async fn serve(
     let done = CancellationToken::new();
     let id = gateway
         .registry
-        .register(auth.user, outbound.clone(), slow.clone());
+        .register(auth.user, auth.session, outbound.clone(), slow.clone());
     tracing::debug!(conn = id, user_id = %auth.user, "connected");
     let writer = tokio::spawn(write(
         sink,

@@ -13,6 +13,7 @@ mod handshake;
 mod metrics;
 mod pipeline;
 mod registry;
+mod revocations;
 
 use std::sync::Arc;
 
@@ -62,6 +63,7 @@ pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
         ctx,
     });
     let fanout = fanout::spawn(Arc::clone(&gateway)).await?;
+    let revocations = revocations::spawn(Arc::clone(&gateway)).await?;
     let router = Router::new()
         .route("/ws", get(handshake::upgrade))
         .with_state(gateway);
@@ -69,7 +71,7 @@ pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
         name: NAME,
         router,
         database: None,
-        tasks: vec![fanout],
+        tasks: vec![fanout, revocations],
     })
 }
 

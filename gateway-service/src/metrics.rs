@@ -11,6 +11,7 @@ pub struct GatewayMetrics {
     pub frames_out: IntCounter,
     pub frames_limited: IntCounter,
     pub slow_consumers: IntCounter,
+    pub revoked: IntCounter,
     pub delivered: IntCounter,
 }
 
@@ -33,6 +34,10 @@ impl GatewayMetrics {
             slow_consumers: metrics.counter(
                 "unhidra_ws_slow_consumer_disconnects_total",
                 "Connections closed because their outbound queue was full.",
+            )?,
+            revoked: metrics.counter(
+                "unhidra_ws_revoked_disconnects_total",
+                "Connections closed with 4003 because their session was revoked.",
             )?,
             delivered: metrics.counter(
                 "unhidra_messages_delivered_total",

@@ -11,7 +11,10 @@ use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
-use unhidra_core::ids::{RoomId, UserId};
+use unhidra_core::{
+    ids::{RoomId, SessionId, UserId},
+    protocol::close,
+};
 
 pub type ConnId = u64;
 
@@ -32,6 +35,7 @@ struct Handle {
 
 struct Conn {
     user: UserId,
+    session: SessionId,
     handle: Handle,
     rooms: HashSet<RoomId>,
 }
@@ -57,6 +61,7 @@ impl Registry {
     pub fn register(
         &self,
         user: UserId,
+        session: SessionId,
         outbound: mpsc::Sender<Outbound>,
         slow: CancellationToken,
     ) -> ConnId {
@@ -65,6 +70,7 @@ impl Registry {
             id,
             Conn {
                 user,
+                session,
                 handle: Handle { outbound, slow },
                 rooms: HashSet::new(),
             },
@@ -119,6 +125,29 @@ impl Registry {
             }
             members.is_empty()
         });
+    }
+
+    /// Closes (4003) every connection of `user` opened with one of
+    /// `sessions`; how many.
+    pub fn close_sessions(&self, user: UserId, sessions: &[SessionId]) -> usize {
+        let mut closed = 0;
+        for id in self.connections_of(user) {
+            let Some(conn) = self.conns.get(&id) else {
+                continue;
+            };
+            if !sessions.contains(&conn.session) {
+                continue;
+            }
+            let handle = conn.handle.clone();
+            drop(conn);
+            let close = Outbound::Close(close::SESSION_REVOKED, "session revoked");
+            if let Err(TrySendError::Full(_)) = handle.outbound.try_send(close) {
+                // Its queue is full: cut it off without waiting for room.
+                handle.slow.cancel();
+            }
+            closed += 1;
+        }
+        closed
     }
 
     pub fn unregister(&self, id: ConnId) {
@@ -182,9 +211,9 @@ mod tests {
         let (tx_a, mut rx_a) = mpsc::channel(4);
         let (tx_b1, mut rx_b1) = mpsc::channel(4);
         let (tx_b2, mut rx_b2) = mpsc::channel(4);
-        let a = registry.register(alice, tx_a, CancellationToken::new());
-        registry.register(bob, tx_b1, CancellationToken::new());
-        registry.register(bob, tx_b2, CancellationToken::new());
+        let a = registry.register(alice, SessionId::new(), tx_a, CancellationToken::new());
+        registry.register(bob, SessionId::new(), tx_b1, CancellationToken::new());
+        registry.register(bob, SessionId::new(), tx_b2, CancellationToken::new());
         registry.add_rooms(a, &[room]);
         assert_eq!(delivered(registry.deliver(room, &frame("one"))), 1);
         registry.user_joined(bob, room);
@@ -207,12 +236,35 @@ mod tests {
     }
 
     #[test]
+    fn revoking_a_session_closes_its_connections_only() {
+        let registry = Registry::default();
+        let (alice, bob) = (UserId::new(), UserId::new());
+        let (kept, revoked) = (SessionId::new(), SessionId::new());
+        let (tx_kept, mut rx_kept) = mpsc::channel(4);
+        let (tx_revoked, mut rx_revoked) = mpsc::channel(4);
+        let (tx_bob, mut rx_bob) = mpsc::channel(4);
+        registry.register(alice, kept, tx_kept, CancellationToken::new());
+        registry.register(alice, revoked, tx_revoked, CancellationToken::new());
+        registry.register(bob, revoked, tx_bob, CancellationToken::new());
+        assert_eq!(registry.close_sessions(alice, &[revoked]), 1);
+        assert!(matches!(
+            rx_revoked.try_recv(),
+            Ok(Outbound::Close(close::SESSION_REVOKED, _))
+        ));
+        assert!(rx_kept.try_recv().is_err());
+        assert!(
+            rx_bob.try_recv().is_err(),
+            "another user's session of the same id"
+        );
+    }
+
+    #[test]
     fn a_full_queue_cuts_the_connection_off() {
         let registry = Registry::default();
         let (user, room) = (UserId::new(), RoomId::new());
         let (tx, _rx) = mpsc::channel(1);
         let slow = CancellationToken::new();
-        let id = registry.register(user, tx, slow.clone());
+        let id = registry.register(user, SessionId::new(), tx, slow.clone());
         registry.add_rooms(id, &[room]);
         assert_eq!(delivered(registry.deliver(room, &frame("fits"))), 1);
         assert!(!slow.is_cancelled());

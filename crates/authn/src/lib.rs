@@ -1,7 +1,8 @@
 //! Access-token verification for every service that accepts tokens: the JWKS is
 //! fetched from auth-api over the bus, cached, and refetched when a token names
-//! an unknown `kid` (at most every few seconds), so verifying a token costs no
-//! database or network round trip. No HTTP here: the extractor and the
+//! an unknown `kid` (at most every few seconds), and revoked sessions are kept
+//! in memory until their tokens would have expired anyway, so verifying a token
+//! costs no database or network round trip. No HTTP here: the extractor and the
 //! mapping of [`TokenError`] onto responses live in `unhidra-runtime`.
 
 use std::{
@@ -14,12 +15,19 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use unhidra_bus::RpcClient;
 use unhidra_core::{
     Config,
-    events::SCHEMA_VERSION,
+    events::{SCHEMA_VERSION, SessionsRevoked},
     ids::{SessionId, UserId},
-    rpc::{AuthJwks, JwksRequest, RpcError},
+    rpc::{AuthJwks, AuthRevocations, JwksRequest, RevocationsRequest, RpcError},
     token::{AccessClaims, JWT_ALG},
     users::SystemRole,
 };
+
+fn unix_now() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_secs()).unwrap_or(i64::MAX)
+}
 
 /// How often an unknown `kid` may trigger a JWKS refetch.
 const MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(5);
@@ -45,6 +53,10 @@ pub enum TokenError {
     /// Well-formed and signed, but past its expiry.
     #[error("token expired")]
     Expired,
+    /// Its session was revoked (logout, a revoked session, a reused refresh
+    /// token, a disabled account).
+    #[error("the session was revoked; log in again")]
+    Revoked,
     /// The signing keys could not be fetched from auth-api.
     #[error("signing keys unavailable")]
     KeysUnavailable(RpcError),
@@ -57,6 +69,7 @@ impl TokenError {
         match self {
             Self::Invalid(_) => "invalid_token",
             Self::Expired => "token_expired",
+            Self::Revoked => "session_revoked",
             Self::KeysUnavailable(e) => e.code.as_str(),
         }
     }
@@ -68,6 +81,8 @@ pub struct TokenVerifier {
     validation: Validation,
     keys: RwLock<HashMap<String, DecodingKey>>,
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// Revoked session → Unix seconds until which its tokens are refused.
+    revoked: RwLock<HashMap<SessionId, i64>>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -90,7 +105,43 @@ impl TokenVerifier {
             validation,
             keys: RwLock::new(HashMap::new()),
             last_fetch: tokio::sync::Mutex::new(None),
+            revoked: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// Refuses the tokens of these sessions from now on (until they would
+    /// have expired anyway), and forgets revocations that have run out.
+    pub fn revoke(&self, revoked: &SessionsRevoked) {
+        let now = unix_now();
+        let mut list = self.revoked.write().unwrap_or_else(|p| p.into_inner());
+        list.retain(|_, until| *until > now);
+        if revoked.until > now {
+            for session in &revoked.sessions {
+                list.insert(*session, revoked.until);
+            }
+        }
+    }
+
+    /// Loads every revocation auth-api still holds (for a process that
+    /// started after some were announced).
+    pub async fn sync_revocations(&self) -> Result<usize, RpcError> {
+        let all = self
+            .rpc
+            .call::<AuthRevocations>(&RevocationsRequest { v: SCHEMA_VERSION })
+            .await?;
+        for revoked in &all {
+            self.revoke(revoked);
+        }
+        Ok(all.len())
+    }
+
+    fn is_revoked(&self, session: &SessionId) -> bool {
+        let now = unix_now();
+        self.revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(session)
+            .is_some_and(|until| *until > now)
     }
 
     /// Checks signature, algorithm, issuer, audience and expiry.
@@ -119,6 +170,9 @@ impl TokenVerifier {
             .sid
             .parse()
             .map_err(|_| TokenError::Invalid("token session is not a session id"))?;
+        if self.is_revoked(&session) {
+            return Err(TokenError::Revoked);
+        }
         Ok(Authenticated {
             user,
             session,

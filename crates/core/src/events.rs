@@ -5,10 +5,22 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{AuditEventId, MessageId, RoomId, UserId};
+use crate::ids::{AuditEventId, MessageId, RoomId, SessionId, UserId};
 
 /// Schema version of every bus payload (events and requests).
 pub const SCHEMA_VERSION: u32 = 1;
+
+/// Sessions revoked by their user, an admin or reuse detection (subject
+/// `auth.sessions.revoked`). Their access tokens stay refused until
+/// `until`, when the last of them has expired anyway.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionsRevoked {
+    pub v: u32,
+    pub user: UserId,
+    pub sessions: Vec<SessionId>,
+    /// Unix seconds.
+    pub until: i64,
+}
 
 /// A message accepted into a room (stream `rooms`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -46,6 +58,10 @@ pub enum AuditKind {
     IpUnblocked,
     /// An admin changed an account's role or disabled or enabled it.
     UserChanged,
+    /// A refresh token was used a second time: its session is revoked.
+    RefreshTokenReused,
+    /// A user logged out, or revoked sessions of theirs.
+    SessionsRevoked,
     RoomCreated,
 }
 
@@ -59,6 +75,8 @@ impl AuditKind {
             Self::IpBlocked => "ip_blocked",
             Self::IpUnblocked => "ip_unblocked",
             Self::UserChanged => "user_changed",
+            Self::RefreshTokenReused => "refresh_token_reused",
+            Self::SessionsRevoked => "sessions_revoked",
             Self::RoomCreated => "room_created",
         }
     }

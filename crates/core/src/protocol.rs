@@ -26,6 +26,9 @@ pub mod close {
     pub const POLICY_VIOLATION: u16 = 1008;
     /// The access token expired; reconnect with a fresh one.
     pub const TOKEN_EXPIRED: u16 = 4001;
+    /// The session was revoked (logout, a revoked session, a reused refresh
+    /// token, a disabled account); log in again.
+    pub const SESSION_REVOKED: u16 = 4003;
     /// The client did not read its frames fast enough.
     pub const SLOW_CONSUMER: u16 = 4008;
 }

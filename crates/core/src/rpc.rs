@@ -10,6 +10,7 @@
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::{
+    events::SessionsRevoked,
     ids::{MessageId, RoomId, UserId},
     protocol::ErrorCode,
     rooms::Role,
@@ -212,6 +213,24 @@ impl Rpc for AuthJwks {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct JwksRequest {
+    pub v: u32,
+}
+
+/// `auth.revocations`: every session revoked recently enough that tokens of
+/// it may be unexpired, so a process that starts late refuses them too.
+pub enum AuthRevocations {}
+
+impl Rpc for AuthRevocations {
+    type Request = RevocationsRequest;
+    type Reply = Vec<SessionsRevoked>;
+
+    fn subject(subjects: &Subjects) -> String {
+        subjects.auth_revocations()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevocationsRequest {
     pub v: u32,
 }
 

@@ -113,6 +113,18 @@ impl Subjects {
         format!("{}.rpc.chat.membership", self.prefix)
     }
 
+    /// Sessions just revoked (core pub/sub; `SessionsRevoked`): every
+    /// process that verifies tokens refuses them from then on.
+    pub fn sessions_revoked(&self) -> String {
+        format!("{}.auth.sessions.revoked", self.prefix)
+    }
+
+    /// Request/reply: the sessions revoked recently enough that tokens of
+    /// theirs may still be unexpired (`AuthRevocations`).
+    pub fn auth_revocations(&self) -> String {
+        format!("{}.rpc.auth.revocations", self.prefix)
+    }
+
     /// Request/reply: the public signing keys, for token verification.
     pub fn auth_jwks(&self) -> String {
         format!("{}.rpc.auth.jwks", self.prefix)

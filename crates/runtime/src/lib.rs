@@ -14,6 +14,7 @@ mod health;
 mod instrumented;
 mod limits;
 pub mod recorder;
+mod revocations;
 pub mod rpc;
 mod server;
 
@@ -198,6 +199,7 @@ impl ServiceContext {
             }
             tasks.extend(service.tasks);
         }
+        tasks.push(revocations::spawn(self));
         let router = server::guard_api(router, &self.config, self.limits.clone())
             .merge(health::routes(
                 Arc::clone(&self.bus),

@@ -219,7 +219,7 @@ async fn admins_change_roles_and_disable_accounts() -> TestResult {
         (StatusCode::FORBIDDEN, Some("forbidden"))
     );
 
-    // Disabled: no login, no refresh.
+    // Disabled: no login, no refresh, no token of before.
     let (status, body) = from(
         here,
         patch.clone(),
@@ -237,6 +237,8 @@ async fn admins_change_roles_and_disable_accounts() -> TestResult {
         (status, body["error"].as_str()),
         (StatusCode::FORBIDDEN, Some("account_disabled"))
     );
+    // Disabling revoked its sessions: the refresh token and the access token
+    // it already had stop working at once.
     let (status, body) = post(
         &format!("{base}/api/v1/auth/refresh"),
         None,
@@ -245,7 +247,12 @@ async fn admins_change_roles_and_disable_accounts() -> TestResult {
     .await?;
     assert_eq!(
         (status, body["error"].as_str()),
-        (StatusCode::FORBIDDEN, Some("account_disabled"))
+        (StatusCode::UNAUTHORIZED, Some("invalid_refresh_token"))
+    );
+    let (status, body) = get(&format!("{base}/api/v1/rooms"), Some(&guest)).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("session_revoked"))
     );
     // A wrong password still says only that.
     let (status, body) = login_as(&api, &email, "wrong password").await?;

@@ -9,3 +9,4 @@ mod harness;
 mod limits;
 mod pipelining;
 mod scaled;
+mod sessions;

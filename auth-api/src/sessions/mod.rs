@@ -1,6 +1,13 @@
 //! Login and token refresh: `POST /api/v1/auth/login` opens a session and
 //! returns an access token (EdDSA JWT) with a refresh token; `POST
-//! /api/v1/auth/refresh` rotates the refresh token of a live session.
+//! /api/v1/auth/refresh` rotates the refresh token of a live session, and
+//! revokes the session when a refresh token comes back a second time. A
+//! user's own sessions are managed in [`manage`]; every revocation is
+//! announced on the bus so that every process refuses the session's tokens
+//! and gateways close its sockets.
+
+pub mod manage;
+mod repo;
 
 use axum::{Json, extract::State};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -16,6 +23,7 @@ use unhidra_core::{
 };
 use unhidra_runtime::{ApiError, ApiJson, ClientIp, Throttle};
 
+pub use self::repo::{Rotation, SessionRepo};
 use crate::{AuthState, passwords::check_length, users::normalize_email};
 
 #[derive(Deserialize)]
@@ -135,8 +143,8 @@ pub async fn login(
         .saturating_mul(1000);
     state
         .service
-        .accounts
-        .open_session(session, user_id, &refresh_hash, refresh_ttl_ms)
+        .sessions
+        .open(session, user_id, &refresh_hash, refresh_ttl_ms)
         .await?;
     let access_token = access_token(&state, user_id, session, standing.role)?;
     logins.with_label_values(&["success"]).inc();
@@ -235,23 +243,30 @@ pub async fn refresh(
         code: "invalid_refresh_token",
         message: "refresh token is unknown, used, revoked or expired".into(),
     };
-    let accounts = &state.service.accounts;
+    let sessions = &state.service.sessions;
     // Counted against its user before it is used up: a refused refresh
     // keeps its token. The new access token carries the user's role now.
-    let (owner, standing) = accounts
-        .refresh_token_owner(&old_hash)
-        .await?
-        .ok_or_else(refused)?;
+    let Some((owner, standing)) = sessions.owner(&old_hash).await? else {
+        // Not a current token: if it is a retired one, it was used before.
+        if let Rotation::Reused { session, user } = sessions.rotate(&old_hash, &new_hash).await? {
+            reused(&state, &throttle.ip, session, user).await;
+        }
+        return Err(refused());
+    };
     throttle
         .limit(limits.refresh_account.as_ref(), &owner.to_string())
         .await?;
     if standing.disabled {
         return Err(ApiError::AccountDisabled);
     }
-    let (session, user) = accounts
-        .rotate_refresh_token(&old_hash, &new_hash)
-        .await?
-        .ok_or_else(refused)?;
+    let (session, user) = match sessions.rotate(&old_hash, &new_hash).await? {
+        Rotation::Rotated { session, user } => (session, user),
+        Rotation::Reused { session, user } => {
+            reused(&state, &throttle.ip, session, user).await;
+            return Err(refused());
+        }
+        Rotation::Refused => return Err(refused()),
+    };
     let access_token = access_token(&state, user, session, standing.role)?;
     Ok(Json(Tokens {
         access_token,
@@ -260,4 +275,28 @@ pub async fn refresh(
         expires_in: state.ctx.config.access_token_ttl_secs,
         user_id: user,
     }))
+}
+
+/// A refresh token came back after it had been used: its session is
+/// revoked (whoever holds the newer token loses it too), announced and
+/// audited.
+async fn reused(state: &AuthState, ip: &ClientIp, session: SessionId, user: UserId) {
+    tracing::warn!(user_id = %user, session_id = %session, client_ip = %ip, "refresh token reused: session revoked");
+    manage::announce(state, user, vec![session]).await;
+    let detail = serde_json::json!({
+        "message": "a refresh token was used twice; its session is revoked",
+        "session_id": session,
+        "ip": ip.to_string(),
+    });
+    state
+        .ctx
+        .audit(
+            AuditEvent::new(
+                AuditKind::RefreshTokenReused,
+                Some(user),
+                Some(session.to_string()),
+            )
+            .with_detail(detail),
+        )
+        .await;
 }

@@ -1,0 +1,189 @@
+//! A user's own sessions: `POST /api/v1/auth/logout` ends the current one,
+//! `GET /api/v1/auth/sessions` lists the live ones (each with the `sid` its
+//! access tokens carry), `DELETE /api/v1/auth/sessions/{id}` revokes one and
+//! `DELETE /api/v1/auth/sessions` all of them. Every revocation is
+//! announced on the bus ([`announce`]) and answered to late starters by the
+//! `auth.revocations` responder ([`recent`]).
+
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::StatusCode,
+};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use unhidra_core::{
+    events::{AuditEvent, AuditKind, SCHEMA_VERSION, SessionsRevoked},
+    ids::{SessionId, UserId},
+    rpc::RpcError,
+};
+use unhidra_runtime::{ApiError, CurrentUser};
+
+use crate::AuthState;
+
+/// Clock skew the verifiers allow past `exp`.
+const LEEWAY_SECS: i64 = 30;
+
+#[derive(Serialize)]
+pub struct SessionView {
+    session_id: SessionId,
+    created_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    last_used_at: Option<DateTime<Utc>>,
+    /// The session of the token this request was made with.
+    current: bool,
+}
+
+#[derive(Serialize)]
+pub struct SessionList {
+    sessions: Vec<SessionView>,
+}
+
+fn time(millis: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(millis).unwrap_or_default()
+}
+
+pub async fn list(
+    State(state): State<AuthState>,
+    CurrentUser(me): CurrentUser,
+) -> Result<Json<SessionList>, ApiError> {
+    let sessions = state
+        .service
+        .sessions
+        .live(me.user)
+        .await?
+        .into_iter()
+        .map(|s| SessionView {
+            session_id: s.id,
+            created_at: time(s.created_at),
+            expires_at: time(s.expires_at),
+            last_used_at: s.last_used_at.map(time),
+            current: s.id == me.session,
+        })
+        .collect();
+    Ok(Json(SessionList { sessions }))
+}
+
+pub async fn logout(
+    State(state): State<AuthState>,
+    CurrentUser(me): CurrentUser,
+) -> Result<StatusCode, ApiError> {
+    revoke_own(&state, me.user, me.session).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn revoke(
+    State(state): State<AuthState>,
+    CurrentUser(me): CurrentUser,
+    Path(session): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let no_such_session = || ApiError::NotFound("no such session".into());
+    let session: SessionId = session.parse().map_err(|_| no_such_session())?;
+    if !revoke_own(&state, me.user, session).await? {
+        return Err(no_such_session());
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn revoke_all(
+    State(state): State<AuthState>,
+    CurrentUser(me): CurrentUser,
+) -> Result<StatusCode, ApiError> {
+    let revoked = state.service.sessions.revoke_all(me.user).await?;
+    tracing::info!(user_id = %me.user, count = revoked.len(), "all sessions revoked");
+    audit(&state, me.user, &revoked).await;
+    announce(&state, me.user, revoked).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Revokes one of `user`'s sessions; false when it is not a live one of theirs.
+async fn revoke_own(state: &AuthState, user: UserId, session: SessionId) -> Result<bool, ApiError> {
+    if !state.service.sessions.revoke(user, session).await? {
+        return Ok(false);
+    }
+    tracing::info!(user_id = %user, session_id = %session, "session revoked");
+    audit(state, user, &[session]).await;
+    announce(state, user, vec![session]).await;
+    Ok(true)
+}
+
+async fn audit(state: &AuthState, user: UserId, sessions: &[SessionId]) {
+    let detail = serde_json::json!({ "sessions": sessions });
+    state
+        .ctx
+        .audit(AuditEvent::new(AuditKind::SessionsRevoked, Some(user), None).with_detail(detail))
+        .await;
+}
+
+/// Until when the access tokens of a session revoked now may still verify.
+fn tokens_outlive(state: &AuthState, revoked_at_secs: i64) -> i64 {
+    let ttl = i64::try_from(state.ctx.config.access_token_ttl_secs).unwrap_or(i64::MAX);
+    revoked_at_secs
+        .saturating_add(ttl)
+        .saturating_add(LEEWAY_SECS)
+}
+
+/// Tells every process on the bus that these sessions are revoked: their
+/// tokens are refused from now on and gateways close their sockets. A lost
+/// announcement is logged; processes that start later ask [`recent`].
+pub async fn announce(state: &AuthState, user: UserId, sessions: Vec<SessionId>) {
+    if sessions.is_empty() {
+        return;
+    }
+    let revoked = SessionsRevoked {
+        v: SCHEMA_VERSION,
+        user,
+        sessions,
+        until: tokens_outlive(state, Utc::now().timestamp()),
+    };
+    let ctx = &state.ctx;
+    // Refused here at once, whatever the bus does.
+    ctx.verifier.revoke(&revoked);
+    let published = match serde_json::to_vec(&revoked) {
+        Ok(payload) => {
+            ctx.bus
+                .publish(
+                    &ctx.subjects.sessions_revoked(),
+                    Default::default(),
+                    payload.into(),
+                )
+                .await
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "revocation not serialisable");
+            return;
+        }
+    };
+    if let Err(e) = published {
+        tracing::error!(error = %e, user_id = %user, "revocation not announced; gateways learn it when they resync");
+    }
+}
+
+/// The `auth.revocations` answer: every session revoked recently enough that
+/// a token of it may still be unexpired.
+pub async fn recent(state: &AuthState) -> Result<Vec<SessionsRevoked>, RpcError> {
+    let now = Utc::now().timestamp();
+    let window_secs = tokens_outlive(state, 0);
+    let since_ms = now.saturating_sub(window_secs).saturating_mul(1000);
+    let revoked = state
+        .service
+        .sessions
+        .revoked_since(since_ms)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = ?e, "revocations unreadable");
+            RpcError::new(
+                unhidra_core::rpc::RpcCode::Unavailable,
+                "revocations unavailable",
+            )
+        })?;
+    Ok(revoked
+        .into_iter()
+        .map(|(session, user, at_ms)| SessionsRevoked {
+            v: SCHEMA_VERSION,
+            user,
+            sessions: vec![session],
+            until: tokens_outlive(state, at_ms / 1000),
+        })
+        .collect())
+}
