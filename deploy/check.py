@@ -102,6 +102,9 @@ def start_compose_services(binaries):
             env["UNHIDRA_REDIS_URL"] = REDIS
         env["UNHIDRA_DATABASE_URL"] = database
         env["UNHIDRA_BUS_PREFIX"] = prefix
+        # Each stream reserves this much of the shared NATS's storage; the
+        # test suite deletes `check...` streams an hour old.
+        env["UNHIDRA_STREAM_MAX_BYTES"] = str(8 * 1024 * 1024)
         process = subprocess.Popen(
             [binary, *command[1:]],
             env={**os.environ, **env},

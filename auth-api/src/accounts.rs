@@ -132,6 +132,25 @@ impl AccountRepo {
         .transpose()
     }
 
+    /// The email and password hash of `user`, if there is such a user.
+    pub async fn password_of(&self, user: UserId) -> anyhow::Result<Option<(String, String)>> {
+        Ok(
+            sqlx::query_as("SELECT email, password_hash FROM users WHERE id = $1")
+                .bind(user.to_string())
+                .fetch_optional(&self.db.pool)
+                .await?,
+        )
+    }
+
+    pub async fn set_password(&self, user: UserId, password_hash: &str) -> anyhow::Result<bool> {
+        let updated = sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+            .bind(password_hash)
+            .bind(user.to_string())
+            .execute(&self.db.pool)
+            .await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
     /// What `user` may do now, if there is such a user.
     pub async fn standing(&self, user: UserId) -> anyhow::Result<Option<Standing>> {
         let row: Option<(String, Option<i64>)> =

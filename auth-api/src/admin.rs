@@ -12,7 +12,7 @@ use axum::{
     extract::{Path, State},
     http::StatusCode,
 };
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use unhidra_core::{
@@ -25,7 +25,7 @@ use unhidra_runtime::{AdminUser, ApiError, ApiJson, ClientIp};
 use crate::{
     AuthState,
     accounts::{AccountRepo, NewUser},
-    passwords::{MIN_PASSWORD_CHARS, Passwords, check_length},
+    passwords::{Passwords, check_length, check_policy},
     users::normalize_email,
 };
 
@@ -214,9 +214,7 @@ pub async fn ensure_admin(
         return Ok(existing);
     }
     check_length(&password).map_err(|e| anyhow::anyhow!("admin password: {e}"))?;
-    if password.expose_secret().chars().count() < MIN_PASSWORD_CHARS {
-        anyhow::bail!("the admin password must be at least {MIN_PASSWORD_CHARS} characters");
-    }
+    check_policy(&password, &email).map_err(|e| anyhow::anyhow!("admin password: {e}"))?;
     let hash = passwords
         .hash(password)
         .await

@@ -168,7 +168,11 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
     let credentials = Router::new()
         .route("/api/v1/auth/register", post(users::register))
         .route("/api/v1/auth/login", post(sessions::login))
-        .route("/api/v1/auth/refresh", post(sessions::refresh));
+        .route("/api/v1/auth/refresh", post(sessions::refresh))
+        .route(
+            "/api/v1/auth/password",
+            post(sessions::manage::change_password),
+        );
     let own_sessions = Router::new()
         .route("/api/v1/auth/logout", post(sessions::manage::logout))
         .route(

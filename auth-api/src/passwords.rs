@@ -27,6 +27,45 @@ use unhidra_runtime::ApiError;
 /// Bounds the work an attacker can make argon2 do per request.
 pub const MAX_PASSWORD_BYTES: usize = 1024;
 pub const MIN_PASSWORD_CHARS: usize = 8;
+pub const MAX_PASSWORD_CHARS: usize = 128;
+
+/// Common and breached passwords, refused whatever their case.
+const COMMON: &str = include_str!("../data/common-passwords.txt");
+
+/// The password policy of registration, password change and reset: 8 to
+/// 128 characters, not a common or breached password, not one character
+/// repeated, not the account's own email. Each refusal has its own code.
+pub fn check_policy(password: &SecretString, email: &str) -> Result<(), ApiError> {
+    let password = password.expose_secret();
+    let chars = password.chars().count();
+    let refuse = |code, message: String| Err(ApiError::Unacceptable { code, message });
+    if chars < MIN_PASSWORD_CHARS {
+        return refuse(
+            "password_too_short",
+            format!("a password needs at least {MIN_PASSWORD_CHARS} characters"),
+        );
+    }
+    if chars > MAX_PASSWORD_CHARS || password.len() > MAX_PASSWORD_BYTES {
+        return refuse(
+            "password_too_long",
+            format!("a password has at most {MAX_PASSWORD_CHARS} characters"),
+        );
+    }
+    let lower = password.to_lowercase();
+    let local_part = email.split('@').next().unwrap_or_default();
+    let repeated = password.chars().all(|c| password.starts_with(c));
+    let common = COMMON
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .any(|l| l == lower);
+    if common || repeated || lower == email || lower == local_part {
+        return refuse(
+            "password_too_common",
+            "this password is too common or too easy to guess; choose another".to_owned(),
+        );
+    }
+    Ok(())
+}
 
 /// Refuses a password too long to be worth hashing, before any work.
 pub fn check_length(password: &SecretString) -> Result<(), ApiError> {
@@ -151,5 +190,37 @@ impl<'a> Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.count.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(password: &str) -> Option<&'static str> {
+        check_policy(
+            &SecretString::from(password.to_owned()),
+            "ann.smith@example.com",
+        )
+        .err()
+        .map(|e| e.code())
+    }
+
+    #[test]
+    fn the_policy_refuses_short_long_common_and_guessable_passwords() {
+        assert_eq!(code("correct horse battery"), None);
+        assert_eq!(code("short"), Some("password_too_short"));
+        assert_eq!(code(&"x".repeat(129)), Some("password_too_long"));
+        assert_eq!(code(&"éa".repeat(64)), None, "128 characters, 192 bytes");
+        for guessable in [
+            "Password123",
+            "QWERTYUIOP",
+            "iloveyou",
+            "zzzzzzzzzz",
+            "ann.smith",
+            "ANN.SMITH@example.com",
+        ] {
+            assert_eq!(code(guessable), Some("password_too_common"), "{guessable}");
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Registration: `POST /api/v1/auth/register`.
 
 use axum::{Json, extract::State, http::StatusCode};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use unhidra_core::{
     events::{AuditEvent, AuditKind},
@@ -13,7 +13,7 @@ use unhidra_runtime::{ApiError, ApiJson, Throttle};
 use crate::{
     AuthState,
     accounts::NewUser,
-    passwords::{MAX_PASSWORD_BYTES, MIN_PASSWORD_CHARS, check_length},
+    passwords::{check_length, check_policy},
 };
 const MAX_DISPLAY_NAME_CHARS: usize = 64;
 
@@ -71,12 +71,7 @@ pub async fn register(
     throttle
         .limit(limits.register_account.as_ref(), &email)
         .await?;
-    let password = request.password.expose_secret();
-    if password.chars().count() < MIN_PASSWORD_CHARS {
-        return Err(ApiError::Invalid(format!(
-            "password must be at least {MIN_PASSWORD_CHARS} characters and at most {MAX_PASSWORD_BYTES} bytes"
-        )));
-    }
+    check_policy(&request.password, &email)?;
     let display_name = display_name(request.display_name, &email)?;
     let taken = || ApiError::Conflict {
         code: "email_taken",

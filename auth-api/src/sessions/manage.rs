@@ -187,3 +187,67 @@ pub async fn recent(state: &AuthState) -> Result<Vec<SessionsRevoked>, RpcError>
         })
         .collect())
 }
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordChange {
+    current_password: secrecy::SecretString,
+    new_password: secrecy::SecretString,
+}
+
+/// `POST /api/v1/auth/password`: a new password for the caller, who proves
+/// the current one; every other session of theirs ends.
+pub async fn change_password(
+    State(state): State<AuthState>,
+    CurrentUser(me): CurrentUser,
+    throttle: unhidra_runtime::Throttle,
+    unhidra_runtime::ApiJson(change): unhidra_runtime::ApiJson<PasswordChange>,
+) -> Result<StatusCode, ApiError> {
+    // Guessing the current password here is guessing a login.
+    let limits = &state.service.limits;
+    throttle
+        .limit(limits.login_account.as_ref(), &me.user.to_string())
+        .await?;
+    crate::passwords::check_length(&change.current_password)?;
+    crate::passwords::check_length(&change.new_password)?;
+    let (email, hash) = state
+        .service
+        .accounts
+        .password_of(me.user)
+        .await?
+        .ok_or_else(|| ApiError::unauthenticated("no such account"))?;
+    let passwords = &state.service.passwords;
+    if !passwords
+        .verify(change.current_password, Some(hash))
+        .await?
+    {
+        tracing::warn!(user_id = %me.user, client_ip = %throttle.ip, "password change refused: wrong current password");
+        state.ctx.limits.strike(&throttle.ip).await;
+        return Err(ApiError::Unauthenticated {
+            code: "invalid_credentials",
+            message: "the current password is wrong".into(),
+        });
+    }
+    crate::passwords::check_policy(&change.new_password, &email)?;
+    let new_hash = passwords.hash(change.new_password).await?;
+    state
+        .service
+        .accounts
+        .set_password(me.user, &new_hash)
+        .await?;
+    let others = state
+        .service
+        .sessions
+        .revoke_all_but(me.user, Some(me.session))
+        .await?;
+    tracing::info!(user_id = %me.user, ended = others.len(), "password changed");
+    state
+        .ctx
+        .audit(
+            AuditEvent::new(AuditKind::PasswordChanged, Some(me.user), None)
+                .with_detail(serde_json::json!({ "sessions_ended": others.len() })),
+        )
+        .await;
+    announce(&state, me.user, others).await;
+    Ok(StatusCode::NO_CONTENT)
+}

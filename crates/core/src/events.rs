@@ -62,6 +62,8 @@ pub enum AuditKind {
     RefreshTokenReused,
     /// A user logged out, or revoked sessions of theirs.
     SessionsRevoked,
+    /// A user changed their password (their other sessions ended).
+    PasswordChanged,
     RoomCreated,
 }
 
@@ -77,6 +79,7 @@ impl AuditKind {
             Self::UserChanged => "user_changed",
             Self::RefreshTokenReused => "refresh_token_reused",
             Self::SessionsRevoked => "sessions_revoked",
+            Self::PasswordChanged => "password_changed",
             Self::RoomCreated => "room_created",
         }
     }

@@ -46,6 +46,10 @@ pub enum ApiError {
     /// The input is well-formed but invalid (422).
     #[error("{0}")]
     Invalid(String),
+    /// Well-formed but refused by a policy with a code of its own, such as
+    /// `password_too_common` (422).
+    #[error("{message}")]
+    Unacceptable { code: &'static str, message: String },
     /// The body is larger than the route accepts (413).
     #[error("{0}")]
     TooLarge(String),
@@ -102,7 +106,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
-            Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Invalid(_) | Self::Unacceptable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::IpBlocked { .. } => StatusCode::FORBIDDEN,
             Self::Locked { .. } => StatusCode::LOCKED,
@@ -117,7 +121,9 @@ impl ApiError {
 
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Unauthenticated { code, .. } | Self::Conflict { code, .. } => code,
+            Self::Unauthenticated { code, .. }
+            | Self::Conflict { code, .. }
+            | Self::Unacceptable { code, .. } => code,
             Self::Forbidden(_) => "forbidden",
             Self::AccountDisabled => "account_disabled",
             Self::NotFound(_) => "not_found",

@@ -39,16 +39,51 @@ async fn reachable(url: &str) -> Result<(), String> {
     }
 }
 
-/// The NATS URL, if a server answers there.
+/// The NATS URL, if a server answers there. The first call of a test
+/// process also deletes the streams tests left over an hour ago (every
+/// stream reserves its `max_bytes` of JetStream storage).
 pub async fn nats_url() -> Option<String> {
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     let url = std::env::var("UNHIDRA_TEST_NATS_URL")
         .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
     match reachable(&url).await {
-        Ok(()) => Some(url),
+        Ok(()) => {
+            SWEPT.get_or_init(|| sweep_stale_streams(&url)).await;
+            Some(url)
+        }
         Err(why) => {
             missing("NATS", &url, &why);
             None
         }
+    }
+}
+
+/// Deletes the streams of test prefixes ([`unique_prefix`], and the
+/// deployment check's `check...`) created over an hour ago.
+async fn sweep_stale_streams(url: &str) {
+    use futures::StreamExt;
+    let Ok(client) = async_nats::connect(url).await else {
+        return;
+    };
+    let jetstream = async_nats::jetstream::new(client);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0));
+    let mut stale = Vec::new();
+    let mut streams = jetstream.streams();
+    while let Some(Ok(info)) = streams.next().await {
+        let name = &info.config.name;
+        let prefix = name.split('_').next().unwrap_or_default();
+        let test_prefix = (prefix.len() == 13
+            && prefix.starts_with('T')
+            && prefix[1..].chars().all(|c| c.is_ascii_hexdigit()))
+            || prefix.starts_with("CHECK");
+        if test_prefix && info.created.unix_timestamp() + 3600 < now {
+            stale.push(name.clone());
+        }
+    }
+    for name in stale {
+        let _ = jetstream.delete_stream(&name).await;
     }
 }
 
@@ -88,6 +123,8 @@ pub fn config() -> unhidra_core::Config {
         ip_block_failures: 0,
         ip_block_long_failures: 0,
         lockout_failures: 0,
+        // Every stream reserves this on the shared NATS; tests need little.
+        stream_max_bytes: 8 * 1024 * 1024,
         ..unhidra_core::Config::default()
     }
 }

@@ -272,3 +272,60 @@ async fn revocations_reach_gateways_in_other_processes_and_late_starters() -> Te
     late.stop().await?;
     stack.stop().await
 }
+
+#[tokio::test]
+async fn a_password_change_ends_every_other_session() -> TestResult {
+    let stack = Embedded::start().await?;
+    let api = stack.api();
+    let base = stack.app.http();
+    let email = register(&api, "ann").await?;
+    let (laptop, phone) = (login(&api, &email).await?, login(&api, &email).await?);
+    let mut phone_ws = connect(&stack.app.ws(), &phone.access).await?;
+    let change = |current: &str, new: &str| {
+        let url = format!("{}/api/v1/auth/password", stack.app.http());
+        let body = json!({"current_password": current, "new_password": new});
+        let token = laptop.access.clone();
+        async move { post(&url, Some(&token), body).await }
+    };
+
+    let (status, body) = change("not my password", "a brand new passphrase").await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_credentials"))
+    );
+    let (status, body) = change("correct horse battery", "password123").await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("password_too_common")
+        )
+    );
+    let started = Instant::now();
+    let (status, _) = change("correct horse battery", "a brand new passphrase").await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    // The phone's session ended; the laptop's goes on.
+    assert_eq!(
+        closed(&mut phone_ws, started).await?.0,
+        CloseCode::Library(4003)
+    );
+    let (status, _) = get(&format!("{base}/api/v1/rooms"), Some(&phone.access)).await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = get(&format!("{base}/api/v1/rooms"), Some(&laptop.access)).await?;
+    assert_eq!(status, StatusCode::OK);
+    let login_with = |password: &'static str| {
+        let url = format!("{}/api/v1/auth/login", stack.app.http());
+        let body = json!({"email": email.clone(), "password": password});
+        async move { post(&url, None, body).await }
+    };
+    assert_eq!(
+        login_with("correct horse battery").await?.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        login_with("a brand new passphrase").await?.0,
+        StatusCode::OK
+    );
+    stack.app.stop().await
+}
