@@ -31,6 +31,49 @@ pub struct Credentials {
     pub standing: Standing,
 }
 
+/// An account as its owner and admins see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    pub id: UserId,
+    pub email: String,
+    pub display_name: String,
+    pub role: SystemRole,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub disabled_at: Option<i64>,
+    pub deletion_requested_at: Option<i64>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ProfileRow {
+    id: String,
+    email: String,
+    display_name: String,
+    role: String,
+    created_at: i64,
+    disabled_at: Option<i64>,
+    deletion_requested_at: Option<i64>,
+}
+
+impl TryFrom<ProfileRow> for Profile {
+    type Error = anyhow::Error;
+
+    fn try_from(row: ProfileRow) -> anyhow::Result<Self> {
+        Ok(Self {
+            id: row.id.parse()?,
+            email: row.email,
+            display_name: row.display_name,
+            role: row.role.parse()?,
+            created_at: row.created_at,
+            disabled_at: row.disabled_at,
+            deletion_requested_at: row.deletion_requested_at,
+        })
+    }
+}
+
+const PROFILE_COLUMNS: &str =
+    "id, email, display_name, role, created_at, disabled_at, deletion_requested_at";
+
 #[derive(sqlx::FromRow)]
 struct CredentialsRow {
     id: String,
@@ -149,6 +192,91 @@ impl AccountRepo {
             .execute(&self.db.pool)
             .await?;
         Ok(updated.rows_affected() == 1)
+    }
+
+    /// The profile of `user`, unless there is none or it was deleted.
+    pub async fn profile(&self, user: UserId) -> anyhow::Result<Option<Profile>> {
+        let query =
+            format!("SELECT {PROFILE_COLUMNS} FROM users WHERE id = $1 AND deleted_at IS NULL");
+        let row: Option<ProfileRow> = sqlx::query_as(&query)
+            .bind(user.to_string())
+            .fetch_optional(&self.db.pool)
+            .await?;
+        row.map(Profile::try_from).transpose()
+    }
+
+    /// Accounts (deleted ones left out) whose email or display name
+    /// contains `search` (any case), by id, after `after`, at most `limit`.
+    pub async fn list(
+        &self,
+        search: &str,
+        after: Option<UserId>,
+        limit: u32,
+    ) -> anyhow::Result<Vec<Profile>> {
+        // LIKE with the user's text as a literal: its wildcards escaped.
+        let pattern = format!(
+            "%{}%",
+            search
+                .to_lowercase()
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        );
+        let query = format!(
+            "SELECT {PROFILE_COLUMNS} FROM users
+             WHERE deleted_at IS NULL AND id > $1
+               AND (LOWER(email) LIKE $2 ESCAPE '\\' OR LOWER(display_name) LIKE $2 ESCAPE '\\')
+             ORDER BY id LIMIT $3"
+        );
+        let rows: Vec<ProfileRow> = sqlx::query_as(&query)
+            .bind(after.map(|a| a.to_string()).unwrap_or_default())
+            .bind(pattern)
+            .bind(i64::from(limit))
+            .fetch_all(&self.db.pool)
+            .await?;
+        rows.into_iter().map(Profile::try_from).collect()
+    }
+
+    pub async fn set_display_name(&self, user: UserId, name: &str) -> anyhow::Result<bool> {
+        let updated =
+            sqlx::query("UPDATE users SET display_name = $1 WHERE id = $2 AND deleted_at IS NULL")
+                .bind(name)
+                .bind(user.to_string())
+                .execute(&self.db.pool)
+                .await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    /// Records that `user` asked for their account to be deleted (an admin
+    /// carries it out); the time asked, kept from the first request.
+    pub async fn request_deletion(&self, user: UserId) -> anyhow::Result<Option<i64>> {
+        let at: Option<i64> = sqlx::query_scalar(
+            "UPDATE users SET deletion_requested_at = COALESCE(deletion_requested_at, $1)
+             WHERE id = $2 AND deleted_at IS NULL RETURNING deletion_requested_at",
+        )
+        .bind(now_millis())
+        .bind(user.to_string())
+        .fetch_optional(&self.db.pool)
+        .await?;
+        Ok(at)
+    }
+
+    /// Deletes `user`: the email, name and password are erased (the email
+    /// is free again), the account can never log in, and its id stays so
+    /// that what it sent keeps a sender. False when there is no such user.
+    pub async fn delete(&self, user: UserId) -> anyhow::Result<bool> {
+        let now = now_millis();
+        let deleted = sqlx::query(
+            "UPDATE users SET email = $1, display_name = 'deleted user', password_hash = '!',
+                 role = 'guest', disabled_at = $2, deleted_at = $2
+             WHERE id = $3 AND deleted_at IS NULL",
+        )
+        .bind(format!("deleted-{user}@deleted.invalid"))
+        .bind(now)
+        .bind(user.to_string())
+        .execute(&self.db.pool)
+        .await?;
+        Ok(deleted.rows_affected() == 1)
     }
 
     /// What `user` may do now, if there is such a user.
@@ -311,6 +439,43 @@ mod conformance {
                 })
             );
             assert!(!accounts.set_role(UserId::new(), SystemRole::Admin).await?);
+
+            // Profiles, search (wildcards are literal), deletion.
+            let profile = accounts
+                .profile(user.id)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("profile"))?;
+            assert_eq!(
+                (profile.email.as_str(), profile.role),
+                (email, SystemRole::Guest)
+            );
+            assert!(accounts.set_display_name(user.id, "Conan O'Brien").await?);
+            let found = accounts.list("o'BRIEN", None, 10).await?;
+            assert_eq!(
+                found.iter().map(|p| p.id).collect::<Vec<_>>(),
+                vec![user.id]
+            );
+            assert!(
+                accounts.list("%", None, 10).await?.is_empty(),
+                "% is literal"
+            );
+            assert_eq!(accounts.list("", Some(user.id), 10).await?, vec![]);
+            let asked = accounts.request_deletion(user.id).await?;
+            assert!(asked.is_some());
+            assert_eq!(
+                accounts.request_deletion(user.id).await?,
+                asked,
+                "the first request counts"
+            );
+            assert!(accounts.delete(user.id).await?);
+            assert!(!accounts.delete(user.id).await?, "once");
+            assert_eq!(accounts.profile(user.id).await?, None);
+            assert_eq!(
+                accounts.credentials(email).await?,
+                None,
+                "the email is free"
+            );
+            assert!(accounts.list("", None, 10).await?.is_empty());
             assert_eq!(accounts.promote("nobody@example.com").await?, None);
             Ok(())
         })

@@ -1,6 +1,7 @@
-//! The admin API (every call needs the admin role and is audited):
-//! `PATCH /api/v1/admin/users/{id}` changes an account's role or disables
-//! it; `POST /api/v1/admin/blocks`, `GET` and `DELETE
+//! The admin API (every call needs the admin role; changes are audited):
+//! `GET /api/v1/admin/users` lists and searches accounts, `GET`, `PATCH` and
+//! `DELETE /api/v1/admin/users/{id}` read, change (role, disabled) and
+//! delete one; `POST /api/v1/admin/blocks`, `GET` and `DELETE
 //! /api/v1/admin/blocks/{ip}` block and unblock client addresses on every
 //! node. Also the first admin: from the bootstrap settings at start, or from
 //! `unhidra admin create`.
@@ -9,7 +10,7 @@ use std::{net::IpAddr, time::Duration};
 
 use axum::{
     Json,
-    extract::{Path, State},
+    extract::{Path, Query, State, rejection::QueryRejection},
     http::StatusCode,
 };
 use secrecy::SecretString;
@@ -26,12 +27,106 @@ use crate::{
     AuthState,
     accounts::{AccountRepo, NewUser},
     passwords::{Passwords, check_length, check_policy},
-    users::normalize_email,
+    users::{ProfileView, normalize_email},
 };
 
 /// The longest block an admin may set: a year.
 const MAX_BLOCK_SECS: u64 = 365 * 24 * 3600;
 const MAX_REASON_CHARS: usize = 200;
+
+const MAX_PAGE: u32 = 200;
+const DEFAULT_PAGE: u32 = 50;
+const MAX_SEARCH_CHARS: usize = 100;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserQuery {
+    search: Option<String>,
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+#[derive(Serialize)]
+pub struct UserPage {
+    users: Vec<ProfileView>,
+    /// Pass as `after` for the next page; null on the last one.
+    next: Option<UserId>,
+}
+
+pub async fn list_users(
+    State(state): State<AuthState>,
+    AdminUser(_): AdminUser,
+    query: Result<Query<UserQuery>, QueryRejection>,
+) -> Result<Json<UserPage>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::Invalid(format!("limit must be 1 to {MAX_PAGE}")));
+    }
+    let search = query.search.unwrap_or_default();
+    if search.chars().count() > MAX_SEARCH_CHARS {
+        return Err(ApiError::Invalid(format!(
+            "search has at most {MAX_SEARCH_CHARS} characters"
+        )));
+    }
+    let after = match query.after {
+        Some(after) => Some(
+            after
+                .parse::<UserId>()
+                .map_err(|_| ApiError::Invalid("after must be a user id".into()))?,
+        ),
+        None => None,
+    };
+    let users = state.service.accounts.list(&search, after, limit).await?;
+    let next = (users.len() == limit as usize)
+        .then(|| users.last().map(|u| u.id))
+        .flatten();
+    Ok(Json(UserPage {
+        users: users.into_iter().map(ProfileView::from).collect(),
+        next,
+    }))
+}
+
+pub async fn show_user(
+    State(state): State<AuthState>,
+    AdminUser(_): AdminUser,
+    Path(user): Path<String>,
+) -> Result<Json<ProfileView>, ApiError> {
+    let no_such_user = || ApiError::NotFound("no such user".into());
+    let user: UserId = user.parse().map_err(|_| no_such_user())?;
+    let profile = state.service.accounts.profile(user).await?;
+    Ok(Json(profile.ok_or_else(no_such_user)?.into()))
+}
+
+pub async fn delete_user(
+    State(state): State<AuthState>,
+    AdminUser(admin): AdminUser,
+    Path(user): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let no_such_user = || ApiError::NotFound("no such user".into());
+    let user: UserId = user.parse().map_err(|_| no_such_user())?;
+    if user == admin.user {
+        return Err(ApiError::Conflict {
+            code: "own_account",
+            message: "admins cannot delete themselves".into(),
+        });
+    }
+    if !state.service.accounts.delete(user).await? {
+        return Err(no_such_user());
+    }
+    let revoked = state.service.sessions.revoke_all(user).await?;
+    crate::sessions::manage::announce(&state, user, revoked).await;
+    tracing::warn!(admin_id = %admin.user, user_id = %user, "account deleted");
+    state
+        .ctx
+        .audit(AuditEvent::new(
+            AuditKind::UserDeleted,
+            Some(admin.user),
+            Some(user.to_string()),
+        ))
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

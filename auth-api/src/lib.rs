@@ -12,7 +12,7 @@ mod users;
 use axum::{
     Json, Router,
     extract::State,
-    routing::{delete, get, patch, post},
+    routing::{delete, get, post},
 };
 use prometheus::{IntCounter, IntCounterVec};
 use tokio::net::TcpListener;
@@ -55,6 +55,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 4,
         name: "session families",
         sql: include_str!("../migrations/0004_session_families.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "profiles",
+        sql: include_str!("../migrations/0005_profiles.sql"),
     },
 ];
 
@@ -185,7 +190,15 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         );
     let router = body_limit(credentials, ctx.config.auth_body_limit_bytes)
         .merge(own_sessions)
-        .route("/api/v1/admin/users/{user_id}", patch(admin::change_user))
+        .route("/api/v1/users/me", get(users::me).patch(users::update_me))
+        .route("/api/v1/users/me/deletion", post(users::request_deletion))
+        .route("/api/v1/admin/users", get(admin::list_users))
+        .route(
+            "/api/v1/admin/users/{user_id}",
+            get(admin::show_user)
+                .patch(admin::change_user)
+                .delete(admin::delete_user),
+        )
         .route("/api/v1/admin/blocks", post(admin::block))
         .route(
             "/api/v1/admin/blocks/{ip}",

@@ -1,4 +1,6 @@
-//! Registration: `POST /api/v1/auth/register`.
+//! Accounts as their owners use them: `POST /api/v1/auth/register`, and
+//! `GET`/`PATCH /api/v1/users/me` with `POST /api/v1/users/me/deletion` (a
+//! request that an admin carries out).
 
 use axum::{Json, extract::State, http::StatusCode};
 use secrecy::SecretString;
@@ -8,11 +10,11 @@ use unhidra_core::{
     ids::UserId,
     users::SystemRole,
 };
-use unhidra_runtime::{ApiError, ApiJson, Throttle};
+use unhidra_runtime::{ApiError, ApiJson, CurrentUser, Throttle};
 
 use crate::{
     AuthState,
-    accounts::NewUser,
+    accounts::{NewUser, Profile},
     passwords::{check_length, check_policy},
 };
 const MAX_DISPLAY_NAME_CHARS: usize = 64;
@@ -138,4 +140,97 @@ mod tests {
             assert_eq!(normalize_email(bad), None, "{bad:?}");
         }
     }
+}
+
+/// An account as its owner and admins see it.
+#[derive(Serialize)]
+pub struct ProfileView {
+    user_id: UserId,
+    email: String,
+    display_name: String,
+    role: SystemRole,
+    created_at: chrono::DateTime<chrono::Utc>,
+    disabled: bool,
+    deletion_requested_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+fn time(millis: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis(millis).unwrap_or_default()
+}
+
+impl From<Profile> for ProfileView {
+    fn from(p: Profile) -> Self {
+        Self {
+            user_id: p.id,
+            email: p.email,
+            display_name: p.display_name,
+            role: p.role,
+            created_at: time(p.created_at),
+            disabled: p.disabled_at.is_some(),
+            deletion_requested_at: p.deletion_requested_at.map(time),
+        }
+    }
+}
+
+fn no_account() -> ApiError {
+    ApiError::NotFound("no such account".into())
+}
+
+pub async fn me(
+    State(state): State<AuthState>,
+    CurrentUser(me): CurrentUser,
+) -> Result<Json<ProfileView>, ApiError> {
+    let profile = state.service.accounts.profile(me.user).await?;
+    Ok(Json(profile.ok_or_else(no_account)?.into()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileChange {
+    display_name: String,
+}
+
+pub async fn update_me(
+    State(state): State<AuthState>,
+    CurrentUser(me): CurrentUser,
+    ApiJson(change): ApiJson<ProfileChange>,
+) -> Result<Json<ProfileView>, ApiError> {
+    let accounts = &state.service.accounts;
+    let profile = accounts.profile(me.user).await?.ok_or_else(no_account)?;
+    let name = display_name(Some(change.display_name), &profile.email)?;
+    accounts.set_display_name(me.user, &name).await?;
+    let profile = accounts.profile(me.user).await?.ok_or_else(no_account)?;
+    Ok(Json(profile.into()))
+}
+
+#[derive(Serialize)]
+pub struct DeletionRequested {
+    deletion_requested_at: chrono::DateTime<chrono::Utc>,
+}
+
+pub async fn request_deletion(
+    State(state): State<AuthState>,
+    CurrentUser(me): CurrentUser,
+) -> Result<(StatusCode, Json<DeletionRequested>), ApiError> {
+    let at = state
+        .service
+        .accounts
+        .request_deletion(me.user)
+        .await?
+        .ok_or_else(no_account)?;
+    tracing::info!(user_id = %me.user, "account deletion requested");
+    state
+        .ctx
+        .audit(AuditEvent::new(
+            AuditKind::DeletionRequested,
+            Some(me.user),
+            None,
+        ))
+        .await;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(DeletionRequested {
+            deletion_requested_at: time(at),
+        }),
+    ))
 }

@@ -64,6 +64,10 @@ pub enum AuditKind {
     SessionsRevoked,
     /// A user changed their password (their other sessions ended).
     PasswordChanged,
+    /// A user asked for their account to be deleted.
+    DeletionRequested,
+    /// An admin deleted an account.
+    UserDeleted,
     RoomCreated,
 }
 
@@ -80,6 +84,8 @@ impl AuditKind {
             Self::RefreshTokenReused => "refresh_token_reused",
             Self::SessionsRevoked => "sessions_revoked",
             Self::PasswordChanged => "password_changed",
+            Self::DeletionRequested => "deletion_requested",
+            Self::UserDeleted => "user_deleted",
             Self::RoomCreated => "room_created",
         }
     }

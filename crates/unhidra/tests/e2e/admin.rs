@@ -389,3 +389,149 @@ async fn the_first_admin_comes_from_the_cli_or_the_bootstrap_settings_idempotent
     assert!(String::from_utf8_lossy(&usage.stderr).contains("usage: unhidra admin create"));
     app.stop().await
 }
+
+#[tokio::test]
+async fn users_manage_their_profile_and_admins_find_and_delete_accounts() -> TestResult {
+    let stack = Embedded::start_with(with_bootstrap_admin()?).await?;
+    let api = stack.api();
+    let base = stack.app.http();
+    let admin = admin_token(&api).await?;
+    let me_url = format!("{base}/api/v1/users/me");
+
+    let email = format!("zoe-{}@example.com", uuid::Uuid::new_v4().simple());
+    let (status, _) = post(
+        &format!("{base}/api/v1/auth/register"),
+        None,
+        json!({"email": email, "password": "correct horse battery"}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, tokens) = login_as(&api, &email, "correct horse battery").await?;
+    let zoe = str_of(&tokens, "access_token")?;
+    let zoe_id = str_of(&tokens, "user_id")?;
+
+    let (status, profile) = get(&me_url, Some(&zoe)).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (profile["email"].as_str(), profile["role"].as_str()),
+        (Some(email.as_str()), Some("member"))
+    );
+    let here = "198.51.100.1";
+    let patch = reqwest::Method::PATCH;
+    let (status, profile) = from(
+        here,
+        patch.clone(),
+        &me_url,
+        Some(&zoe),
+        Some(json!({"display_name": "Zoë 100%"})),
+    )
+    .await?;
+    assert_eq!(
+        (status, profile["display_name"].as_str()),
+        (StatusCode::OK, Some("Zoë 100%"))
+    );
+    let (status, body) = from(
+        here,
+        patch.clone(),
+        &me_url,
+        Some(&zoe),
+        Some(json!({"display_name": "  "})),
+    )
+    .await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_input"))
+    );
+    let (status, body) = from(
+        here,
+        patch,
+        &me_url,
+        Some(&zoe),
+        Some(json!({"role": "admin"})),
+    )
+    .await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_input")),
+        "no promoting oneself"
+    );
+    let (status, asked) = post(&format!("{me_url}/deletion"), Some(&zoe), json!({})).await?;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert!(asked["deletion_requested_at"].is_string());
+
+    // Admins search (wildcards are literal), page, read, and delete.
+    let users = format!("{base}/api/v1/admin/users");
+    let (status, body) = get(&users, Some(&zoe)).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
+    let (status, page) = get(&format!("{users}?search=ZOË%20100%25"), Some(&admin)).await?;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["users"].as_array().map(Vec::len), Some(1), "{page}");
+    assert_eq!(page["users"][0]["user_id"], zoe_id.as_str());
+    assert!(page["users"][0]["deletion_requested_at"].is_string());
+    let (_, first) = get(&format!("{users}?limit=1"), Some(&admin)).await?;
+    let next = first["next"].as_str().ok_or("a next page")?.to_owned();
+    let (_, second) = get(&format!("{users}?limit=1&after={next}"), Some(&admin)).await?;
+    assert_ne!(first["users"][0]["user_id"], second["users"][0]["user_id"]);
+    for bad in ["limit=0", "limit=500", "after=nope", "unknown=1"] {
+        let (status, body) = get(&format!("{users}?{bad}"), Some(&admin)).await?;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_input")),
+            "{bad}"
+        );
+    }
+    let one = format!("{users}/{zoe_id}");
+    let (status, shown) = get(&one, Some(&admin)).await?;
+    assert_eq!(
+        (status, shown["email"].as_str()),
+        (StatusCode::OK, Some(email.as_str()))
+    );
+
+    let status = http()
+        .delete(&one)
+        .bearer_auth(&admin)
+        .send()
+        .await?
+        .status();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = get(&me_url, Some(&zoe)).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("session_revoked"))
+    );
+    assert_eq!(
+        login_as(&api, &email, "correct horse battery").await?.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(get(&one, Some(&admin)).await?.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        http()
+            .delete(&one)
+            .bearer_auth(&admin)
+            .send()
+            .await?
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    // The email is free again.
+    let (status, _) = post(
+        &format!("{base}/api/v1/auth/register"),
+        None,
+        json!({"email": email, "password": "correct horse battery"}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, me) = login_as(&api, ADMIN_EMAIL, ADMIN_PASSWORD).await?;
+    let admin_id = str_of(&me, "user_id")?;
+    let status = http()
+        .delete(format!("{users}/{admin_id}"))
+        .bearer_auth(&admin)
+        .send()
+        .await?
+        .status();
+    assert_eq!(status, StatusCode::CONFLICT);
+    stack.app.stop().await
+}
