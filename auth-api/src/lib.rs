@@ -4,7 +4,9 @@
 
 mod accounts;
 mod admin;
+mod mail;
 mod passwords;
+mod resets;
 mod sessions;
 mod signing_keys;
 mod users;
@@ -27,7 +29,9 @@ use unhidra_store::{Database, Migration};
 
 use crate::{
     accounts::{AccountRepo, LockoutPolicy},
+    mail::Mailer,
     passwords::Passwords,
+    resets::ResetRepo,
     sessions::SessionRepo,
     signing_keys::{SigningKeyRepo, SigningKeys},
 };
@@ -61,6 +65,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "profiles",
         sql: include_str!("../migrations/0005_profiles.sql"),
     },
+    Migration {
+        version: 6,
+        name: "password resets",
+        sql: include_str!("../migrations/0006_password_resets.sql"),
+    },
 ];
 
 /// auth-api's part of its handlers' state.
@@ -68,6 +77,8 @@ const MIGRATIONS: &[Migration] = &[
 struct Auth {
     accounts: AccountRepo,
     sessions: SessionRepo,
+    resets: ResetRepo,
+    mailer: Mailer,
     passwords: Passwords,
     keys: SigningKeys,
     metrics: AuthMetrics,
@@ -84,6 +95,9 @@ struct CredentialLimits {
     register_account: Option<Limit>,
     refresh_ip: Option<Limit>,
     refresh_account: Option<Limit>,
+    /// Password resets count like logins, in buckets of their own.
+    reset_ip: Option<Limit>,
+    reset_account: Option<Limit>,
 }
 
 impl CredentialLimits {
@@ -95,6 +109,8 @@ impl CredentialLimits {
             register_account: Limit::new("register_account", config.limit_register_account),
             refresh_ip: Limit::new("refresh_ip", config.limit_refresh_ip),
             refresh_account: Limit::new("refresh_account", config.limit_refresh_account),
+            reset_ip: Limit::new("reset_ip", config.limit_login_ip),
+            reset_account: Limit::new("reset_account", config.limit_login_account),
         }
     }
 }
@@ -148,6 +164,8 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         service: Auth {
             accounts,
             sessions: SessionRepo::new(db.clone()),
+            resets: ResetRepo::new(db.clone()),
+            mailer: Mailer::from_config(&ctx.config)?,
             passwords,
             keys: keys.clone(),
             metrics: AuthMetrics::register(&ctx)?,
@@ -177,7 +195,9 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         .route(
             "/api/v1/auth/password",
             post(sessions::manage::change_password),
-        );
+        )
+        .route("/api/v1/auth/password/reset", post(resets::request))
+        .route("/api/v1/auth/password/reset/confirm", post(resets::confirm));
     let own_sessions = Router::new()
         .route("/api/v1/auth/logout", post(sessions::manage::logout))
         .route(

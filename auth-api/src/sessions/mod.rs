@@ -56,8 +56,9 @@ fn invalid_credentials() -> ApiError {
     }
 }
 
-/// A fresh refresh token and the hash that is stored instead of it.
-fn new_refresh_token() -> (String, String) {
+/// A fresh refresh token and the hash that is stored instead of it (also
+/// the form of password-reset tokens).
+pub fn new_refresh_token() -> (String, String) {
     let mut bytes = [0_u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     let token = URL_SAFE_NO_PAD.encode(bytes);
@@ -65,7 +66,7 @@ fn new_refresh_token() -> (String, String) {
     (token, hash)
 }
 
-fn hash_refresh_token(token: &str) -> String {
+pub fn hash_refresh_token(token: &str) -> String {
     URL_SAFE_NO_PAD.encode(Sha256::digest(token.as_bytes()))
 }
 

@@ -130,6 +130,18 @@ pub struct Config {
     pub max_rooms_per_user: u32,
     /// `UNHIDRA_MAX_MEMBERS_PER_ROOM`: members a room may have (10000).
     pub max_members_per_room: u32,
+    /// `UNHIDRA_SMTP_URL`: where auth-api sends mail (password resets), such
+    /// as `smtps://user:password@mail.example.com` or
+    /// `smtp://mail.example.com:587?tls=required`. Unset, mail is written to
+    /// `<data_dir>/outbox` as `.eml` files and to the log, so the flows work
+    /// on a laptop.
+    pub smtp_url: Option<SecretString>,
+    /// `UNHIDRA_MAIL_FROM`: the sender of that mail (`Unhidra
+    /// <no-reply@localhost>`).
+    pub mail_from: String,
+    /// `UNHIDRA_PUBLIC_URL`: where users reach this deployment, for links in
+    /// mail (`http://127.0.0.1:9000`).
+    pub public_url: String,
     /// `UNHIDRA_BOOTSTRAP_ADMIN_EMAIL` and `UNHIDRA_BOOTSTRAP_ADMIN_PASSWORD`:
     /// at start, auth-api makes this account an admin, creating it with this
     /// password if it does not exist (an existing account keeps its
@@ -232,6 +244,9 @@ impl Default for Config {
             ip_block_long_failures: 10,
             ip_block_long_window_secs: 86_400,
             ip_block_long_secs: 86_400,
+            smtp_url: None,
+            mail_from: "Unhidra <no-reply@localhost>".to_owned(),
+            public_url: "http://127.0.0.1:9000".to_owned(),
             bootstrap_admin_email: None,
             bootstrap_admin_password: None,
             max_rooms_per_user: 1000,
@@ -343,6 +358,15 @@ impl Config {
             self.ip_block_long_secs,
         ) {
             return invalid("an IP block stage needs a window and a block of at least one second");
+        }
+        if !(self.public_url.starts_with("http://") || self.public_url.starts_with("https://")) {
+            return invalid("public_url must be an http:// or https:// URL");
+        }
+        if let Some(url) = &self.smtp_url {
+            let url = url.expose_secret();
+            if !(url.starts_with("smtp://") || url.starts_with("smtps://")) {
+                return invalid("smtp_url must start with smtp:// or smtps://");
+            }
         }
         if self.bootstrap_admin_email.is_some() != self.bootstrap_admin_password.is_some() {
             return invalid(

@@ -64,6 +64,8 @@ pub enum AuditKind {
     SessionsRevoked,
     /// A user changed their password (their other sessions ended).
     PasswordChanged,
+    /// A password was reset with a mailed token (every session ended).
+    PasswordReset,
     /// A user asked for their account to be deleted.
     DeletionRequested,
     /// An admin deleted an account.
@@ -85,6 +87,7 @@ impl AuditKind {
             Self::SessionsRevoked => "sessions_revoked",
             Self::PasswordChanged => "password_changed",
             Self::DeletionRequested => "deletion_requested",
+            Self::PasswordReset => "password_reset",
             Self::UserDeleted => "user_deleted",
             Self::RoomCreated => "room_created",
         }

@@ -329,3 +329,183 @@ async fn a_password_change_ends_every_other_session() -> TestResult {
     );
     stack.app.stop().await
 }
+
+/// The token of the newest mail in the embedded outbox to `email`.
+async fn mailed_token(outbox: &std::path::Path, email: &str) -> Result<String, Error> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(entries) = std::fs::read_dir(outbox) {
+            for entry in entries.flatten() {
+                let mail = std::fs::read_to_string(entry.path())?;
+                if !mail.contains(email) {
+                    continue;
+                }
+                let token = mail
+                    .lines()
+                    .skip_while(|l| !l.contains("with this token"))
+                    .nth(1)
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty());
+                if let Some(token) = token {
+                    return Ok(token.to_owned());
+                }
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("no mail to {email} in {}", outbox.display()).into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_mailed_reset_token_sets_a_new_password_once() -> TestResult {
+    let stack = Embedded::start().await?;
+    let api = stack.api();
+    let base = stack.app.http();
+    let email = register(&api, "ann").await?;
+    let before = login(&api, &email).await?;
+
+    // The same answer for an account and for none.
+    let ask = |email: String| {
+        let url = format!("{}/api/v1/auth/password/reset", stack.app.http());
+        async move { post(&url, None, json!({"email": email})).await }
+    };
+    let (status, known) = ask(email.clone()).await?;
+    let (unknown_status, unknown) = ask("nobody@example.com".to_owned()).await?;
+    assert_eq!(
+        (status, unknown_status),
+        (StatusCode::ACCEPTED, StatusCode::ACCEPTED)
+    );
+    assert_eq!(known, unknown);
+    let token = mailed_token(&stack.data_dir.join("outbox"), &email).await?;
+
+    let confirm = |token: &str, password: &str| {
+        let url = format!("{}/api/v1/auth/password/reset/confirm", stack.app.http());
+        let body = json!({"token": token, "new_password": password});
+        async move { post(&url, None, body).await }
+    };
+    // A refused password keeps the token.
+    let (status, body) = confirm(&token, "qwertyuiop").await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("password_too_common")
+        )
+    );
+    let (status, _) = confirm(&token, "a fresh start again").await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = confirm(&token, "and once more please").await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_reset_token"))
+    );
+    let (status, _) = confirm("made-up", "and once more please").await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // Every session ended; the new password works, the old does not.
+    let (status, body) = get(&format!("{base}/api/v1/rooms"), Some(&before.access)).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("session_revoked"))
+    );
+    let login_with = |password: &'static str| {
+        let url = format!("{}/api/v1/auth/login", stack.app.http());
+        let body = json!({"email": email.clone(), "password": password});
+        async move { post(&url, None, body).await }
+    };
+    assert_eq!(
+        login_with("correct horse battery").await?.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(login_with("a fresh start again").await?.0, StatusCode::OK);
+    stack.app.stop().await
+}
+
+/// A minimal SMTP peer on loopback: accepts every mail and hands over its
+/// DATA (the peer a real mail server would be; Unhidra's client is real).
+async fn smtp_sink() -> Result<(u16, tokio::sync::mpsc::Receiver<String>), Error> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let (mails, received) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let mails = mails.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = socket.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let _ = write.write_all(b"220 sink ESMTP\r\n").await;
+                let mut data: Option<String> = None;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Some(body) = data.as_mut() {
+                        if line == "." {
+                            let _ = mails.send(std::mem::take(body)).await;
+                            data = None;
+                            let _ = write.write_all(b"250 queued\r\n").await;
+                        } else {
+                            body.push_str(&line);
+                            body.push('\n');
+                        }
+                        continue;
+                    }
+                    let verb = line
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_uppercase();
+                    let reply: &[u8] = match verb.as_str() {
+                        "EHLO" | "HELO" => b"250 sink\r\n",
+                        "DATA" => {
+                            data = Some(String::new());
+                            b"354 go on\r\n"
+                        }
+                        "QUIT" => {
+                            let _ = write.write_all(b"221 bye\r\n").await;
+                            return;
+                        }
+                        _ => b"250 ok\r\n",
+                    };
+                    let _ = write.write_all(reply).await;
+                }
+            });
+        }
+    });
+    Ok((port, received))
+}
+
+#[tokio::test]
+async fn reset_mail_goes_out_over_smtp_when_configured() -> TestResult {
+    let (port, mut mails) = smtp_sink().await?;
+    let stack = Embedded::start_with(unhidra_core::Config {
+        smtp_url: Some(format!("smtp://127.0.0.1:{port}").into()),
+        mail_from: "Chat <chat@example.com>".into(),
+        public_url: "https://chat.example.com".into(),
+        ..unhidra_testkit::config()
+    })
+    .await?;
+    let api = stack.api();
+    let email = register(&api, "ann").await?;
+    let (status, _) = post(
+        &format!("{}/api/v1/auth/password/reset", api.auth),
+        None,
+        json!({"email": email}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let mail = tokio::time::timeout(WAIT, mails.recv())
+        .await?
+        .ok_or("no mail")?;
+    assert!(mail.contains(&format!("To: {email}")), "{mail}");
+    assert!(mail.contains("From: Chat <chat@example.com>"), "{mail}");
+    assert!(
+        mail.contains("https://chat.example.com/reset-password?token="),
+        "{mail}"
+    );
+    assert!(
+        !stack.data_dir.join("outbox").exists(),
+        "nothing in the file outbox"
+    );
+    stack.app.stop().await
+}

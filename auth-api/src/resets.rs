@@ -1,0 +1,258 @@
+//! Password reset by mail: `POST /api/v1/auth/password/reset` mails a
+//! one-time token (stored hashed, valid 15 minutes) to the account's email,
+//! answering the same whether or not the account exists; `POST
+//! /api/v1/auth/password/reset/confirm` sets the new password with it, ends
+//! every session and lifts a lockout.
+
+use std::time::Duration;
+
+use axum::{Json, extract::State, http::StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use unhidra_core::{
+    events::{AuditEvent, AuditKind},
+    ids::UserId,
+};
+use unhidra_runtime::{ApiError, ApiJson, Throttle};
+use unhidra_store::{Database, now_millis};
+
+use crate::{
+    AuthState,
+    passwords::{check_length, check_policy},
+    sessions::{hash_refresh_token as hash_token, new_refresh_token as new_token},
+    users::normalize_email,
+};
+
+/// How long a reset token works.
+const TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
+
+#[derive(Clone, Debug)]
+pub struct ResetRepo {
+    db: Database,
+}
+
+impl ResetRepo {
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+
+    pub async fn create(&self, user: UserId, token_hash: &str) -> anyhow::Result<()> {
+        let now = now_millis();
+        let ttl = i64::try_from(TOKEN_TTL.as_millis()).unwrap_or(i64::MAX);
+        sqlx::query(
+            "INSERT INTO password_resets (token_hash, user_id, created_at, expires_at)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(token_hash)
+        .bind(user.to_string())
+        .bind(now)
+        .bind(now.saturating_add(ttl))
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The user a live, unused token belongs to, without using it.
+    pub async fn peek(&self, token_hash: &str) -> anyhow::Result<Option<UserId>> {
+        let user: Option<String> = sqlx::query_scalar(
+            "SELECT user_id FROM password_resets
+             WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2",
+        )
+        .bind(token_hash)
+        .bind(now_millis())
+        .fetch_optional(&self.db.pool)
+        .await?;
+        Ok(user.map(|u| u.parse()).transpose()?)
+    }
+
+    /// Uses the token up; its user, if it was live and unused (in one
+    /// statement, so a token works once even when raced).
+    pub async fn redeem(&self, token_hash: &str) -> anyhow::Result<Option<UserId>> {
+        let now = now_millis();
+        let user: Option<String> = sqlx::query_scalar(
+            "UPDATE password_resets SET used_at = $1
+             WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1
+             RETURNING user_id",
+        )
+        .bind(now)
+        .bind(token_hash)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        Ok(user.map(|u| u.parse()).transpose()?)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResetRequest {
+    email: String,
+}
+
+#[derive(Serialize)]
+pub struct ResetRequested {
+    status: &'static str,
+}
+
+pub async fn request(
+    State(state): State<AuthState>,
+    throttle: Throttle,
+    ApiJson(request): ApiJson<ResetRequest>,
+) -> Result<(StatusCode, Json<ResetRequested>), ApiError> {
+    let limits = &state.service.limits;
+    throttle.limit_ip(limits.reset_ip.as_ref()).await?;
+    let email = normalize_email(&request.email)
+        .ok_or_else(|| ApiError::Invalid("email is not a valid address".into()))?;
+    throttle
+        .limit(limits.reset_account.as_ref(), &email)
+        .await?;
+    // The same answer, at once, whether the account exists or not: the work
+    // happens after the response.
+    let worker = state.clone();
+    state.ctx.in_flight.spawn(async move {
+        if let Err(e) = send_reset(&worker, &email).await {
+            tracing::error!(error = ?e, "password reset mail not sent");
+        }
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(ResetRequested {
+            status: "if an account has this email, a reset link is on its way",
+        }),
+    ))
+}
+
+async fn send_reset(state: &AuthState, email: &str) -> anyhow::Result<()> {
+    let Some(account) = state.service.accounts.credentials(email).await? else {
+        tracing::info!("password reset asked for an unknown email");
+        return Ok(());
+    };
+    if account.standing.disabled {
+        tracing::info!(user_id = %account.user, "password reset refused: account disabled");
+        return Ok(());
+    }
+    let (token, token_hash) = new_token();
+    state
+        .service
+        .resets
+        .create(account.user, &token_hash)
+        .await?;
+    let link = format!(
+        "{}/reset-password?token={token}",
+        state.ctx.config.public_url.trim_end_matches('/')
+    );
+    let body = format!(
+        "Someone asked to reset the password of your Unhidra account.\n\n\
+         To choose a new one, open\n{link}\n\n\
+         or send POST /api/v1/auth/password/reset/confirm with this token:\n{token}\n\n\
+         It works once, for 15 minutes. If you did not ask, ignore this mail: \
+         your password stays as it is.\n"
+    );
+    state
+        .service
+        .mailer
+        .send(email, "Reset your Unhidra password", body)
+        .await?;
+    tracing::info!(user_id = %account.user, "password reset mailed");
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResetConfirm {
+    token: SecretString,
+    new_password: SecretString,
+}
+
+pub async fn confirm(
+    State(state): State<AuthState>,
+    throttle: Throttle,
+    ApiJson(confirm): ApiJson<ResetConfirm>,
+) -> Result<StatusCode, ApiError> {
+    throttle
+        .limit_ip(state.service.limits.reset_ip.as_ref())
+        .await?;
+    check_length(&confirm.new_password)?;
+    let refused = || ApiError::Unauthenticated {
+        code: "invalid_reset_token",
+        message: "the reset token is unknown, used or expired".into(),
+    };
+    let token_hash = hash_token(confirm.token.expose_secret());
+    let resets = &state.service.resets;
+    let user = resets.peek(&token_hash).await?.ok_or_else(refused)?;
+    let accounts = &state.service.accounts;
+    let (email, _) = accounts.password_of(user).await?.ok_or_else(refused)?;
+    // Checked before the token is used up: a refused password keeps it.
+    check_policy(&confirm.new_password, &email)?;
+    let hash = state.service.passwords.hash(confirm.new_password).await?;
+    if resets.redeem(&token_hash).await? != Some(user) {
+        return Err(refused());
+    }
+    accounts.set_password(user, &hash).await?;
+    accounts.record_success(user).await?;
+    let ended = state.service.sessions.revoke_all(user).await?;
+    tracing::info!(user_id = %user, sessions_ended = ended.len(), "password reset");
+    state
+        .ctx
+        .audit(
+            AuditEvent::new(AuditKind::PasswordReset, Some(user), None).with_detail(
+                serde_json::json!({ "sessions_ended": ended.len(), "ip": throttle.ip.to_string() }),
+            ),
+        )
+        .await;
+    crate::sessions::manage::announce(&state, user, ended).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod conformance {
+    //! One suite on SQLite and on Postgres.
+
+    use unhidra_core::users::SystemRole;
+    use unhidra_testkit::on_each_database;
+
+    use super::*;
+    use crate::{
+        MIGRATIONS, NAME,
+        accounts::{AccountRepo, NewUser},
+    };
+
+    #[tokio::test]
+    async fn a_reset_token_works_once_and_only_while_fresh() -> anyhow::Result<()> {
+        on_each_database(|db| async move {
+            let database = Database::connect(db.url(), 2).await?;
+            database.migrate(NAME, MIGRATIONS).await?;
+            let user = UserId::new();
+            AccountRepo::new(database.clone())
+                .create_user(&NewUser {
+                    id: user,
+                    email: "ann@example.com",
+                    display_name: "ann",
+                    password_hash: "x",
+                    role: SystemRole::Member,
+                })
+                .await?;
+            let resets = ResetRepo::new(database.clone());
+            resets.create(user, "fresh").await?;
+            assert_eq!(resets.peek("fresh").await?, Some(user));
+            assert_eq!(
+                resets.peek("fresh").await?,
+                Some(user),
+                "peeking uses nothing"
+            );
+            assert_eq!(resets.redeem("fresh").await?, Some(user));
+            assert_eq!(resets.redeem("fresh").await?, None, "once");
+            assert_eq!(resets.peek("fresh").await?, None);
+
+            resets.create(user, "stale").await?;
+            sqlx::query("UPDATE password_resets SET expires_at = $1 WHERE token_hash = 'stale'")
+                .bind(now_millis() - 1)
+                .execute(&database.pool)
+                .await?;
+            assert_eq!(resets.peek("stale").await?, None);
+            assert_eq!(resets.redeem("stale").await?, None, "expired");
+            assert_eq!(resets.redeem("unknown").await?, None);
+            Ok(())
+        })
+        .await
+    }
+}
