@@ -11,6 +11,9 @@ pub struct NewUser<'a> {
     pub display_name: &'a str,
     pub password_hash: &'a str,
     pub role: SystemRole,
+    /// Registered while email verification is required: no login until the
+    /// mailed link is followed.
+    pub unverified: bool,
 }
 
 /// What an account may do right now.
@@ -19,6 +22,8 @@ pub struct Standing {
     pub role: SystemRole,
     /// Disabled by an admin: no login, no refresh.
     pub disabled: bool,
+    /// Its email is still to be confirmed: no login.
+    pub unverified: bool,
 }
 
 /// What a login checks a password against.
@@ -81,12 +86,18 @@ struct CredentialsRow {
     locked_until: Option<i64>,
     role: String,
     disabled_at: Option<i64>,
+    unverified_since: Option<i64>,
 }
 
-pub fn standing(role: &str, disabled_at: Option<i64>) -> anyhow::Result<Standing> {
+pub fn standing(
+    role: &str,
+    disabled_at: Option<i64>,
+    unverified_since: Option<i64>,
+) -> anyhow::Result<Standing> {
     Ok(Standing {
         role: role.parse()?,
         disabled: disabled_at.is_some(),
+        unverified: unverified_since.is_some(),
     })
 }
 
@@ -138,16 +149,18 @@ impl AccountRepo {
     /// Stores the user; false when the email is taken (the unique index
     /// decides races).
     pub async fn create_user(&self, user: &NewUser<'_>) -> anyhow::Result<bool> {
+        let now = now_millis();
         let inserted = sqlx::query(
-            "INSERT INTO users (id, email, display_name, password_hash, role, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO users (id, email, display_name, password_hash, role, created_at, unverified_since)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(user.id.to_string())
         .bind(user.email)
         .bind(user.display_name)
         .bind(user.password_hash)
         .bind(user.role.as_str())
-        .bind(now_millis())
+        .bind(now)
+        .bind(user.unverified.then_some(now))
         .execute(&self.db.pool)
         .await;
         match inserted {
@@ -159,7 +172,8 @@ impl AccountRepo {
 
     pub async fn credentials(&self, email: &str) -> anyhow::Result<Option<Credentials>> {
         let row: Option<CredentialsRow> = sqlx::query_as(
-            "SELECT id, password_hash, locked_until, role, disabled_at FROM users WHERE email = $1",
+            "SELECT id, password_hash, locked_until, role, disabled_at, unverified_since
+             FROM users WHERE email = $1",
         )
         .bind(email)
         .fetch_optional(&self.db.pool)
@@ -169,7 +183,7 @@ impl AccountRepo {
                 user: row.id.parse()?,
                 password_hash: row.password_hash,
                 locked_until: row.locked_until,
-                standing: standing(&row.role, row.disabled_at)?,
+                standing: standing(&row.role, row.disabled_at, row.unverified_since)?,
             })
         })
         .transpose()
@@ -281,13 +295,22 @@ impl AccountRepo {
 
     /// What `user` may do now, if there is such a user.
     pub async fn standing(&self, user: UserId) -> anyhow::Result<Option<Standing>> {
-        let row: Option<(String, Option<i64>)> =
-            sqlx::query_as("SELECT role, disabled_at FROM users WHERE id = $1")
+        let row: Option<(String, Option<i64>, Option<i64>)> =
+            sqlx::query_as("SELECT role, disabled_at, unverified_since FROM users WHERE id = $1")
                 .bind(user.to_string())
                 .fetch_optional(&self.db.pool)
                 .await?;
-        row.map(|(role, disabled_at)| standing(&role, disabled_at))
+        row.map(|(role, disabled_at, unverified)| standing(&role, disabled_at, unverified))
             .transpose()
+    }
+
+    /// Marks `user`'s email as confirmed.
+    pub async fn verify_email(&self, user: UserId) -> anyhow::Result<()> {
+        sqlx::query("UPDATE users SET unverified_since = NULL WHERE id = $1")
+            .bind(user.to_string())
+            .execute(&self.db.pool)
+            .await?;
+        Ok(())
     }
 
     /// Gives `user` the system role `role`; false when there is no such user.
@@ -395,6 +418,7 @@ mod conformance {
                 display_name: "'); DROP TABLE users; --",
                 password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA",
                 role: SystemRole::Member,
+                unverified: false,
             };
             assert!(!accounts.email_taken(email).await?);
             assert!(accounts.create_user(&user).await?);
@@ -413,6 +437,7 @@ mod conformance {
                     standing: Standing {
                         role: SystemRole::Member,
                         disabled: false,
+                        unverified: false,
                     },
                 })
             );
@@ -426,7 +451,8 @@ mod conformance {
                 standing,
                 Some(Standing {
                     role: SystemRole::Admin,
-                    disabled: true
+                    disabled: true,
+                    unverified: false,
                 })
             );
             assert!(accounts.set_role(user.id, SystemRole::Guest).await?);
@@ -435,7 +461,8 @@ mod conformance {
                 accounts.standing(user.id).await?,
                 Some(Standing {
                     role: SystemRole::Guest,
-                    disabled: false
+                    disabled: false,
+                    unverified: false,
                 })
             );
             assert!(!accounts.set_role(UserId::new(), SystemRole::Admin).await?);
@@ -494,6 +521,7 @@ mod conformance {
                     display_name: "ann",
                     password_hash: "x",
                     role: SystemRole::Member,
+                    unverified: false,
                 })
                 .await?;
             let policy = LockoutPolicy {

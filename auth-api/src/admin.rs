@@ -323,6 +323,7 @@ pub async fn ensure_admin(
             display_name,
             password_hash: &hash,
             role: SystemRole::Admin,
+            unverified: false,
         })
         .await?;
     if created {

@@ -4,7 +4,9 @@
 
 mod accounts;
 mod admin;
+mod invites;
 mod mail;
+mod mail_tokens;
 mod passwords;
 mod resets;
 mod sessions;
@@ -29,9 +31,10 @@ use unhidra_store::{Database, Migration};
 
 use crate::{
     accounts::{AccountRepo, LockoutPolicy},
+    invites::InviteRepo,
     mail::Mailer,
+    mail_tokens::MailTokenRepo,
     passwords::Passwords,
-    resets::ResetRepo,
     sessions::SessionRepo,
     signing_keys::{SigningKeyRepo, SigningKeys},
 };
@@ -70,6 +73,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "password resets",
         sql: include_str!("../migrations/0006_password_resets.sql"),
     },
+    Migration {
+        version: 7,
+        name: "registration",
+        sql: include_str!("../migrations/0007_registration.sql"),
+    },
 ];
 
 /// auth-api's part of its handlers' state.
@@ -77,7 +85,9 @@ const MIGRATIONS: &[Migration] = &[
 struct Auth {
     accounts: AccountRepo,
     sessions: SessionRepo,
-    resets: ResetRepo,
+    resets: MailTokenRepo,
+    verifications: MailTokenRepo,
+    invites: InviteRepo,
     mailer: Mailer,
     passwords: Passwords,
     keys: SigningKeys,
@@ -164,7 +174,9 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         service: Auth {
             accounts,
             sessions: SessionRepo::new(db.clone()),
-            resets: ResetRepo::new(db.clone()),
+            resets: MailTokenRepo::password_resets(db.clone()),
+            verifications: MailTokenRepo::email_verifications(db.clone()),
+            invites: InviteRepo::new(db.clone()),
             mailer: Mailer::from_config(&ctx.config)?,
             passwords,
             keys: keys.clone(),
@@ -197,7 +209,8 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
             post(sessions::manage::change_password),
         )
         .route("/api/v1/auth/password/reset", post(resets::request))
-        .route("/api/v1/auth/password/reset/confirm", post(resets::confirm));
+        .route("/api/v1/auth/password/reset/confirm", post(resets::confirm))
+        .route("/api/v1/auth/verify", post(users::verify));
     let own_sessions = Router::new()
         .route("/api/v1/auth/logout", post(sessions::manage::logout))
         .route(
@@ -219,6 +232,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
                 .patch(admin::change_user)
                 .delete(admin::delete_user),
         )
+        .route("/api/v1/admin/invites", post(invites::create))
         .route("/api/v1/admin/blocks", post(admin::block))
         .route(
             "/api/v1/admin/blocks/{ip}",

@@ -4,83 +4,18 @@
 //! /api/v1/auth/password/reset/confirm` sets the new password with it, ends
 //! every session and lifts a lockout.
 
-use std::time::Duration;
-
 use axum::{Json, extract::State, http::StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use unhidra_core::{
-    events::{AuditEvent, AuditKind},
-    ids::UserId,
-};
+use unhidra_core::events::{AuditEvent, AuditKind};
 use unhidra_runtime::{ApiError, ApiJson, Throttle};
-use unhidra_store::{Database, now_millis};
 
 use crate::{
     AuthState,
+    mail_tokens::{hash_token, new_token},
     passwords::{check_length, check_policy},
-    sessions::{hash_refresh_token as hash_token, new_refresh_token as new_token},
     users::normalize_email,
 };
-
-/// How long a reset token works.
-const TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
-
-#[derive(Clone, Debug)]
-pub struct ResetRepo {
-    db: Database,
-}
-
-impl ResetRepo {
-    pub fn new(db: Database) -> Self {
-        Self { db }
-    }
-
-    pub async fn create(&self, user: UserId, token_hash: &str) -> anyhow::Result<()> {
-        let now = now_millis();
-        let ttl = i64::try_from(TOKEN_TTL.as_millis()).unwrap_or(i64::MAX);
-        sqlx::query(
-            "INSERT INTO password_resets (token_hash, user_id, created_at, expires_at)
-             VALUES ($1, $2, $3, $4)",
-        )
-        .bind(token_hash)
-        .bind(user.to_string())
-        .bind(now)
-        .bind(now.saturating_add(ttl))
-        .execute(&self.db.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// The user a live, unused token belongs to, without using it.
-    pub async fn peek(&self, token_hash: &str) -> anyhow::Result<Option<UserId>> {
-        let user: Option<String> = sqlx::query_scalar(
-            "SELECT user_id FROM password_resets
-             WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2",
-        )
-        .bind(token_hash)
-        .bind(now_millis())
-        .fetch_optional(&self.db.pool)
-        .await?;
-        Ok(user.map(|u| u.parse()).transpose()?)
-    }
-
-    /// Uses the token up; its user, if it was live and unused (in one
-    /// statement, so a token works once even when raced).
-    pub async fn redeem(&self, token_hash: &str) -> anyhow::Result<Option<UserId>> {
-        let now = now_millis();
-        let user: Option<String> = sqlx::query_scalar(
-            "UPDATE password_resets SET used_at = $1
-             WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1
-             RETURNING user_id",
-        )
-        .bind(now)
-        .bind(token_hash)
-        .fetch_optional(&self.db.pool)
-        .await?;
-        Ok(user.map(|u| u.parse()).transpose()?)
-    }
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -201,58 +136,4 @@ pub async fn confirm(
         .await;
     crate::sessions::manage::announce(&state, user, ended).await;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[cfg(test)]
-mod conformance {
-    //! One suite on SQLite and on Postgres.
-
-    use unhidra_core::users::SystemRole;
-    use unhidra_testkit::on_each_database;
-
-    use super::*;
-    use crate::{
-        MIGRATIONS, NAME,
-        accounts::{AccountRepo, NewUser},
-    };
-
-    #[tokio::test]
-    async fn a_reset_token_works_once_and_only_while_fresh() -> anyhow::Result<()> {
-        on_each_database(|db| async move {
-            let database = Database::connect(db.url(), 2).await?;
-            database.migrate(NAME, MIGRATIONS).await?;
-            let user = UserId::new();
-            AccountRepo::new(database.clone())
-                .create_user(&NewUser {
-                    id: user,
-                    email: "ann@example.com",
-                    display_name: "ann",
-                    password_hash: "x",
-                    role: SystemRole::Member,
-                })
-                .await?;
-            let resets = ResetRepo::new(database.clone());
-            resets.create(user, "fresh").await?;
-            assert_eq!(resets.peek("fresh").await?, Some(user));
-            assert_eq!(
-                resets.peek("fresh").await?,
-                Some(user),
-                "peeking uses nothing"
-            );
-            assert_eq!(resets.redeem("fresh").await?, Some(user));
-            assert_eq!(resets.redeem("fresh").await?, None, "once");
-            assert_eq!(resets.peek("fresh").await?, None);
-
-            resets.create(user, "stale").await?;
-            sqlx::query("UPDATE password_resets SET expires_at = $1 WHERE token_hash = 'stale'")
-                .bind(now_millis() - 1)
-                .execute(&database.pool)
-                .await?;
-            assert_eq!(resets.peek("stale").await?, None);
-            assert_eq!(resets.redeem("stale").await?, None, "expired");
-            assert_eq!(resets.redeem("unknown").await?, None);
-            Ok(())
-        })
-        .await
-    }
 }

@@ -2,10 +2,16 @@
 //! `GET`/`PATCH /api/v1/users/me` with `POST /api/v1/users/me/deletion` (a
 //! request that an admin carries out).
 
-use axum::{Json, extract::State, http::StatusCode};
-use secrecy::SecretString;
+use axum::{
+    Json,
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use unhidra_core::{
+    config::Registration,
     events::{AuditEvent, AuditKind},
     ids::UserId,
     users::SystemRole,
@@ -15,6 +21,8 @@ use unhidra_runtime::{ApiError, ApiJson, CurrentUser, Throttle};
 use crate::{
     AuthState,
     accounts::{NewUser, Profile},
+    invites,
+    mail_tokens::{hash_token, new_token},
     passwords::{check_length, check_policy},
 };
 const MAX_DISPLAY_NAME_CHARS: usize = 64;
@@ -25,6 +33,8 @@ pub struct RegisterRequest {
     email: String,
     password: SecretString,
     display_name: Option<String>,
+    /// With `UNHIDRA_REGISTRATION=invite`: the code an admin gave.
+    invite: Option<SecretString>,
 }
 
 #[derive(Serialize)]
@@ -60,11 +70,25 @@ fn display_name(requested: Option<String>, email: &str) -> Result<String, ApiErr
     Ok(name)
 }
 
+/// What registering answered when email verification is on: the same for
+/// a new and a taken email.
+#[derive(Serialize)]
+pub struct VerificationSent {
+    status: &'static str,
+}
+
 pub async fn register(
     State(state): State<AuthState>,
     throttle: Throttle,
     ApiJson(request): ApiJson<RegisterRequest>,
-) -> Result<(StatusCode, Json<Registered>), ApiError> {
+) -> Result<Response, ApiError> {
+    let config = &state.ctx.config;
+    if config.registration == Registration::Closed {
+        return Err(ApiError::Denied {
+            code: "registration_closed",
+            message: "registration is closed; an admin creates accounts".into(),
+        });
+    }
     let limits = &state.service.limits;
     throttle.limit_ip(limits.register_ip.as_ref()).await?;
     check_length(&request.password)?;
@@ -75,6 +99,71 @@ pub async fn register(
         .await?;
     check_policy(&request.password, &email)?;
     let display_name = display_name(request.display_name, &email)?;
+    let invite = match (config.registration, request.invite) {
+        (Registration::Invite, None) => {
+            return Err(ApiError::Denied {
+                code: "invite_required",
+                message: "registration needs an invite".into(),
+            });
+        }
+        (Registration::Invite, Some(code)) => {
+            let code_hash = invites::hash_code(code.expose_secret());
+            if !state.service.invites.valid(&code_hash).await? {
+                return Err(invalid_invite());
+            }
+            Some(code_hash)
+        }
+        _ => None,
+    };
+    let account = NewAccount {
+        email,
+        display_name,
+        password: request.password,
+        invite,
+    };
+    if !config.email_verification {
+        let registered = create(&state, account, false).await?;
+        return Ok((StatusCode::CREATED, Json(registered)).into_response());
+    }
+    // The same answer, at once, for a new and a taken email; the work (and
+    // its time) happens after the response.
+    let worker = state.clone();
+    state.ctx.in_flight.spawn(async move {
+        if let Err(e) = register_and_mail(&worker, account).await {
+            tracing::error!(error = ?e, "registration with verification failed");
+        }
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(VerificationSent {
+            status: "check your email to finish registering",
+        }),
+    )
+        .into_response())
+}
+
+fn invalid_invite() -> ApiError {
+    ApiError::Denied {
+        code: "invalid_invite",
+        message: "the invite is unknown, used or expired".into(),
+    }
+}
+
+/// A registration that passed every check that does not depend on whether
+/// the email is taken.
+struct NewAccount {
+    email: String,
+    display_name: String,
+    password: SecretString,
+    invite: Option<String>,
+}
+
+/// Creates the account (using its invite up); 409 when the email is taken.
+async fn create(
+    state: &AuthState,
+    account: NewAccount,
+    unverified: bool,
+) -> Result<Registered, ApiError> {
     let taken = || ApiError::Conflict {
         code: "email_taken",
         message: "an account with this email exists".into(),
@@ -82,22 +171,30 @@ pub async fn register(
     let accounts = &state.service.accounts;
     // Checked before hashing so a taken email costs no argon2 work; the unique
     // index still decides races.
-    if accounts.email_taken(&email).await? {
+    if accounts.email_taken(&account.email).await? {
         return Err(taken());
     }
-    let hash = state.service.passwords.hash(request.password).await?;
+    let hash = state.service.passwords.hash(account.password).await?;
     let user_id = UserId::new();
     let created = accounts
         .create_user(&NewUser {
             id: user_id,
-            email: &email,
-            display_name: &display_name,
+            email: &account.email,
+            display_name: &account.display_name,
             password_hash: &hash,
             role: SystemRole::Member,
+            unverified,
         })
         .await?;
     if !created {
         return Err(taken());
+    }
+    if let Some(code_hash) = &account.invite {
+        if !state.service.invites.redeem(code_hash, user_id).await? {
+            // Used by a racing registration meanwhile: this one goes too.
+            accounts.delete(user_id).await?;
+            return Err(invalid_invite());
+        }
     }
     tracing::info!(%user_id, "user registered");
     state
@@ -108,14 +205,81 @@ pub async fn register(
             None,
         ))
         .await;
-    Ok((
-        StatusCode::CREATED,
-        Json(Registered {
-            user_id,
-            email,
-            display_name,
-        }),
-    ))
+    Ok(Registered {
+        user_id,
+        email: account.email,
+        display_name: account.display_name,
+    })
+}
+
+/// With verification on: a new email gets its account and a link; a taken
+/// one gets a warning to its owner instead.
+async fn register_and_mail(state: &AuthState, account: NewAccount) -> anyhow::Result<()> {
+    let email = account.email.clone();
+    let mailer = &state.service.mailer;
+    match create(state, account, true).await {
+        Ok(registered) => {
+            let (token, token_hash) = new_token();
+            state
+                .service
+                .verifications
+                .create(registered.user_id, &token_hash)
+                .await?;
+            let link = format!(
+                "{}/verify-email?token={token}",
+                state.ctx.config.public_url.trim_end_matches('/')
+            );
+            let body = format!(
+                "Welcome to Unhidra. To confirm this email address and finish \
+                 registering, open\n{link}\n\n\
+                 or send POST /api/v1/auth/verify with this token:\n{token}\n\n\
+                 It works once, for a day.\n"
+            );
+            mailer
+                .send(&email, "Confirm your email for Unhidra", body)
+                .await
+        }
+        Err(ApiError::Conflict { .. }) => {
+            let body = "Someone tried to register a new Unhidra account with this email \
+                        address, which already has one. If it was you, log in, or reset \
+                        your password. If not, you can ignore this mail.\n"
+                .to_owned();
+            mailer
+                .send(&email, "Your Unhidra account already exists", body)
+                .await
+        }
+        Err(e) => Err(anyhow::anyhow!("{e}")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    token: SecretString,
+}
+
+/// `POST /api/v1/auth/verify`: confirms an email with its mailed token.
+pub async fn verify(
+    State(state): State<AuthState>,
+    throttle: Throttle,
+    ApiJson(request): ApiJson<VerifyRequest>,
+) -> Result<StatusCode, ApiError> {
+    throttle
+        .limit_ip(state.service.limits.register_ip.as_ref())
+        .await?;
+    let token_hash = hash_token(request.token.expose_secret());
+    let user = state
+        .service
+        .verifications
+        .redeem(&token_hash)
+        .await?
+        .ok_or_else(|| ApiError::Unauthenticated {
+            code: "invalid_verification_token",
+            message: "the verification token is unknown, used or expired".into(),
+        })?;
+    state.service.accounts.verify_email(user).await?;
+    tracing::info!(user_id = %user, "email verified");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[cfg(test)]

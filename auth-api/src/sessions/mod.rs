@@ -135,6 +135,12 @@ pub async fn login(
         tracing::info!(%user_id, "login refused: account disabled");
         return Err(ApiError::AccountDisabled);
     }
+    if standing.unverified {
+        return Err(ApiError::Denied {
+            code: "email_not_verified",
+            message: "confirm your email with the link mailed to it first".into(),
+        });
+    }
     let logins = &state.service.metrics.logins;
 
     let session = SessionId::new();

@@ -66,16 +66,19 @@ impl SessionRepo {
     /// The user of the live session whose current refresh token hashes to
     /// `hash`, and what that user may do now.
     pub async fn owner(&self, hash: &str) -> anyhow::Result<Option<(UserId, Standing)>> {
-        let row: Option<(String, String, Option<i64>)> = sqlx::query_as(
-            "SELECT u.id, u.role, u.disabled_at FROM sessions s JOIN users u ON u.id = s.user_id
+        let row: Option<(String, String, Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT u.id, u.role, u.disabled_at, u.unverified_since
+             FROM sessions s JOIN users u ON u.id = s.user_id
              WHERE s.refresh_token_hash = $1 AND s.revoked_at IS NULL AND s.expires_at > $2",
         )
         .bind(hash)
         .bind(now_millis())
         .fetch_optional(&self.db.pool)
         .await?;
-        row.map(|(id, role, disabled_at)| Ok((id.parse()?, standing(&role, disabled_at)?)))
-            .transpose()
+        row.map(|(id, role, disabled_at, unverified)| {
+            Ok((id.parse()?, standing(&role, disabled_at, unverified)?))
+        })
+        .transpose()
     }
 
     /// Presents the refresh token hashing to `old_hash`: rotates it to
@@ -234,6 +237,7 @@ mod conformance {
                 display_name: "ann",
                 password_hash: "x",
                 role: SystemRole::Member,
+                unverified: false,
             })
             .await?;
         Ok((accounts, SessionRepo::new(database), user))

@@ -30,6 +30,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// Who may register.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Registration {
+    /// Anyone.
+    #[default]
+    Open,
+    /// With an invite code an admin created.
+    Invite,
+    /// Nobody; admins create accounts (`unhidra admin create`).
+    Closed,
+}
+
 /// The whole configuration of every Unhidra service.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -142,6 +155,12 @@ pub struct Config {
     /// `UNHIDRA_PUBLIC_URL`: where users reach this deployment, for links in
     /// mail (`http://127.0.0.1:9000`).
     pub public_url: String,
+    /// `UNHIDRA_REGISTRATION`: `open` (the default), `invite` or `closed`.
+    pub registration: Registration,
+    /// `UNHIDRA_EMAIL_VERIFICATION`: new accounts must confirm their email
+    /// before logging in (false). Registration then answers the same for a
+    /// new and a taken email, and mails the owner of a taken one instead.
+    pub email_verification: bool,
     /// `UNHIDRA_BOOTSTRAP_ADMIN_EMAIL` and `UNHIDRA_BOOTSTRAP_ADMIN_PASSWORD`:
     /// at start, auth-api makes this account an admin, creating it with this
     /// password if it does not exist (an existing account keeps its
@@ -247,6 +266,8 @@ impl Default for Config {
             smtp_url: None,
             mail_from: "Unhidra <no-reply@localhost>".to_owned(),
             public_url: "http://127.0.0.1:9000".to_owned(),
+            registration: Registration::Open,
+            email_verification: false,
             bootstrap_admin_email: None,
             bootstrap_admin_password: None,
             max_rooms_per_user: 1000,

@@ -70,6 +70,8 @@ pub enum AuditKind {
     DeletionRequested,
     /// An admin deleted an account.
     UserDeleted,
+    /// An admin created an invite.
+    InviteCreated,
     RoomCreated,
 }
 
@@ -89,6 +91,7 @@ impl AuditKind {
             Self::DeletionRequested => "deletion_requested",
             Self::PasswordReset => "password_reset",
             Self::UserDeleted => "user_deleted",
+            Self::InviteCreated => "invite_created",
             Self::RoomCreated => "room_created",
         }
     }

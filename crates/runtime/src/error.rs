@@ -31,6 +31,10 @@ pub enum ApiError {
     /// Authenticated but not allowed (403).
     #[error("{0}")]
     Forbidden(String),
+    /// Not allowed, for a reason with a code of its own, such as
+    /// `registration_closed` (403).
+    #[error("{message}")]
+    Denied { code: &'static str, message: String },
     /// The account was disabled by an admin (403).
     #[error("this account is disabled")]
     AccountDisabled,
@@ -102,7 +106,9 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) | Self::AccountDisabled => StatusCode::FORBIDDEN,
+            Self::Forbidden(_) | Self::AccountDisabled | Self::Denied { .. } => {
+                StatusCode::FORBIDDEN
+            }
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
@@ -123,7 +129,8 @@ impl ApiError {
         match self {
             Self::Unauthenticated { code, .. }
             | Self::Conflict { code, .. }
-            | Self::Unacceptable { code, .. } => code,
+            | Self::Unacceptable { code, .. }
+            | Self::Denied { code, .. } => code,
             Self::Forbidden(_) => "forbidden",
             Self::AccountDisabled => "account_disabled",
             Self::NotFound(_) => "not_found",

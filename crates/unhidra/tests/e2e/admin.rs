@@ -535,3 +535,161 @@ async fn users_manage_their_profile_and_admins_find_and_delete_accounts() -> Tes
     assert_eq!(status, StatusCode::CONFLICT);
     stack.app.stop().await
 }
+
+#[tokio::test]
+async fn registration_can_be_closed_or_by_invite() -> TestResult {
+    let register = |base: String, body: Value| async move {
+        post(&format!("{base}/api/v1/auth/register"), None, body).await
+    };
+    let closed = Embedded::start_with(Config {
+        registration: unhidra_core::config::Registration::Closed,
+        ..unhidra_testkit::config()
+    })
+    .await?;
+    let (status, body) = register(
+        closed.app.http(),
+        json!({"email": "a@example.com", "password": "correct horse battery"}),
+    )
+    .await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("registration_closed"))
+    );
+    closed.app.stop().await?;
+
+    let stack = Embedded::start_with(Config {
+        registration: unhidra_core::config::Registration::Invite,
+        ..with_bootstrap_admin()?
+    })
+    .await?;
+    let base = stack.app.http();
+    let admin = admin_token(&stack.api()).await?;
+    let newcomer = json!({"email": "new@example.com", "password": "correct horse battery"});
+    let (status, body) = register(base.clone(), newcomer.clone()).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("invite_required"))
+    );
+    let mut with_code = newcomer.clone();
+    with_code["invite"] = json!("made-up");
+    let (status, body) = register(base.clone(), with_code.clone()).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("invalid_invite"))
+    );
+
+    let (status, invite) = post(
+        &format!("{base}/api/v1/admin/invites"),
+        Some(&admin),
+        json!({}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED, "{invite}");
+    with_code["invite"] = invite["code"].clone();
+    assert_eq!(
+        register(base.clone(), with_code.clone()).await?.0,
+        StatusCode::CREATED
+    );
+    with_code["email"] = json!("second@example.com");
+    let (status, body) = register(base.clone(), with_code).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("invalid_invite")),
+        "used once"
+    );
+    stack.app.stop().await
+}
+
+/// The bodies of the mails in the embedded outbox to `email`, once there
+/// are `count`.
+async fn mails_to(
+    outbox: &std::path::Path,
+    email: &str,
+    count: usize,
+) -> Result<Vec<String>, Error> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mails: Vec<String> = std::fs::read_dir(outbox)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                    .filter(|m| m.contains(&format!("To: {email}")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if mails.len() >= count {
+            return Ok(mails);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("{} of {count} mails to {email}", mails.len()).into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn with_email_verification_registration_is_no_enumeration_oracle() -> TestResult {
+    let stack = Embedded::start_with(Config {
+        email_verification: true,
+        ..unhidra_testkit::config()
+    })
+    .await?;
+    let api = stack.api();
+    let base = stack.app.http();
+    let email = format!("vera-{}@example.com", uuid::Uuid::new_v4().simple());
+    let body = json!({"email": email, "password": "correct horse battery"});
+    let (first_status, first) =
+        post(&format!("{base}/api/v1/auth/register"), None, body.clone()).await?;
+    let (again_status, again) = post(&format!("{base}/api/v1/auth/register"), None, body).await?;
+    assert_eq!(
+        (first_status, again_status),
+        (StatusCode::ACCEPTED, StatusCode::ACCEPTED)
+    );
+    assert_eq!(first, again, "a taken email answers like a new one");
+
+    let mails = mails_to(&stack.data_dir.join("outbox"), &email, 2).await?;
+    assert!(
+        mails.iter().any(|m| m.contains("already has one")),
+        "the owner is told"
+    );
+    let confirm = mails
+        .iter()
+        .find(|m| m.contains("Confirm your email"))
+        .ok_or("no confirmation mail")?;
+    let token = confirm
+        .lines()
+        .skip_while(|l| !l.contains("with this token"))
+        .nth(1)
+        .map(str::trim)
+        .ok_or("no token")?
+        .to_owned();
+
+    let (status, body) = login_as(&api, &email, "correct horse battery").await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("email_not_verified"))
+    );
+    let (status, _) = post(
+        &format!("{base}/api/v1/auth/verify"),
+        None,
+        json!({"token": token}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        login_as(&api, &email, "correct horse battery").await?.0,
+        StatusCode::OK
+    );
+    let (status, body) = post(
+        &format!("{base}/api/v1/auth/verify"),
+        None,
+        json!({"token": token}),
+    )
+    .await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_verification_token"))
+    );
+    stack.app.stop().await
+}

@@ -1,0 +1,142 @@
+//! Tokens sent by mail (password resets, email verifications): 256 random
+//! bits, stored as SHA-256 in a table per kind, each valid for a while and
+//! used once.
+
+use std::time::Duration;
+
+use unhidra_core::ids::UserId;
+use unhidra_store::{Database, now_millis};
+
+pub use crate::sessions::{hash_refresh_token as hash_token, new_refresh_token as new_token};
+
+/// One kind of mailed token, in its own table.
+#[derive(Clone, Debug)]
+pub struct MailTokenRepo {
+    db: Database,
+    table: &'static str,
+    ttl: Duration,
+}
+
+impl MailTokenRepo {
+    /// Password resets: 15 minutes.
+    pub fn password_resets(db: Database) -> Self {
+        Self {
+            db,
+            table: "password_resets",
+            ttl: Duration::from_secs(15 * 60),
+        }
+    }
+
+    /// Email verifications: a day.
+    pub fn email_verifications(db: Database) -> Self {
+        Self {
+            db,
+            table: "email_verifications",
+            ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+
+    pub async fn create(&self, user: UserId, token_hash: &str) -> anyhow::Result<()> {
+        let now = now_millis();
+        let ttl = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
+        let insert = format!(
+            "INSERT INTO {} (token_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
+            self.table
+        );
+        sqlx::query(&insert)
+            .bind(token_hash)
+            .bind(user.to_string())
+            .bind(now)
+            .bind(now.saturating_add(ttl))
+            .execute(&self.db.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The user a live, unused token belongs to, without using it.
+    pub async fn peek(&self, token_hash: &str) -> anyhow::Result<Option<UserId>> {
+        let select = format!(
+            "SELECT user_id FROM {} WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2",
+            self.table
+        );
+        let user: Option<String> = sqlx::query_scalar(&select)
+            .bind(token_hash)
+            .bind(now_millis())
+            .fetch_optional(&self.db.pool)
+            .await?;
+        Ok(user.map(|u| u.parse()).transpose()?)
+    }
+
+    /// Uses the token up; its user, if it was live and unused (in one
+    /// statement, so a token works once even when raced).
+    pub async fn redeem(&self, token_hash: &str) -> anyhow::Result<Option<UserId>> {
+        let now = now_millis();
+        let update = format!(
+            "UPDATE {} SET used_at = $1
+             WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1
+             RETURNING user_id",
+            self.table
+        );
+        let user: Option<String> = sqlx::query_scalar(&update)
+            .bind(now)
+            .bind(token_hash)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        Ok(user.map(|u| u.parse()).transpose()?)
+    }
+}
+
+#[cfg(test)]
+mod conformance {
+    //! One suite on SQLite and on Postgres.
+
+    use unhidra_core::users::SystemRole;
+    use unhidra_testkit::on_each_database;
+
+    use super::*;
+    use crate::{
+        MIGRATIONS, NAME,
+        accounts::{AccountRepo, NewUser},
+    };
+
+    #[tokio::test]
+    async fn a_mailed_token_works_once_and_only_while_fresh() -> anyhow::Result<()> {
+        on_each_database(|db| async move {
+            let database = Database::connect(db.url(), 2).await?;
+            database.migrate(NAME, MIGRATIONS).await?;
+            let user = UserId::new();
+            AccountRepo::new(database.clone())
+                .create_user(&NewUser {
+                    id: user,
+                    email: "ann@example.com",
+                    display_name: "ann",
+                    password_hash: "x",
+                    role: SystemRole::Member,
+                    unverified: false,
+                })
+                .await?;
+            let resets = MailTokenRepo::password_resets(database.clone());
+            resets.create(user, "fresh").await?;
+            assert_eq!(resets.peek("fresh").await?, Some(user));
+            assert_eq!(
+                resets.peek("fresh").await?,
+                Some(user),
+                "peeking uses nothing"
+            );
+            assert_eq!(resets.redeem("fresh").await?, Some(user));
+            assert_eq!(resets.redeem("fresh").await?, None, "once");
+            assert_eq!(resets.peek("fresh").await?, None);
+
+            resets.create(user, "stale").await?;
+            sqlx::query("UPDATE password_resets SET expires_at = $1 WHERE token_hash = 'stale'")
+                .bind(now_millis() - 1)
+                .execute(&database.pool)
+                .await?;
+            assert_eq!(resets.peek("stale").await?, None);
+            assert_eq!(resets.redeem("stale").await?, None, "expired");
+            assert_eq!(resets.redeem("unknown").await?, None);
+            Ok(())
+        })
+        .await
+    }
+}
