@@ -393,7 +393,7 @@ impl AccountRepo {
 }
 
 #[cfg(test)]
-mod conformance {
+pub(crate) mod conformance {
     //! One suite on SQLite and on Postgres.
 
     use unhidra_testkit::on_each_database;
@@ -405,6 +405,25 @@ mod conformance {
         let database = Database::connect(url, 2).await?;
         database.migrate(NAME, MIGRATIONS).await?;
         Ok(AccountRepo::new(database))
+    }
+
+    /// A migrated auth database holding one member, `ann@example.com`: what
+    /// the session and mailed-token suites start from.
+    pub(crate) async fn with_ann(url: &str) -> anyhow::Result<(Database, UserId)> {
+        let database = Database::connect(url, 2).await?;
+        database.migrate(NAME, MIGRATIONS).await?;
+        let user = UserId::new();
+        AccountRepo::new(database.clone())
+            .create_user(&NewUser {
+                id: user,
+                email: "ann@example.com",
+                display_name: "ann",
+                password_hash: "x",
+                role: SystemRole::Member,
+                unverified: false,
+            })
+            .await?;
+        Ok((database, user))
     }
 
     #[tokio::test]
@@ -512,18 +531,8 @@ mod conformance {
     #[tokio::test]
     async fn failed_logins_in_a_row_lock_with_growing_times() -> anyhow::Result<()> {
         on_each_database(|db| async move {
-            let accounts = open(db.url()).await?;
-            let user = UserId::new();
-            accounts
-                .create_user(&NewUser {
-                    id: user,
-                    email: "ann@example.com",
-                    display_name: "ann",
-                    password_hash: "x",
-                    role: SystemRole::Member,
-                    unverified: false,
-                })
-                .await?;
+            let (database, user) = with_ann(db.url()).await?;
+            let accounts = AccountRepo::new(database);
             let policy = LockoutPolicy {
                 failures: 3,
                 first_ms: 60_000,

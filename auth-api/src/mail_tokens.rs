@@ -90,31 +90,15 @@ impl MailTokenRepo {
 mod conformance {
     //! One suite on SQLite and on Postgres.
 
-    use unhidra_core::users::SystemRole;
     use unhidra_testkit::on_each_database;
 
     use super::*;
-    use crate::{
-        MIGRATIONS, NAME,
-        accounts::{AccountRepo, NewUser},
-    };
+    use crate::accounts::conformance::with_ann;
 
     #[tokio::test]
     async fn a_mailed_token_works_once_and_only_while_fresh() -> anyhow::Result<()> {
         on_each_database(|db| async move {
-            let database = Database::connect(db.url(), 2).await?;
-            database.migrate(NAME, MIGRATIONS).await?;
-            let user = UserId::new();
-            AccountRepo::new(database.clone())
-                .create_user(&NewUser {
-                    id: user,
-                    email: "ann@example.com",
-                    display_name: "ann",
-                    password_hash: "x",
-                    role: SystemRole::Member,
-                    unverified: false,
-                })
-                .await?;
+            let (database, user) = with_ann(db.url()).await?;
             let resets = MailTokenRepo::password_resets(database.clone());
             resets.create(user, "fresh").await?;
             assert_eq!(resets.peek("fresh").await?, Some(user));

@@ -216,38 +216,21 @@ impl SessionRepo {
 mod conformance {
     //! One suite on SQLite and on Postgres.
 
-    use unhidra_core::users::SystemRole;
     use unhidra_testkit::on_each_database;
 
     use super::*;
-    use crate::{
-        MIGRATIONS, NAME,
-        accounts::{AccountRepo, NewUser},
-    };
+    use crate::accounts::conformance::with_ann;
 
-    async fn open(url: &str) -> anyhow::Result<(AccountRepo, SessionRepo, UserId)> {
-        let database = Database::connect(url, 2).await?;
-        database.migrate(NAME, MIGRATIONS).await?;
-        let accounts = AccountRepo::new(database.clone());
-        let user = UserId::new();
-        accounts
-            .create_user(&NewUser {
-                id: user,
-                email: "ann@example.com",
-                display_name: "ann",
-                password_hash: "x",
-                role: SystemRole::Member,
-                unverified: false,
-            })
-            .await?;
-        Ok((accounts, SessionRepo::new(database), user))
+    async fn open(url: &str) -> anyhow::Result<(SessionRepo, UserId)> {
+        let (database, user) = with_ann(url).await?;
+        Ok((SessionRepo::new(database), user))
     }
 
     #[tokio::test]
     async fn a_refresh_token_rotates_once_and_a_reused_one_revokes_its_session()
     -> anyhow::Result<()> {
         on_each_database(|db| async move {
-            let (_, sessions, user) = open(db.url()).await?;
+            let (sessions, user) = open(db.url()).await?;
             let session = SessionId::new();
             sessions.open(session, user, "h1", 60_000).await?;
             assert!(sessions.owner("h1").await?.is_some());
@@ -284,7 +267,7 @@ mod conformance {
     #[tokio::test]
     async fn sessions_are_listed_and_revoked_by_their_user_only() -> anyhow::Result<()> {
         on_each_database(|db| async move {
-            let (_, sessions, user) = open(db.url()).await?;
+            let (sessions, user) = open(db.url()).await?;
             let (first, second, third) = (SessionId::new(), SessionId::new(), SessionId::new());
             for (id, hash) in [(first, "a"), (second, "b"), (third, "c")] {
                 sessions.open(id, user, hash, 60_000).await?;
