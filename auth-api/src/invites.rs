@@ -16,7 +16,7 @@ use unhidra_store::{Database, now_millis};
 
 use crate::{
     AuthState,
-    mail_tokens::{hash_token, new_token},
+    one_time_tokens::{hash_token, new_token},
 };
 
 const DEFAULT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);

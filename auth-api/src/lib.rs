@@ -6,7 +6,8 @@ mod accounts;
 mod admin;
 mod invites;
 mod mail;
-mod mail_tokens;
+mod mfa;
+mod one_time_tokens;
 mod passwords;
 mod resets;
 mod sessions;
@@ -33,7 +34,8 @@ use crate::{
     accounts::{AccountRepo, LockoutPolicy},
     invites::InviteRepo,
     mail::Mailer,
-    mail_tokens::MailTokenRepo,
+    mfa::MfaRepo,
+    one_time_tokens::OneTimeTokenRepo,
     passwords::Passwords,
     sessions::SessionRepo,
     signing_keys::{SigningKeyRepo, SigningKeys},
@@ -78,6 +80,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "registration",
         sql: include_str!("../migrations/0007_registration.sql"),
     },
+    Migration {
+        version: 8,
+        name: "mfa",
+        sql: include_str!("../migrations/0008_mfa.sql"),
+    },
 ];
 
 /// auth-api's part of its handlers' state.
@@ -85,8 +92,10 @@ const MIGRATIONS: &[Migration] = &[
 struct Auth {
     accounts: AccountRepo,
     sessions: SessionRepo,
-    resets: MailTokenRepo,
-    verifications: MailTokenRepo,
+    resets: OneTimeTokenRepo,
+    verifications: OneTimeTokenRepo,
+    mfa: MfaRepo,
+    mfa_challenges: OneTimeTokenRepo,
     invites: InviteRepo,
     mailer: Mailer,
     passwords: Passwords,
@@ -174,8 +183,10 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         service: Auth {
             accounts,
             sessions: SessionRepo::new(db.clone()),
-            resets: MailTokenRepo::password_resets(db.clone()),
-            verifications: MailTokenRepo::email_verifications(db.clone()),
+            resets: OneTimeTokenRepo::password_resets(db.clone()),
+            verifications: OneTimeTokenRepo::email_verifications(db.clone()),
+            mfa: MfaRepo::new(db.clone()),
+            mfa_challenges: OneTimeTokenRepo::mfa_challenges(db.clone()),
             invites: InviteRepo::new(db.clone()),
             mailer: Mailer::from_config(&ctx.config)?,
             passwords,
@@ -210,7 +221,11 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         )
         .route("/api/v1/auth/password/reset", post(resets::request))
         .route("/api/v1/auth/password/reset/confirm", post(resets::confirm))
-        .route("/api/v1/auth/verify", post(users::verify));
+        .route("/api/v1/auth/verify", post(users::verify))
+        .route("/api/v1/auth/login/mfa", post(mfa::login))
+        .route("/api/v1/auth/mfa/totp", post(mfa::enrol))
+        .route("/api/v1/auth/mfa/totp/confirm", post(mfa::confirm))
+        .route("/api/v1/auth/mfa/totp/disable", post(mfa::disable));
     let own_sessions = Router::new()
         .route("/api/v1/auth/logout", post(sessions::manage::logout))
         .route(

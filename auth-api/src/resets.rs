@@ -12,7 +12,7 @@ use unhidra_runtime::{ApiError, ApiJson, Throttle};
 
 use crate::{
     AuthState,
-    mail_tokens::{hash_token, new_token},
+    one_time_tokens::{hash_token, new_token},
     passwords::{check_length, check_policy},
     users::normalize_email,
 };

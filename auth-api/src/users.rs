@@ -22,7 +22,7 @@ use crate::{
     AuthState,
     accounts::{NewUser, Profile},
     invites,
-    mail_tokens::{hash_token, new_token},
+    one_time_tokens::{hash_token, new_token},
     passwords::{check_length, check_policy},
 };
 const MAX_DISPLAY_NAME_CHARS: usize = 64;

@@ -9,7 +9,11 @@
 pub mod manage;
 mod repo;
 
-use axum::{Json, extract::State};
+use axum::{
+    Json,
+    extract::State,
+    response::{IntoResponse, Response},
+};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
@@ -97,7 +101,7 @@ pub async fn login(
     State(state): State<AuthState>,
     throttle: Throttle,
     ApiJson(request): ApiJson<LoginRequest>,
-) -> Result<Json<Tokens>, ApiError> {
+) -> Result<Response, ApiError> {
     let limits = &state.service.limits;
     throttle.limit_ip(limits.login_ip.as_ref()).await?;
     check_length(&request.password)?;
@@ -141,8 +145,25 @@ pub async fn login(
             message: "confirm your email with the link mailed to it first".into(),
         });
     }
-    let logins = &state.service.metrics.logins;
+    if state
+        .service
+        .mfa
+        .totp(user_id)
+        .await?
+        .is_some_and(|t| t.confirmed)
+    {
+        return crate::mfa::challenge(&state, user_id).await;
+    }
+    Ok(Json(open_session(&state, user_id, standing.role).await?).into_response())
+}
 
+/// Opens a session for `user` (whose credentials were checked) and issues
+/// its tokens.
+pub async fn open_session(
+    state: &AuthState,
+    user_id: UserId,
+    role: SystemRole,
+) -> Result<Tokens, ApiError> {
     let session = SessionId::new();
     let (refresh_token, refresh_hash) = new_refresh_token();
     let refresh_ttl_ms = i64::try_from(state.ctx.config.refresh_token_ttl_secs)
@@ -153,8 +174,13 @@ pub async fn login(
         .sessions
         .open(session, user_id, &refresh_hash, refresh_ttl_ms)
         .await?;
-    let access_token = access_token(&state, user_id, session, standing.role)?;
-    logins.with_label_values(&["success"]).inc();
+    let access_token = access_token(state, user_id, session, role)?;
+    state
+        .service
+        .metrics
+        .logins
+        .with_label_values(&["success"])
+        .inc();
     tracing::info!(%user_id, session_id = %session, "login");
     state
         .ctx
@@ -164,23 +190,23 @@ pub async fn login(
             None,
         ))
         .await;
-    Ok(Json(Tokens {
+    Ok(Tokens {
         access_token,
         refresh_token,
         token_type: "Bearer",
         expires_in: state.ctx.config.access_token_ttl_secs,
         user_id,
-    }))
+    })
 }
 
-fn clock_millis(state: &AuthState) -> i64 {
+pub fn clock_millis(state: &AuthState) -> i64 {
     i64::try_from(state.ctx.clock.now().as_millis()).unwrap_or(i64::MAX)
 }
 
 /// A wrong password or unknown email: counted against the account (which
 /// may lock) and the address (which may be blocked on every node), audited,
 /// and answered like every other failed login.
-async fn failed_login(
+pub async fn failed_login(
     state: &AuthState,
     ip: &ClientIp,
     user: Option<UserId>,

@@ -72,6 +72,10 @@ pub enum AuditKind {
     UserDeleted,
     /// An admin created an invite.
     InviteCreated,
+    /// A user turned two-factor authentication on.
+    MfaEnabled,
+    /// A user turned two-factor authentication off.
+    MfaDisabled,
     RoomCreated,
 }
 
@@ -92,6 +96,8 @@ impl AuditKind {
             Self::PasswordReset => "password_reset",
             Self::UserDeleted => "user_deleted",
             Self::InviteCreated => "invite_created",
+            Self::MfaEnabled => "mfa_enabled",
+            Self::MfaDisabled => "mfa_disabled",
             Self::RoomCreated => "room_created",
         }
     }

@@ -509,3 +509,129 @@ async fn reset_mail_goes_out_over_smtp_when_configured() -> TestResult {
     );
     stack.app.stop().await
 }
+
+/// RFC 6238 TOTP, written here independently of the server's.
+fn totp(secret_base32: &str, now: std::time::Duration) -> Result<String, Error> {
+    let secret = data_encoding::BASE32_NOPAD.decode(secret_base32.as_bytes())?;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &secret);
+    let mac = ring::hmac::sign(&key, &(now.as_secs() / 30).to_be_bytes());
+    let mac = mac.as_ref();
+    let at = usize::from(mac[19] & 0x0f);
+    let value = u32::from_be_bytes([mac[at] & 0x7f, mac[at + 1], mac[at + 2], mac[at + 3]]);
+    Ok(format!("{:06}", value % 1_000_000))
+}
+
+#[tokio::test]
+async fn totp_makes_login_two_steps_with_codes_and_recovery_codes_used_once() -> TestResult {
+    use unhidra_core::clock::{Clock, ManualClock, SystemClock};
+    let clock = std::sync::Arc::new(ManualClock::starting_at(SystemClock.now()));
+    let stack = Embedded::start_on_clock(unhidra_testkit::config(), clock.clone()).await?;
+    let api = stack.api();
+    let base = stack.app.http();
+    let email = register(&api, "ann").await?;
+    let ann = login(&api, &email).await?;
+    let totp_url = format!("{base}/api/v1/auth/mfa/totp");
+
+    let (status, enrolment) = post(&totp_url, Some(&ann.access), json!({})).await?;
+    assert_eq!(status, StatusCode::CREATED);
+    let secret = str_of(&enrolment, "secret")?;
+    assert!(str_of(&enrolment, "otpauth_uri")?.starts_with("otpauth://totp/unhidra:"));
+    assert!(str_of(&enrolment, "qr_svg")?.contains("<svg"));
+    let confirm = format!("{totp_url}/confirm");
+    let (status, body) = post(&confirm, Some(&ann.access), json!({"code": "000000"})).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_mfa_code"))
+    );
+    let first_code = totp(&secret, clock.now())?;
+    let (status, codes) = post(&confirm, Some(&ann.access), json!({"code": first_code})).await?;
+    assert_eq!(status, StatusCode::OK, "{codes}");
+    let recovery: Vec<String> = codes["recovery_codes"]
+        .as_array()
+        .ok_or("recovery codes")?
+        .iter()
+        .filter_map(|c| c.as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(recovery.len(), 10);
+    let (status, body) = post(&totp_url, Some(&ann.access), json!({})).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::CONFLICT, Some("mfa_enabled"))
+    );
+
+    // The password alone gives an MFA token, not a session.
+    let first_step = |email: String| {
+        let url = format!("{}/api/v1/auth/login", stack.app.http());
+        async move {
+            let (status, body) = post(
+                &url,
+                None,
+                json!({"email": email, "password": "correct horse battery"}),
+            )
+            .await?;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(body["mfa_required"], true);
+            assert!(body["access_token"].is_null());
+            str_of(&body, "mfa_token")
+        }
+    };
+    let second_step = |body: Value| {
+        let url = format!("{}/api/v1/auth/login/mfa", stack.app.http());
+        async move { post(&url, None, body).await }
+    };
+    // The code that confirmed enrolment is used up.
+    let token = first_step(email.clone()).await?;
+    let (status, body) = second_step(json!({"mfa_token": token, "code": first_code})).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_mfa_code"))
+    );
+    let (status, body) = second_step(json!({"mfa_token": token, "code": first_code})).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_mfa_token")),
+        "one guess per password"
+    );
+
+    clock.advance(std::time::Duration::from_secs(30));
+    let token = first_step(email.clone()).await?;
+    let (status, tokens) =
+        second_step(json!({"mfa_token": token, "code": totp(&secret, clock.now())?})).await?;
+    assert_eq!(status, StatusCode::OK, "{tokens}");
+    assert!(tokens["access_token"].is_string());
+
+    let token = first_step(email.clone()).await?;
+    let (status, _) =
+        second_step(json!({"mfa_token": token, "recovery_code": recovery[0]})).await?;
+    assert_eq!(status, StatusCode::OK);
+    let token = first_step(email.clone()).await?;
+    let (status, _) =
+        second_step(json!({"mfa_token": token, "recovery_code": recovery[0]})).await?;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "a recovery code works once"
+    );
+
+    // Turning it off needs the password and a code again.
+    let disable = format!("{totp_url}/disable");
+    clock.advance(std::time::Duration::from_secs(30));
+    let code = totp(&secret, clock.now())?;
+    let (status, _) = post(
+        &disable,
+        Some(&ann.access),
+        json!({"password": "wrong password", "code": code}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = post(
+        &disable,
+        Some(&ann.access),
+        json!({"password": "correct horse battery", "code": code}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let plain = login(&api, &email).await?;
+    assert!(!plain.access.is_empty(), "one step again");
+    stack.app.stop().await
+}

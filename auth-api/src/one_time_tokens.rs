@@ -1,6 +1,6 @@
-//! Tokens sent by mail (password resets, email verifications): 256 random
-//! bits, stored as SHA-256 in a table per kind, each valid for a while and
-//! used once.
+//! One-time tokens (password resets and email verifications sent by mail,
+//! the second step of an MFA login): 256 random bits, stored as SHA-256 in a
+//! table per kind, each valid for a while and used once.
 
 use std::time::Duration;
 
@@ -9,21 +9,30 @@ use unhidra_store::{Database, now_millis};
 
 pub use crate::sessions::{hash_refresh_token as hash_token, new_refresh_token as new_token};
 
-/// One kind of mailed token, in its own table.
+/// One kind of one-time token, in its own table.
 #[derive(Clone, Debug)]
-pub struct MailTokenRepo {
+pub struct OneTimeTokenRepo {
     db: Database,
     table: &'static str,
     ttl: Duration,
 }
 
-impl MailTokenRepo {
+impl OneTimeTokenRepo {
     /// Password resets: 15 minutes.
     pub fn password_resets(db: Database) -> Self {
         Self {
             db,
             table: "password_resets",
             ttl: Duration::from_secs(15 * 60),
+        }
+    }
+
+    /// The second step of a login with MFA: five minutes.
+    pub fn mfa_challenges(db: Database) -> Self {
+        Self {
+            db,
+            table: "mfa_challenges",
+            ttl: Duration::from_secs(5 * 60),
         }
     }
 
@@ -96,10 +105,10 @@ mod conformance {
     use crate::accounts::conformance::with_ann;
 
     #[tokio::test]
-    async fn a_mailed_token_works_once_and_only_while_fresh() -> anyhow::Result<()> {
+    async fn a_one_time_token_works_once_and_only_while_fresh() -> anyhow::Result<()> {
         on_each_database(|db| async move {
             let (database, user) = with_ann(db.url()).await?;
-            let resets = MailTokenRepo::password_resets(database.clone());
+            let resets = OneTimeTokenRepo::password_resets(database.clone());
             resets.create(user, "fresh").await?;
             assert_eq!(resets.peek("fresh").await?, Some(user));
             assert_eq!(
