@@ -4,6 +4,7 @@
 
 mod accounts;
 mod admin;
+mod devices;
 mod invites;
 mod mail;
 mod mfa;
@@ -17,7 +18,7 @@ mod users;
 use axum::{
     Json, Router,
     extract::State,
-    routing::{delete, get, post},
+    routing::{delete, get, patch, post},
 };
 use prometheus::{IntCounter, IntCounterVec};
 use tokio::net::TcpListener;
@@ -32,6 +33,7 @@ use unhidra_store::{Database, Migration};
 
 use crate::{
     accounts::{AccountRepo, LockoutPolicy},
+    devices::DeviceRepo,
     invites::InviteRepo,
     mail::Mailer,
     mfa::MfaRepo,
@@ -85,6 +87,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "mfa",
         sql: include_str!("../migrations/0008_mfa.sql"),
     },
+    Migration {
+        version: 9,
+        name: "devices",
+        sql: include_str!("../migrations/0009_devices.sql"),
+    },
 ];
 
 /// auth-api's part of its handlers' state.
@@ -95,6 +102,7 @@ struct Auth {
     resets: OneTimeTokenRepo,
     verifications: OneTimeTokenRepo,
     mfa: MfaRepo,
+    devices: DeviceRepo,
     mfa_challenges: OneTimeTokenRepo,
     invites: InviteRepo,
     mailer: Mailer,
@@ -186,6 +194,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
             resets: OneTimeTokenRepo::password_resets(db.clone()),
             verifications: OneTimeTokenRepo::email_verifications(db.clone()),
             mfa: MfaRepo::new(db.clone()),
+            devices: DeviceRepo::new(db.clone()),
             mfa_challenges: OneTimeTokenRepo::mfa_challenges(db.clone()),
             invites: InviteRepo::new(db.clone()),
             mailer: Mailer::from_config(&ctx.config)?,
@@ -239,6 +248,14 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
     let router = body_limit(credentials, ctx.config.auth_body_limit_bytes)
         .merge(own_sessions)
         .route("/api/v1/users/me", get(users::me).patch(users::update_me))
+        .route(
+            "/api/v1/devices",
+            get(devices::list).post(devices::register),
+        )
+        .route(
+            "/api/v1/devices/{device_id}",
+            patch(devices::rename).delete(devices::revoke),
+        )
         .route("/api/v1/users/me/deletion", post(users::request_deletion))
         .route("/api/v1/admin/users", get(admin::list_users))
         .route(

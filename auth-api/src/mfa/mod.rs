@@ -30,7 +30,7 @@ pub use self::repo::MfaRepo;
 use crate::{
     AuthState,
     one_time_tokens::{hash_token, new_token},
-    sessions::{clock_millis, failed_login, open_session},
+    sessions::{clock_millis, failed_login, open_session, own_device},
 };
 
 /// Recovery codes given at confirmation.
@@ -233,6 +233,8 @@ pub async fn challenge(state: &AuthState, user: UserId) -> Result<Response, ApiE
 #[serde(deny_unknown_fields)]
 pub struct MfaLogin {
     mfa_token: SecretString,
+    /// As in the first step: one of the user's registered devices.
+    device_id: Option<String>,
     #[serde(flatten)]
     factor: SecondFactor,
 }
@@ -272,7 +274,8 @@ pub async fn login(
         .standing(user)
         .await?
         .ok_or_else(|| ApiError::unauthenticated("no such account"))?;
-    Ok(Json(open_session(&state, user, standing.role).await?).into_response())
+    let device = own_device(&state, user, request.device_id.as_deref()).await?;
+    Ok(Json(open_session(&state, user, standing.role, device).await?).into_response())
 }
 
 #[derive(Deserialize)]

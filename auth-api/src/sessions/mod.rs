@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use unhidra_core::{
     events::{AuditEvent, AuditKind},
-    ids::{SessionId, UserId},
+    ids::{DeviceId, SessionId, UserId},
     token::AccessClaims,
     users::SystemRole,
 };
@@ -35,6 +35,8 @@ use crate::{AuthState, passwords::check_length, users::normalize_email};
 pub struct LoginRequest {
     email: String,
     password: SecretString,
+    /// One of the user's registered devices, to bind the session to.
+    device_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -79,6 +81,7 @@ fn access_token(
     user: UserId,
     session: SessionId,
     role: SystemRole,
+    device: Option<DeviceId>,
 ) -> Result<String, ApiError> {
     let now = chrono::Utc::now().timestamp();
     let ttl = i64::try_from(state.ctx.config.access_token_ttl_secs).unwrap_or(i64::MAX);
@@ -86,6 +89,7 @@ fn access_token(
         sub: user.to_string(),
         sid: session.to_string(),
         role,
+        did: device.map(|d| d.to_string()),
         jti: uuid::Uuid::now_v7().to_string(),
         iat: now,
         exp: now.saturating_add(ttl),
@@ -145,6 +149,7 @@ pub async fn login(
             message: "confirm your email with the link mailed to it first".into(),
         });
     }
+    let device = own_device(&state, user_id, request.device_id.as_deref()).await?;
     if state
         .service
         .mfa
@@ -154,7 +159,27 @@ pub async fn login(
     {
         return crate::mfa::challenge(&state, user_id).await;
     }
-    Ok(Json(open_session(&state, user_id, standing.role).await?).into_response())
+    Ok(Json(open_session(&state, user_id, standing.role, device).await?).into_response())
+}
+
+/// The device a login names, if it is a live one of `user`'s.
+pub async fn own_device(
+    state: &AuthState,
+    user: UserId,
+    device: Option<&str>,
+) -> Result<Option<DeviceId>, ApiError> {
+    let Some(device) = device else {
+        return Ok(None);
+    };
+    let unknown = || ApiError::Unacceptable {
+        code: "unknown_device",
+        message: "device_id names no registered device of this account".into(),
+    };
+    let device: DeviceId = device.parse().map_err(|_| unknown())?;
+    if !state.service.devices.owns(user, device).await? {
+        return Err(unknown());
+    }
+    Ok(Some(device))
 }
 
 /// Opens a session for `user` (whose credentials were checked) and issues
@@ -163,6 +188,7 @@ pub async fn open_session(
     state: &AuthState,
     user_id: UserId,
     role: SystemRole,
+    device: Option<DeviceId>,
 ) -> Result<Tokens, ApiError> {
     let session = SessionId::new();
     let (refresh_token, refresh_hash) = new_refresh_token();
@@ -172,9 +198,9 @@ pub async fn open_session(
     state
         .service
         .sessions
-        .open(session, user_id, &refresh_hash, refresh_ttl_ms)
+        .open(session, user_id, device, &refresh_hash, refresh_ttl_ms)
         .await?;
-    let access_token = access_token(state, user_id, session, role)?;
+    let access_token = access_token(state, user_id, session, role, device)?;
     state
         .service
         .metrics
@@ -300,7 +326,8 @@ pub async fn refresh(
         }
         Rotation::Refused => return Err(refused()),
     };
-    let access_token = access_token(&state, user, session, standing.role)?;
+    let device = sessions.device_of(session).await?;
+    let access_token = access_token(&state, user, session, standing.role, device)?;
     Ok(Json(Tokens {
         access_token,
         refresh_token,

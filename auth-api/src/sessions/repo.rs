@@ -3,7 +3,7 @@
 //! that a refresh token used twice is recognised and its whole session
 //! revoked (a stolen token and its rightful owner cannot both go on).
 
-use unhidra_core::ids::{SessionId, UserId};
+use unhidra_core::ids::{DeviceId, SessionId, UserId};
 use unhidra_store::{Database, now_millis};
 
 use crate::accounts::{Standing, standing};
@@ -39,28 +39,59 @@ impl SessionRepo {
         Self { db }
     }
 
-    /// Opens a session whose refresh token hashes to `refresh_hash`, valid
-    /// for `ttl_ms`.
+    /// Opens a session (on `device`, if given) whose refresh token hashes
+    /// to `refresh_hash`, valid for `ttl_ms`.
     pub async fn open(
         &self,
         session: SessionId,
         user: UserId,
+        device: Option<DeviceId>,
         refresh_hash: &str,
         ttl_ms: i64,
     ) -> anyhow::Result<()> {
         let now = now_millis();
         sqlx::query(
-            "INSERT INTO sessions (id, user_id, refresh_token_hash, created_at, expires_at)
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO sessions (id, user_id, device_id, refresh_token_hash, created_at, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(session.to_string())
         .bind(user.to_string())
+        .bind(device.map(|d| d.to_string()))
         .bind(refresh_hash)
         .bind(now)
         .bind(now.saturating_add(ttl_ms))
         .execute(&self.db.pool)
         .await?;
         Ok(())
+    }
+
+    /// The device a session was opened on, if any.
+    pub async fn device_of(&self, session: SessionId) -> anyhow::Result<Option<DeviceId>> {
+        let device: Option<Option<String>> =
+            sqlx::query_scalar("SELECT device_id FROM sessions WHERE id = $1")
+                .bind(session.to_string())
+                .fetch_optional(&self.db.pool)
+                .await?;
+        Ok(device.flatten().map(|d| d.parse()).transpose()?)
+    }
+
+    /// Revokes every live session of `user` opened on `device`.
+    pub async fn revoke_device(
+        &self,
+        user: UserId,
+        device: DeviceId,
+    ) -> anyhow::Result<Vec<SessionId>> {
+        let revoked: Vec<(String,)> = sqlx::query_as(
+            "UPDATE sessions SET revoked_at = $1
+             WHERE user_id = $2 AND device_id = $3 AND revoked_at IS NULL
+             RETURNING id",
+        )
+        .bind(now_millis())
+        .bind(user.to_string())
+        .bind(device.to_string())
+        .fetch_all(&self.db.pool)
+        .await?;
+        revoked.into_iter().map(|(id,)| Ok(id.parse()?)).collect()
     }
 
     /// The user of the live session whose current refresh token hashes to
@@ -232,7 +263,7 @@ mod conformance {
         on_each_database(|db| async move {
             let (sessions, user) = open(db.url()).await?;
             let session = SessionId::new();
-            sessions.open(session, user, "h1", 60_000).await?;
+            sessions.open(session, user, None, "h1", 60_000).await?;
             assert!(sessions.owner("h1").await?.is_some());
             assert_eq!(
                 sessions.rotate("h1", "h2").await?,
@@ -257,7 +288,7 @@ mod conformance {
             assert_eq!(sessions.rotate("nothing", "h7").await?, Rotation::Refused);
 
             let expired = SessionId::new();
-            sessions.open(expired, user, "old", -1).await?;
+            sessions.open(expired, user, None, "old", -1).await?;
             assert_eq!(sessions.rotate("old", "new").await?, Rotation::Refused);
             Ok(())
         })
@@ -270,7 +301,7 @@ mod conformance {
             let (sessions, user) = open(db.url()).await?;
             let (first, second, third) = (SessionId::new(), SessionId::new(), SessionId::new());
             for (id, hash) in [(first, "a"), (second, "b"), (third, "c")] {
-                sessions.open(id, user, hash, 60_000).await?;
+                sessions.open(id, user, None, hash, 60_000).await?;
             }
             let listed: Vec<SessionId> = sessions.live(user).await?.iter().map(|s| s.id).collect();
             assert_eq!(listed.len(), 3);
@@ -284,9 +315,17 @@ mod conformance {
                 "all but the one kept"
             );
             assert_eq!(sessions.revoke_all(user).await?, vec![second]);
+            let phone = DeviceId::new();
+            let on_phone = SessionId::new();
+            sessions
+                .open(on_phone, user, Some(phone), "p", 60_000)
+                .await?;
+            assert_eq!(sessions.device_of(on_phone).await?, Some(phone));
+            assert_eq!(sessions.revoke_device(UserId::new(), phone).await?, vec![]);
+            assert_eq!(sessions.revoke_device(user, phone).await?, vec![on_phone]);
             assert!(sessions.live(user).await?.is_empty());
             let revoked = sessions.revoked_since(0).await?;
-            assert_eq!(revoked.len(), 3);
+            assert_eq!(revoked.len(), 4);
             assert!(revoked.iter().all(|(_, u, _)| *u == user));
             assert!(
                 sessions

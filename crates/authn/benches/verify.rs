@@ -63,6 +63,7 @@ fn verify(c: &mut Criterion) {
         sub: uuid::Uuid::now_v7().to_string(),
         sid: uuid::Uuid::now_v7().to_string(),
         role: unhidra_core::users::SystemRole::Member,
+        did: None,
         jti: uuid::Uuid::now_v7().to_string(),
         iat: now,
         exp: now + 3600,

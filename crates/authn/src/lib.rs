@@ -16,7 +16,7 @@ use unhidra_bus::RpcClient;
 use unhidra_core::{
     Config,
     events::{SCHEMA_VERSION, SessionsRevoked},
-    ids::{SessionId, UserId},
+    ids::{DeviceId, SessionId, UserId},
     rpc::{AuthJwks, AuthRevocations, JwksRequest, RevocationsRequest, RpcError},
     token::{AccessClaims, JWT_ALG},
     users::SystemRole,
@@ -39,6 +39,8 @@ pub struct Authenticated {
     pub session: SessionId,
     /// The user's system role when the token was issued.
     pub role: SystemRole,
+    /// The registered device the session was opened on, if any.
+    pub device: Option<DeviceId>,
     /// Unix seconds.
     pub expires_at: i64,
 }
@@ -170,6 +172,12 @@ impl TokenVerifier {
             .sid
             .parse()
             .map_err(|_| TokenError::Invalid("token session is not a session id"))?;
+        let device = claims
+            .did
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|_| TokenError::Invalid("token device is not a device id"))?;
         if self.is_revoked(&session) {
             return Err(TokenError::Revoked);
         }
@@ -177,6 +185,7 @@ impl TokenVerifier {
             user,
             session,
             role: claims.role,
+            device,
             expires_at: claims.exp,
         })
     }

@@ -51,6 +51,10 @@ id!(
     SessionId
 );
 id!(
+    /// A registered device of a user (`did` in its access tokens).
+    DeviceId
+);
+id!(
     /// A chat room.
     RoomId
 );

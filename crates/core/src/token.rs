@@ -17,6 +17,9 @@ pub struct AccessClaims {
     pub sid: String,
     /// The user's system role when the token was issued.
     pub role: SystemRole,
+    /// The registered device the session was opened on, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub did: Option<String>,
     /// Unique token id, for revocation.
     pub jti: String,
     pub iat: i64,

@@ -149,6 +149,7 @@ async fn hostile_tokens_and_origins_are_refused_before_the_upgrade() -> TestResu
         sub: alice.id.clone(),
         sid: uuid::Uuid::now_v7().to_string(),
         role: unhidra_core::users::SystemRole::Member,
+        did: None,
         jti: uuid::Uuid::now_v7().to_string(),
         iat: now - 3600,
         exp: now - 600,

@@ -635,3 +635,99 @@ async fn totp_makes_login_two_steps_with_codes_and_recovery_codes_used_once() ->
     assert!(!plain.access.is_empty(), "one step again");
     stack.app.stop().await
 }
+
+#[tokio::test]
+async fn revoking_a_device_ends_the_sessions_opened_on_it() -> TestResult {
+    let stack = Embedded::start().await?;
+    let api = stack.api();
+    let base = stack.app.http();
+    let email = register(&api, "ann").await?;
+    let laptop = login(&api, &email).await?;
+    let devices = format!("{base}/api/v1/devices");
+
+    for bad in [
+        json!({"name": "", "platform": "ios"}),
+        json!({"name": "phone", "platform": "ios", "identity_key": "not base64!"}),
+        json!({"name": "phone", "platform": "ios", "owner": "bob"}),
+    ] {
+        let (status, body) = post(&devices, Some(&laptop.access), bad.clone()).await?;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_input")),
+            "{bad}"
+        );
+    }
+    let (status, phone) = post(
+        &devices,
+        Some(&laptop.access),
+        json!({"name": "Ann's phone", "platform": "ios", "identity_key": "bW9jayBwdWJsaWMga2V5"}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED, "{phone}");
+    let phone_id = str_of(&phone, "device_id")?;
+
+    // A login on the phone: its session belongs to the device.
+    let login_on = |device: String| {
+        let url = format!("{}/api/v1/auth/login", stack.app.http());
+        let body = json!({"email": email.clone(), "password": "correct horse battery", "device_id": device});
+        async move { post(&url, None, body).await }
+    };
+    let (status, on_phone) = login_on(phone_id.clone()).await?;
+    assert_eq!(status, StatusCode::OK, "{on_phone}");
+    let phone_access = str_of(&on_phone, "access_token")?;
+    let (status, body) = login_on(uuid::Uuid::now_v7().to_string()).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("unknown_device"))
+    );
+    let mut phone_ws = connect(&stack.app.ws(), &phone_access).await?;
+    let mut laptop_ws = connect(&stack.app.ws(), &laptop.access).await?;
+
+    let one = format!("{devices}/{phone_id}");
+    let status = http()
+        .patch(&one)
+        .bearer_auth(&laptop.access)
+        .json(&json!({"name": "Old phone"}))
+        .send()
+        .await?
+        .status();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, list) = get(&devices, Some(&laptop.access)).await?;
+    assert_eq!(list["devices"][0]["name"], "Old phone");
+    assert_eq!(list["devices"][0]["identity_key"], "bW9jayBwdWJsaWMga2V5");
+
+    let started = Instant::now();
+    let status = http()
+        .delete(&one)
+        .bearer_auth(&laptop.access)
+        .send()
+        .await?
+        .status();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        closed(&mut phone_ws, started).await?.0,
+        CloseCode::Library(4003)
+    );
+    let (status, _) = get(&format!("{base}/api/v1/rooms"), Some(&phone_access)).await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    send(&mut laptop_ws, json!({"type": "ping", "id": "still"})).await?;
+    assert_eq!(next_of(&mut laptop_ws, "pong").await?["id"], "still");
+    let (_, list) = get(&devices, Some(&laptop.access)).await?;
+    assert_eq!(list["devices"], json!([]));
+    let (status, _) = login_on(phone_id).await?;
+    assert_eq!(
+        status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "a revoked device takes no logins"
+    );
+    assert_eq!(
+        http()
+            .delete(&one)
+            .bearer_auth(&laptop.access)
+            .send()
+            .await?
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    stack.app.stop().await
+}
