@@ -176,7 +176,11 @@ impl AuthMetrics {
 pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service> {
     db.migrate(NAME, MIGRATIONS).await?;
     ctx.bus.ensure_stream(&ctx.subjects.audit_stream()).await?;
-    let keys = SigningKeys::load_or_create(&SigningKeyRepo::new(db.clone())).await?;
+    let keys = SigningKeys::load_or_create(
+        &SigningKeyRepo::new(db.clone()),
+        ctx.config.signing_key_secret.as_ref(),
+    )
+    .await?;
     let accounts = AccountRepo::new(db.clone());
     let passwords = Passwords::new(&ctx.config).await?;
     if let (Some(email), Some(password)) = (

@@ -41,6 +41,20 @@ impl SigningKeyRepo {
             .collect())
     }
 
+    /// Replaces a key's stored private part, if it is still `was` (another
+    /// replica may have sealed it meanwhile).
+    pub async fn reseal(&self, kid: &str, was: &str, sealed: &str) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE signing_keys SET private_key_pkcs8 = $1 WHERE kid = $2 AND private_key_pkcs8 = $3",
+        )
+        .bind(sealed)
+        .bind(kid)
+        .bind(was)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Stores a key; false when its `kid` is already stored.
     pub async fn insert(&self, algorithm: &str, key: &StoredKey) -> anyhow::Result<bool> {
         let inserted = sqlx::query(

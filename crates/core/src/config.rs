@@ -161,6 +161,11 @@ pub struct Config {
     /// before logging in (false). Registration then answers the same for a
     /// new and a taken email, and mails the owner of a taken one instead.
     pub email_verification: bool,
+    /// `UNHIDRA_SIGNING_KEY_SECRET`: 32 random bytes, base64, that encrypt the
+    /// token signing keys in the auth database (XChaCha20-Poly1305). Unset,
+    /// they are stored as they are. Set later, the stored keys are encrypted
+    /// at the next start. Generate with `openssl rand -base64 32`.
+    pub signing_key_secret: Option<SecretString>,
     /// `UNHIDRA_BOOTSTRAP_ADMIN_EMAIL` and `UNHIDRA_BOOTSTRAP_ADMIN_PASSWORD`:
     /// at start, auth-api makes this account an admin, creating it with this
     /// password if it does not exist (an existing account keeps its
@@ -268,6 +273,7 @@ impl Default for Config {
             public_url: "http://127.0.0.1:9000".to_owned(),
             registration: Registration::Open,
             email_verification: false,
+            signing_key_secret: None,
             bootstrap_admin_email: None,
             bootstrap_admin_password: None,
             max_rooms_per_user: 1000,
