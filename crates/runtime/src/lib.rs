@@ -223,7 +223,7 @@ impl ServiceContext {
         let deadline = self.config.shutdown_timeout();
         let in_flight = self.in_flight.clone();
         let drained = tokio::time::timeout(deadline, async {
-            let served = server.await.map(Ok::<(), std::io::Error>);
+            let served = server.await;
             for task in tasks {
                 let _ = task.await;
             }
@@ -233,11 +233,10 @@ impl ServiceContext {
         })
         .await;
         match drained {
-            Ok(Ok(Ok(()))) => {
+            Ok(Ok(())) => {
                 tracing::info!("shut down");
                 Ok(())
             }
-            Ok(Ok(Err(e))) => Err(e.into()),
             Ok(Err(e)) => Err(e.into()),
             Err(_) => {
                 tracing::warn!(?deadline, "shutdown deadline passed with work in flight");
