@@ -16,7 +16,10 @@ use unhidra_core::ids::{DeviceId, UserId};
 use unhidra_runtime::{ApiError, ApiJson, CurrentUser};
 use unhidra_store::{Database, now_millis};
 
-use crate::AuthState;
+use crate::{
+    AuthState,
+    fields::{printable, time},
+};
 
 const MAX_NAME_CHARS: usize = 64;
 const MAX_PLATFORM_CHARS: usize = 32;
@@ -45,7 +48,7 @@ fn device((id, name, platform, identity_key, created_at): DeviceRow) -> anyhow::
         name,
         platform,
         identity_key,
-        created_at: DateTime::from_timestamp_millis(created_at).unwrap_or_default(),
+        created_at: time(created_at),
     })
 }
 
@@ -131,17 +134,6 @@ impl DeviceRepo {
         .await?;
         Ok(revoked.rows_affected() == 1)
     }
-}
-
-fn printable(what: &str, text: &str, max: usize) -> Result<String, ApiError> {
-    let text = text.trim();
-    let length = text.chars().count();
-    if length == 0 || length > max || text.chars().any(char::is_control) {
-        return Err(ApiError::Invalid(format!(
-            "{what} must be 1 to {max} printable characters"
-        )));
-    }
-    Ok(text.to_owned())
 }
 
 #[derive(Deserialize)]

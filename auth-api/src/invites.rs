@@ -16,6 +16,7 @@ use unhidra_store::{Database, now_millis};
 
 use crate::{
     AuthState,
+    fields::time,
     one_time_tokens::{hash_token, new_token},
 };
 
@@ -121,7 +122,7 @@ pub async fn create(
         StatusCode::CREATED,
         Json(Invite {
             code,
-            expires_at: DateTime::from_timestamp_millis(expires_at).unwrap_or_default(),
+            expires_at: time(expires_at),
         }),
     ))
 }

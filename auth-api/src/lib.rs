@@ -5,6 +5,7 @@
 mod accounts;
 mod admin;
 mod devices;
+mod fields;
 mod invites;
 mod mail;
 mod mfa;

@@ -21,6 +21,7 @@ use unhidra_runtime::{ApiError, ApiJson, CurrentUser, Throttle};
 use crate::{
     AuthState,
     accounts::{NewUser, Profile},
+    fields::{printable, time},
     invites,
     one_time_tokens::{hash_token, new_token},
     passwords::{check_length, check_policy},
@@ -57,17 +58,11 @@ pub fn normalize_email(raw: &str) -> Option<String> {
 }
 
 fn display_name(requested: Option<String>, email: &str) -> Result<String, ApiError> {
-    let name = match requested {
-        Some(name) => name.trim().to_owned(),
-        None => email.split('@').next().unwrap_or_default().to_owned(),
+    let name = match &requested {
+        Some(name) => name.as_str(),
+        None => email.split('@').next().unwrap_or_default(),
     };
-    let length = name.chars().count();
-    if length == 0 || length > MAX_DISPLAY_NAME_CHARS || name.chars().any(char::is_control) {
-        return Err(ApiError::Invalid(format!(
-            "display_name must be 1 to {MAX_DISPLAY_NAME_CHARS} printable characters"
-        )));
-    }
-    Ok(name)
+    printable("display_name", name, MAX_DISPLAY_NAME_CHARS)
 }
 
 /// What registering answered when email verification is on: the same for
@@ -316,10 +311,6 @@ pub struct ProfileView {
     created_at: chrono::DateTime<chrono::Utc>,
     disabled: bool,
     deletion_requested_at: Option<chrono::DateTime<chrono::Utc>>,
-}
-
-fn time(millis: i64) -> chrono::DateTime<chrono::Utc> {
-    chrono::DateTime::from_timestamp_millis(millis).unwrap_or_default()
 }
 
 impl From<Profile> for ProfileView {

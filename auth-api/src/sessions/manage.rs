@@ -19,7 +19,7 @@ use unhidra_core::{
 };
 use unhidra_runtime::{ApiError, CurrentUser};
 
-use crate::AuthState;
+use crate::{AuthState, fields::time};
 
 /// Clock skew the verifiers allow past `exp`.
 const LEEWAY_SECS: i64 = 30;
@@ -37,10 +37,6 @@ pub struct SessionView {
 #[derive(Serialize)]
 pub struct SessionList {
     sessions: Vec<SessionView>,
-}
-
-fn time(millis: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(millis).unwrap_or_default()
 }
 
 pub async fn list(

@@ -141,7 +141,7 @@ pub async fn login(
     // Told only to whoever knows the password.
     if standing.disabled {
         tracing::info!(%user_id, "login refused: account disabled");
-        return Err(ApiError::AccountDisabled);
+        return Err(account_disabled());
     }
     if standing.unverified {
         return Err(ApiError::Denied {
@@ -223,6 +223,13 @@ pub async fn open_session(
         expires_in: state.ctx.config.access_token_ttl_secs,
         user_id,
     })
+}
+
+fn account_disabled() -> ApiError {
+    ApiError::Denied {
+        code: "account_disabled",
+        message: "this account is disabled".into(),
+    }
 }
 
 pub fn clock_millis(state: &AuthState) -> i64 {
@@ -316,7 +323,7 @@ pub async fn refresh(
         .limit(limits.refresh_account.as_ref(), &owner.to_string())
         .await?;
     if standing.disabled {
-        return Err(ApiError::AccountDisabled);
+        return Err(account_disabled());
     }
     let (session, user) = match sessions.rotate(&old_hash, &new_hash).await? {
         Rotation::Rotated { session, user } => (session, user),

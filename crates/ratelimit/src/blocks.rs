@@ -3,7 +3,13 @@
 //! Times come from the injected clock and are stored as values, so a test
 //! can move through windows and blocks; Redis expiry only collects garbage.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use dashmap::DashMap;
 use redis::{Script, aio::ConnectionManager};
@@ -28,9 +34,18 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
+/// Keys whose failures a node counts at most; beyond them (a failure spread
+/// over this many addresses at once) new keys are not counted until old
+/// windows end, so memory stays bounded.
+const MAX_COUNTED_KEYS: usize = 100_000;
+/// Between two sweeps of ended windows and blocks.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 /// Blocks kept in this process.
 pub struct LocalBlocklist {
     clock: SharedClock,
+    /// Microseconds since the epoch of the last sweep.
+    swept_at: AtomicU64,
     /// Key → (window end, failures).
     strikes: DashMap<String, (Duration, u32)>,
     /// Key → end of the block.
@@ -41,15 +56,31 @@ impl LocalBlocklist {
     pub fn new(clock: SharedClock) -> Self {
         Self {
             clock,
+            swept_at: AtomicU64::new(0),
             strikes: DashMap::new(),
             blocks: DashMap::new(),
         }
     }
 
+    /// Forgets ended windows and blocks, at most once a second.
+    fn sweep(&self, now: Duration) {
+        let last = Duration::from_micros(self.swept_at.load(Ordering::Relaxed));
+        if now < last + SWEEP_EVERY {
+            return;
+        }
+        self.swept_at.store(micros(now), Ordering::Relaxed);
+        self.strikes.retain(|_, (end, _)| *end > now);
+        self.blocks.retain(|_, until| *until > now);
+    }
+
     fn strike_now(&self, key: &str, window: Duration) -> u32 {
         let now = self.clock.now();
-        if self.strikes.len() > 10_000 {
-            self.strikes.retain(|_, (end, _)| *end > now);
+        if self.strikes.len() >= MAX_COUNTED_KEYS {
+            self.sweep(now);
+            if self.strikes.len() >= MAX_COUNTED_KEYS && !self.strikes.contains_key(key) {
+                tracing::warn!("failure counts full: a failure from a new address is not counted");
+                return 0;
+            }
         }
         let mut entry = self
             .strikes
@@ -63,6 +94,7 @@ impl LocalBlocklist {
     }
 
     fn block_now(&self, key: &str, duration: Duration) {
+        self.sweep(self.clock.now());
         let until = self.clock.now() + duration;
         let mut entry = self.blocks.entry(key.to_owned()).or_insert(until);
         if *entry < until {

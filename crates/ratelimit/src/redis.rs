@@ -190,9 +190,14 @@ impl RedisLimiter {
         format!("{}:rl:{}:{}", self.redis.prefix(), limit.name(), key)
     }
 
+    /// Remembers a refusal, while there is room: lapsed ones are swept when
+    /// the map is full, and beyond that Redis is simply asked again.
     fn remember_refusal(&self, remembered: String, until: Duration, now: Duration) {
         if self.refused_until.len() >= MAX_REMEMBERED_REFUSALS {
             self.refused_until.retain(|_, until| *until > now);
+            if self.refused_until.len() >= MAX_REMEMBERED_REFUSALS {
+                return;
+            }
         }
         self.refused_until.insert(remembered, until);
     }

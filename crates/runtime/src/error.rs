@@ -35,9 +35,6 @@ pub enum ApiError {
     /// `registration_closed` (403).
     #[error("{message}")]
     Denied { code: &'static str, message: String },
-    /// The account was disabled by an admin (403).
-    #[error("this account is disabled")]
-    AccountDisabled,
     /// The resource does not exist (404).
     #[error("{0}")]
     NotFound(String),
@@ -106,9 +103,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) | Self::AccountDisabled | Self::Denied { .. } => {
-                StatusCode::FORBIDDEN
-            }
+            Self::Forbidden(_) | Self::Denied { .. } => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
@@ -132,7 +127,6 @@ impl ApiError {
             | Self::Unacceptable { code, .. }
             | Self::Denied { code, .. } => code,
             Self::Forbidden(_) => "forbidden",
-            Self::AccountDisabled => "account_disabled",
             Self::NotFound(_) => "not_found",
             Self::MalformedJson(_) => "malformed_json",
             Self::Invalid(_) => "invalid_input",
