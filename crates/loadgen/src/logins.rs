@@ -36,8 +36,10 @@ pub async fn run(
     let before = target.resident_bytes().await?;
 
     let flooding = Arc::new(AtomicBool::new(true));
+    // A client of its own: the flood's connections are closed by the server
+    // mid-request, and a probe must not pick one of them from a shared pool.
     let probe = tokio::spawn(probe_health(
-        http.clone(),
+        reqwest::Client::new(),
         format!("{}/healthz", endpoints.auth),
         Arc::clone(&flooding),
     ));
@@ -80,9 +82,9 @@ pub async fn run(
         )?;
     }
     let mut failures = Vec::new();
-    if health_failures > 0 {
+    for (why, times) in &health_failures {
         failures.push(format!(
-            "/healthz failed {health_failures} times during the flood"
+            "/healthz failed {times} times during the flood: {why}"
         ));
     }
     for answer in by_answer.keys() {
@@ -124,14 +126,14 @@ pub async fn run(
 }
 
 /// Probes `/healthz` until the flood ends: latencies, and how many probes
-/// failed.
+/// failed, by answer or error.
 async fn probe_health(
     http: reqwest::Client,
     url: String,
     flooding: Arc<AtomicBool>,
-) -> anyhow::Result<(Histogram<u64>, u64)> {
+) -> anyhow::Result<(Histogram<u64>, BTreeMap<String, u64>)> {
     let mut latency = histogram()?;
-    let mut failed = 0;
+    let mut failed = BTreeMap::new();
     while flooding.load(Ordering::Relaxed) {
         let started = Instant::now();
         match http.get(&url).send().await {
@@ -139,7 +141,8 @@ async fn probe_health(
                 let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 latency.record(micros.max(1))?;
             }
-            _ => failed += 1,
+            Ok(response) => *failed.entry(response.status().to_string()).or_default() += 1,
+            Err(error) => *failed.entry(error.to_string()).or_default() += 1,
         }
         tokio::time::sleep(PROBE_EVERY).await;
     }
