@@ -3,7 +3,8 @@
 //! `DELETE /api/v1/admin/users/{id}` read, change (role, disabled) and
 //! delete one; `POST /api/v1/admin/blocks`, `GET` and `DELETE
 //! /api/v1/admin/blocks/{ip}` block and unblock client addresses on every
-//! node. Also the first admin: from the bootstrap settings at start, or from
+//! node; `POST /api/v1/admin/keys/rotate` rotates the token signing key.
+//! Also the first admin: from the bootstrap settings at start, or from
 //! `unhidra admin create`.
 
 use std::{net::IpAddr, time::Duration};
@@ -283,6 +284,41 @@ pub async fn unblock(
         ))
         .await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize)]
+pub struct RotatedKeys {
+    /// The key new access tokens are signed with.
+    kid: String,
+    /// Every key in the JWKS, oldest first.
+    published: Vec<String>,
+    /// How long a replaced key stays published (its last tokens expire).
+    replaced_published_for_secs: u64,
+}
+
+/// `POST /api/v1/admin/keys/rotate`: a new signing key signs from now on
+/// (on other replicas within their next reload).
+pub async fn rotate_keys(
+    State(state): State<AuthState>,
+    AdminUser(admin): AdminUser,
+) -> Result<Json<RotatedKeys>, ApiError> {
+    let keys = &state.service.keys;
+    let kid = keys.rotate().await?;
+    crate::signing_keys::announce(&state.ctx, keys).await;
+    tracing::info!(admin_id = %admin.user, kid, "signing key rotated by an admin");
+    state
+        .ctx
+        .audit(AuditEvent::new(
+            AuditKind::SigningKeyRotated,
+            Some(admin.user),
+            Some(kid.clone()),
+        ))
+        .await;
+    Ok(Json(RotatedKeys {
+        kid,
+        published: keys.jwks().keys.into_iter().map(|k| k.kid).collect(),
+        replaced_published_for_secs: keys.keep_for().as_secs(),
+    }))
 }
 
 async fn block_view(state: &AuthState, ip: ClientIp) -> BlockView {

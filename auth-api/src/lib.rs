@@ -5,6 +5,7 @@
 mod accounts;
 mod admin;
 mod devices;
+mod discovery;
 mod fields;
 mod invites;
 mod mail;
@@ -17,8 +18,7 @@ mod signing_keys;
 mod users;
 
 use axum::{
-    Json, Router,
-    extract::State,
+    Router,
     routing::{delete, get, patch, post},
 };
 use prometheus::{IntCounter, IntCounterVec};
@@ -26,7 +26,6 @@ use tokio::net::TcpListener;
 use unhidra_core::{
     Config,
     rpc::{AuthJwks, AuthRevocations},
-    token::Jwks,
 };
 use unhidra_ratelimit::Limit;
 use unhidra_runtime::{ApiState, Service, ServiceContext, body_limit, rpc};
@@ -46,6 +45,8 @@ use crate::{
 
 pub const NAME: &str = "auth-api";
 pub const DEFAULT_PORT: u16 = 9200;
+/// How often each replica reloads the signing keys (to follow a rotation).
+pub const KEY_RELOAD_SECS: u64 = signing_keys::RELOAD_EVERY.as_secs();
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -92,6 +93,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 9,
         name: "devices",
         sql: include_str!("../migrations/0009_devices.sql"),
+    },
+    Migration {
+        version: 10,
+        name: "signing key generations",
+        sql: include_str!("../migrations/0010_signing_key_generations.sql"),
     },
 ];
 
@@ -177,11 +183,7 @@ impl AuthMetrics {
 pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service> {
     db.migrate(NAME, MIGRATIONS).await?;
     ctx.bus.ensure_stream(&ctx.subjects.audit_stream()).await?;
-    let keys = SigningKeys::load_or_create(
-        &SigningKeyRepo::new(db.clone()),
-        ctx.config.signing_key_secret.as_ref(),
-    )
-    .await?;
+    let keys = signing_keys_of(&ctx.config, db.clone(), ctx.clock.clone()).await?;
     let accounts = AccountRepo::new(db.clone());
     let passwords = Passwords::new(&ctx.config).await?;
     if let (Some(email), Some(password)) = (
@@ -214,8 +216,9 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
             },
         },
     };
+    let key_reloads = signing_keys::spawn_reloads(&ctx, keys.clone());
     let jwks_responder = rpc::respond::<AuthJwks, _, _>(&ctx, NAME, move |_| {
-        let jwks = keys.jwks().clone();
+        let jwks = keys.jwks();
         async move { Ok(jwks) }
     })
     .await?;
@@ -270,18 +273,24 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
                 .delete(admin::delete_user),
         )
         .route("/api/v1/admin/invites", post(invites::create))
+        .route("/api/v1/admin/keys/rotate", post(admin::rotate_keys))
         .route("/api/v1/admin/blocks", post(admin::block))
         .route(
             "/api/v1/admin/blocks/{ip}",
             get(admin::show_block).delete(admin::unblock),
         )
-        .route("/.well-known/jwks.json", get(jwks))
+        .route("/api/v1/auth/userinfo", get(discovery::userinfo))
+        .route("/.well-known/jwks.json", get(discovery::jwks))
+        .route(
+            "/.well-known/openid-configuration",
+            get(discovery::openid_configuration),
+        )
         .with_state(state);
     Ok(Service {
         name: NAME,
         router,
         database: Some(db),
-        tasks: vec![jwks_responder, revocations_responder],
+        tasks: vec![jwks_responder, revocations_responder, key_reloads],
     })
 }
 
@@ -289,17 +298,28 @@ fn seconds_to_ms(seconds: u64) -> i64 {
     i64::try_from(seconds.saturating_mul(1000)).unwrap_or(i64::MAX)
 }
 
-async fn jwks(State(state): State<AuthState>) -> Json<Jwks> {
-    Json(state.service.keys.jwks().clone())
+/// The signing keys of the auth database: a replaced key stays published
+/// until the last access token it signed has expired, allowing for replicas
+/// that follow a rotation up to one reload late and for the verifiers' leeway.
+async fn signing_keys_of(
+    config: &Config,
+    db: Database,
+    clock: unhidra_core::clock::SharedClock,
+) -> anyhow::Result<SigningKeys> {
+    let keep_for = std::time::Duration::from_secs(config.access_token_ttl_secs)
+        + signing_keys::RELOAD_EVERY
+        + std::time::Duration::from_secs(60);
+    SigningKeys::load_or_create(
+        SigningKeyRepo::new(db),
+        config.signing_key_secret.as_ref(),
+        clock,
+        keep_for,
+    )
+    .await
 }
 
-/// `unhidra admin create`: makes the account with `email` an admin in the
-/// auth database `config` names, creating it with `password` if needed.
-pub async fn create_admin(
-    config: &Config,
-    email: &str,
-    password: secrecy::SecretString,
-) -> anyhow::Result<unhidra_core::ids::UserId> {
+/// The auth database `config` names, migrated (for the command line).
+async fn open_database(config: &Config) -> anyhow::Result<Database> {
     let url = match &config.database_url {
         Some(url) => secrecy::ExposeSecret::expose_secret(url).to_owned(),
         None => {
@@ -309,8 +329,32 @@ pub async fn create_admin(
     };
     let db = Database::connect(&url, 1).await?;
     db.migrate(NAME, MIGRATIONS).await?;
+    Ok(db)
+}
+
+/// `unhidra admin create`: makes the account with `email` an admin in the
+/// auth database `config` names, creating it with `password` if needed.
+pub async fn create_admin(
+    config: &Config,
+    email: &str,
+    password: secrecy::SecretString,
+) -> anyhow::Result<unhidra_core::ids::UserId> {
+    let db = open_database(config).await?;
     let passwords = Passwords::new(config).await?;
     admin::ensure_admin(&AccountRepo::new(db), &passwords, email, password).await
+}
+
+/// `unhidra keys rotate`: adds a signing key to the auth database `config`
+/// names; running replicas sign with it within their next reload. Its `kid`.
+pub async fn rotate_signing_key(config: &Config) -> anyhow::Result<String> {
+    let db = open_database(config).await?;
+    let keys = signing_keys_of(
+        config,
+        db,
+        std::sync::Arc::new(unhidra_core::clock::SystemClock),
+    )
+    .await?;
+    keys.rotate().await
 }
 
 /// Runs auth-api alone on `listener` until `shutdown` resolves.

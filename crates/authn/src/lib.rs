@@ -1,6 +1,7 @@
 //! Access-token verification for every service that accepts tokens: the JWKS is
-//! fetched from auth-api over the bus, cached, and refetched when a token names
-//! an unknown `kid` (at most every few seconds), and revoked sessions are kept
+//! fetched from auth-api over the bus, cached, replaced when auth-api
+//! announces a change, refetched on a timer (see `unhidra-runtime`) and when
+//! a token names an unknown `kid` (at most once a second), and revoked sessions are kept
 //! in memory until their tokens would have expired anyway, so verifying a token
 //! costs no database or network round trip. No HTTP here: the extractor and the
 //! mapping of [`TokenError`] onto responses live in `unhidra-runtime`.
@@ -18,7 +19,7 @@ use unhidra_core::{
     events::{SCHEMA_VERSION, SessionsRevoked},
     ids::{DeviceId, SessionId, UserId},
     rpc::{AuthJwks, AuthRevocations, JwksRequest, RevocationsRequest, RpcError},
-    token::{AccessClaims, JWT_ALG},
+    token::{AccessClaims, JWT_ALG, Jwks},
     users::SystemRole,
 };
 
@@ -30,7 +31,7 @@ fn unix_now() -> i64 {
 }
 
 /// How often an unknown `kid` may trigger a JWKS refetch.
-const MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(5);
+const MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Who a verified token belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,20 +211,43 @@ impl TokenVerifier {
         if last_fetch.is_some_and(|at| at.elapsed() < MIN_REFETCH_INTERVAL) {
             return Err(TokenError::Invalid("unknown signing key"));
         }
+        self.fetch_keys(&mut last_fetch)
+            .await
+            .map_err(TokenError::KeysUnavailable)?;
+        self.cached(kid)
+            .ok_or(TokenError::Invalid("unknown signing key"))
+    }
+
+    /// Fetches the JWKS again if it was fetched before (a process that never
+    /// verified a token asks nothing), so that keys retired by a rotation
+    /// are dropped and new ones known before a token names them.
+    pub async fn refresh_keys(&self) -> Result<(), RpcError> {
+        let mut last_fetch = self.last_fetch.lock().await;
+        if last_fetch.is_none() {
+            return Ok(());
+        }
+        self.fetch_keys(&mut last_fetch).await
+    }
+
+    async fn fetch_keys(&self, last_fetch: &mut Option<Instant>) -> Result<(), RpcError> {
         let jwks = self
             .rpc
             .call::<AuthJwks>(&JwksRequest { v: SCHEMA_VERSION })
-            .await
-            .map_err(TokenError::KeysUnavailable)?;
+            .await?;
         *last_fetch = Some(Instant::now());
+        self.install_keys(&jwks);
+        Ok(())
+    }
+
+    /// Verifies with exactly the keys of `jwks` from now on (announced by
+    /// auth-api when they change).
+    pub fn install_keys(&self, jwks: &Jwks) {
         let keys: HashMap<String, DecodingKey> = jwks
             .keys
             .iter()
             .filter(|k| k.alg == JWT_ALG && k.kty == "OKP" && k.crv == "Ed25519")
             .filter_map(|k| Some((k.kid.clone(), DecodingKey::from_ed_components(&k.x).ok()?)))
             .collect();
-        let found = keys.get(kid).cloned();
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
-        found.ok_or(TokenError::Invalid("unknown signing key"))
     }
 }

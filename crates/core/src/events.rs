@@ -76,6 +76,8 @@ pub enum AuditKind {
     MfaEnabled,
     /// A user turned two-factor authentication off.
     MfaDisabled,
+    /// An admin rotated the token signing key.
+    SigningKeyRotated,
     RoomCreated,
 }
 
@@ -98,6 +100,7 @@ impl AuditKind {
             Self::InviteCreated => "invite_created",
             Self::MfaEnabled => "mfa_enabled",
             Self::MfaDisabled => "mfa_disabled",
+            Self::SigningKeyRotated => "signing_key_rotated",
             Self::RoomCreated => "room_created",
         }
     }

@@ -119,6 +119,13 @@ impl Subjects {
         format!("{}.auth.sessions.revoked", self.prefix)
     }
 
+    /// The signing keys just changed (core pub/sub; the new `Jwks`): every
+    /// process that verifies tokens takes them at once, so tokens of a key
+    /// rotated in are accepted before any cache would have expired.
+    pub fn signing_keys_changed(&self) -> String {
+        format!("{}.auth.keys.changed", self.prefix)
+    }
+
     /// Request/reply: the sessions revoked recently enough that tokens of
     /// theirs may still be unexpired (`AuthRevocations`).
     pub fn auth_revocations(&self) -> String {

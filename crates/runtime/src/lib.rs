@@ -14,9 +14,9 @@ mod health;
 mod instrumented;
 mod limits;
 pub mod recorder;
-mod revocations;
 pub mod rpc;
 mod server;
+mod verifier_sync;
 
 use std::{future::Future, sync::Arc};
 
@@ -199,7 +199,7 @@ impl ServiceContext {
             }
             tasks.extend(service.tasks);
         }
-        tasks.push(revocations::spawn(self));
+        tasks.push(verifier_sync::spawn(self));
         let router = server::guard_api(router, &self.config, self.limits.clone())
             .merge(health::routes(
                 Arc::clone(&self.bus),

@@ -1,7 +1,8 @@
 //! `unhidra`: the embedded default. `cargo run --release --bin unhidra` starts
 //! every service on 127.0.0.1:9000 with SQLite under `./data`; no other
 //! software is needed. `unhidra admin create <email>` makes that account an
-//! admin (creating it with the password read from standard input).
+//! admin (creating it with the password read from standard input); `unhidra
+//! keys rotate` adds a new token signing key.
 
 use std::io::BufRead;
 
@@ -9,12 +10,16 @@ use secrecy::SecretString;
 
 const ADMIN_USAGE: &str =
     "usage: unhidra admin create <email>   (the password is read from standard input)";
+const KEYS_USAGE: &str = "usage: unhidra keys rotate";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("admin") {
         return admin(&args[1..]).await;
+    }
+    if args.first().map(String::as_str) == Some("keys") {
+        return keys(&args[1..]).await;
     }
     unhidra_runtime::main_for("unhidra", unhidra::DEFAULT_PORT, |listener, config| {
         unhidra::run(listener, config, unhidra_runtime::shutdown_signal())
@@ -36,5 +41,18 @@ async fn admin(args: &[String]) -> anyhow::Result<()> {
     let password = SecretString::from(password.trim_end_matches(['\r', '\n']).to_owned());
     let user = auth_api::create_admin(&config, email, password).await?;
     println!("{email} is an admin (user {user})");
+    Ok(())
+}
+
+async fn keys(args: &[String]) -> anyhow::Result<()> {
+    if args != ["rotate"] {
+        anyhow::bail!(KEYS_USAGE);
+    }
+    let config = unhidra_core::Config::load()?;
+    let kid = auth_api::rotate_signing_key(&config).await?;
+    println!(
+        "new tokens are signed with key {kid} (running replicas switch within {} s)",
+        auth_api::KEY_RELOAD_SECS
+    );
     Ok(())
 }

@@ -706,33 +706,6 @@ async fn failed_logins_block_the_address_in_stages() -> TestResult {
 
 /// The audit events of `kind` in the embedded stack's audit database, once
 /// there are `count` of them (oldest first).
-async fn wait_for_audit(stack: &Embedded, kind: &str, count: usize) -> Result<Vec<Value>, Error> {
-    let url = unhidra_store::sqlite_url(&stack.data_dir, audit_service::NAME);
-    let pool = sqlx::SqlitePool::connect(&url).await?;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let rows: Vec<(String, Option<String>)> = sqlx::query_as(
-            "SELECT detail, subject FROM audit_events WHERE kind = ? ORDER BY occurred_at, recorded_at",
-        )
-        .bind(kind)
-        .fetch_all(&pool)
-        .await?;
-        let found = rows.len();
-        if found >= count {
-            return rows
-                .into_iter()
-                .map(|(detail, subject)| {
-                    Ok(json!({"detail": serde_json::from_str::<Value>(&detail)?, "subject": subject}))
-                })
-                .collect();
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(format!("{found} of {count} {kind} audit events").into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_users_messages_are_limited_across_two_gateways_sharing_redis() -> TestResult {
     let Some(redis) = unhidra_testkit::redis_url().await else {

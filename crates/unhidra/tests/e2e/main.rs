@@ -6,6 +6,7 @@ mod admin;
 mod bad_input;
 mod embedded;
 mod harness;
+mod keys;
 mod limits;
 mod pipelining;
 mod scaled;
