@@ -115,8 +115,7 @@ pub async fn delete_user(
     if !state.service.accounts.delete(user).await? {
         return Err(no_such_user());
     }
-    let revoked = state.service.sessions.revoke_all(user).await?;
-    crate::sessions::manage::announce(&state, user, revoked).await;
+    revoke_everything(&state, user).await?;
     tracing::warn!(admin_id = %admin.user, user_id = %user, "account deleted");
     state
         .ctx
@@ -169,9 +168,8 @@ pub async fn change_user(
             return Err(no_such_user());
         }
         if disabled {
-            // Its tokens stop working now, its sockets close.
-            let revoked = state.service.sessions.revoke_all(user).await?;
-            crate::sessions::manage::announce(&state, user, revoked).await;
+            // Its tokens and keys stop working now, its sockets close.
+            revoke_everything(&state, user).await?;
         }
     }
     let standing = accounts.standing(user).await?.ok_or_else(no_such_user)?;
@@ -319,6 +317,14 @@ pub async fn rotate_keys(
         published: keys.jwks().keys.into_iter().map(|k| k.kid).collect(),
         replaced_published_for_secs: keys.keep_for().as_secs(),
     }))
+}
+
+/// Revokes every session and API key of `user`, everywhere.
+async fn revoke_everything(state: &AuthState, user: UserId) -> anyhow::Result<()> {
+    let mut revoked = state.service.sessions.revoke_all(user).await?;
+    revoked.extend(crate::api_keys::revoke_all(state, user).await?);
+    crate::sessions::manage::announce(state, user, revoked).await;
+    Ok(())
 }
 
 async fn block_view(state: &AuthState, ip: ClientIp) -> BlockView {

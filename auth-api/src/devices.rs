@@ -13,7 +13,7 @@ use axum::{
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use unhidra_core::ids::{DeviceId, UserId};
-use unhidra_runtime::{ApiError, ApiJson, CurrentUser};
+use unhidra_runtime::{ApiError, ApiJson, SessionUser};
 use unhidra_store::{Database, now_millis};
 
 use crate::{
@@ -147,7 +147,7 @@ pub struct NewDevice {
 
 pub async fn register(
     State(state): State<AuthState>,
-    CurrentUser(me): CurrentUser,
+    SessionUser(me): SessionUser,
     ApiJson(request): ApiJson<NewDevice>,
 ) -> Result<(StatusCode, Json<Device>), ApiError> {
     let name = printable("name", &request.name, MAX_NAME_CHARS)?;
@@ -184,7 +184,7 @@ pub struct DeviceList {
 
 pub async fn list(
     State(state): State<AuthState>,
-    CurrentUser(me): CurrentUser,
+    SessionUser(me): SessionUser,
 ) -> Result<Json<DeviceList>, ApiError> {
     let devices = state.service.devices.of(me.user).await?;
     Ok(Json(DeviceList { devices }))
@@ -202,7 +202,7 @@ pub struct Rename {
 
 pub async fn rename(
     State(state): State<AuthState>,
-    CurrentUser(me): CurrentUser,
+    SessionUser(me): SessionUser,
     Path(id): Path<String>,
     ApiJson(request): ApiJson<Rename>,
 ) -> Result<StatusCode, ApiError> {
@@ -216,7 +216,7 @@ pub async fn rename(
 
 pub async fn revoke(
     State(state): State<AuthState>,
-    CurrentUser(me): CurrentUser,
+    SessionUser(me): SessionUser,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id: DeviceId = id.parse().map_err(|_| no_such_device())?;

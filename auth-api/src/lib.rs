@@ -4,6 +4,7 @@
 
 mod accounts;
 mod admin;
+mod api_keys;
 mod devices;
 mod discovery;
 mod fields;
@@ -25,7 +26,7 @@ use prometheus::{IntCounter, IntCounterVec};
 use tokio::net::TcpListener;
 use unhidra_core::{
     Config,
-    rpc::{AuthJwks, AuthRevocations},
+    rpc::{AuthApiKey, AuthJwks, AuthRevocations},
 };
 use unhidra_ratelimit::Limit;
 use unhidra_runtime::{ApiState, Service, ServiceContext, body_limit, rpc};
@@ -33,6 +34,7 @@ use unhidra_store::{Database, Migration};
 
 use crate::{
     accounts::{AccountRepo, LockoutPolicy},
+    api_keys::ApiKeyRepo,
     devices::DeviceRepo,
     invites::InviteRepo,
     mail::Mailer,
@@ -99,6 +101,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "signing key generations",
         sql: include_str!("../migrations/0010_signing_key_generations.sql"),
     },
+    Migration {
+        version: 11,
+        name: "api keys",
+        sql: include_str!("../migrations/0011_api_keys.sql"),
+    },
 ];
 
 /// auth-api's part of its handlers' state.
@@ -110,6 +117,7 @@ struct Auth {
     verifications: OneTimeTokenRepo,
     mfa: MfaRepo,
     devices: DeviceRepo,
+    api_keys: ApiKeyRepo,
     mfa_challenges: OneTimeTokenRepo,
     invites: InviteRepo,
     mailer: Mailer,
@@ -202,6 +210,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
             verifications: OneTimeTokenRepo::email_verifications(db.clone()),
             mfa: MfaRepo::new(db.clone()),
             devices: DeviceRepo::new(db.clone()),
+            api_keys: ApiKeyRepo::new(db.clone()),
             mfa_challenges: OneTimeTokenRepo::mfa_challenges(db.clone()),
             invites: InviteRepo::new(db.clone()),
             mailer: Mailer::from_config(&ctx.config)?,
@@ -226,6 +235,12 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
     let revocations_responder = rpc::respond::<AuthRevocations, _, _>(&ctx, NAME, move |_| {
         let state = revocations.clone();
         async move { sessions::manage::recent(&state).await }
+    })
+    .await?;
+    let lookups = state.clone();
+    let api_key_responder = rpc::respond::<AuthApiKey, _, _>(&ctx, NAME, move |request| {
+        let state = lookups.clone();
+        async move { api_keys::lookup(&state, &request).await }
     })
     .await?;
     let credentials = Router::new()
@@ -265,6 +280,12 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
             patch(devices::rename).delete(devices::revoke),
         )
         .route("/api/v1/users/me/deletion", post(users::request_deletion))
+        .route(
+            "/api/v1/api-keys",
+            get(api_keys::list).post(api_keys::create),
+        )
+        .route("/api/v1/api-keys/{key_id}", delete(api_keys::revoke))
+        .route("/api/v1/api-keys/{key_id}/rotate", post(api_keys::rotate))
         .route("/api/v1/admin/users", get(admin::list_users))
         .route(
             "/api/v1/admin/users/{user_id}",
@@ -290,7 +311,12 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         name: NAME,
         router,
         database: Some(db),
-        tasks: vec![jwks_responder, revocations_responder, key_reloads],
+        tasks: vec![
+            jwks_responder,
+            revocations_responder,
+            api_key_responder,
+            key_reloads,
+        ],
     })
 }
 

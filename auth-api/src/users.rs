@@ -16,7 +16,7 @@ use unhidra_core::{
     ids::UserId,
     users::SystemRole,
 };
-use unhidra_runtime::{ApiError, ApiJson, CurrentUser, Throttle};
+use unhidra_runtime::{ApiError, ApiJson, CurrentUser, SessionUser, Throttle};
 
 use crate::{
     AuthState,
@@ -365,7 +365,7 @@ pub struct DeletionRequested {
 
 pub async fn request_deletion(
     State(state): State<AuthState>,
-    CurrentUser(me): CurrentUser,
+    SessionUser(me): SessionUser,
 ) -> Result<(StatusCode, Json<DeletionRequested>), ApiError> {
     let at = state
         .service

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use unhidra_authn::Authenticated;
 use unhidra_core::{
+    api_keys::ApiScope,
     events::SCHEMA_VERSION,
     ids::RoomId,
     protocol::{ClientFrame, ErrorCode, ServerFrame, close, parse_client_frame},
@@ -275,6 +276,13 @@ fn accept_frame(
     }
     match parse_client_frame(text) {
         Ok(ClientFrame::Ping { id }) => pipeline.push_ready(ServerFrame::Pong { id }),
+        Ok(ClientFrame::Send { id, .. }) if !auth.may(ApiScope::Write) => {
+            pipeline.push_ready(error(
+                Some(id),
+                ErrorCode::Forbidden,
+                "this API key lacks the `write` scope",
+            ));
+        }
         Ok(ClientFrame::Send { id, room, body }) => return Some((id, Draft { room, body })),
         Err(e) => {
             tracing::debug!(user_id = %auth.user, code = ?e.code, "frame refused");

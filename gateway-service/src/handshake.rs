@@ -1,5 +1,6 @@
-//! `GET /ws`: connection attempts per IP, origin and token are checked
-//! before the upgrade, so a refused client gets a plain HTTP 429, 403 or 401
+//! `GET /ws`: connection attempts per IP, origin and credential (an access
+//! token in the subprotocol or `Authorization`, or an `X-API-Key` with the
+//! `read` scope) are checked before the upgrade, so a refused client gets a plain HTTP 429, 403 or 401
 //! with the usual error body.
 
 use std::sync::Arc;
@@ -14,10 +15,11 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use unhidra_core::{
+    api_keys::ApiScope,
     error::ErrorBody,
     protocol::{BEARER_PROTOCOL_PREFIX, SUBPROTOCOL},
 };
-use unhidra_runtime::{ApiError, ClientIp, bearer_token};
+use unhidra_runtime::{ApiError, ClientIp, authenticate};
 
 use crate::{Gateway, connection};
 
@@ -36,14 +38,19 @@ pub async fn upgrade(
         tracing::warn!(origin = ?headers.get(header::ORIGIN), "WebSocket refused: origin not allowed");
         return ApiError::Forbidden("origin not allowed".into()).into_response();
     }
-    let Some(token) = protocol_token(&headers).or_else(|| bearer_token(&headers)) else {
-        return ApiError::unauthenticated("missing access token").into_response();
-    };
-    let auth = match gateway.ctx.verifier.verify(token).await {
-        Ok(auth) => auth,
+    let auth = match authenticate(&gateway.ctx.verifier, &headers, protocol_token(&headers)).await {
+        Ok(auth) if auth.may(ApiScope::Read) => auth,
+        Ok(auth) => {
+            tracing::info!(user_id = %auth.user, "WebSocket refused: API key without the read scope");
+            return ApiError::Denied {
+                code: "insufficient_scope",
+                message: "receiving needs the `read` scope".into(),
+            }
+            .into_response();
+        }
         Err(e) => {
-            tracing::info!(code = e.code(), "WebSocket refused: token rejected");
-            return ApiError::from(e).into_response();
+            tracing::info!(error = %e, "WebSocket refused: credential rejected");
+            return e.into_response();
         }
     };
     if let Err(full) = gateway.admission.check(auth.user, &ip) {

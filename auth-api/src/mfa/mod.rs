@@ -24,7 +24,7 @@ use unhidra_core::{
     events::{AuditEvent, AuditKind},
     ids::UserId,
 };
-use unhidra_runtime::{ApiError, ApiJson, CurrentUser, Throttle};
+use unhidra_runtime::{ApiError, ApiJson, SessionUser, Throttle};
 
 pub use self::repo::MfaRepo;
 use crate::{
@@ -62,7 +62,7 @@ pub struct Enrolment {
 
 pub async fn enrol(
     State(state): State<AuthState>,
-    CurrentUser(me): CurrentUser,
+    SessionUser(me): SessionUser,
 ) -> Result<(StatusCode, Json<Enrolment>), ApiError> {
     let profile = state
         .service
@@ -129,7 +129,7 @@ pub struct RecoveryCodes {
 
 pub async fn confirm(
     State(state): State<AuthState>,
-    CurrentUser(me): CurrentUser,
+    SessionUser(me): SessionUser,
     ApiJson(request): ApiJson<Confirm>,
 ) -> Result<Json<RecoveryCodes>, ApiError> {
     let mfa = &state.service.mfa;
@@ -289,7 +289,7 @@ pub struct Disable {
 /// Turning MFA off needs the password and a second factor again.
 pub async fn disable(
     State(state): State<AuthState>,
-    CurrentUser(me): CurrentUser,
+    SessionUser(me): SessionUser,
     throttle: Throttle,
     ApiJson(request): ApiJson<Disable>,
 ) -> Result<StatusCode, ApiError> {

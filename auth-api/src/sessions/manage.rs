@@ -17,7 +17,7 @@ use unhidra_core::{
     ids::{SessionId, UserId},
     rpc::RpcError,
 };
-use unhidra_runtime::{ApiError, CurrentUser};
+use unhidra_runtime::{ApiError, SessionUser};
 
 use crate::{AuthState, fields::time};
 
@@ -41,7 +41,7 @@ pub struct SessionList {
 
 pub async fn list(
     State(state): State<AuthState>,
-    CurrentUser(me): CurrentUser,
+    SessionUser(me): SessionUser,
 ) -> Result<Json<SessionList>, ApiError> {
     let sessions = state
         .service
@@ -62,7 +62,7 @@ pub async fn list(
 
 pub async fn logout(
     State(state): State<AuthState>,
-    CurrentUser(me): CurrentUser,
+    SessionUser(me): SessionUser,
 ) -> Result<StatusCode, ApiError> {
     revoke_own(&state, me.user, me.session).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -70,7 +70,7 @@ pub async fn logout(
 
 pub async fn revoke(
     State(state): State<AuthState>,
-    CurrentUser(me): CurrentUser,
+    SessionUser(me): SessionUser,
     Path(session): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let no_such_session = || ApiError::NotFound("no such session".into());
@@ -83,7 +83,7 @@ pub async fn revoke(
 
 pub async fn revoke_all(
     State(state): State<AuthState>,
-    CurrentUser(me): CurrentUser,
+    SessionUser(me): SessionUser,
 ) -> Result<StatusCode, ApiError> {
     let revoked = state.service.sessions.revoke_all(me.user).await?;
     tracing::info!(user_id = %me.user, count = revoked.len(), "all sessions revoked");
@@ -195,7 +195,7 @@ pub struct PasswordChange {
 /// the current one; every other session of theirs ends.
 pub async fn change_password(
     State(state): State<AuthState>,
-    CurrentUser(me): CurrentUser,
+    SessionUser(me): SessionUser,
     throttle: unhidra_runtime::Throttle,
     unhidra_runtime::ApiJson(change): unhidra_runtime::ApiJson<PasswordChange>,
 ) -> Result<StatusCode, ApiError> {

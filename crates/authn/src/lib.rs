@@ -12,13 +12,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use sha2::{Digest, Sha256};
 use unhidra_bus::RpcClient;
 use unhidra_core::{
     Config,
+    api_keys::{self, ApiScope, ApiScopes},
     events::{SCHEMA_VERSION, SessionsRevoked},
-    ids::{DeviceId, SessionId, UserId},
-    rpc::{AuthJwks, AuthRevocations, JwksRequest, RevocationsRequest, RpcError},
+    ids::{ApiKeyId, DeviceId, SessionId, UserId},
+    rpc::{
+        ApiKeyLookup, AuthApiKey, AuthJwks, AuthRevocations, JwksRequest, RevocationsRequest,
+        RpcError,
+    },
     token::{AccessClaims, JWT_ALG, Jwks},
     users::SystemRole,
 };
@@ -33,10 +39,12 @@ fn unix_now() -> i64 {
 /// How often an unknown `kid` may trigger a JWKS refetch.
 const MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Who a verified token belongs to.
+/// Who a verified token or API key belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Authenticated {
     pub user: UserId,
+    /// The login session; for an API key, its id (revoking the key revokes
+    /// this "session").
     pub session: SessionId,
     /// The user's system role when the token was issued.
     pub role: SystemRole,
@@ -44,7 +52,42 @@ pub struct Authenticated {
     pub device: Option<DeviceId>,
     /// Unix seconds.
     pub expires_at: i64,
+    pub credential: Credential,
 }
+
+/// What the request authenticated with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential {
+    /// A user's access token: everything the user may do.
+    AccessToken,
+    /// An API key: what its owner may do, within its scopes.
+    ApiKey { key: ApiKeyId, scopes: ApiScopes },
+}
+
+impl Authenticated {
+    /// Whether the credential allows `scope` (an access token allows all).
+    pub fn may(&self, scope: ApiScope) -> bool {
+        match self.credential {
+            Credential::AccessToken => true,
+            Credential::ApiKey { scopes, .. } => scopes.contains(scope),
+        }
+    }
+
+    pub fn is_api_key(&self) -> bool {
+        matches!(self.credential, Credential::ApiKey { .. })
+    }
+}
+
+/// What auth-api stores of an API key: SHA-256 of the whole key, base64url.
+pub fn hash_api_key(key: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(key.as_bytes()))
+}
+
+/// How long a process trusts what auth-api said about an API key (a revoked
+/// key is refused at once all the same: revocations are announced).
+pub const API_KEY_CACHE: Duration = Duration::from_secs(30);
+/// At most this many API keys are remembered per process.
+const API_KEY_CACHE_ENTRIES: usize = 10_000;
 
 /// Why a token was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,13 +99,14 @@ pub enum TokenError {
     /// Well-formed and signed, but past its expiry.
     #[error("token expired")]
     Expired,
-    /// Its session was revoked (logout, a revoked session, a reused refresh
-    /// token, a disabled account).
+    /// Its session (or API key) was revoked (logout, a revoked session, a
+    /// reused refresh token, a disabled account, a revoked key).
     #[error("the session was revoked; log in again")]
     Revoked,
-    /// The signing keys could not be fetched from auth-api.
-    #[error("signing keys unavailable")]
-    KeysUnavailable(RpcError),
+    /// auth-api could not be asked (for the signing keys or about an API
+    /// key).
+    #[error("credentials cannot be checked now")]
+    Unavailable(RpcError),
 }
 
 impl TokenError {
@@ -73,7 +117,7 @@ impl TokenError {
             Self::Invalid(_) => "invalid_token",
             Self::Expired => "token_expired",
             Self::Revoked => "session_revoked",
-            Self::KeysUnavailable(e) => e.code.as_str(),
+            Self::Unavailable(e) => e.code.as_str(),
         }
     }
 }
@@ -86,6 +130,8 @@ pub struct TokenVerifier {
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
     /// Revoked session → Unix seconds until which its tokens are refused.
     revoked: RwLock<HashMap<SessionId, i64>>,
+    /// Hash of an API key → who it belongs to, and until when that holds.
+    api_keys: RwLock<HashMap<String, (Authenticated, Instant)>>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -109,6 +155,7 @@ impl TokenVerifier {
             keys: RwLock::new(HashMap::new()),
             last_fetch: tokio::sync::Mutex::new(None),
             revoked: RwLock::new(HashMap::new()),
+            api_keys: RwLock::new(HashMap::new()),
         }
     }
 
@@ -188,7 +235,69 @@ impl TokenVerifier {
             role: claims.role,
             device,
             expires_at: claims.exp,
+            credential: Credential::AccessToken,
         })
+    }
+
+    /// Who an API key belongs to: asked of auth-api (only the key's prefix
+    /// and hash cross the bus), then remembered for [`API_KEY_CACHE`].
+    pub async fn verify_api_key(&self, key: &str) -> Result<Authenticated, TokenError> {
+        let prefix = api_keys::prefix_of(key).ok_or(TokenError::Invalid("malformed API key"))?;
+        let hash = hash_api_key(key);
+        let cached = self
+            .api_keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&hash)
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(auth, _)| *auth);
+        let auth = match cached {
+            Some(auth) => auth,
+            None => {
+                let lookup = ApiKeyLookup {
+                    v: SCHEMA_VERSION,
+                    prefix: prefix.to_owned(),
+                    hash: hash.clone(),
+                };
+                let identity = self
+                    .rpc
+                    .call::<AuthApiKey>(&lookup)
+                    .await
+                    .map_err(TokenError::Unavailable)?
+                    .ok_or(TokenError::Invalid("unknown, revoked or expired API key"))?;
+                let auth = Authenticated {
+                    user: identity.user,
+                    session: SessionId(identity.key.0),
+                    role: identity.role,
+                    device: None,
+                    expires_at: identity.expires_at,
+                    credential: Credential::ApiKey {
+                        key: identity.key,
+                        scopes: identity.scopes,
+                    },
+                };
+                self.remember_api_key(hash, auth);
+                auth
+            }
+        };
+        if auth.expires_at <= unix_now() {
+            return Err(TokenError::Invalid("unknown, revoked or expired API key"));
+        }
+        if self.is_revoked(&auth.session) {
+            return Err(TokenError::Revoked);
+        }
+        Ok(auth)
+    }
+
+    fn remember_api_key(&self, hash: String, auth: Authenticated) {
+        let now = Instant::now();
+        let mut cache = self.api_keys.write().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= API_KEY_CACHE_ENTRIES {
+            cache.retain(|_, (_, until)| *until > now);
+        }
+        if cache.len() < API_KEY_CACHE_ENTRIES {
+            cache.insert(hash, (auth, now + API_KEY_CACHE));
+        }
     }
 
     fn cached(&self, kid: &str) -> Option<DecodingKey> {
@@ -213,7 +322,7 @@ impl TokenVerifier {
         }
         self.fetch_keys(&mut last_fetch)
             .await
-            .map_err(TokenError::KeysUnavailable)?;
+            .map_err(TokenError::Unavailable)?;
         self.cached(kid)
             .ok_or(TokenError::Invalid("unknown signing key"))
     }

@@ -78,6 +78,12 @@ pub enum AuditKind {
     MfaDisabled,
     /// An admin rotated the token signing key.
     SigningKeyRotated,
+    /// A user created an API key (subject: its public prefix).
+    ApiKeyCreated,
+    /// A user replaced an API key with a new one (subject: the old prefix).
+    ApiKeyRotated,
+    /// A user revoked an API key (subject: its prefix).
+    ApiKeyRevoked,
     RoomCreated,
 }
 
@@ -101,6 +107,9 @@ impl AuditKind {
             Self::MfaEnabled => "mfa_enabled",
             Self::MfaDisabled => "mfa_disabled",
             Self::SigningKeyRotated => "signing_key_rotated",
+            Self::ApiKeyCreated => "api_key_created",
+            Self::ApiKeyRotated => "api_key_rotated",
+            Self::ApiKeyRevoked => "api_key_revoked",
             Self::RoomCreated => "room_created",
         }
     }

@@ -55,6 +55,10 @@ id!(
     DeviceId
 );
 id!(
+    /// An API key (its tokens' `sid` in revocations is the same UUID).
+    ApiKeyId
+);
+id!(
     /// A chat room.
     RoomId
 );

@@ -3,6 +3,7 @@
 //! subjects, streams and event payloads, and the typed request/reply contracts
 //! every service agrees on. A leaf crate: serde-level dependencies only.
 
+pub mod api_keys;
 pub mod clock;
 pub mod config;
 pub mod error;

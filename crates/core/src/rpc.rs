@@ -10,6 +10,7 @@
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::{
+    api_keys::ApiKeyIdentity,
     events::SessionsRevoked,
     ids::{MessageId, RoomId, UserId},
     protocol::ErrorCode,
@@ -232,6 +233,29 @@ impl Rpc for AuthRevocations {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RevocationsRequest {
     pub v: u32,
+}
+
+/// `auth.api_key`: who the API key with this prefix and hash belongs to;
+/// `None` for an unknown, revoked or expired key, or one whose owner can no
+/// longer log in. The secret itself never crosses the bus.
+pub enum AuthApiKey {}
+
+impl Rpc for AuthApiKey {
+    type Request = ApiKeyLookup;
+    type Reply = Option<ApiKeyIdentity>;
+
+    fn subject(subjects: &Subjects) -> String {
+        subjects.auth_api_key()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiKeyLookup {
+    pub v: u32,
+    /// The key's public prefix.
+    pub prefix: String,
+    /// SHA-256 of the whole key, base64url without padding.
+    pub hash: String,
 }
 
 #[cfg(test)]

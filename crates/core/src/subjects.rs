@@ -132,6 +132,11 @@ impl Subjects {
         format!("{}.rpc.auth.revocations", self.prefix)
     }
 
+    /// Request/reply: who an API key belongs to (`AuthApiKey`).
+    pub fn auth_api_key(&self) -> String {
+        format!("{}.rpc.auth.api_key", self.prefix)
+    }
+
     /// Request/reply: the public signing keys, for token verification.
     pub fn auth_jwks(&self) -> String {
         format!("{}.rpc.auth.jwks", self.prefix)

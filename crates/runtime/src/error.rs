@@ -212,7 +212,7 @@ impl From<RpcError> for ApiError {
 impl From<TokenError> for ApiError {
     fn from(e: TokenError) -> Self {
         match e {
-            TokenError::KeysUnavailable(refusal) => Self::Refused(refusal),
+            TokenError::Unavailable(refusal) => Self::Refused(refusal),
             other => Self::Unauthenticated {
                 code: other.code(),
                 message: other.to_string(),

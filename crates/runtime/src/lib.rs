@@ -45,7 +45,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub use crate::{
     client_ip::ClientIp,
-    current_user::{AdminUser, CurrentUser, bearer_token},
+    current_user::{AdminUser, CurrentUser, SessionUser, authenticate, bearer_token},
     error::{ApiError, ApiJson},
     limits::{Blocked, Limits, Throttle},
     server::body_limit,

@@ -566,3 +566,17 @@ pub async fn wait_for_audit(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The close frame a socket gets, and how long after `since` it came.
+pub async fn closed(
+    socket: &mut Socket,
+    since: std::time::Instant,
+) -> Result<(tungstenite::protocol::frame::coding::CloseCode, Duration), Error> {
+    loop {
+        match tokio::time::timeout(WAIT, socket.next()).await? {
+            Some(Ok(Message::Close(Some(frame)))) => return Ok((frame.code, since.elapsed())),
+            Some(Ok(_)) => {}
+            other => return Err(format!("no close frame: {other:?}").into()),
+        }
+    }
+}

@@ -3,6 +3,7 @@
 //! JetStream and Postgres.
 
 mod admin;
+mod api_keys;
 mod bad_input;
 mod embedded;
 mod harness;

@@ -5,10 +5,9 @@
 
 use std::time::Instant;
 
-use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::{Message, protocol::frame::coding::CloseCode};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::harness::*;
 
@@ -45,19 +44,6 @@ async fn login(api: &Api, email: &str) -> Result<Login, Error> {
 }
 
 /// Waits for the close frame; its code and how long it took.
-async fn closed(
-    socket: &mut Socket,
-    since: Instant,
-) -> Result<(CloseCode, std::time::Duration), Error> {
-    loop {
-        match tokio::time::timeout(WAIT, socket.next()).await? {
-            Some(Ok(Message::Close(Some(frame)))) => return Ok((frame.code, since.elapsed())),
-            Some(Ok(_)) => {}
-            other => return Err(format!("no close frame: {other:?}").into()),
-        }
-    }
-}
-
 async fn delete(url: &str, token: &str) -> Result<StatusCode, Error> {
     Ok(http().delete(url).bearer_auth(token).send().await?.status())
 }
