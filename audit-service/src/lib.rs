@@ -19,11 +19,18 @@ use crate::repo::AuditRepo;
 pub const NAME: &str = "audit-service";
 pub const DEFAULT_PORT: u16 = 9500;
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "audit_events",
-    sql: include_str!("../migrations/0001_audit_events.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "audit_events",
+        sql: include_str!("../migrations/0001_audit_events.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "origins",
+        sql: include_str!("../migrations/0002_origins.sql"),
+    },
+];
 
 /// Migrates and starts the durable consumer of the audit stream.
 pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service> {

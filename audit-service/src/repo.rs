@@ -22,8 +22,9 @@ impl AuditRepo {
             .db
             .insert_rows(
                 &mut write,
-                "audit_events (id, kind, actor, subject, detail, occurred_at, recorded_at)",
-                7,
+                "audit_events (id, kind, actor, subject, detail, occurred_at, recorded_at,
+                     client_ip, user_agent, request_id)",
+                10,
                 "ON CONFLICT DO NOTHING",
                 events,
                 |query, event| {
@@ -34,7 +35,10 @@ impl AuditRepo {
                         .bind(event.subject.as_deref())
                         .bind(event.detail.to_string())
                         .bind(event.at.timestamp_millis())
-                        .bind(now))
+                        .bind(now)
+                        .bind(event.client_ip.as_deref())
+                        .bind(event.user_agent.as_deref())
+                        .bind(event.request_id.as_deref()))
                 },
             )
             .await?;
@@ -57,7 +61,17 @@ mod conformance {
     use crate::{MIGRATIONS, NAME};
 
     /// id, kind, actor, subject, detail, occurred_at.
-    type Row = (String, String, Option<String>, Option<String>, String, i64);
+    type Row = (
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        String,
+        i64,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    );
 
     #[tokio::test]
     async fn events_are_appended_once_with_every_field() -> anyhow::Result<()> {
@@ -72,6 +86,9 @@ mod conformance {
                 Some("x'); DROP TABLE audit_events; --@example.com".into()),
             );
             failed.detail = serde_json::json!({"reason": "bad credentials"});
+            failed.client_ip = Some("203.0.113.7".into());
+            failed.user_agent = Some("curl/8.0".into());
+            failed.request_id = Some("req-1".into());
             let created = AuditEvent::new(AuditKind::RoomCreated, None, None);
             assert_eq!(audit.insert(std::slice::from_ref(&failed)).await?, 1);
             assert_eq!(
@@ -81,8 +98,8 @@ mod conformance {
             );
 
             let rows: Vec<Row> = sqlx::query_as(
-                "SELECT id, kind, actor, subject, detail, occurred_at FROM audit_events
-                     ORDER BY kind",
+                "SELECT id, kind, actor, subject, detail, occurred_at, client_ip, user_agent,
+                     request_id FROM audit_events ORDER BY kind",
             )
             .fetch_all(&database.pool)
             .await?;
@@ -96,6 +113,9 @@ mod conformance {
                         failed.subject.clone(),
                         r#"{"reason":"bad credentials"}"#.into(),
                         failed.at.timestamp_millis(),
+                        Some("203.0.113.7".into()),
+                        Some("curl/8.0".into()),
+                        Some("req-1".into()),
                     ),
                     (
                         created.id.to_string(),
@@ -104,6 +124,9 @@ mod conformance {
                         None,
                         "null".into(),
                         created.at.timestamp_millis(),
+                        None,
+                        None,
+                        None,
                     ),
                 ]
             );

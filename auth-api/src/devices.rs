@@ -12,7 +12,10 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use unhidra_core::ids::{DeviceId, UserId};
+use unhidra_core::{
+    events::{AuditEvent, AuditKind},
+    ids::{DeviceId, UserId},
+};
 use unhidra_runtime::{ApiError, ApiJson, SessionUser};
 use unhidra_store::{Database, now_millis};
 
@@ -174,6 +177,12 @@ pub async fn register(
         .add(me.user, &name, &platform, identity_key.as_deref())
         .await?;
     tracing::info!(user_id = %me.user, device_id = %device.device_id, "device registered");
+    let event = AuditEvent::new(
+        AuditKind::DeviceRegistered,
+        Some(me.user),
+        Some(device.device_id.to_string()),
+    );
+    state.ctx.audit(event).await;
     Ok((StatusCode::CREATED, Json(device)))
 }
 
@@ -226,5 +235,11 @@ pub async fn revoke(
     let ended = state.service.sessions.revoke_device(me.user, id).await?;
     tracing::info!(user_id = %me.user, device_id = %id, sessions_ended = ended.len(), "device revoked");
     crate::sessions::manage::announce(&state, me.user, ended).await;
+    let event = AuditEvent::new(
+        AuditKind::DeviceRevoked,
+        Some(me.user),
+        Some(id.to_string()),
+    );
+    state.ctx.audit(event).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -76,6 +76,10 @@ pub enum AuditKind {
     MfaEnabled,
     /// A user turned two-factor authentication off.
     MfaDisabled,
+    /// A user registered a device (subject: its id).
+    DeviceRegistered,
+    /// A user revoked a device, ending its sessions (subject: its id).
+    DeviceRevoked,
     /// An admin rotated the token signing key.
     SigningKeyRotated,
     /// A user created an API key (subject: its public prefix).
@@ -106,6 +110,8 @@ impl AuditKind {
             Self::InviteCreated => "invite_created",
             Self::MfaEnabled => "mfa_enabled",
             Self::MfaDisabled => "mfa_disabled",
+            Self::DeviceRegistered => "device_registered",
+            Self::DeviceRevoked => "device_revoked",
             Self::SigningKeyRotated => "signing_key_rotated",
             Self::ApiKeyCreated => "api_key_created",
             Self::ApiKeyRotated => "api_key_rotated",
@@ -127,6 +133,15 @@ pub struct AuditEvent {
     pub subject: Option<String>,
     pub at: DateTime<Utc>,
     pub detail: serde_json::Value,
+    /// Where the request that caused it came from (filled in by the service
+    /// that publishes it, from the HTTP request being handled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+    /// The `X-Request-Id` of that request, tying the event to its log lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 impl AuditEvent {
@@ -139,6 +154,9 @@ impl AuditEvent {
             subject,
             at: Utc::now(),
             detail: serde_json::Value::Null,
+            client_ip: None,
+            user_agent: None,
+            request_id: None,
         }
     }
 

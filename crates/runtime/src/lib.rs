@@ -13,6 +13,7 @@ mod error;
 mod health;
 mod instrumented;
 mod limits;
+mod origin;
 pub mod recorder;
 pub mod rpc;
 mod server;
@@ -165,8 +166,10 @@ impl ServiceContext {
         Ok(db)
     }
 
-    /// Records a security event; a failure is logged, never shown to the user.
-    pub async fn audit(&self, event: AuditEvent) {
+    /// Records a security event, with the origin of the request being
+    /// handled; a failure is logged, never shown to the user.
+    pub async fn audit(&self, mut event: AuditEvent) {
+        origin::stamp(&mut event);
         let subject = self.subjects.audit(event.kind.as_str());
         let payload = match serde_json::to_vec(&event) {
             Ok(p) => p,

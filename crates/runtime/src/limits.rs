@@ -25,7 +25,7 @@ use unhidra_core::{Config, clock::SharedClock};
 use unhidra_ratelimit::{Backend, Blocklist, Decision, Limit, RateLimiter};
 use unhidra_telemetry::metrics::Metrics;
 
-use crate::{ApiError, ClientIp};
+use crate::{ApiError, ClientIp, origin::RequestOrigin};
 
 const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
@@ -290,7 +290,8 @@ pub(crate) async fn limit_user(parts: &Parts, limits: &Limits, user: &str) -> Re
 }
 
 /// The edge middleware of the API routes: resolves the client address,
-/// applies the per-IP budget, and writes the rate-limit headers.
+/// applies the per-IP budget, runs the request as coming from its origin
+/// (for audit events), and writes the rate-limit headers.
 pub async fn edge(State(limits): State<Limits>, mut request: Request, next: Next) -> Response {
     let peer = request
         .extensions()
@@ -310,7 +311,8 @@ pub async fn edge(State(limits): State<Limits>, mut request: Request, next: Next
             return refused.into_response();
         }
     }
-    let mut response = next.run(request).await;
+    let origin = RequestOrigin::new(ip, request.headers());
+    let mut response = origin.scope(next.run(request)).await;
     if let Some(decision) = applied.tightest() {
         if !response.headers().contains_key(LIMIT) {
             write_headers(response.headers_mut(), &decision);

@@ -534,8 +534,8 @@ impl Scaled {
     }
 }
 
-/// The audit events of `kind` the embedded audit service stored (detail and
-/// subject), once there are at least `count`.
+/// The audit events of `kind` the embedded audit service stored (detail,
+/// subject, actor and the request's origin), once there are at least `count`.
 pub async fn wait_for_audit(
     stack: &Embedded,
     kind: &str,
@@ -545,8 +545,17 @@ pub async fn wait_for_audit(
     let pool = sqlx::SqlitePool::connect(&url).await?;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let rows: Vec<(String, Option<String>)> = sqlx::query_as(
-            "SELECT detail, subject FROM audit_events WHERE kind = ? ORDER BY occurred_at, recorded_at",
+        type Row = (
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT detail, subject, actor, client_ip, user_agent, request_id FROM audit_events
+             WHERE kind = ? ORDER BY occurred_at, recorded_at",
         )
         .bind(kind)
         .fetch_all(&pool)
@@ -555,9 +564,18 @@ pub async fn wait_for_audit(
         if found >= count {
             return rows
                 .into_iter()
-                .map(|(detail, subject)| {
-                    Ok(json!({"detail": serde_json::from_str::<Value>(&detail)?, "subject": subject}))
-                })
+                .map(
+                    |(detail, subject, actor, client_ip, user_agent, request_id)| {
+                        Ok(json!({
+                            "detail": serde_json::from_str::<Value>(&detail)?,
+                            "subject": subject,
+                            "actor": actor,
+                            "client_ip": client_ip,
+                            "user_agent": user_agent,
+                            "request_id": request_id,
+                        }))
+                    },
+                )
                 .collect();
         }
         if tokio::time::Instant::now() > deadline {

@@ -115,7 +115,16 @@ async fn tokens_verify_independently_before_and_after_an_admin_rotates_the_key()
     assert_eq!(status, StatusCode::OK, "{login}");
     let admin = str_of(&login, "access_token")?;
     let old_kid = kid_of(&alice.token)?;
-    let (status, rotated) = post(&rotate, Some(&admin), json!({})).await?;
+    let response = http()
+        .post(&rotate)
+        .bearer_auth(&admin)
+        .header("user-agent", "ops-console/2.1")
+        .header("x-request-id", "rotate-42")
+        .json(&json!({}))
+        .send()
+        .await?;
+    let status = response.status();
+    let rotated: Value = response.json().await?;
     assert_eq!(status, StatusCode::OK, "{rotated}");
     let new_kid = str_of(&rotated, "kid")?;
     assert_ne!(new_kid, old_kid);
@@ -157,9 +166,20 @@ async fn tokens_verify_independently_before_and_after_an_admin_rotates_the_key()
         "after rotation"
     );
 
-    // Audited with the admin and the new key.
+    // Audited with the admin, the new key and where the request came from.
     let events = wait_for_audit(&stack, "signing_key_rotated", 1).await?;
-    assert_eq!(events[0]["subject"], new_kid.as_str(), "{events:?}");
+    let admin_id = str_of(&login, "user_id")?;
+    assert_eq!(
+        events[0],
+        json!({
+            "detail": null,
+            "subject": new_kid,
+            "actor": admin_id,
+            "client_ip": "127.0.0.1",
+            "user_agent": "ops-console/2.1",
+            "request_id": "rotate-42",
+        })
+    );
     stack.app.stop().await
 }
 

@@ -700,7 +700,7 @@ async fn revoking_a_device_ends_the_sessions_opened_on_it() -> TestResult {
     assert_eq!(next_of(&mut laptop_ws, "pong").await?["id"], "still");
     let (_, list) = get(&devices, Some(&laptop.access)).await?;
     assert_eq!(list["devices"], json!([]));
-    let (status, _) = login_on(phone_id).await?;
+    let (status, _) = login_on(phone_id.clone()).await?;
     assert_eq!(
         status,
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -715,5 +715,9 @@ async fn revoking_a_device_ends_the_sessions_opened_on_it() -> TestResult {
             .status(),
         StatusCode::NOT_FOUND
     );
+    let registered = wait_for_audit(&stack, "device_registered", 1).await?;
+    assert_eq!(registered[0]["subject"], phone_id.as_str());
+    let revoked = wait_for_audit(&stack, "device_revoked", 1).await?;
+    assert_eq!(revoked[0]["subject"], phone_id.as_str());
     stack.app.stop().await
 }
