@@ -3,6 +3,7 @@
 //! number (gap-free, from 1) and publishing it to the rooms stream through a
 //! transactional outbox, so an acknowledged message is never lost.
 
+mod accounts;
 mod membership;
 mod messages;
 mod rooms;
@@ -108,6 +109,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         })
         .await?
     };
+    let deletions = accounts::spawn(&state).await?;
     let router = Router::new()
         .route("/api/v1/rooms", post(rooms::create).get(rooms::mine))
         .route("/api/v1/rooms/{room_id}/join", post(rooms::join))
@@ -117,7 +119,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         router,
         database: Some(db),
         tasks: {
-            tasks.extend([send, rooms_of, membership]);
+            tasks.extend([send, rooms_of, membership, deletions]);
             tasks
         },
     })

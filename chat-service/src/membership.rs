@@ -27,13 +27,13 @@ pub fn store_unavailable(error: &anyhow::Error) -> RpcError {
     RpcError::new(RpcCode::Unavailable, "chat store unavailable")
 }
 
-/// Tells the gateways that `user` joined `room`.
-pub async fn announce_join(state: &ChatState, room: RoomId, user: UserId) {
+/// Tells the gateways that `user` joined (or left) `room`.
+pub async fn announce(state: &ChatState, room: RoomId, user: UserId, joined: bool) {
     let event = MembershipChanged {
         v: SCHEMA_VERSION,
         room,
         user,
-        joined: true,
+        joined,
     };
     let published = match serde_json::to_vec(&event) {
         Ok(payload) => state

@@ -17,7 +17,7 @@ use unhidra_core::{
 use unhidra_runtime::{ApiError, ApiJson, CurrentUser};
 
 pub use self::repo::{Caps, Full, Refusal, Room, RoomRepo};
-use crate::{ChatState, membership::announce_join};
+use crate::{ChatState, membership::announce};
 
 const MAX_ROOM_NAME_CHARS: usize = 100;
 
@@ -91,7 +91,7 @@ pub async fn create(
     };
     state.service.rooms.create(&room, me.user).await??;
     tracing::info!(room_id = %room.id, user_id = %me.user, "room created");
-    announce_join(&state, room.id, me.user).await;
+    announce(&state, room.id, me.user, true).await;
     state
         .ctx
         .audit(AuditEvent::new(
@@ -121,7 +121,7 @@ pub async fn join(
     }
     rooms.add_member(id, me.user, Role::Member).await??;
     tracing::info!(room_id = %id, user_id = %me.user, "room joined");
-    announce_join(&state, id, me.user).await;
+    announce(&state, id, me.user, true).await;
     Ok(Json(RoomView::of(room, Role::Member)))
 }
 

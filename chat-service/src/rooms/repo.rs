@@ -196,6 +196,16 @@ impl RoomRepo {
             .collect()
     }
 
+    /// Removes `user` from every room; the rooms it left.
+    pub async fn remove_member_everywhere(&self, user: UserId) -> anyhow::Result<Vec<RoomId>> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("DELETE FROM room_members WHERE user_id = $1 RETURNING room_id")
+                .bind(user.to_string())
+                .fetch_all(&self.db.pool)
+                .await?;
+        rows.iter().map(|(id,)| room_id(id)).collect()
+    }
+
     /// The ids of the rooms `user` belongs to.
     pub async fn ids_of_member(&self, user: UserId) -> anyhow::Result<Vec<RoomId>> {
         let rows: Vec<(String,)> =

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::{
+    events::AuditKind,
     ids::RoomId,
     streams::{ConsumerSpec, StreamSpec},
 };
@@ -169,7 +170,7 @@ impl Subjects {
             max_age: Duration::from_secs(30 * 24 * 3600),
             max_bytes: self.stream_max_bytes,
             duplicate_window: Duration::from_secs(120),
-            consumers: vec![self.audit_consumer()],
+            consumers: vec![self.audit_consumer(), self.account_deletions_consumer()],
         }
     }
 
@@ -179,6 +180,18 @@ impl Subjects {
             stream: self.stream_name("ROOMS"),
             durable: "history".to_owned(),
             filter: None,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: None,
+        }
+    }
+
+    /// chat-service's durable consumer of account deletions (the
+    /// `user_deleted` security events): it removes their room memberships.
+    pub fn account_deletions_consumer(&self) -> ConsumerSpec {
+        ConsumerSpec {
+            stream: self.stream_name("AUDIT"),
+            durable: "chat-account-deletions".to_owned(),
+            filter: Some(self.audit(AuditKind::UserDeleted.as_str())),
             ack_wait: Duration::from_secs(30),
             max_deliver: None,
         }

@@ -392,7 +392,11 @@ async fn the_first_admin_comes_from_the_cli_or_the_bootstrap_settings_idempotent
 
 #[tokio::test]
 async fn users_manage_their_profile_and_admins_find_and_delete_accounts() -> TestResult {
-    let stack = Embedded::start_with(with_bootstrap_admin()?).await?;
+    let stack = Embedded::start_with(Config {
+        max_members_per_room: 2,
+        ..with_bootstrap_admin()?
+    })
+    .await?;
     let api = stack.api();
     let base = stack.app.http();
     let admin = admin_token(&api).await?;
@@ -483,6 +487,23 @@ async fn users_manage_their_profile_and_admins_find_and_delete_accounts() -> Tes
             "{bad}"
         );
     }
+    // Zoe fills the last place of a room.
+    let (status, room) = post(
+        &format!("{base}/api/v1/rooms"),
+        Some(&admin),
+        json!({"name": "two seats", "visibility": "public"}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED, "{room}");
+    let join = format!("{base}/api/v1/rooms/{}/join", str_of(&room, "room_id")?);
+    assert_eq!(post(&join, Some(&zoe), json!({})).await?.0, StatusCode::OK);
+    let yan = api.user("yan").await?;
+    let (status, full) = post(&join, Some(&yan.token), json!({})).await?;
+    assert_eq!(
+        (status, full["error"].as_str()),
+        (StatusCode::CONFLICT, Some("room_full"))
+    );
+
     let one = format!("{users}/{zoe_id}");
     let (status, shown) = get(&one, Some(&admin)).await?;
     assert_eq!(
@@ -533,6 +554,21 @@ async fn users_manage_their_profile_and_admins_find_and_delete_accounts() -> Tes
         .await?
         .status();
     assert_eq!(status, StatusCode::CONFLICT);
+
+    // The deleted account left its room (chat-service follows deletions
+    // durably): its place is free.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = post(&join, Some(&yan.token), json!({})).await?;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "zoe's place never freed: {status} {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     stack.app.stop().await
 }
 
