@@ -175,7 +175,11 @@ async fn admins_block_and_unblock_addresses_everywhere() -> TestResult {
 
 #[tokio::test]
 async fn admins_change_roles_and_disable_accounts() -> TestResult {
-    let stack = Embedded::start_with(with_bootstrap_admin()?).await?;
+    on_each_store(admins_change_roles_and_disable_accounts_on).await
+}
+
+async fn admins_change_roles_and_disable_accounts_on(store: Store) -> TestResult {
+    let stack = Embedded::start_with(on(&store, with_bootstrap_admin()?)).await?;
     let api = stack.api();
     let base = stack.app.http();
     let admin = admin_token(&api).await?;
@@ -392,10 +396,19 @@ async fn the_first_admin_comes_from_the_cli_or_the_bootstrap_settings_idempotent
 
 #[tokio::test]
 async fn users_manage_their_profile_and_admins_find_and_delete_accounts() -> TestResult {
-    let stack = Embedded::start_with(Config {
-        max_members_per_room: 2,
-        ..with_bootstrap_admin()?
-    })
+    on_each_store(users_manage_their_profile_and_admins_find_and_delete_accounts_on).await
+}
+
+async fn users_manage_their_profile_and_admins_find_and_delete_accounts_on(
+    store: Store,
+) -> TestResult {
+    let stack = Embedded::start_with(on(
+        &store,
+        Config {
+            max_members_per_room: 2,
+            ..with_bootstrap_admin()?
+        },
+    ))
     .await?;
     let api = stack.api();
     let base = stack.app.http();
@@ -574,13 +587,20 @@ async fn users_manage_their_profile_and_admins_find_and_delete_accounts() -> Tes
 
 #[tokio::test]
 async fn registration_can_be_closed_or_by_invite() -> TestResult {
+    on_each_store(registration_can_be_closed_or_by_invite_on).await
+}
+
+async fn registration_can_be_closed_or_by_invite_on(store: Store) -> TestResult {
     let register = |base: String, body: Value| async move {
         post(&format!("{base}/api/v1/auth/register"), None, body).await
     };
-    let closed = Embedded::start_with(Config {
-        registration: unhidra_core::config::Registration::Closed,
-        ..unhidra_testkit::config()
-    })
+    let closed = Embedded::start_with(on(
+        &store,
+        Config {
+            registration: unhidra_core::config::Registration::Closed,
+            ..unhidra_testkit::config()
+        },
+    ))
     .await?;
     let (status, body) = register(
         closed.app.http(),
@@ -593,10 +613,13 @@ async fn registration_can_be_closed_or_by_invite() -> TestResult {
     );
     closed.app.stop().await?;
 
-    let stack = Embedded::start_with(Config {
-        registration: unhidra_core::config::Registration::Invite,
-        ..with_bootstrap_admin()?
-    })
+    let stack = Embedded::start_with(on(
+        &store,
+        Config {
+            registration: unhidra_core::config::Registration::Invite,
+            ..with_bootstrap_admin()?
+        },
+    ))
     .await?;
     let base = stack.app.http();
     let admin = admin_token(&stack.api()).await?;

@@ -73,11 +73,18 @@ fn key_handshake(
 
 #[tokio::test]
 async fn api_keys_act_for_their_owner_within_their_scopes() -> TestResult {
-    let stack = Embedded::start_with(Config {
-        bootstrap_admin_email: Some(ADMIN_EMAIL.into()),
-        bootstrap_admin_password: Some(ADMIN_PASSWORD.to_owned().into()),
-        ..unhidra_testkit::config()
-    })
+    on_each_store(api_keys_act_for_their_owner_within_their_scopes_on).await
+}
+
+async fn api_keys_act_for_their_owner_within_their_scopes_on(store: Store) -> TestResult {
+    let stack = Embedded::start_with(on(
+        &store,
+        Config {
+            bootstrap_admin_email: Some(ADMIN_EMAIL.into()),
+            bootstrap_admin_password: Some(ADMIN_PASSWORD.to_owned().into()),
+            ..unhidra_testkit::config()
+        },
+    ))
     .await?;
     let api = stack.api();
     let base = stack.app.http();
@@ -334,9 +341,13 @@ async fn api_keys_act_for_their_owner_within_their_scopes() -> TestResult {
 
 #[tokio::test]
 async fn an_expired_api_key_is_refused_and_no_longer_listed() -> TestResult {
+    on_each_store(an_expired_api_key_is_refused_and_no_longer_listed_on).await
+}
+
+async fn an_expired_api_key_is_refused_and_no_longer_listed_on(store: Store) -> TestResult {
     let clock = Arc::new(ManualClock::starting_at(Duration::from_secs(1_800_000_000)));
     let shared: SharedClock = clock.clone();
-    let stack = Embedded::start_on_clock(unhidra_testkit::config(), shared).await?;
+    let stack = Embedded::start_on_clock(on(&store, unhidra_testkit::config()), shared).await?;
     let base = stack.app.http();
     let bob = stack.api().user("bob").await?;
     let (status, created) = make_key(

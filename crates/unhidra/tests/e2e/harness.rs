@@ -83,11 +83,41 @@ impl Running {
     }
 }
 
-/// Every service in one process with SQLite in a temporary directory.
+/// Every service in one process with SQLite in a temporary directory, or
+/// with the Postgres database `database_url` names.
 pub struct Embedded {
     pub app: Running,
     pub data_dir: PathBuf,
+    pub database_url: Option<String>,
     _dir: tempfile::TempDir,
+}
+
+/// Where a test's embedded stack keeps its data: `None` for SQLite files
+/// (the default), or a fresh Postgres database.
+pub type Store = Option<std::sync::Arc<unhidra_testkit::TestDatabase>>;
+
+/// `config` keeping its data in `store`.
+pub fn on(store: &Store, config: Config) -> Config {
+    Config {
+        database_url: store.as_ref().map(|db| db.url().to_owned().into()),
+        ..config
+    }
+}
+
+/// Runs `test` on SQLite, then on a fresh Postgres database (skipped outside
+/// CI when Postgres does not answer; a failure under CI).
+pub async fn on_each_store<F, Fut>(test: F) -> TestResult
+where
+    F: Fn(Store) -> Fut,
+    Fut: Future<Output = TestResult>,
+{
+    test(None).await.map_err(|e| format!("on SQLite: {e}"))?;
+    if let Some(db) = unhidra_testkit::TestDatabase::postgres().await? {
+        test(Some(std::sync::Arc::new(db)))
+            .await
+            .map_err(|e| format!("on Postgres: {e}"))?;
+    }
+    Ok(())
 }
 
 impl Embedded {
@@ -106,6 +136,10 @@ impl Embedded {
         clock: unhidra_core::clock::SharedClock,
     ) -> Result<Self, Error> {
         let dir = tempfile::tempdir()?;
+        let database_url = config
+            .database_url
+            .as_ref()
+            .map(|url| secrecy::ExposeSecret::expose_secret(url).to_owned());
         let config = Config {
             data_dir: dir.path().to_path_buf(),
             ..config
@@ -117,6 +151,7 @@ impl Embedded {
         Ok(Self {
             app,
             data_dir: dir.path().to_path_buf(),
+            database_url,
             _dir: dir,
         })
     }
@@ -541,8 +576,11 @@ pub async fn wait_for_audit(
     kind: &str,
     count: usize,
 ) -> Result<Vec<Value>, Error> {
-    let url = unhidra_store::sqlite_url(&stack.data_dir, audit_service::NAME);
-    let pool = sqlx::SqlitePool::connect(&url).await?;
+    let url = match &stack.database_url {
+        Some(url) => url.clone(),
+        None => unhidra_store::sqlite_url(&stack.data_dir, audit_service::NAME),
+    };
+    let pool = unhidra_store::Database::connect(&url, 1).await?.pool;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         type Row = (
@@ -555,7 +593,7 @@ pub async fn wait_for_audit(
         );
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT detail, subject, actor, client_ip, user_agent, request_id FROM audit_events
-             WHERE kind = ? ORDER BY occurred_at, recorded_at",
+             WHERE kind = $1 ORDER BY occurred_at, recorded_at",
         )
         .bind(kind)
         .fetch_all(&pool)

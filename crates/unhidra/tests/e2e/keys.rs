@@ -51,11 +51,20 @@ fn kid_of(token: &str) -> Result<String, Error> {
 
 #[tokio::test]
 async fn tokens_verify_independently_before_and_after_an_admin_rotates_the_key() -> TestResult {
-    let stack = Embedded::start_with(Config {
-        bootstrap_admin_email: Some(ADMIN_EMAIL.into()),
-        bootstrap_admin_password: Some(ADMIN_PASSWORD.to_owned().into()),
-        ..unhidra_testkit::config()
-    })
+    on_each_store(tokens_verify_independently_before_and_after_an_admin_rotates_the_key_on).await
+}
+
+async fn tokens_verify_independently_before_and_after_an_admin_rotates_the_key_on(
+    store: Store,
+) -> TestResult {
+    let stack = Embedded::start_with(on(
+        &store,
+        Config {
+            bootstrap_admin_email: Some(ADMIN_EMAIL.into()),
+            bootstrap_admin_password: Some(ADMIN_PASSWORD.to_owned().into()),
+            ..unhidra_testkit::config()
+        },
+    ))
     .await?;
     let api = stack.api();
     let base = stack.app.http();

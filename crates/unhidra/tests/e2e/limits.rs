@@ -567,14 +567,21 @@ async fn login_with(
 
 #[tokio::test]
 async fn failed_logins_lock_the_account_with_growing_times() -> TestResult {
+    on_each_store(failed_logins_lock_the_account_with_growing_times_on).await
+}
+
+async fn failed_logins_lock_the_account_with_growing_times_on(store: Store) -> TestResult {
     let clock = manual_clock();
     let stack = Embedded::start_on_clock(
-        Config {
-            lockout_failures: 3,
-            lockout_secs: 60,
-            lockout_max_secs: 3600,
-            ..unhidra_testkit::config()
-        },
+        on(
+            &store,
+            Config {
+                lockout_failures: 3,
+                lockout_secs: 60,
+                lockout_max_secs: 3600,
+                ..unhidra_testkit::config()
+            },
+        ),
         clock.clone(),
     )
     .await?;

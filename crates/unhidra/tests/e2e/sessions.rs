@@ -50,7 +50,11 @@ async fn delete(url: &str, token: &str) -> Result<StatusCode, Error> {
 
 #[tokio::test]
 async fn logout_and_revoked_sessions_close_their_sockets_only() -> TestResult {
-    let stack = Embedded::start().await?;
+    on_each_store(logout_and_revoked_sessions_close_their_sockets_only_on).await
+}
+
+async fn logout_and_revoked_sessions_close_their_sockets_only_on(store: Store) -> TestResult {
+    let stack = Embedded::start_with(on(&store, unhidra_testkit::config())).await?;
     let api = stack.api();
     let base = stack.app.http();
     let email = register(&api, "ann").await?;
@@ -176,7 +180,11 @@ async fn logout_and_revoked_sessions_close_their_sockets_only() -> TestResult {
 
 #[tokio::test]
 async fn a_reused_refresh_token_revokes_its_session() -> TestResult {
-    let stack = Embedded::start().await?;
+    on_each_store(a_reused_refresh_token_revokes_its_session_on).await
+}
+
+async fn a_reused_refresh_token_revokes_its_session_on(store: Store) -> TestResult {
+    let stack = Embedded::start_with(on(&store, unhidra_testkit::config())).await?;
     let api = stack.api();
     let base = stack.app.http();
     let email = register(&api, "ann").await?;
@@ -261,7 +269,11 @@ async fn revocations_reach_gateways_in_other_processes_and_late_starters() -> Te
 
 #[tokio::test]
 async fn a_password_change_ends_every_other_session() -> TestResult {
-    let stack = Embedded::start().await?;
+    on_each_store(a_password_change_ends_every_other_session_on).await
+}
+
+async fn a_password_change_ends_every_other_session_on(store: Store) -> TestResult {
+    let stack = Embedded::start_with(on(&store, unhidra_testkit::config())).await?;
     let api = stack.api();
     let base = stack.app.http();
     let email = register(&api, "ann").await?;
@@ -346,7 +358,11 @@ async fn mailed_token(outbox: &std::path::Path, email: &str) -> Result<String, E
 
 #[tokio::test]
 async fn a_mailed_reset_token_sets_a_new_password_once() -> TestResult {
-    let stack = Embedded::start().await?;
+    on_each_store(a_mailed_reset_token_sets_a_new_password_once_on).await
+}
+
+async fn a_mailed_reset_token_sets_a_new_password_once_on(store: Store) -> TestResult {
+    let stack = Embedded::start_with(on(&store, unhidra_testkit::config())).await?;
     let api = stack.api();
     let base = stack.app.http();
     let email = register(&api, "ann").await?;
@@ -509,9 +525,16 @@ fn totp(secret_base32: &str, now: std::time::Duration) -> Result<String, Error> 
 
 #[tokio::test]
 async fn totp_makes_login_two_steps_with_codes_and_recovery_codes_used_once() -> TestResult {
+    on_each_store(totp_makes_login_two_steps_with_codes_and_recovery_codes_used_once_on).await
+}
+
+async fn totp_makes_login_two_steps_with_codes_and_recovery_codes_used_once_on(
+    store: Store,
+) -> TestResult {
     use unhidra_core::clock::{Clock, ManualClock, SystemClock};
     let clock = std::sync::Arc::new(ManualClock::starting_at(SystemClock.now()));
-    let stack = Embedded::start_on_clock(unhidra_testkit::config(), clock.clone()).await?;
+    let stack =
+        Embedded::start_on_clock(on(&store, unhidra_testkit::config()), clock.clone()).await?;
     let api = stack.api();
     let base = stack.app.http();
     let email = register(&api, "ann").await?;
@@ -624,7 +647,11 @@ async fn totp_makes_login_two_steps_with_codes_and_recovery_codes_used_once() ->
 
 #[tokio::test]
 async fn revoking_a_device_ends_the_sessions_opened_on_it() -> TestResult {
-    let stack = Embedded::start().await?;
+    on_each_store(revoking_a_device_ends_the_sessions_opened_on_it_on).await
+}
+
+async fn revoking_a_device_ends_the_sessions_opened_on_it_on(store: Store) -> TestResult {
+    let stack = Embedded::start_with(on(&store, unhidra_testkit::config())).await?;
     let api = stack.api();
     let base = stack.app.http();
     let email = register(&api, "ann").await?;
