@@ -46,6 +46,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
     Ok(Service {
         name: NAME,
         router: Router::new(),
+        openapi: utoipa::openapi::OpenApi::default(),
         database: Some(db),
         tasks: vec![recorder],
     })

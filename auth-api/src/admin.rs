@@ -8,6 +8,7 @@
 //! `unhidra admin create`.
 
 use std::{net::IpAddr, time::Duration};
+use unhidra_core::error::ErrorBody;
 
 use axum::{
     Json,
@@ -39,24 +40,27 @@ const MAX_PAGE: u32 = 200;
 const DEFAULT_PAGE: u32 = 50;
 const MAX_SEARCH_CHARS: usize = 100;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct UserQuery {
     search: Option<String>,
     after: Option<String>,
     limit: Option<u32>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct UserPage {
     users: Vec<ProfileView>,
     /// Pass as `after` for the next page; null on the last one.
     next: Option<UserId>,
 }
 
+#[utoipa::path(get, path = "/api/v1/admin/users", tag = "admin", security(("bearer" = []), ("api_key" = [])), params(UserQuery), responses(
+    (status = 200, description = "Accounts matching `search`, by id", body = UserPage)))]
 pub async fn list_users(
     State(state): State<AuthState>,
-    AdminUser(_): AdminUser,
+    AdminUser(_admin): AdminUser,
     query: Result<Query<UserQuery>, QueryRejection>,
 ) -> Result<Json<UserPage>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
@@ -88,9 +92,11 @@ pub async fn list_users(
     }))
 }
 
+#[utoipa::path(get, path = "/api/v1/admin/users/{user_id}", tag = "admin", security(("bearer" = []), ("api_key" = [])), params(("user_id" = String, Path, description = "A user id")), responses(
+    (status = 200, description = "The account", body = crate::users::ProfileView)))]
 pub async fn show_user(
     State(state): State<AuthState>,
-    AdminUser(_): AdminUser,
+    AdminUser(_admin): AdminUser,
     Path(user): Path<String>,
 ) -> Result<Json<ProfileView>, ApiError> {
     let no_such_user = || ApiError::NotFound("no such user".into());
@@ -99,6 +105,9 @@ pub async fn show_user(
     Ok(Json(profile.ok_or_else(no_such_user)?.into()))
 }
 
+#[utoipa::path(delete, path = "/api/v1/admin/users/{user_id}", tag = "admin", security(("bearer" = []), ("api_key" = [])), params(("user_id" = String, Path, description = "A user id")), responses(
+    (status = 204, description = "Deleted: erased, sessions and keys revoked, rooms left"),
+    (status = 409, description = "`own_account`: admins cannot delete themselves", body = ErrorBody)))]
 pub async fn delete_user(
     State(state): State<AuthState>,
     AdminUser(admin): AdminUser,
@@ -128,20 +137,23 @@ pub async fn delete_user(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserChange {
     role: Option<SystemRole>,
     disabled: Option<bool>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct UserStanding {
     user_id: UserId,
     role: SystemRole,
     disabled: bool,
 }
 
+#[utoipa::path(patch, path = "/api/v1/admin/users/{user_id}", tag = "admin", security(("bearer" = []), ("api_key" = [])), params(("user_id" = String, Path, description = "A user id")), request_body = UserChange, responses(
+    (status = 200, description = "The account's role and state now", body = UserStanding),
+    (status = 409, description = "`own_account`: admins cannot demote or disable themselves", body = ErrorBody)))]
 pub async fn change_user(
     State(state): State<AuthState>,
     AdminUser(admin): AdminUser,
@@ -193,7 +205,7 @@ pub async fn change_user(
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BlockRequest {
     ip: String,
@@ -201,7 +213,7 @@ pub struct BlockRequest {
     reason: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct BlockView {
     ip: String,
     blocked: bool,
@@ -218,6 +230,8 @@ fn address(raw: &str) -> Result<ClientIp, ApiError> {
     })
 }
 
+#[utoipa::path(post, path = "/api/v1/admin/blocks", tag = "admin", security(("bearer" = []), ("api_key" = [])), request_body = BlockRequest, responses(
+    (status = 201, description = "Blocked on every node", body = BlockView)))]
 pub async fn block(
     State(state): State<AuthState>,
     AdminUser(admin): AdminUser,
@@ -257,14 +271,18 @@ pub async fn block(
     Ok((StatusCode::CREATED, Json(block_view(&state, ip).await)))
 }
 
+#[utoipa::path(get, path = "/api/v1/admin/blocks/{ip}", tag = "admin", security(("bearer" = []), ("api_key" = [])), params(("ip" = String, Path, description = "An IPv4 or IPv6 address")), responses(
+    (status = 200, description = "Whether the address is blocked, and for how long", body = BlockView)))]
 pub async fn show_block(
     State(state): State<AuthState>,
-    AdminUser(_): AdminUser,
+    AdminUser(_admin): AdminUser,
     Path(ip): Path<String>,
 ) -> Result<Json<BlockView>, ApiError> {
     Ok(Json(block_view(&state, address(&ip)?).await))
 }
 
+#[utoipa::path(delete, path = "/api/v1/admin/blocks/{ip}", tag = "admin", security(("bearer" = []), ("api_key" = [])), params(("ip" = String, Path, description = "An IPv4 or IPv6 address")), responses(
+    (status = 204, description = "The block is lifted")))]
 pub async fn unblock(
     State(state): State<AuthState>,
     AdminUser(admin): AdminUser,
@@ -284,7 +302,7 @@ pub async fn unblock(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct RotatedKeys {
     /// The key new access tokens are signed with.
     kid: String,
@@ -296,6 +314,8 @@ pub struct RotatedKeys {
 
 /// `POST /api/v1/admin/keys/rotate`: a new signing key signs from now on
 /// (on other replicas within their next reload).
+#[utoipa::path(post, path = "/api/v1/admin/keys/rotate", tag = "admin", security(("bearer" = []), ("api_key" = [])), responses(
+    (status = 200, description = "A new signing key signs from now on", body = RotatedKeys)))]
 pub async fn rotate_keys(
     State(state): State<AuthState>,
     AdminUser(admin): AdminUser,

@@ -29,7 +29,7 @@ const MAX_PLATFORM_CHARS: usize = 32;
 const MAX_IDENTITY_KEY_CHARS: usize = 512;
 
 /// A registered device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Device {
     device_id: DeviceId,
     name: String,
@@ -139,7 +139,7 @@ impl DeviceRepo {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewDevice {
     name: String,
@@ -148,6 +148,8 @@ pub struct NewDevice {
     identity_key: Option<String>,
 }
 
+#[utoipa::path(post, path = "/api/v1/devices", tag = "devices", security(("bearer" = [])), request_body = NewDevice, responses(
+    (status = 201, description = "The device", body = Device)))]
 pub async fn register(
     State(state): State<AuthState>,
     SessionUser(me): SessionUser,
@@ -186,11 +188,13 @@ pub async fn register(
     Ok((StatusCode::CREATED, Json(device)))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct DeviceList {
     devices: Vec<Device>,
 }
 
+#[utoipa::path(get, path = "/api/v1/devices", tag = "devices", security(("bearer" = [])), responses(
+    (status = 200, description = "Your devices, oldest first", body = DeviceList)))]
 pub async fn list(
     State(state): State<AuthState>,
     SessionUser(me): SessionUser,
@@ -203,12 +207,14 @@ fn no_such_device() -> ApiError {
     ApiError::NotFound("no such device".into())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rename {
     name: String,
 }
 
+#[utoipa::path(patch, path = "/api/v1/devices/{device_id}", tag = "devices", security(("bearer" = [])), params(("device_id" = String, Path, description = "A device id")), request_body = Rename, responses(
+    (status = 204, description = "Renamed")))]
 pub async fn rename(
     State(state): State<AuthState>,
     SessionUser(me): SessionUser,
@@ -223,6 +229,8 @@ pub async fn rename(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(delete, path = "/api/v1/devices/{device_id}", tag = "devices", security(("bearer" = [])), params(("device_id" = String, Path, description = "A device id")), responses(
+    (status = 204, description = "Revoked; its sessions end and their sockets close with 4003")))]
 pub async fn revoke(
     State(state): State<AuthState>,
     SessionUser(me): SessionUser,

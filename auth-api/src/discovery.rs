@@ -12,11 +12,13 @@ use unhidra_runtime::{ApiError, CurrentUser};
 
 use crate::AuthState;
 
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "discovery", responses(
+    (status = 200, description = "The public signing keys", body = unhidra_core::token::Jwks)))]
 pub async fn jwks(State(state): State<AuthState>) -> Json<Jwks> {
     Json(state.service.keys.jwks())
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ProviderMetadata {
     issuer: String,
     jwks_uri: String,
@@ -26,6 +28,8 @@ pub struct ProviderMetadata {
     claims_supported: Vec<&'static str>,
 }
 
+#[utoipa::path(get, path = "/.well-known/openid-configuration", tag = "discovery", responses(
+    (status = 200, description = "OpenID provider metadata", body = ProviderMetadata)))]
 pub async fn openid_configuration(State(state): State<AuthState>) -> Json<ProviderMetadata> {
     let config = &state.ctx.config;
     let base = config.public_url.trim_end_matches('/');
@@ -44,7 +48,7 @@ pub async fn openid_configuration(State(state): State<AuthState>) -> Json<Provid
 }
 
 /// The OpenID standard claims Unhidra knows, and the system role.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct UserInfo {
     sub: UserId,
     email: String,
@@ -56,6 +60,8 @@ pub struct UserInfo {
     role: SystemRole,
 }
 
+#[utoipa::path(get, path = "/api/v1/auth/userinfo", tag = "discovery", security(("bearer" = []), ("api_key" = [])), responses(
+    (status = 200, description = "The OpenID claims of the credential's user", body = UserInfo)))]
 pub async fn userinfo(
     State(state): State<AuthState>,
     CurrentUser(me): CurrentUser,

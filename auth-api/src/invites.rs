@@ -76,19 +76,21 @@ impl InviteRepo {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InviteRequest {
     expires_in_secs: Option<u64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Invite {
     /// Shown this once; only its hash is kept.
     code: String,
     expires_at: DateTime<Utc>,
 }
 
+#[utoipa::path(post, path = "/api/v1/admin/invites", tag = "admin", security(("bearer" = []), ("api_key" = [])), request_body = InviteRequest, responses(
+    (status = 201, description = "An invite code, shown once", body = Invite)))]
 pub async fn create(
     State(state): State<AuthState>,
     AdminUser(admin): AdminUser,

@@ -108,6 +108,50 @@ const MIGRATIONS: &[Migration] = &[
     },
 ];
 
+/// auth-api's part of the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    users::register,
+    users::verify,
+    users::me,
+    users::update_me,
+    users::request_deletion,
+    sessions::login,
+    sessions::refresh,
+    sessions::manage::list,
+    sessions::manage::logout,
+    sessions::manage::revoke,
+    sessions::manage::revoke_all,
+    sessions::manage::change_password,
+    resets::request,
+    resets::confirm,
+    mfa::enrol,
+    mfa::confirm,
+    mfa::login,
+    mfa::disable,
+    devices::register,
+    devices::list,
+    devices::rename,
+    devices::revoke,
+    admin::list_users,
+    admin::show_user,
+    admin::change_user,
+    admin::delete_user,
+    admin::block,
+    admin::show_block,
+    admin::unblock,
+    admin::rotate_keys,
+    invites::create,
+    api_keys::create,
+    api_keys::list,
+    api_keys::rotate,
+    api_keys::revoke,
+    discovery::jwks,
+    discovery::openid_configuration,
+    discovery::userinfo,
+))]
+struct AuthDoc;
+
 /// auth-api's part of its handlers' state.
 #[derive(Clone)]
 struct Auth {
@@ -310,6 +354,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
     Ok(Service {
         name: NAME,
         router,
+        openapi: <AuthDoc as utoipa::OpenApi>::openapi(),
         database: Some(db),
         tasks: vec![
             jwks_responder,

@@ -7,6 +7,7 @@
 use axum::{Json, extract::State, http::StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+use unhidra_core::error::ErrorBody;
 use unhidra_core::events::{AuditEvent, AuditKind};
 use unhidra_runtime::{ApiError, ApiJson, Throttle};
 
@@ -17,17 +18,19 @@ use crate::{
     users::normalize_email,
 };
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResetRequest {
     email: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ResetRequested {
     status: &'static str,
 }
 
+#[utoipa::path(post, path = "/api/v1/auth/password/reset", tag = "auth", request_body = ResetRequest, responses(
+    (status = 202, description = "The same for every email: a reset mail goes out if it has an account", body = ResetRequested)))]
 pub async fn request(
     State(state): State<AuthState>,
     throttle: Throttle,
@@ -91,13 +94,19 @@ async fn send_reset(state: &AuthState, email: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResetConfirm {
+    #[schema(value_type = String)]
     token: SecretString,
+    #[schema(value_type = String)]
     new_password: SecretString,
 }
 
+#[utoipa::path(post, path = "/api/v1/auth/password/reset/confirm", tag = "auth", request_body = ResetConfirm, responses(
+    (status = 204, description = "The password is set; every session ended"),
+    (status = 401, description = "`invalid_reset_token`: unknown, used or expired", body = ErrorBody),
+    (status = 422, description = "`invalid_input`, `password_too_short`, `password_too_long` or `password_too_common`", body = ErrorBody)))]
 pub async fn confirm(
     State(state): State<AuthState>,
     throttle: Throttle,

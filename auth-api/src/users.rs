@@ -10,6 +10,7 @@ use axum::{
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+use unhidra_core::error::ErrorBody;
 use unhidra_core::{
     config::Registration,
     events::{AuditEvent, AuditKind},
@@ -28,17 +29,19 @@ use crate::{
 };
 const MAX_DISPLAY_NAME_CHARS: usize = 64;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
     email: String,
+    #[schema(value_type = String)]
     password: SecretString,
     display_name: Option<String>,
     /// With `UNHIDRA_REGISTRATION=invite`: the code an admin gave.
+    #[schema(value_type = Option<String>)]
     invite: Option<SecretString>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Registered {
     user_id: UserId,
     email: String,
@@ -67,11 +70,17 @@ fn display_name(requested: Option<String>, email: &str) -> Result<String, ApiErr
 
 /// What registering answered when email verification is on: the same for
 /// a new and a taken email.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct VerificationSent {
     status: &'static str,
 }
 
+#[utoipa::path(post, path = "/api/v1/auth/register", tag = "auth", request_body = RegisterRequest, responses(
+    (status = 201, description = "Registered (email verification off)", body = Registered),
+    (status = 202, description = "With email verification on: the same answer for a new and a taken email; the owner is mailed", body = VerificationSent),
+    (status = 403, description = "`registration_closed`, `invite_required` or `invalid_invite`", body = ErrorBody),
+    (status = 409, description = "`email_taken` (email verification off)", body = ErrorBody),
+    (status = 422, description = "`invalid_input`, `password_too_short`, `password_too_long` or `password_too_common`", body = ErrorBody)))]
 pub async fn register(
     State(state): State<AuthState>,
     throttle: Throttle,
@@ -247,13 +256,17 @@ async fn register_and_mail(state: &AuthState, account: NewAccount) -> anyhow::Re
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyRequest {
+    #[schema(value_type = String)]
     token: SecretString,
 }
 
 /// `POST /api/v1/auth/verify`: confirms an email with its mailed token.
+#[utoipa::path(post, path = "/api/v1/auth/verify", tag = "auth", request_body = VerifyRequest, responses(
+    (status = 204, description = "The email is confirmed"),
+    (status = 401, description = "`invalid_verification_token`", body = ErrorBody)))]
 pub async fn verify(
     State(state): State<AuthState>,
     throttle: Throttle,
@@ -302,7 +315,7 @@ mod tests {
 }
 
 /// An account as its owner and admins see it.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ProfileView {
     user_id: UserId,
     email: String,
@@ -331,6 +344,9 @@ fn no_account() -> ApiError {
     ApiError::NotFound("no such account".into())
 }
 
+#[utoipa::path(get, path = "/api/v1/users/me", tag = "account", security(("bearer" = []), ("api_key" = [])), responses(
+    (status = 200, description = "Your account", body = ProfileView),
+    (status = 404, description = "`not_found`: the account is gone", body = ErrorBody)))]
 pub async fn me(
     State(state): State<AuthState>,
     CurrentUser(me): CurrentUser,
@@ -339,12 +355,15 @@ pub async fn me(
     Ok(Json(profile.ok_or_else(no_account)?.into()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileChange {
     display_name: String,
 }
 
+#[utoipa::path(patch, path = "/api/v1/users/me", tag = "account", security(("bearer" = []), ("api_key" = [])), request_body = ProfileChange, responses(
+    (status = 200, description = "The updated account", body = ProfileView),
+    (status = 404, description = "`not_found`: the account is gone", body = ErrorBody)))]
 pub async fn update_me(
     State(state): State<AuthState>,
     CurrentUser(me): CurrentUser,
@@ -358,11 +377,14 @@ pub async fn update_me(
     Ok(Json(profile.into()))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct DeletionRequested {
     deletion_requested_at: chrono::DateTime<chrono::Utc>,
 }
 
+#[utoipa::path(post, path = "/api/v1/users/me/deletion", tag = "account", security(("bearer" = [])), responses(
+    (status = 202, description = "Deletion requested (an admin carries it out)", body = DeletionRequested),
+    (status = 404, description = "`not_found`: the account is gone", body = ErrorBody)))]
 pub async fn request_deletion(
     State(state): State<AuthState>,
     SessionUser(me): SessionUser,

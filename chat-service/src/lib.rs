@@ -64,6 +64,11 @@ impl MessageMetrics {
     }
 }
 
+/// chat-service's part of the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(rooms::create, rooms::join, rooms::mine))]
+struct ChatDoc;
+
 /// Migrates, answers the chat requests on the bus, and starts the group
 /// commit, the publisher and the outbox relay.
 pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service> {
@@ -117,6 +122,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
     Ok(Service {
         name: NAME,
         router,
+        openapi: <ChatDoc as utoipa::OpenApi>::openapi(),
         database: Some(db),
         tasks: {
             tasks.extend([send, rooms_of, membership, deletions]);

@@ -23,6 +23,11 @@ use unhidra_runtime::{ApiError, ClientIp, authenticate};
 
 use crate::{Gateway, connection};
 
+#[utoipa::path(get, path = "/ws", tag = "websocket", security(("bearer" = []), ("api_key" = [])), responses(
+    (status = 101, description = "Switching to the `unhidra.v1` WebSocket protocol (docs/protocol.md); the token may also come in `Sec-WebSocket-Protocol: unhidra.v1, bearer.<token>`"),
+    (status = 400, description = "`websocket_upgrade_required`: authenticated, but not a WebSocket upgrade", body = ErrorBody),
+    (status = 403, description = "`forbidden` (origin not allowed), `insufficient_scope` or `ip_blocked`", body = ErrorBody),
+    (status = 429, description = "`rate_limited` or `too_many_connections` (`Retry-After`)", body = ErrorBody)))]
 pub async fn upgrade(
     State(gateway): State<Arc<Gateway>>,
     ip: ClientIp,

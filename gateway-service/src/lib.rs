@@ -70,10 +70,16 @@ pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
     Ok(Service {
         name: NAME,
         router,
+        openapi: <GatewayDoc as utoipa::OpenApi>::openapi(),
         database: None,
         tasks: vec![fanout, revocations],
     })
 }
+
+/// The gateway's part of the OpenAPI document: the WebSocket handshake.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(handshake::upgrade))]
+struct GatewayDoc;
 
 /// Runs the gateway alone on `listener` until `shutdown` resolves.
 pub async fn run(

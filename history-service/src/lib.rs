@@ -25,6 +25,11 @@ const MIGRATIONS: &[Migration] = &[Migration {
 
 type HistoryState = ApiState<HistoryRepo>;
 
+/// history-service's part of the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(pages::messages))]
+struct HistoryDoc;
+
 /// Migrates and starts the durable consumer of the rooms stream.
 pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service> {
     db.migrate(NAME, MIGRATIONS).await?;
@@ -51,6 +56,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
     Ok(Service {
         name: NAME,
         router,
+        openapi: <HistoryDoc as utoipa::OpenApi>::openapi(),
         database: Some(db),
         tasks: vec![recorder],
     })

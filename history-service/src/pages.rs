@@ -6,6 +6,7 @@ use axum::{
     extract::{Path, Query, State, rejection::QueryRejection},
 };
 use serde::{Deserialize, Serialize};
+use unhidra_core::error::ErrorBody;
 use unhidra_core::{
     events::SCHEMA_VERSION,
     ids::RoomId,
@@ -18,18 +19,22 @@ use crate::{HistoryState, repo::StoredMessage};
 const DEFAULT_LIMIT: i64 = 50;
 const MAX_LIMIT: i64 = 200;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// Only messages with a smaller sequence number.
     before: Option<i64>,
     limit: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Page {
     messages: Vec<StoredMessage>,
 }
 
+#[utoipa::path(get, path = "/api/v1/rooms/{room_id}/messages", tag = "history", security(("bearer" = []), ("api_key" = [])), params(("room_id" = String, Path, description = "A room id"), PageQuery), responses(
+    (status = 200, description = "Messages, newest first", body = Page),
+    (status = 403, description = "`forbidden`: not a member of the room", body = ErrorBody)))]
 pub async fn messages(
     State(state): State<HistoryState>,
     CurrentUser(me): CurrentUser,

@@ -10,7 +10,7 @@ use unhidra_core::{
 use unhidra_store::{Database, now_millis};
 
 /// One message as history serves it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct StoredMessage {
     pub seq: u64,
     pub message_id: MessageId,

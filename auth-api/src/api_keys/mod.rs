@@ -11,6 +11,7 @@
 mod repo;
 
 use std::time::Duration;
+use unhidra_core::error::ErrorBody;
 
 use axum::{
     Json,
@@ -44,15 +45,16 @@ const MAX_LIFETIME_SECS: u64 = 2 * 365 * 24 * 3600;
 /// The longest a rotated key may keep working beside its replacement.
 const MAX_GRACE_SECS: u64 = 7 * 24 * 3600;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewKeyRequest {
     name: String,
+    #[schema(value_type = Vec<unhidra_core::api_keys::ApiScope>)]
     scopes: ApiScopes,
     expires_in_secs: Option<u64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateRequest {
     /// How long the replaced key keeps working (0, the default: not at all).
@@ -63,11 +65,12 @@ pub struct RotateRequest {
 }
 
 /// A key as listed: never its secret.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct KeyView {
     id: ApiKeyId,
     name: String,
     prefix: String,
+    #[schema(value_type = Vec<unhidra_core::api_keys::ApiScope>)]
     scopes: ApiScopes,
     created_at: chrono::DateTime<chrono::Utc>,
     expires_at: chrono::DateTime<chrono::Utc>,
@@ -89,7 +92,7 @@ impl From<ApiKey> for KeyView {
 }
 
 /// A key just made: the only answer that holds its secret.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct CreatedKey {
     #[serde(flatten)]
     view: KeyView,
@@ -97,7 +100,7 @@ pub struct CreatedKey {
     key: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct KeyList {
     api_keys: Vec<KeyView>,
 }
@@ -133,6 +136,9 @@ async fn audit(state: &AuthState, kind: AuditKind, user: UserId, key: &str) {
         .await;
 }
 
+#[utoipa::path(post, path = "/api/v1/api-keys", tag = "api keys", security(("bearer" = [])), request_body = NewKeyRequest, responses(
+    (status = 201, description = "The key, with its secret shown this once", body = CreatedKey),
+    (status = 409, description = "`too_many_api_keys`", body = ErrorBody)))]
 pub async fn create(
     State(state): State<AuthState>,
     SessionUser(me): SessionUser,
@@ -169,6 +175,8 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(created)))
 }
 
+#[utoipa::path(get, path = "/api/v1/api-keys", tag = "api keys", security(("bearer" = [])), responses(
+    (status = 200, description = "Your live keys, without secrets", body = KeyList)))]
 pub async fn list(
     State(state): State<AuthState>,
     SessionUser(me): SessionUser,
@@ -183,6 +191,8 @@ pub async fn list(
     }))
 }
 
+#[utoipa::path(post, path = "/api/v1/api-keys/{key_id}/rotate", tag = "api keys", security(("bearer" = [])), params(("key_id" = String, Path, description = "An API key id")), request_body = RotateRequest, responses(
+    (status = 201, description = "The new key, shown this once", body = CreatedKey)))]
 pub async fn rotate(
     State(state): State<AuthState>,
     SessionUser(me): SessionUser,
@@ -211,6 +221,8 @@ pub async fn rotate(
     Ok((StatusCode::CREATED, Json(created)))
 }
 
+#[utoipa::path(delete, path = "/api/v1/api-keys/{key_id}", tag = "api keys", security(("bearer" = [])), params(("key_id" = String, Path, description = "An API key id")), responses(
+    (status = 204, description = "Revoked everywhere; its sockets close with 4003")))]
 pub async fn revoke(
     State(state): State<AuthState>,
     SessionUser(me): SessionUser,

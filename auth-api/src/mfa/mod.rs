@@ -20,6 +20,7 @@ use data_encoding::BASE32_NOPAD;
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+use unhidra_core::error::ErrorBody;
 use unhidra_core::{
     events::{AuditEvent, AuditKind},
     ids::UserId,
@@ -51,7 +52,7 @@ fn secret_bytes(secret: &str) -> Result<Vec<u8>, ApiError> {
         .map_err(|e| ApiError::Unexpected(anyhow::anyhow!("stored TOTP secret: {e}")))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Enrolment {
     /// Base32, for typing into an authenticator app.
     secret: String,
@@ -60,6 +61,10 @@ pub struct Enrolment {
     qr_svg: String,
 }
 
+#[utoipa::path(post, path = "/api/v1/auth/mfa/totp", tag = "two-factor", security(("bearer" = [])), responses(
+    (status = 201, description = "A new TOTP secret, not in force until confirmed", body = Enrolment),
+    (status = 404, description = "`not_found`: the account is gone", body = ErrorBody),
+    (status = 409, description = "`mfa_enabled`", body = ErrorBody)))]
 pub async fn enrol(
     State(state): State<AuthState>,
     SessionUser(me): SessionUser,
@@ -115,18 +120,22 @@ fn percent(text: &str) -> String {
         .collect()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Confirm {
     code: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct RecoveryCodes {
     /// Shown this once; each works once instead of a code.
     recovery_codes: Vec<String>,
 }
 
+#[utoipa::path(post, path = "/api/v1/auth/mfa/totp/confirm", tag = "two-factor", security(("bearer" = [])), request_body = Confirm, responses(
+    (status = 200, description = "In force; ten recovery codes, shown once", body = RecoveryCodes),
+    (status = 401, description = "`invalid_mfa_code`", body = ErrorBody),
+    (status = 409, description = "`no_pending_enrolment`", body = ErrorBody)))]
 pub async fn confirm(
     State(state): State<AuthState>,
     SessionUser(me): SessionUser,
@@ -171,19 +180,22 @@ fn recovery_code() -> String {
     format!("{}-{}", &text[..5], &text[5..10])
 }
 
-/// A second factor: a current code, or one of the recovery codes.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SecondFactor {
-    code: Option<String>,
-    recovery_code: Option<SecretString>,
+/// A second factor as a request gives it: a current `code`, or one of the
+/// recovery codes.
+struct SecondFactor<'a> {
+    code: Option<&'a str>,
+    recovery_code: Option<&'a SecretString>,
 }
 
 /// Whether `factor` is a fresh code or an unused recovery code of `user`
 /// (using it up).
-async fn accept(state: &AuthState, user: UserId, factor: &SecondFactor) -> Result<bool, ApiError> {
+async fn accept(
+    state: &AuthState,
+    user: UserId,
+    factor: SecondFactor<'_>,
+) -> Result<bool, ApiError> {
     let mfa = &state.service.mfa;
-    if let Some(code) = &factor.code {
+    if let Some(code) = factor.code {
         let Some(totp) = mfa.totp(user).await?.filter(|t| t.confirmed) else {
             return Ok(false);
         };
@@ -198,15 +210,15 @@ async fn accept(state: &AuthState, user: UserId, factor: &SecondFactor) -> Resul
             },
         );
     }
-    if let Some(recovery) = &factor.recovery_code {
+    if let Some(recovery) = factor.recovery_code {
         let hash = hash_token(recovery.expose_secret().trim());
         return Ok(mfa.use_recovery_code(user, &hash).await?);
     }
     Err(ApiError::Invalid("give a code or a recovery_code".into()))
 }
 
-#[derive(Serialize)]
-struct MfaChallenge {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct MfaChallenge {
     mfa_required: bool,
     /// For `POST /api/v1/auth/login/mfa`, valid five minutes, once.
     mfa_token: String,
@@ -214,34 +226,43 @@ struct MfaChallenge {
 }
 
 /// The first step of a login with MFA in force: the password was right.
-pub async fn challenge(state: &AuthState, user: UserId) -> Result<Response, ApiError> {
+pub async fn challenge(state: &AuthState, user: UserId) -> Result<MfaChallenge, ApiError> {
     let (token, token_hash) = new_token();
     state
         .service
         .mfa_challenges
         .create(user, &token_hash)
         .await?;
-    Ok(Json(MfaChallenge {
+    Ok(MfaChallenge {
         mfa_required: true,
         mfa_token: token,
         expires_in: 300,
     })
-    .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MfaLogin {
+    #[schema(value_type = String)]
     mfa_token: SecretString,
     /// As in the first step: one of the user's registered devices.
     device_id: Option<String>,
-    #[serde(flatten)]
-    factor: SecondFactor,
+    /// A current code of the authenticator app...
+    code: Option<String>,
+    /// ...or one of the recovery codes.
+    #[schema(value_type = Option<String>)]
+    recovery_code: Option<SecretString>,
 }
 
 /// `POST /api/v1/auth/login/mfa`: the second step. The MFA token works
 /// once, so each password gives one guess at the code; a wrong one counts
 /// as a failed login.
+#[utoipa::path(post, path = "/api/v1/auth/login/mfa", tag = "two-factor", request_body = MfaLogin, responses(
+    (status = 200, description = "Tokens", body = crate::sessions::Tokens),
+    (status = 401, description = "`invalid_mfa_token` or `invalid_mfa_code`", body = ErrorBody),
+    (status = 403, description = "`account_disabled`, or `ip_blocked`", body = ErrorBody),
+    (status = 423, description = "`account_locked`", body = ErrorBody),
+    (status = 422, description = "`invalid_input` or `unknown_device`", body = ErrorBody)))]
 pub async fn login(
     State(state): State<AuthState>,
     throttle: Throttle,
@@ -259,7 +280,11 @@ pub async fn login(
             code: "invalid_mfa_token",
             message: "the MFA token is unknown, used or expired; log in again".into(),
         })?;
-    if !accept(&state, user, &request.factor).await? {
+    let factor = SecondFactor {
+        code: request.code.as_deref(),
+        recovery_code: request.recovery_code.as_ref(),
+    };
+    if !accept(&state, user, factor).await? {
         let now_ms = clock_millis(&state);
         let error = failed_login(&state, &throttle.ip, Some(user), user.to_string(), now_ms).await;
         tracing::warn!(user_id = %user, "second factor refused");
@@ -278,15 +303,22 @@ pub async fn login(
     Ok(Json(open_session(&state, user, standing.role, device).await?).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Disable {
+    #[schema(value_type = String)]
     password: SecretString,
-    #[serde(flatten)]
-    factor: SecondFactor,
+    /// A current code of the authenticator app...
+    code: Option<String>,
+    /// ...or one of the recovery codes.
+    #[schema(value_type = Option<String>)]
+    recovery_code: Option<SecretString>,
 }
 
 /// Turning MFA off needs the password and a second factor again.
+#[utoipa::path(post, path = "/api/v1/auth/mfa/totp/disable", tag = "two-factor", security(("bearer" = [])), request_body = Disable, responses(
+    (status = 204, description = "Two-factor authentication is off"),
+    (status = 401, description = "`invalid_credentials`: the password or the code is wrong", body = ErrorBody)))]
 pub async fn disable(
     State(state): State<AuthState>,
     SessionUser(me): SessionUser,
@@ -311,7 +343,11 @@ pub async fn disable(
         .passwords
         .verify(request.password, Some(hash))
         .await?;
-    if !password_ok || !accept(&state, me.user, &request.factor).await? {
+    let factor = SecondFactor {
+        code: request.code.as_deref(),
+        recovery_code: request.recovery_code.as_ref(),
+    };
+    if !password_ok || !accept(&state, me.user, factor).await? {
         state.ctx.limits.strike(&throttle.ip).await;
         return Err(ApiError::Unauthenticated {
             code: "invalid_credentials",

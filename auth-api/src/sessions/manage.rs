@@ -12,6 +12,7 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use unhidra_core::error::ErrorBody;
 use unhidra_core::{
     events::{AuditEvent, AuditKind, SCHEMA_VERSION, SessionsRevoked},
     ids::{SessionId, UserId},
@@ -24,7 +25,7 @@ use crate::{AuthState, fields::time};
 /// Clock skew the verifiers allow past `exp`.
 const LEEWAY_SECS: i64 = 30;
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct SessionView {
     session_id: SessionId,
     created_at: DateTime<Utc>,
@@ -34,11 +35,13 @@ pub struct SessionView {
     current: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct SessionList {
     sessions: Vec<SessionView>,
 }
 
+#[utoipa::path(get, path = "/api/v1/auth/sessions", tag = "sessions", security(("bearer" = [])), responses(
+    (status = 200, description = "Your live sessions, newest first", body = SessionList)))]
 pub async fn list(
     State(state): State<AuthState>,
     SessionUser(me): SessionUser,
@@ -60,6 +63,8 @@ pub async fn list(
     Ok(Json(SessionList { sessions }))
 }
 
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "sessions", security(("bearer" = [])), responses(
+    (status = 204, description = "The session of the token used is ended")))]
 pub async fn logout(
     State(state): State<AuthState>,
     SessionUser(me): SessionUser,
@@ -68,6 +73,8 @@ pub async fn logout(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(delete, path = "/api/v1/auth/sessions/{session_id}", tag = "sessions", security(("bearer" = [])), params(("session_id" = String, Path, description = "A session id (the `sid` of its tokens)")), responses(
+    (status = 204, description = "Revoked; its sockets close with 4003")))]
 pub async fn revoke(
     State(state): State<AuthState>,
     SessionUser(me): SessionUser,
@@ -81,6 +88,8 @@ pub async fn revoke(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(delete, path = "/api/v1/auth/sessions", tag = "sessions", security(("bearer" = [])), responses(
+    (status = 204, description = "Every session of yours is revoked")))]
 pub async fn revoke_all(
     State(state): State<AuthState>,
     SessionUser(me): SessionUser,
@@ -184,15 +193,21 @@ pub async fn recent(state: &AuthState) -> Result<Vec<SessionsRevoked>, RpcError>
         .collect())
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordChange {
+    #[schema(value_type = String)]
     current_password: secrecy::SecretString,
+    #[schema(value_type = String)]
     new_password: secrecy::SecretString,
 }
 
 /// `POST /api/v1/auth/password`: a new password for the caller, who proves
 /// the current one; every other session of theirs ends.
+#[utoipa::path(post, path = "/api/v1/auth/password", tag = "auth", security(("bearer" = [])), request_body = PasswordChange, responses(
+    (status = 204, description = "Changed; every other session ended"),
+    (status = 401, description = "`invalid_credentials`: the current password is wrong", body = ErrorBody),
+    (status = 422, description = "`invalid_input`, `password_too_short`, `password_too_long` or `password_too_common`", body = ErrorBody)))]
 pub async fn change_password(
     State(state): State<AuthState>,
     SessionUser(me): SessionUser,

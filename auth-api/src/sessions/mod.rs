@@ -9,16 +9,13 @@
 pub mod manage;
 mod repo;
 
-use axum::{
-    Json,
-    extract::State,
-    response::{IntoResponse, Response},
-};
+use axum::{Json, extract::State};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use unhidra_core::error::ErrorBody;
 use unhidra_core::{
     events::{AuditEvent, AuditKind},
     ids::{DeviceId, SessionId, UserId},
@@ -30,22 +27,24 @@ use unhidra_runtime::{ApiError, ApiJson, ClientIp, Throttle};
 pub use self::repo::{Rotation, SessionRepo};
 use crate::{AuthState, passwords::check_length, users::normalize_email};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
     email: String,
+    #[schema(value_type = String)]
     password: SecretString,
     /// One of the user's registered devices, to bind the session to.
     device_id: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshRequest {
+    #[schema(value_type = String)]
     refresh_token: SecretString,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Tokens {
     access_token: String,
     refresh_token: String,
@@ -101,11 +100,17 @@ fn access_token(
     Ok(token)
 }
 
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest, responses(
+    (status = 200, description = "Tokens, or with two-factor authentication in force a challenge for `POST /api/v1/auth/login/mfa`", body = LoginAnswer),
+    (status = 401, description = "`invalid_credentials`", body = ErrorBody),
+    (status = 403, description = "`email_not_verified` or `account_disabled`, or `ip_blocked`", body = ErrorBody),
+    (status = 423, description = "`account_locked`: too many failed logins in a row (`Retry-After`)", body = ErrorBody),
+    (status = 422, description = "`invalid_input` or `unknown_device`", body = ErrorBody)))]
 pub async fn login(
     State(state): State<AuthState>,
     throttle: Throttle,
     ApiJson(request): ApiJson<LoginRequest>,
-) -> Result<Response, ApiError> {
+) -> Result<Json<LoginAnswer>, ApiError> {
     let limits = &state.service.limits;
     throttle.limit_ip(limits.login_ip.as_ref()).await?;
     check_length(&request.password)?;
@@ -157,9 +162,20 @@ pub async fn login(
         .await?
         .is_some_and(|t| t.confirmed)
     {
-        return crate::mfa::challenge(&state, user_id).await;
+        let challenge = crate::mfa::challenge(&state, user_id).await?;
+        return Ok(Json(LoginAnswer::MfaRequired(challenge)));
     }
-    Ok(Json(open_session(&state, user_id, standing.role, device).await?).into_response())
+    let tokens = open_session(&state, user_id, standing.role, device).await?;
+    Ok(Json(LoginAnswer::Tokens(tokens)))
+}
+
+/// What a right password gets.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum LoginAnswer {
+    Tokens(Tokens),
+    /// Two-factor authentication is in force: the second step comes next.
+    MfaRequired(crate::mfa::MfaChallenge),
 }
 
 /// The device a login names, if it is a live one of `user`'s.
@@ -296,6 +312,10 @@ pub async fn failed_login(
     invalid_credentials()
 }
 
+#[utoipa::path(post, path = "/api/v1/auth/refresh", tag = "auth", request_body = RefreshRequest, responses(
+    (status = 200, description = "New tokens; the refresh token used is spent", body = Tokens),
+    (status = 401, description = "`invalid_refresh_token` (a reused one also revokes its session)", body = ErrorBody),
+    (status = 403, description = "`account_disabled`", body = ErrorBody)))]
 pub async fn refresh(
     State(state): State<AuthState>,
     throttle: Throttle,

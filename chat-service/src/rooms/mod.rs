@@ -9,6 +9,7 @@ use axum::{
     http::StatusCode,
 };
 use serde::{Deserialize, Serialize};
+use unhidra_core::error::ErrorBody;
 use unhidra_core::{
     events::{AuditEvent, AuditKind},
     ids::RoomId,
@@ -21,14 +22,14 @@ use crate::{ChatState, membership::announce};
 
 const MAX_ROOM_NAME_CHARS: usize = 100;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRoom {
     name: String,
     visibility: Visibility,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct RoomView {
     room_id: RoomId,
     name: String,
@@ -47,7 +48,7 @@ impl RoomView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct RoomList {
     rooms: Vec<RoomView>,
 }
@@ -69,6 +70,10 @@ impl From<Full> for ApiError {
     }
 }
 
+#[utoipa::path(post, path = "/api/v1/rooms", tag = "rooms", security(("bearer" = []), ("api_key" = [])), request_body = CreateRoom, responses(
+    (status = 201, description = "The room; its creator is the owner", body = RoomView),
+    (status = 403, description = "`forbidden`: guests create no rooms", body = ErrorBody),
+    (status = 409, description = "`too_many_rooms`", body = ErrorBody)))]
 pub async fn create(
     State(state): State<ChatState>,
     CurrentUser(me): CurrentUser,
@@ -103,6 +108,10 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(RoomView::of(room, Role::Owner))))
 }
 
+#[utoipa::path(post, path = "/api/v1/rooms/{room_id}/join", tag = "rooms", security(("bearer" = []), ("api_key" = [])), params(("room_id" = String, Path, description = "A room id")), responses(
+    (status = 200, description = "A member now (or already)", body = RoomView),
+    (status = 403, description = "`forbidden`: the room is private", body = ErrorBody),
+    (status = 409, description = "`too_many_rooms` or `room_full`", body = ErrorBody)))]
 pub async fn join(
     State(state): State<ChatState>,
     CurrentUser(me): CurrentUser,
@@ -125,6 +134,8 @@ pub async fn join(
     Ok(Json(RoomView::of(room, Role::Member)))
 }
 
+#[utoipa::path(get, path = "/api/v1/rooms", tag = "rooms", security(("bearer" = []), ("api_key" = [])), responses(
+    (status = 200, description = "The rooms you belong to, with your role", body = RoomList)))]
 pub async fn mine(
     State(state): State<ChatState>,
     CurrentUser(me): CurrentUser,

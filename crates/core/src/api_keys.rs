@@ -42,6 +42,7 @@ pub fn assemble(prefix: &str, secret: &str) -> String {
 }
 
 /// What a key may be used for.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ApiScope {

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The body of every error response.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ErrorBody {
     /// Stable, machine-readable code.

@@ -29,6 +29,7 @@ pub struct AccessClaims {
 }
 
 /// A public signing key (RFC 8037 OKP, Ed25519).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Jwk {
     pub kty: String,
@@ -42,6 +43,7 @@ pub struct Jwk {
 }
 
 /// `/.well-known/jwks.json`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Jwks {
     pub keys: Vec<Jwk>,

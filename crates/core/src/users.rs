@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::names::names;
 
 /// What a user may do across the system (room roles are separate).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SystemRole {

@@ -13,6 +13,7 @@ mod error;
 mod health;
 mod instrumented;
 mod limits;
+pub mod openapi;
 mod origin;
 pub mod recorder;
 pub mod rpc;
@@ -57,6 +58,8 @@ pub use crate::{
 pub struct Service {
     pub name: &'static str,
     pub router: Router,
+    /// The OpenAPI paths of `router`.
+    pub openapi: utoipa::openapi::OpenApi,
     pub database: Option<Database>,
     pub tasks: Vec<JoinHandle<()>>,
 }
@@ -194,9 +197,11 @@ impl ServiceContext {
         let mut router = Router::new();
         let mut databases = Vec::new();
         let mut tasks = Vec::new();
+        let mut docs = Vec::new();
         for service in services {
             tracing::info!(service = service.name, "service started");
             router = router.merge(service.router);
+            docs.push(service.openapi);
             if let Some(db) = service.database {
                 databases.push((service.name, db));
             }
@@ -210,6 +215,7 @@ impl ServiceContext {
                 self.limits.clone(),
                 self.metrics.clone(),
             ))
+            .merge(openapi::routes(openapi::document(docs)))
             .layer(axum::middleware::from_fn_with_state(
                 self.http_metrics.clone(),
                 unhidra_telemetry::http::track,

@@ -9,6 +9,7 @@ mod embedded;
 mod harness;
 mod keys;
 mod limits;
+mod openapi;
 mod pipelining;
 mod scaled;
 mod sessions;
