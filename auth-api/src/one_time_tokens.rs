@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use unhidra_core::ids::UserId;
-use unhidra_store::{Database, now_millis};
+use unhidra_core::{clock::SharedClock, ids::UserId};
+use unhidra_store::Database;
 
 pub use crate::sessions::{hash_refresh_token as hash_token, new_refresh_token as new_token};
 
@@ -13,40 +13,48 @@ pub use crate::sessions::{hash_refresh_token as hash_token, new_refresh_token as
 #[derive(Clone, Debug)]
 pub struct OneTimeTokenRepo {
     db: Database,
+    clock: SharedClock,
     table: &'static str,
     ttl: Duration,
 }
 
 impl OneTimeTokenRepo {
     /// Password resets: 15 minutes.
-    pub fn password_resets(db: Database) -> Self {
+    pub fn password_resets(db: Database, clock: SharedClock) -> Self {
         Self {
             db,
+            clock,
             table: "password_resets",
             ttl: Duration::from_secs(15 * 60),
         }
     }
 
     /// The second step of a login with MFA: five minutes.
-    pub fn mfa_challenges(db: Database) -> Self {
+    pub fn mfa_challenges(db: Database, clock: SharedClock) -> Self {
         Self {
             db,
+            clock,
             table: "mfa_challenges",
             ttl: Duration::from_secs(5 * 60),
         }
     }
 
     /// Email verifications: a day.
-    pub fn email_verifications(db: Database) -> Self {
+    pub fn email_verifications(db: Database, clock: SharedClock) -> Self {
         Self {
             db,
+            clock,
             table: "email_verifications",
             ttl: Duration::from_secs(24 * 3600),
         }
     }
 
+    fn now_ms(&self) -> i64 {
+        i64::try_from(self.clock.now().as_millis()).unwrap_or(i64::MAX)
+    }
+
     pub async fn create(&self, user: UserId, token_hash: &str) -> anyhow::Result<()> {
-        let now = now_millis();
+        let now = self.now_ms();
         let ttl = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
         let insert = format!(
             "INSERT INTO {} (token_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
@@ -70,7 +78,7 @@ impl OneTimeTokenRepo {
         );
         let user: Option<String> = sqlx::query_scalar(&select)
             .bind(token_hash)
-            .bind(now_millis())
+            .bind(self.now_ms())
             .fetch_optional(&self.db.pool)
             .await?;
         Ok(user.map(|u| u.parse()).transpose()?)
@@ -79,7 +87,7 @@ impl OneTimeTokenRepo {
     /// Uses the token up; its user, if it was live and unused (in one
     /// statement, so a token works once even when raced).
     pub async fn redeem(&self, token_hash: &str) -> anyhow::Result<Option<UserId>> {
-        let now = now_millis();
+        let now = self.now_ms();
         let update = format!(
             "UPDATE {} SET used_at = $1
              WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1
@@ -99,6 +107,9 @@ impl OneTimeTokenRepo {
 mod conformance {
     //! One suite on SQLite and on Postgres.
 
+    use std::sync::Arc;
+
+    use unhidra_core::clock::ManualClock;
     use unhidra_testkit::on_each_database;
 
     use super::*;
@@ -108,7 +119,8 @@ mod conformance {
     async fn a_one_time_token_works_once_and_only_while_fresh() -> anyhow::Result<()> {
         on_each_database(|db| async move {
             let (database, user) = with_ann(db.url()).await?;
-            let resets = OneTimeTokenRepo::password_resets(database.clone());
+            let clock = Arc::new(ManualClock::starting_at(Duration::from_secs(1_800_000_000)));
+            let resets = OneTimeTokenRepo::password_resets(database.clone(), clock.clone());
             resets.create(user, "fresh").await?;
             assert_eq!(resets.peek("fresh").await?, Some(user));
             assert_eq!(
@@ -121,10 +133,9 @@ mod conformance {
             assert_eq!(resets.peek("fresh").await?, None);
 
             resets.create(user, "stale").await?;
-            sqlx::query("UPDATE password_resets SET expires_at = $1 WHERE token_hash = 'stale'")
-                .bind(now_millis() - 1)
-                .execute(&database.pool)
-                .await?;
+            clock.advance(Duration::from_secs(15 * 60 - 1));
+            assert_eq!(resets.peek("stale").await?, Some(user), "15 minutes");
+            clock.advance(Duration::from_secs(1));
             assert_eq!(resets.peek("stale").await?, None);
             assert_eq!(resets.redeem("stale").await?, None, "expired");
             assert_eq!(resets.redeem("unknown").await?, None);

@@ -330,6 +330,15 @@ async fn a_password_change_ends_every_other_session_on(store: Store) -> TestResu
 
 /// The token of the newest mail in the embedded outbox to `email`.
 async fn mailed_token(outbox: &std::path::Path, email: &str) -> Result<String, Error> {
+    mailed_token_other_than(outbox, email, None).await
+}
+
+/// The token of a mail to `email` in the outbox, other than `seen`.
+async fn mailed_token_other_than(
+    outbox: &std::path::Path,
+    email: &str,
+    seen: Option<&str>,
+) -> Result<String, Error> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         if let Ok(entries) = std::fs::read_dir(outbox) {
@@ -343,7 +352,7 @@ async fn mailed_token(outbox: &std::path::Path, email: &str) -> Result<String, E
                     .skip_while(|l| !l.contains("with this token"))
                     .nth(1)
                     .map(str::trim)
-                    .filter(|t| !t.is_empty());
+                    .filter(|t| !t.is_empty() && Some(*t) != seen);
                 if let Some(token) = token {
                     return Ok(token.to_owned());
                 }
@@ -362,7 +371,11 @@ async fn a_mailed_reset_token_sets_a_new_password_once() -> TestResult {
 }
 
 async fn a_mailed_reset_token_sets_a_new_password_once_on(store: Store) -> TestResult {
-    let stack = Embedded::start_with(on(&store, unhidra_testkit::config())).await?;
+    let clock = std::sync::Arc::new(unhidra_core::clock::ManualClock::starting_at(
+        std::time::Duration::from_secs(1_800_000_000),
+    ));
+    let stack =
+        Embedded::start_on_clock(on(&store, unhidra_testkit::config()), clock.clone()).await?;
     let api = stack.api();
     let base = stack.app.http();
     let email = register(&api, "ann").await?;
@@ -381,6 +394,7 @@ async fn a_mailed_reset_token_sets_a_new_password_once_on(store: Store) -> TestR
     );
     assert_eq!(known, unknown);
     let token = mailed_token(&stack.data_dir.join("outbox"), &email).await?;
+    let token_used = token.clone();
 
     let confirm = |token: &str, password: &str| {
         let url = format!("{}/api/v1/auth/password/reset/confirm", stack.app.http());
@@ -420,6 +434,18 @@ async fn a_mailed_reset_token_sets_a_new_password_once_on(store: Store) -> TestR
     assert_eq!(
         login_with("correct horse battery").await?.0,
         StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(login_with("a fresh start again").await?.0, StatusCode::OK);
+
+    // A token is good for 15 minutes.
+    ask(email.clone()).await?;
+    let outbox = stack.data_dir.join("outbox");
+    let late = mailed_token_other_than(&outbox, &email, Some(&token_used)).await?;
+    clock.advance(std::time::Duration::from_secs(15 * 60 + 1));
+    let (status, body) = confirm(&late, "too late for this one").await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_reset_token"))
     );
     assert_eq!(login_with("a fresh start again").await?.0, StatusCode::OK);
     stack.app.stop().await
