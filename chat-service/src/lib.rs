@@ -14,7 +14,7 @@ use axum::{Router, routing::post};
 use tokio::net::TcpListener;
 use unhidra_core::{
     Config,
-    rpc::{ChatSend, Membership, RoomsOf},
+    rpc::{ChatSend, Membership, RoomHead, RoomsOf},
 };
 use unhidra_runtime::{ApiState, Service, ServiceContext, rpc};
 use unhidra_store::{Database, Migration};
@@ -37,6 +37,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "outbox_seq",
         sql: include_str!("../migrations/0002_outbox_seq.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "room epochs",
+        sql: include_str!("../migrations/0003_room_epochs.sql"),
     },
 ];
 
@@ -114,6 +119,13 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         })
         .await?
     };
+    let head = {
+        let state = state.clone();
+        rpc::respond::<RoomHead, _, _>(&ctx, NAME, move |request| {
+            membership::head(state.clone(), request)
+        })
+        .await?
+    };
     let deletions = accounts::spawn(&state).await?;
     let router = Router::new()
         .route("/api/v1/rooms", post(rooms::create).get(rooms::mine))
@@ -125,7 +137,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         openapi: <ChatDoc as utoipa::OpenApi>::openapi(),
         database: Some(db),
         tasks: {
-            tasks.extend([send, rooms_of, membership, deletions]);
+            tasks.extend([send, rooms_of, membership, head, deletions]);
             tasks
         },
     })

@@ -7,7 +7,7 @@ use unhidra_core::{
     events::{MembershipChanged, SCHEMA_VERSION},
     ids::{RoomId, UserId},
     rooms::Role,
-    rpc::{MembershipRequest, RoomsOfRequest, RpcCode, RpcError},
+    rpc::{MembershipRequest, RoomHeadReply, RoomsOfRequest, RpcCode, RpcError},
 };
 
 use crate::{ChatState, rooms::Refusal};
@@ -61,6 +61,18 @@ pub async fn rooms_of(state: ChatState, request: RoomsOfRequest) -> Result<Vec<R
         .ids_of_member(request.user)
         .await
         .map_err(|e| store_unavailable(&e))
+}
+
+/// `chat.room_head`: the room's latest sequence and epoch, for a member.
+pub async fn head(state: ChatState, request: MembershipRequest) -> Result<RoomHeadReply, RpcError> {
+    let (seq, epoch) = state
+        .service
+        .rooms
+        .head(request.room, request.user)
+        .await
+        .map_err(|e| store_unavailable(&e))?
+        .map_err(Refusal::rpc_error)?;
+    Ok(RoomHeadReply { seq, epoch })
 }
 
 pub async fn role(state: ChatState, request: MembershipRequest) -> Result<Role, RpcError> {

@@ -2,7 +2,7 @@
 //! writer that drains the connection's bounded outbound queue and closes the
 //! socket (with a documented code) on shutdown, token expiry or slow reading.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{SinkExt, StreamExt, future::BoxFuture, stream::SplitSink};
@@ -13,7 +13,7 @@ use unhidra_core::{
     api_keys::ApiScope,
     events::SCHEMA_VERSION,
     ids::RoomId,
-    protocol::{ClientFrame, ErrorCode, ServerFrame, close, parse_client_frame},
+    protocol::{ClientFrame, ErrorCode, ResumePoint, ServerFrame, close, parse_client_frame},
     rpc::{
         ChatSend, Draft, MAX_SENDS_PER_BATCH, RoomsOf, RoomsOfRequest, RpcError, RpcReply,
         SendAccepted, SendBatch,
@@ -28,6 +28,7 @@ use crate::{
     metrics::GatewayMetrics,
     pipeline::{Pipeline, error},
     registry::{ConnId, Outbound},
+    resume,
 };
 
 /// How long a closing connection waits for the client's close frame.
@@ -39,11 +40,16 @@ const MAX_PIPELINE: usize = 1024;
 /// Frames written before one flush at most.
 const MAX_BURST: u64 = 128;
 
+/// How long a connection that announced a resume waits for it before its
+/// rooms' live messages flow anyway.
+const RESUME_WAIT: Duration = Duration::from_secs(10);
+
 pub async fn serve(
     gateway: Arc<Gateway>,
     mut socket: WebSocket,
     auth: Authenticated,
     ip: ClientIp,
+    resume: bool,
 ) {
     // Checked before the upgrade; decided here, where two racing handshakes
     // cannot both take the last place.
@@ -63,9 +69,22 @@ pub async fn serve(
     let (outbound, queue) = mpsc::channel(gateway.ctx.config.outbound_queue);
     let slow = CancellationToken::new();
     let done = CancellationToken::new();
-    let id = gateway
-        .registry
-        .register(auth.user, auth.session, outbound.clone(), slow.clone());
+    let id = gateway.registry.register(
+        auth.user,
+        auth.session,
+        outbound.clone(),
+        slow.clone(),
+        resume,
+    );
+    if resume {
+        let gateway = Arc::clone(&gateway);
+        gateway.ctx.in_flight.clone().spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(RESUME_WAIT) => gateway.registry.end_awaited_resume(id).await,
+                () = gateway.ctx.shutdown.cancelled() => {}
+            }
+        });
+    }
     tracing::debug!(conn = id, user_id = %auth.user, "connected");
     let writer = tokio::spawn(write(
         sink,
@@ -80,7 +99,7 @@ pub async fn serve(
     ));
 
     if subscribe_rooms(&gateway, id, &auth).await {
-        read(&gateway, &mut stream, &outbound, &auth, &done).await;
+        read(&gateway, id, &mut stream, &outbound, &auth, &done).await;
     } else {
         let _ = outbound
             .send(Outbound::Close(close::TRY_AGAIN_LATER, "rooms unavailable"))
@@ -117,7 +136,8 @@ async fn subscribe_rooms(gateway: &Gateway, id: ConnId, auth: &Authenticated) ->
 /// batches (one in flight), every answer goes out in arrival order, and
 /// reading pauses while `MAX_PIPELINE` frames wait for their answers.
 async fn read(
-    gateway: &Gateway,
+    gateway: &Arc<Gateway>,
+    conn: ConnId,
     stream: &mut futures::stream::SplitStream<WebSocket>,
     outbound: &mpsc::Sender<Outbound>,
     auth: &Authenticated,
@@ -201,13 +221,18 @@ async fn read(
                     match message {
                         Message::Text(text) => {
                             let max_frame = gateway.ctx.config.max_frame_bytes;
-                            if let Some((id, draft)) = accept_frame(&mut pipeline, auth, text.as_str(), max_frame) {
-                                match over_message_limit(gateway, &user_key).await {
+                            match accept_frame(&mut pipeline, auth, text.as_str(), max_frame) {
+                                Some(Command::Send(id, draft)) => match over_message_limit(gateway, &user_key).await {
                                     None => pipeline.push_send(id, draft),
                                     Some(retry_after) => {
                                         pipeline.push_ready(rate_limited(Some(id), retry_after, "messages"));
                                     }
+                                },
+                                Some(Command::Resume(rooms)) => {
+                                    let resume = resume::run(Arc::clone(gateway), conn, *auth, rooms, outbound.clone());
+                                    gateway.ctx.in_flight.spawn(resume);
                                 }
+                                None => {}
                             }
                         }
                         _ => pipeline.push_ready(error(
@@ -259,13 +284,19 @@ fn submit(
     ))
 }
 
-/// Answers a text frame at once, or hands back the send it holds.
+/// What a text frame asks for beyond an immediate answer.
+enum Command {
+    Send(String, Draft),
+    Resume(BTreeMap<RoomId, ResumePoint>),
+}
+
+/// Answers a text frame at once, or hands back the command it holds.
 fn accept_frame(
     pipeline: &mut Pipeline,
     auth: &Authenticated,
     text: &str,
     max_frame: usize,
-) -> Option<(String, Draft)> {
+) -> Option<Command> {
     if text.len() > max_frame {
         pipeline.push_ready(error(
             None,
@@ -283,7 +314,10 @@ fn accept_frame(
                 "this API key lacks the `write` scope",
             ));
         }
-        Ok(ClientFrame::Send { id, room, body }) => return Some((id, Draft { room, body })),
+        Ok(ClientFrame::Send { id, room, body }) => {
+            return Some(Command::Send(id, Draft { room, body }));
+        }
+        Ok(ClientFrame::Resume { rooms }) => return Some(Command::Resume(rooms)),
         Err(e) => {
             tracing::debug!(user_id = %auth.user, code = ?e.code, "frame refused");
             pipeline.push_ready(e.into());

@@ -82,9 +82,10 @@ fn dispatch(gateway: &Gateway, event: &Message) {
 
 fn deliver(gateway: &Gateway, m: RoomMessage) {
     let room = m.room;
+    let seq = m.seq;
     let frame = ServerFrame::Message {
         room,
-        seq: m.seq,
+        seq,
         message_id: m.message_id,
         sender: m.sender,
         body: m.body,
@@ -92,7 +93,7 @@ fn deliver(gateway: &Gateway, m: RoomMessage) {
     };
     match serde_json::to_string(&frame) {
         Ok(text) => {
-            let fanout = gateway.registry.deliver(room, &Utf8Bytes::from(text));
+            let fanout = gateway.registry.deliver(room, seq, &Utf8Bytes::from(text));
             gateway.metrics.delivered.inc_by(fanout.delivered);
             gateway.metrics.slow_consumers.inc_by(fanout.cut_off);
         }

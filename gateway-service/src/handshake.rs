@@ -8,7 +8,8 @@ use std::sync::Arc;
 use axum::{
     Json,
     extract::{
-        State,
+        Query, State,
+        rejection::QueryRejection,
         ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection},
     },
     http::{HeaderMap, header},
@@ -23,7 +24,16 @@ use unhidra_runtime::{ApiError, ClientIp, authenticate};
 
 use crate::{Gateway, connection};
 
-#[utoipa::path(get, path = "/ws", tag = "websocket", security(("bearer" = []), ("api_key" = [])), responses(
+/// `GET /ws?resume=true`: the client will send `resume` first; no live
+/// message reaches it before (for at most 10 s), so the replay comes first.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WsParams {
+    #[serde(default)]
+    resume: bool,
+}
+
+#[utoipa::path(get, path = "/ws", tag = "websocket", security(("bearer" = []), ("api_key" = [])), params(WsParams), responses(
     (status = 101, description = "Switching to the `unhidra.v1` WebSocket protocol (docs/protocol.md); the token may also come in `Sec-WebSocket-Protocol: unhidra.v1, bearer.<token>`"),
     (status = 400, description = "`websocket_upgrade_required`: authenticated, but not a WebSocket upgrade", body = ErrorBody),
     (status = 403, description = "`forbidden` (origin not allowed), `insufficient_scope` or `ip_blocked`", body = ErrorBody),
@@ -31,10 +41,15 @@ use crate::{Gateway, connection};
 pub async fn upgrade(
     State(gateway): State<Arc<Gateway>>,
     ip: ClientIp,
+    params: Result<Query<WsParams>, QueryRejection>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let config = &gateway.ctx.config;
+    let params = match params {
+        Ok(Query(params)) => params,
+        Err(rejection) => return ApiError::Invalid(rejection.body_text()).into_response(),
+    };
     let attempts = gateway.limits.connect_ip.as_ref();
     if let Err(refused) = gateway.ctx.limits.enforce(attempts, &ip.key()).await {
         return refused.into_response();
@@ -81,7 +96,7 @@ pub async fn upgrade(
         .write_buffer_size(config.ws_write_buffer_bytes)
         .on_upgrade(move |socket| {
             let in_flight = gateway.ctx.in_flight.clone();
-            in_flight.track_future(connection::serve(gateway, socket, auth, ip))
+            in_flight.track_future(connection::serve(gateway, socket, auth, ip, params.resume))
         })
 }
 

@@ -13,6 +13,7 @@ mod handshake;
 mod metrics;
 mod pipeline;
 mod registry;
+mod resume;
 mod revocations;
 
 use std::sync::Arc;

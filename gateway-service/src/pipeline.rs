@@ -136,7 +136,7 @@ mod tests {
                 ServerFrame::Error { id, code, .. } => {
                     format!("error {} {code:?}", id.as_deref().unwrap_or(""))
                 }
-                ServerFrame::Message { .. } => "message".to_owned(),
+                other => format!("{other:?}"),
             })
             .collect()
     }

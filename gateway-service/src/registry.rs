@@ -4,7 +4,10 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
 };
 
 use axum::extract::ws::Utf8Bytes;
@@ -25,12 +28,71 @@ pub enum Outbound {
     Close(u16, &'static str),
 }
 
-/// How to reach one connection: its bounded queue, and the switch that cuts
-/// it off when the queue is full.
+/// How to reach one connection: its bounded queue, the switch that cuts it
+/// off when the queue is full, and the rooms whose live messages are held
+/// back while a `resume` replays what the connection missed.
 #[derive(Clone)]
 struct Handle {
     outbound: mpsc::Sender<Outbound>,
     slow: CancellationToken,
+    held: Arc<Held>,
+}
+
+/// Live messages held back per room, by sequence.
+#[derive(Default)]
+struct Held {
+    /// Whether anything is held: deliveries skip the lock while it is not.
+    active: AtomicBool,
+    state: Mutex<HeldState>,
+}
+
+#[derive(Default)]
+struct HeldState {
+    /// Every room is held (a connection that announced a resume, until it
+    /// sends it).
+    all: bool,
+    rooms: HashMap<RoomId, Vec<(u64, Utf8Bytes)>>,
+}
+
+/// The most live messages held back for one room during a resume; beyond
+/// that the connection is cut off as a slow consumer.
+const MAX_HELD: usize = 4096;
+
+impl Handle {
+    /// Queues `frame` (the message `seq` of `room`), or holds it back while
+    /// the room is being resumed; refused when the connection is gone or
+    /// (then cut off) cannot keep up.
+    fn offer(&self, room: RoomId, seq: u64, frame: &Utf8Bytes) -> Result<(), Refused> {
+        if self.held.active.load(Ordering::Acquire) {
+            let mut held = lock(&self.held.state);
+            if held.all || held.rooms.contains_key(&room) {
+                let frames = held.rooms.entry(room).or_default();
+                if frames.len() >= MAX_HELD {
+                    self.slow.cancel();
+                    return Err(Refused::Full);
+                }
+                frames.push((seq, frame.clone()));
+                return Ok(());
+            }
+        }
+        match self.outbound.try_send(Outbound::Frame(frame.clone())) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                self.slow.cancel();
+                Err(Refused::Full)
+            }
+            Err(TrySendError::Closed(_)) => Err(Refused::Closed),
+        }
+    }
+}
+
+enum Refused {
+    Full,
+    Closed,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 struct Conn {
@@ -38,6 +100,14 @@ struct Conn {
     session: SessionId,
     handle: Handle,
     rooms: HashSet<RoomId>,
+}
+
+/// A connection in a room and, once the room was resumed on it, the latest
+/// sequence it was given: a message at or below it is not given again (the
+/// replay may have sent it before its live copy came through).
+struct Member {
+    handle: Handle,
+    last_seq: Option<u64>,
 }
 
 /// What one delivery did.
@@ -54,24 +124,38 @@ pub struct Registry {
     next_id: AtomicU64,
     conns: DashMap<ConnId, Conn>,
     by_user: DashMap<UserId, HashSet<ConnId>>,
-    by_room: DashMap<RoomId, HashMap<ConnId, Handle>>,
+    by_room: DashMap<RoomId, HashMap<ConnId, Member>>,
 }
 
 impl Registry {
+    /// Adds a connection; with `hold_all`, the live messages of every room
+    /// are held back until [`Registry::hold_only`] (it announced a resume).
     pub fn register(
         &self,
         user: UserId,
         session: SessionId,
         outbound: mpsc::Sender<Outbound>,
         slow: CancellationToken,
+        hold_all: bool,
     ) -> ConnId {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let held = Held {
+            active: AtomicBool::new(hold_all),
+            state: Mutex::new(HeldState {
+                all: hold_all,
+                rooms: HashMap::new(),
+            }),
+        };
         self.conns.insert(
             id,
             Conn {
                 user,
                 session,
-                handle: Handle { outbound, slow },
+                handle: Handle {
+                    outbound,
+                    slow,
+                    held: Arc::new(held),
+                },
                 rooms: HashSet::new(),
             },
         );
@@ -92,7 +176,11 @@ impl Registry {
             self.by_room
                 .entry(*room)
                 .or_default()
-                .insert(id, handle.clone());
+                .entry(id)
+                .or_insert_with(|| Member {
+                    handle: handle.clone(),
+                    last_seq: None,
+                });
         }
     }
 
@@ -166,29 +254,130 @@ impl Registry {
         }
     }
 
-    /// Queues `frame` on every connection in `room`; a connection whose queue
-    /// is full is cut off as a slow consumer.
-    pub fn deliver(&self, room: RoomId, frame: &Utf8Bytes) -> Fanout {
+    /// Queues `frame`, the message `seq` of `room`, on every connection in
+    /// the room (or holds it back where a resume of the room is under way);
+    /// a connection whose queue is full is cut off as a slow consumer.
+    pub fn deliver(&self, room: RoomId, seq: u64, frame: &Utf8Bytes) -> Fanout {
         let mut fanout = Fanout::default();
         let Some(mut members) = self.by_room.get_mut(&room) else {
             return fanout;
         };
-        members.retain(|id, handle| {
-            match handle.outbound.try_send(Outbound::Frame(frame.clone())) {
+        members.retain(|id, member| {
+            if member.last_seq.is_some_and(|last| seq <= last) {
+                return true;
+            }
+            match member.handle.offer(room, seq, frame) {
                 Ok(()) => {
+                    if let Some(last) = &mut member.last_seq {
+                        *last = seq;
+                    }
                     fanout.delivered += 1;
                     true
                 }
-                Err(TrySendError::Full(_)) => {
+                Err(Refused::Full) => {
                     tracing::warn!(conn = id, %room, "outbound queue full; closing slow consumer");
                     fanout.cut_off += 1;
-                    handle.slow.cancel();
                     false
                 }
-                Err(TrySendError::Closed(_)) => false,
+                Err(Refused::Closed) => false,
             }
         });
         fanout
+    }
+
+    /// Records that connection `id` was given `room`'s messages up to `seq`
+    /// (by a resume), so their live copies are not given again.
+    pub fn given_up_to(&self, id: ConnId, room: RoomId, seq: u64) {
+        if let Some(mut members) = self.by_room.get_mut(&room) {
+            if let Some(member) = members.get_mut(&id) {
+                member.last_seq = Some(member.last_seq.map_or(seq, |last| last.max(seq)));
+            }
+        }
+    }
+
+    /// Holds back only the live messages of `rooms` from now on: what was
+    /// held for other rooms is queued, in order, and they flow again.
+    pub async fn hold_only(&self, id: ConnId, rooms: &[RoomId]) {
+        self.narrow_hold(id, rooms, false).await;
+    }
+
+    /// A connection that announced a resume and never sent it: every room
+    /// flows again (unless its resume began meanwhile).
+    pub async fn end_awaited_resume(&self, id: ConnId) {
+        self.narrow_hold(id, &[], true).await;
+    }
+
+    async fn narrow_hold(&self, id: ConnId, rooms: &[RoomId], only_if_all: bool) {
+        let Some(handle) = self.handle(id) else {
+            return;
+        };
+        let released: Vec<RoomId> = {
+            let mut held = lock(&handle.held.state);
+            if only_if_all && !held.all {
+                return;
+            }
+            held.all = false;
+            for room in rooms {
+                held.rooms.entry(*room).or_default();
+            }
+            held.rooms
+                .keys()
+                .filter(|room| !rooms.contains(room))
+                .copied()
+                .collect()
+        };
+        for room in released {
+            self.release(id, room, 0).await;
+        }
+    }
+
+    /// The live messages of `room` held back so far for `id`.
+    pub fn held(&self, id: ConnId, room: RoomId) -> Vec<(u64, Utf8Bytes)> {
+        let Some(handle) = self.handle(id) else {
+            return Vec::new();
+        };
+        let held = lock(&handle.held.state);
+        held.rooms.get(&room).cloned().unwrap_or_default()
+    }
+
+    /// Ends the hold of `room` for `id`: the held messages after `seq` are
+    /// queued in order (waiting for room in the queue; what arrives
+    /// meanwhile is held and queued next), then the hold ends, under its
+    /// lock, with nothing left behind, so no delivery overtakes them.
+    pub async fn release(&self, id: ConnId, room: RoomId, mut seq: u64) {
+        let Some(handle) = self.handle(id) else {
+            return;
+        };
+        loop {
+            let batch = {
+                let mut held = lock(&handle.held.state);
+                let Some(frames) = held.rooms.get_mut(&room) else {
+                    return;
+                };
+                let batch: std::collections::BTreeMap<u64, Utf8Bytes> = std::mem::take(frames)
+                    .into_iter()
+                    .filter(|(s, _)| *s > seq)
+                    .collect();
+                if batch.is_empty() {
+                    held.rooms.remove(&room);
+                    if held.rooms.is_empty() && !held.all {
+                        handle.held.active.store(false, Ordering::Release);
+                    }
+                    return;
+                }
+                batch
+            };
+            for (frame_seq, frame) in batch {
+                if handle.outbound.send(Outbound::Frame(frame)).await.is_err() {
+                    return;
+                }
+                seq = frame_seq;
+            }
+        }
+    }
+
+    fn handle(&self, id: ConnId) -> Option<Handle> {
+        self.conns.get(&id).map(|conn| conn.handle.clone())
     }
 }
 
@@ -211,26 +400,44 @@ mod tests {
         let (tx_a, mut rx_a) = mpsc::channel(4);
         let (tx_b1, mut rx_b1) = mpsc::channel(4);
         let (tx_b2, mut rx_b2) = mpsc::channel(4);
-        let a = registry.register(alice, SessionId::new(), tx_a, CancellationToken::new());
-        registry.register(bob, SessionId::new(), tx_b1, CancellationToken::new());
-        registry.register(bob, SessionId::new(), tx_b2, CancellationToken::new());
+        let a = registry.register(
+            alice,
+            SessionId::new(),
+            tx_a,
+            CancellationToken::new(),
+            false,
+        );
+        registry.register(
+            bob,
+            SessionId::new(),
+            tx_b1,
+            CancellationToken::new(),
+            false,
+        );
+        registry.register(
+            bob,
+            SessionId::new(),
+            tx_b2,
+            CancellationToken::new(),
+            false,
+        );
         registry.add_rooms(a, &[room]);
-        assert_eq!(delivered(registry.deliver(room, &frame("one"))), 1);
+        assert_eq!(delivered(registry.deliver(room, 1, &frame("one"))), 1);
         registry.user_joined(bob, room);
-        assert_eq!(delivered(registry.deliver(room, &frame("two"))), 3);
+        assert_eq!(delivered(registry.deliver(room, 2, &frame("two"))), 3);
         assert!(matches!(rx_a.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "one"));
         assert!(matches!(rx_b1.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "two"));
         assert!(matches!(rx_b2.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "two"));
 
         registry.unregister(a);
-        assert_eq!(delivered(registry.deliver(room, &frame("three"))), 2);
+        assert_eq!(delivered(registry.deliver(room, 3, &frame("three"))), 2);
 
         // Leaving applies to every connection of the user, and only the room left.
         let other = RoomId::new();
         registry.user_joined(bob, other);
         registry.user_left(bob, room);
-        assert_eq!(delivered(registry.deliver(room, &frame("four"))), 0);
-        assert_eq!(delivered(registry.deliver(other, &frame("five"))), 2);
+        assert_eq!(delivered(registry.deliver(room, 4, &frame("four"))), 0);
+        assert_eq!(delivered(registry.deliver(other, 5, &frame("five"))), 2);
         assert!(matches!(rx_b1.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "three"));
         assert!(matches!(rx_b1.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "five"));
     }
@@ -243,9 +450,9 @@ mod tests {
         let (tx_kept, mut rx_kept) = mpsc::channel(4);
         let (tx_revoked, mut rx_revoked) = mpsc::channel(4);
         let (tx_bob, mut rx_bob) = mpsc::channel(4);
-        registry.register(alice, kept, tx_kept, CancellationToken::new());
-        registry.register(alice, revoked, tx_revoked, CancellationToken::new());
-        registry.register(bob, revoked, tx_bob, CancellationToken::new());
+        registry.register(alice, kept, tx_kept, CancellationToken::new(), false);
+        registry.register(alice, revoked, tx_revoked, CancellationToken::new(), false);
+        registry.register(bob, revoked, tx_bob, CancellationToken::new(), false);
         assert_eq!(registry.close_sessions(alice, &[revoked]), 1);
         assert!(matches!(
             rx_revoked.try_recv(),
@@ -264,18 +471,52 @@ mod tests {
         let (user, room) = (UserId::new(), RoomId::new());
         let (tx, _rx) = mpsc::channel(1);
         let slow = CancellationToken::new();
-        let id = registry.register(user, SessionId::new(), tx, slow.clone());
+        let id = registry.register(user, SessionId::new(), tx, slow.clone(), false);
         registry.add_rooms(id, &[room]);
-        assert_eq!(delivered(registry.deliver(room, &frame("fits"))), 1);
+        assert_eq!(delivered(registry.deliver(room, 6, &frame("fits"))), 1);
         assert!(!slow.is_cancelled());
         assert_eq!(
-            registry.deliver(room, &frame("overflows")),
+            registry.deliver(room, 7, &frame("overflows")),
             Fanout {
                 delivered: 0,
                 cut_off: 1
             }
         );
         assert!(slow.is_cancelled());
-        assert_eq!(delivered(registry.deliver(room, &frame("after"))), 0);
+        assert_eq!(delivered(registry.deliver(room, 8, &frame("after"))), 0);
+    }
+
+    #[tokio::test]
+    async fn a_resumed_room_is_held_then_released_in_order_without_repeats() {
+        let registry = Registry::default();
+        let (user, room, other) = (UserId::new(), RoomId::new(), RoomId::new());
+        let (tx, mut rx) = mpsc::channel(16);
+        let id = registry.register(user, SessionId::new(), tx, CancellationToken::new(), true);
+        registry.add_rooms(id, &[room, other]);
+        // Announced a resume: nothing flows yet.
+        registry.deliver(room, 4, &frame("r4"));
+        registry.deliver(other, 1, &frame("o1"));
+        registry.deliver(room, 5, &frame("r5"));
+        assert!(rx.try_recv().is_err());
+
+        // The resume names `room` only: `other` flows at once.
+        registry.hold_only(id, &[room]).await;
+        assert!(matches!(rx.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "o1"));
+        assert_eq!(registry.held(id, room).len(), 2);
+        registry.deliver(room, 6, &frame("r6"));
+
+        // Replayed up to 4: the held 5 and 6 follow in order, once.
+        registry.given_up_to(id, room, 4);
+        registry.release(id, room, 4).await;
+        let got: Vec<String> = std::iter::from_fn(|| match rx.try_recv() {
+            Ok(Outbound::Frame(f)) => Some(f.as_str().to_owned()),
+            _ => None,
+        })
+        .collect();
+        assert_eq!(got, ["r5", "r6"]);
+        registry.deliver(room, 4, &frame("late copy"));
+        registry.deliver(room, 7, &frame("r7"));
+        assert!(matches!(rx.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "r7"));
+        assert!(rx.try_recv().is_err());
     }
 }

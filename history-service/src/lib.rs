@@ -7,9 +7,9 @@ mod repo;
 
 use axum::{Router, routing::get};
 use tokio::net::TcpListener;
-use unhidra_core::{Config, events::RoomMessage};
+use unhidra_core::{Config, events::RoomMessage, rpc::HistoryRange};
 use unhidra_runtime::recorder::Record;
-use unhidra_runtime::{ApiState, Service, ServiceContext, recorder};
+use unhidra_runtime::{ApiState, Service, ServiceContext, recorder, rpc};
 use unhidra_store::{Database, Migration};
 
 use crate::repo::HistoryRepo;
@@ -46,6 +46,14 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         history.clone(),
     )
     .await?;
+    let ranges = {
+        let history = history.clone();
+        rpc::respond::<HistoryRange, _, _>(&ctx, NAME, move |request| {
+            let history = history.clone();
+            async move { pages::range(&history, &request).await }
+        })
+        .await?
+    };
     let state = HistoryState {
         ctx: ctx.clone(),
         service: history,
@@ -58,7 +66,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         router,
         openapi: <HistoryDoc as utoipa::OpenApi>::openapi(),
         database: Some(db),
-        tasks: vec![recorder],
+        tasks: vec![recorder, ranges],
     })
 }
 

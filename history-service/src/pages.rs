@@ -1,5 +1,6 @@
 //! `GET /api/v1/rooms/{room_id}/messages?before=<seq>&limit=<n>`: a page of a
-//! room's messages, newest first, for members only.
+//! room's messages, newest first, for members only; and `history.range` on
+//! the bus, the messages a resuming connection missed.
 
 use axum::{
     Json,
@@ -8,13 +9,16 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use unhidra_core::error::ErrorBody;
 use unhidra_core::{
-    events::SCHEMA_VERSION,
+    events::{RoomMessage, SCHEMA_VERSION},
     ids::RoomId,
-    rpc::{Membership, MembershipRequest},
+    rpc::{HistoryRangeRequest, MAX_RANGE, Membership, MembershipRequest, RpcCode, RpcError},
 };
 use unhidra_runtime::{ApiError, CurrentUser};
 
-use crate::{HistoryState, repo::StoredMessage};
+use crate::{
+    HistoryState,
+    repo::{HistoryRepo, StoredMessage},
+};
 
 const DEFAULT_LIMIT: i64 = 50;
 const MAX_LIMIT: i64 = 200;
@@ -63,4 +67,32 @@ pub async fn messages(
     state.ctx.rpc.call::<Membership>(&request).await?;
     let messages = state.service.page(room, before, limit).await?;
     Ok(Json(Page { messages }))
+}
+
+/// `history.range`: the stored messages of the range (at most
+/// [`MAX_RANGE`]), oldest first.
+pub async fn range(
+    history: &HistoryRepo,
+    request: &HistoryRangeRequest,
+) -> Result<Vec<RoomMessage>, RpcError> {
+    let up_to = request.up_to.min(request.after.saturating_add(MAX_RANGE));
+    let stored = history
+        .range(request.room, request.after, up_to)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = ?e, "history range failed");
+            RpcError::new(RpcCode::Unavailable, "history unavailable")
+        })?;
+    Ok(stored
+        .into_iter()
+        .map(|m| RoomMessage {
+            v: SCHEMA_VERSION,
+            room: request.room,
+            seq: m.seq,
+            message_id: m.message_id,
+            sender: m.sender,
+            body: m.body,
+            sent_at: m.sent_at,
+        })
+        .collect())
 }

@@ -66,7 +66,7 @@ impl HistoryRepo {
         before: i64,
         limit: i64,
     ) -> anyhow::Result<Vec<StoredMessage>> {
-        let rows: Vec<(i64, String, String, String, i64)> = sqlx::query_as(
+        let rows: Vec<Row> = sqlx::query_as(
             "SELECT seq, message_id, sender, body, sent_at FROM messages
              WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
         )
@@ -75,19 +75,45 @@ impl HistoryRepo {
         .bind(limit)
         .fetch_all(&self.db.pool)
         .await?;
-        rows.into_iter()
-            .map(|(seq, message_id, sender, body, sent_at)| {
-                Ok(StoredMessage {
-                    seq: u64::try_from(seq)?,
-                    message_id: message_id.parse()?,
-                    sender: sender.parse()?,
-                    body,
-                    sent_at: DateTime::from_timestamp_millis(sent_at)
-                        .with_context(|| format!("stored time {sent_at} out of range"))?,
-                })
-            })
-            .collect()
+        stored(rows)
     }
+
+    /// The stored messages of `room` with `after < seq <= up_to`, in order.
+    pub async fn range(
+        &self,
+        room: RoomId,
+        after: u64,
+        up_to: u64,
+    ) -> anyhow::Result<Vec<StoredMessage>> {
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT seq, message_id, sender, body, sent_at FROM messages
+             WHERE room_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq",
+        )
+        .bind(room.to_string())
+        .bind(i64::try_from(after)?)
+        .bind(i64::try_from(up_to)?)
+        .fetch_all(&self.db.pool)
+        .await?;
+        stored(rows)
+    }
+}
+
+/// seq, message_id, sender, body, sent_at.
+type Row = (i64, String, String, String, i64);
+
+fn stored(rows: Vec<Row>) -> anyhow::Result<Vec<StoredMessage>> {
+    rows.into_iter()
+        .map(|(seq, message_id, sender, body, sent_at)| {
+            Ok(StoredMessage {
+                seq: u64::try_from(seq)?,
+                message_id: message_id.parse()?,
+                sender: sender.parse()?,
+                body,
+                sent_at: DateTime::from_timestamp_millis(sent_at)
+                    .with_context(|| format!("stored time {sent_at} out of range"))?,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -150,6 +176,14 @@ mod conformance {
             );
             assert_eq!(history.page(room, 1, 10).await?, vec![]);
             assert_eq!(history.page(RoomId::new(), i64::MAX, 10).await?, vec![]);
+
+            // A range, oldest first, after one sequence and up to another.
+            let range = history.range(room, 1, 4).await?;
+            assert_eq!(
+                range.iter().map(|m| m.seq).collect::<Vec<_>>(),
+                vec![2, 3, 4]
+            );
+            assert_eq!(history.range(room, 5, 9).await?, vec![]);
             Ok(())
         })
         .await

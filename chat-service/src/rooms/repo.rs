@@ -63,14 +63,15 @@ impl RoomRepo {
         // transaction that reads before it writes can fail to upgrade its lock.
         let mut write = self.db.begin_write().await?;
         sqlx::query(
-            "INSERT INTO rooms (id, name, visibility, created_by, created_at)
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO rooms (id, name, visibility, created_by, created_at, epoch)
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(room.id.to_string())
         .bind(&room.name)
         .bind(room.visibility.as_str())
         .bind(owner.to_string())
         .bind(now)
+        .bind(&uuid::Uuid::new_v4().simple().to_string()[..12])
         .execute(&mut *write.tx)
         .await?;
         let joined = sqlx::query(
@@ -108,6 +109,28 @@ impl RoomRepo {
             })
         })
         .transpose()
+    }
+
+    /// The room's latest sequence and its epoch, if `user` is a member.
+    pub async fn head(
+        &self,
+        room: RoomId,
+        user: UserId,
+    ) -> anyhow::Result<Result<(u64, String), Refusal>> {
+        let row: Option<(i64, String, Option<String>)> = sqlx::query_as(
+            "SELECT r.last_seq, r.epoch, m.role FROM rooms r
+             LEFT JOIN room_members m ON m.room_id = r.id AND m.user_id = $2
+             WHERE r.id = $1",
+        )
+        .bind(room.to_string())
+        .bind(user.to_string())
+        .fetch_optional(&self.db.pool)
+        .await?;
+        Ok(match row {
+            None => Err(Refusal::NoSuchRoom),
+            Some((_, _, None)) => Err(Refusal::NotAMember),
+            Some((seq, epoch, Some(_))) => Ok((u64::try_from(seq)?, epoch)),
+        })
     }
 
     /// The user's role in the room, or why there is none.

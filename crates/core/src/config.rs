@@ -213,6 +213,9 @@ pub struct Config {
     /// `UNHIDRA_OUTBOUND_QUEUE`: frames queued per connection before it is
     /// closed as a slow consumer (256).
     pub outbound_queue: usize,
+    /// `UNHIDRA_RESUME_WINDOW`: the most messages of one room a `resume`
+    /// replays; a client further behind gets a `gap` and pages history (5000).
+    pub resume_window: u64,
     /// `UNHIDRA_WS_READ_BUFFER_BYTES`: how much a WebSocket reads from its
     /// socket at a time (4096). Kept small so an idle connection costs little;
     /// larger frames still arrive whole.
@@ -296,6 +299,7 @@ impl Default for Config {
             limit_ws_bytes: Rate::new(1024 * 1024, Duration::from_secs(1)),
             limit_messages_user: Rate::new(50, Duration::from_secs(1)),
             outbound_queue: 256,
+            resume_window: 5000,
             ws_read_buffer_bytes: 4096,
             ws_write_buffer_bytes: 4096,
             shutdown_timeout_secs: 10,
@@ -421,6 +425,9 @@ impl Config {
         }
         if self.outbound_queue == 0 || self.password_hash_concurrency == 0 {
             return invalid("outbound_queue and password_hash_concurrency must be at least 1");
+        }
+        if !(1..=100_000).contains(&self.resume_window) {
+            return invalid("resume_window must be 1 to 100000");
         }
         if self.access_token_ttl_secs == 0 || self.refresh_token_ttl_secs == 0 {
             return invalid("token lifetimes must be at least one second");

@@ -1,6 +1,8 @@
 //! The client wire protocol, version 1 (`unhidra.v1`): JSON text frames between
 //! a client and the gateway. `docs/protocol.md` documents every frame and code.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -48,7 +50,43 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<String>,
     },
+    /// After a (re)connect: the last sequence seen per room; the server
+    /// sends what was missed, in order, then `resumed` (or `gap`) per room.
+    Resume {
+        rooms: BTreeMap<RoomId, ResumePoint>,
+    },
 }
+
+/// Where a client stands in a room: the last sequence it saw, and the epoch
+/// it saw it under when it knows one.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum ResumePoint {
+    Seq(u64),
+    At {
+        seq: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<String>,
+    },
+}
+
+impl ResumePoint {
+    pub fn seq(&self) -> u64 {
+        match self {
+            Self::Seq(seq) | Self::At { seq, .. } => *seq,
+        }
+    }
+
+    pub fn epoch(&self) -> Option<&str> {
+        match self {
+            Self::Seq(_) => None,
+            Self::At { epoch, .. } => epoch.as_deref(),
+        }
+    }
+}
+
+/// The most rooms one `resume` may name.
+pub const MAX_RESUME_ROOMS: usize = 1000;
 
 /// A frame from the server.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -73,6 +111,22 @@ pub enum ServerFrame {
     Pong {
         #[serde(skip_serializing_if = "Option::is_none", default)]
         id: Option<String>,
+    },
+    /// The messages a `resume` asked for were sent (up to `seq`); live
+    /// messages of the room follow, without a gap.
+    Resumed {
+        room: RoomId,
+        epoch: String,
+        seq: u64,
+    },
+    /// The messages `from_seq..=to_seq` of the room are not replayed (too
+    /// many, or the client's epoch is not the room's: its history was reset);
+    /// page them from history. Live messages after `to_seq` follow.
+    Gap {
+        room: RoomId,
+        epoch: String,
+        from_seq: u64,
+        to_seq: u64,
     },
     /// A command was refused; `id` is the client id when one could be read.
     Error {
@@ -127,21 +181,29 @@ impl From<FrameError> for ServerFrame {
     }
 }
 
-const KNOWN_TYPES: [&str; 2] = ["send", "ping"];
+const KNOWN_TYPES: [&str; 3] = ["send", "ping", "resume"];
 
 /// Parses a text frame. A valid frame is parsed once; only a refused one is
 /// looked at again, to tell malformed frames from unknown types and to recover
 /// the client id for the error.
 pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
     let frame: ClientFrame = serde_json::from_str(text).map_err(|e| explain(text, e))?;
-    if let ClientFrame::Send { id, .. } = &frame {
-        if id.is_empty() || id.len() > MAX_CLIENT_ID_LEN {
+    match &frame {
+        ClientFrame::Send { id, .. } if id.is_empty() || id.len() > MAX_CLIENT_ID_LEN => {
             return Err(FrameError {
                 id: Some(id.chars().take(MAX_CLIENT_ID_LEN).collect()),
                 code: ErrorCode::InvalidFrame,
                 message: format!("`id` must be 1 to {MAX_CLIENT_ID_LEN} bytes"),
             });
         }
+        ClientFrame::Resume { rooms } if rooms.len() > MAX_RESUME_ROOMS => {
+            return Err(FrameError {
+                id: None,
+                code: ErrorCode::InvalidFrame,
+                message: format!("`resume` names at most {MAX_RESUME_ROOMS} rooms"),
+            });
+        }
+        _ => {}
     }
     Ok(frame)
 }
@@ -178,6 +240,34 @@ fn explain(text: &str, error: serde_json::Error) -> FrameError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resume_names_rooms_by_sequence_with_or_without_an_epoch() {
+        let room = RoomId::new();
+        let text = format!(
+            r#"{{"type":"resume","rooms":{{"{room}":41,"{other}":{{"seq":7,"epoch":"e1"}}}}}}"#,
+            other = RoomId(uuid::Uuid::nil())
+        );
+        let Ok(ClientFrame::Resume { rooms }) = parse_client_frame(&text) else {
+            panic!("not a resume: {text}");
+        };
+        assert_eq!(rooms[&room].seq(), 41);
+        assert_eq!(rooms[&room].epoch(), None);
+        let other = &rooms[&RoomId(uuid::Uuid::nil())];
+        assert_eq!((other.seq(), other.epoch()), (7, Some("e1")));
+        for bad in [
+            r#"{"type":"resume","rooms":{"not-a-room":1}}"#,
+            r#"{"type":"resume","rooms":{"00000000-0000-0000-0000-000000000000":-1}}"#,
+            r#"{"type":"resume"}"#,
+        ] {
+            assert_eq!(code_of(bad), Some((None, ErrorCode::InvalidFrame)), "{bad}");
+        }
+        let many: serde_json::Map<String, serde_json::Value> = (0..=MAX_RESUME_ROOMS)
+            .map(|_| (RoomId::new().to_string(), serde_json::json!(0)))
+            .collect();
+        let text = serde_json::json!({"type": "resume", "rooms": many}).to_string();
+        assert_eq!(code_of(&text), Some((None, ErrorCode::InvalidFrame)));
+    }
 
     fn code_of(text: &str) -> Option<(Option<String>, ErrorCode)> {
         parse_client_frame(text).err().map(|e| (e.id, e.code))

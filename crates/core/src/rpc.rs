@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::{
     api_keys::ApiKeyIdentity,
-    events::SessionsRevoked,
+    events::{RoomMessage, SessionsRevoked},
     ids::{MessageId, RoomId, UserId},
     protocol::ErrorCode,
     rooms::Role,
@@ -198,6 +198,54 @@ pub struct MembershipRequest {
     pub v: u32,
     pub room: RoomId,
     pub user: UserId,
+}
+
+/// `chat.room_head`: where a room's stream stands, for a member (refused
+/// with `not_found` or `forbidden` like `chat.membership`).
+pub enum RoomHead {}
+
+impl Rpc for RoomHead {
+    type Request = MembershipRequest;
+    type Reply = RoomHeadReply;
+
+    fn subject(subjects: &Subjects) -> String {
+        subjects.chat_room_head()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RoomHeadReply {
+    /// The sequence number of the room's latest accepted message (0 for
+    /// none): every message up to it is committed.
+    pub seq: u64,
+    /// Changes if the room's history is ever reset; a client's sequence
+    /// numbers mean nothing under another epoch.
+    pub epoch: String,
+}
+
+/// `history.range`: the stored messages of a room with `after < seq <=
+/// up_to`, in order (at most `MAX_RANGE`; the caller checked membership).
+/// Messages not stored yet are missing from the answer, not waited for.
+pub enum HistoryRange {}
+
+/// The most messages one `history.range` answer holds.
+pub const MAX_RANGE: u64 = 1000;
+
+impl Rpc for HistoryRange {
+    type Request = HistoryRangeRequest;
+    type Reply = Vec<RoomMessage>;
+
+    fn subject(subjects: &Subjects) -> String {
+        subjects.history_range()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HistoryRangeRequest {
+    pub v: u32,
+    pub room: RoomId,
+    pub after: u64,
+    pub up_to: u64,
 }
 
 /// `auth.jwks`: the public signing keys, for token verification.

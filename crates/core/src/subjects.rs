@@ -114,6 +114,16 @@ impl Subjects {
         format!("{}.rpc.chat.membership", self.prefix)
     }
 
+    /// Request/reply: a room's latest sequence and epoch, for a member.
+    pub fn chat_room_head(&self) -> String {
+        format!("{}.rpc.chat.room_head", self.prefix)
+    }
+
+    /// Request/reply: a room's stored messages in a sequence range.
+    pub fn history_range(&self) -> String {
+        format!("{}.rpc.history.range", self.prefix)
+    }
+
     /// Sessions just revoked (core pub/sub; `SessionsRevoked`): every
     /// process that verifies tokens refuses them from then on.
     pub fn sessions_revoked(&self) -> String {

@@ -104,7 +104,8 @@ async fn connection(
                 }
                 continue;
             }
-            Err(_) => continue,
+            // The bare relay keeps no history to replay.
+            Ok(ClientFrame::Resume { .. }) | Err(_) => continue,
         };
         let seq = seqs.entry(room).or_default();
         *seq += 1;

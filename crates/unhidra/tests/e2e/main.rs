@@ -11,5 +11,6 @@ mod keys;
 mod limits;
 mod openapi;
 mod pipelining;
+mod resume;
 mod scaled;
 mod sessions;
