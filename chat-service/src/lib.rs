@@ -43,6 +43,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "room epochs",
         sql: include_str!("../migrations/0003_room_epochs.sql"),
     },
+    Migration {
+        version: 4,
+        name: "send keys",
+        sql: include_str!("../migrations/0004_send_keys.sql"),
+    },
 ];
 
 /// chat-service's part of its handlers' state.
@@ -82,7 +87,10 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
     ctx.bus.ensure_stream(&ctx.subjects.audit_stream()).await?;
     let (commits, mut tasks) = GroupCommit::start(
         &ctx,
-        OutboxRepo::new(db.clone()),
+        OutboxRepo::new(
+            db.clone(),
+            std::time::Duration::from_secs(ctx.config.send_idempotency_secs),
+        ),
         MessageMetrics::register(&ctx)?,
     );
     let state = ChatState {

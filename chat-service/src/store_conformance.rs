@@ -12,7 +12,7 @@ use unhidra_testkit::{TestDatabase, on_each_database};
 
 use crate::{
     MIGRATIONS, NAME,
-    messages::{NewMessage, OutboxRepo},
+    messages::{Accepted, NewMessage, OutboxRepo},
     rooms::{Caps, Full, Refusal, Room, RoomRepo},
 };
 
@@ -170,12 +170,24 @@ async fn unknown_roles_and_visibilities_are_errors() -> anyhow::Result<()> {
     .await
 }
 
+/// How long send keys are kept in these suites.
+const KEYS_KEPT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 fn new_message(room: RoomId, sender: UserId, body: &str) -> NewMessage {
     NewMessage {
         room,
         sender,
         body: body.to_owned(),
         sent_at: Utc::now(),
+        client_id: None,
+    }
+}
+
+/// The new message an outcome posted.
+fn posted(outcome: Result<Accepted, Refusal>) -> Result<RoomMessage, Refusal> {
+    match outcome? {
+        Accepted::New(event) => Ok(event),
+        Accepted::Repeat(ack) => panic!("a repeat where a new message was expected: {ack:?}"),
     }
 }
 
@@ -184,7 +196,7 @@ async fn groups_get_gap_free_sequences_in_order_and_refusals_take_none() -> anyh
     on_each_database(|db| async move {
         let database = open(&db).await?;
         let rooms = RoomRepo::new(database.clone(), ROOMY);
-        let outbox = OutboxRepo::new(database);
+        let outbox = OutboxRepo::new(database, KEYS_KEPT);
         let (owner, stranger) = (UserId::new(), UserId::new());
         let (a, b) = (room("a", Visibility::Public), room("b", Visibility::Public));
         rooms.create(&a, owner).await??;
@@ -205,7 +217,7 @@ async fn groups_get_gap_free_sequences_in_order_and_refusals_take_none() -> anyh
                         .accept(messages)
                         .await?
                         .into_iter()
-                        .map(|o| o.map(|e| e.seq))
+                        .map(|o| posted(o).map(|e| e.seq))
                         .collect::<Result<_, _>>()
                         .map_err(|r| anyhow::anyhow!("refused: {r:?}"))?;
                     assert!(
@@ -236,7 +248,7 @@ async fn groups_get_gap_free_sequences_in_order_and_refusals_take_none() -> anyh
             .await?;
         let summary: Vec<Result<(RoomId, u64, String), Refusal>> = outcomes
             .into_iter()
-            .map(|o| o.map(|e| (e.room, e.seq, e.body)))
+            .map(|o| posted(o).map(|e| (e.room, e.seq, e.body)))
             .collect();
         assert_eq!(
             summary,
@@ -259,7 +271,7 @@ async fn publishing_takes_each_room_in_sequence_order_and_keeps_what_failed() ->
     on_each_database(|db| async move {
         let database = open(&db).await?;
         let rooms = RoomRepo::new(database.clone(), ROOMY);
-        let outbox = OutboxRepo::new(database);
+        let outbox = OutboxRepo::new(database, KEYS_KEPT);
         let owner = UserId::new();
         let (a, b) = (room("a", Visibility::Public), room("b", Visibility::Public));
         rooms.create(&a, owner).await??;
@@ -273,7 +285,7 @@ async fn publishing_takes_each_room_in_sequence_order_and_keeps_what_failed() ->
             .accept(messages)
             .await?
             .into_iter()
-            .flatten()
+            .filter_map(|o| posted(o).ok())
             .collect();
         assert_eq!(outbox.stale_rooms(0, 10).await?, vec![]);
         let mut stale = outbox.stale_rooms(i64::MAX, 10).await?;
@@ -325,6 +337,61 @@ async fn publishing_takes_each_room_in_sequence_order_and_keeps_what_failed() ->
             0
         );
         assert_eq!(outbox.stale_rooms(i64::MAX, 10).await?, vec![]);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_repeated_client_id_gets_the_first_ack_and_posts_nothing() -> anyhow::Result<()> {
+    on_each_database(|db| async move {
+        let database = open(&db).await?;
+        let rooms = RoomRepo::new(database.clone(), ROOMY);
+        let outbox = OutboxRepo::new(database.clone(), KEYS_KEPT);
+        let (alice, bob) = (UserId::new(), UserId::new());
+        let a = room("a", Visibility::Public);
+        rooms.create(&a, alice).await??;
+        rooms.add_member(a.id, bob, unhidra_core::rooms::Role::Member).await??;
+        let keyed = |sender, id: &str, body: &str| NewMessage {
+            client_id: Some(id.to_owned()),
+            ..new_message(a.id, sender, body)
+        };
+
+        let first = outbox.accept(vec![keyed(alice, "c-1", "hello")]).await?;
+        let Some(Ok(Accepted::New(posted_first))) = first.into_iter().next() else {
+            anyhow::bail!("the first send was not posted");
+        };
+        // Retried alone, twice in one group, and the same id from bob.
+        let again = outbox
+            .accept(vec![
+                keyed(alice, "c-1", "hello"),
+                keyed(alice, "c-2", "second"),
+                keyed(alice, "c-2", "second"),
+                keyed(bob, "c-1", "bob's own"),
+            ])
+            .await?;
+        let acks: Vec<(bool, u64)> = again
+            .iter()
+            .map(|o| match o {
+                Ok(Accepted::New(e)) => Ok((true, e.seq)),
+                Ok(Accepted::Repeat(ack)) => Ok((false, ack.seq)),
+                Err(r) => Err(anyhow::anyhow!("refused: {r:?}")),
+            })
+            .collect::<Result<_, _>>()?;
+        assert_eq!(acks, vec![(false, 1), (true, 2), (false, 2), (true, 3)]);
+        assert!(matches!(&again[0], Ok(Accepted::Repeat(ack)) if ack.message_id == posted_first.message_id));
+
+        // Three messages in the room, not five.
+        let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
+            .fetch_one(&database.pool)
+            .await?;
+        assert_eq!(queued, 3);
+
+        // Forgotten after their time: the id posts anew.
+        let forgetful = OutboxRepo::new(database, std::time::Duration::ZERO);
+        assert_eq!(forgetful.forget_old_keys().await?, 3);
+        let fresh = forgetful.accept(vec![keyed(alice, "c-1", "hello again")]).await?;
+        assert!(matches!(&fresh[0], Ok(Accepted::New(e)) if e.seq == 4));
         Ok(())
     })
     .await

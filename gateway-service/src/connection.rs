@@ -222,10 +222,10 @@ async fn read(
                         Message::Text(text) => {
                             let max_frame = gateway.ctx.config.max_frame_bytes;
                             match accept_frame(&mut pipeline, auth, text.as_str(), max_frame) {
-                                Some(Command::Send(id, draft)) => match over_message_limit(gateway, &user_key).await {
-                                    None => pipeline.push_send(id, draft),
+                                Some(Command::Send(draft)) => match over_message_limit(gateway, &user_key).await {
+                                    None => pipeline.push_send(draft),
                                     Some(retry_after) => {
-                                        pipeline.push_ready(rate_limited(Some(id), retry_after, "messages"));
+                                        pipeline.push_ready(rate_limited(Some(draft.id), retry_after, "messages"));
                                     }
                                 },
                                 Some(Command::Resume(rooms)) => {
@@ -286,7 +286,7 @@ fn submit(
 
 /// What a text frame asks for beyond an immediate answer.
 enum Command {
-    Send(String, Draft),
+    Send(Draft),
     Resume(BTreeMap<RoomId, ResumePoint>),
 }
 
@@ -315,7 +315,7 @@ fn accept_frame(
             ));
         }
         Ok(ClientFrame::Send { id, room, body }) => {
-            return Some(Command::Send(id, Draft { room, body }));
+            return Some(Command::Send(Draft { id, room, body }));
         }
         Ok(ClientFrame::Resume { rooms }) => return Some(Command::Resume(rooms)),
         Err(e) => {

@@ -17,7 +17,7 @@ enum Slot {
     /// Answered; goes out once every earlier slot has.
     Ready(ServerFrame),
     /// A send waiting for the next batch.
-    Queued { id: String, draft: Draft },
+    Queued(Draft),
     /// A send in the batch in flight.
     Submitted { id: String, room: RoomId },
 }
@@ -49,8 +49,8 @@ impl Pipeline {
     }
 
     /// A send, answered when its batch comes back.
-    pub fn push_send(&mut self, id: String, draft: Draft) {
-        self.slots.push_back(Slot::Queued { id, draft });
+    pub fn push_send(&mut self, draft: Draft) {
+        self.slots.push_back(Slot::Queued(draft));
     }
 
     /// The answers that may be written now: the leading answered frames.
@@ -71,11 +71,14 @@ impl Pipeline {
             if batch.len() == max {
                 break;
             }
-            if let Slot::Queued { id, draft } = slot {
-                let (id, room) = (std::mem::take(id), draft.room);
-                let body = std::mem::take(&mut draft.body);
-                batch.push(Draft { room, body });
-                *slot = Slot::Submitted { id, room };
+            if let Slot::Queued(draft) = slot {
+                let submitted = Slot::Submitted {
+                    id: draft.id.clone(),
+                    room: draft.room,
+                };
+                if let Slot::Queued(draft) = std::mem::replace(slot, submitted) {
+                    batch.push(draft);
+                }
             }
         }
         batch
@@ -120,8 +123,9 @@ mod tests {
 
     use super::*;
 
-    fn draft(room: RoomId, body: &str) -> Draft {
+    fn draft(id: &str, room: RoomId, body: &str) -> Draft {
         Draft {
+            id: id.to_owned(),
             room,
             body: body.to_owned(),
         }
@@ -155,12 +159,12 @@ mod tests {
         pipeline.push_ready(ServerFrame::Pong {
             id: Some("p0".into()),
         });
-        pipeline.push_send("s1".into(), draft(room, "one"));
+        pipeline.push_send(draft("s1", room, "one"));
         pipeline.push_ready(ServerFrame::Pong {
             id: Some("p1".into()),
         });
-        pipeline.push_send("s2".into(), draft(room, "two"));
-        pipeline.push_send("s3".into(), draft(room, "three"));
+        pipeline.push_send(draft("s2", room, "two"));
+        pipeline.push_send(draft("s3", room, "three"));
         assert_eq!(ids(&pipeline.take_ready()), vec!["pong p0"]);
 
         // At most two sends per batch; the pong between them waits its turn.
@@ -191,8 +195,8 @@ mod tests {
     fn a_short_answer_leaves_no_send_unanswered() {
         let room = RoomId::new();
         let mut pipeline = Pipeline::default();
-        pipeline.push_send("a".into(), draft(room, "a"));
-        pipeline.push_send("b".into(), draft(room, "b"));
+        pipeline.push_send(draft("a", room, "a"));
+        pipeline.push_send(draft("b", room, "b"));
         pipeline.next_batch(10);
         pipeline.complete(Ok(vec![accepted(1)]));
         assert_eq!(

@@ -24,7 +24,6 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use unhidra_bus::{Headers, Outgoing};
 use unhidra_core::{
-    events::RoomMessage,
     ids::{MessageId, RoomId},
     rpc::{MAX_SENDS_PER_BATCH, RpcCode, RpcError, RpcReply, SendAccepted, SendBatch},
 };
@@ -32,7 +31,7 @@ use unhidra_runtime::ServiceContext;
 use unhidra_store::now_millis;
 use unhidra_telemetry::request_id;
 
-pub use self::outbox::{NewMessage, OutboxRepo};
+pub use self::outbox::{Accepted, NewMessage, OutboxRepo};
 use crate::{ChatState, membership::store_unavailable, rooms::Refusal};
 
 /// Messages accepted in one transaction at most.
@@ -49,13 +48,15 @@ const RELAY_INTERVAL: Duration = Duration::from_secs(1);
 const RELAY_GRACE_MS: i64 = 2_000;
 /// Rooms one relay round takes at most.
 const RELAY_ROOMS: i64 = 500;
+/// Relay rounds between two sweeps of old send keys (about a minute).
+const KEY_SWEEP_ROUNDS: u32 = 60;
 
 /// One request's messages, waiting for the group commit.
 struct Submission {
     messages: Vec<NewMessage>,
     /// Request id and trace context, carried to the published events.
     headers: Headers,
-    reply: oneshot::Sender<Vec<Result<RoomMessage, Refusal>>>,
+    reply: oneshot::Sender<Vec<Result<Accepted, Refusal>>>,
 }
 
 /// A committed group, for the publisher: the rooms it touched and the headers
@@ -113,7 +114,7 @@ impl GroupCommit {
         &self,
         messages: Vec<NewMessage>,
         headers: Headers,
-    ) -> Result<Vec<Result<RoomMessage, Refusal>>, RpcError> {
+    ) -> Result<Vec<Result<Accepted, Refusal>>, RpcError> {
         let unavailable = || RpcError::new(RpcCode::Unavailable, "chat store unavailable");
         let (reply, outcome) = oneshot::channel();
         let submission = Submission {
@@ -172,6 +173,7 @@ pub async fn send(
             sender: batch.user,
             body: draft.body,
             sent_at,
+            client_id: Some(draft.id),
         })
         .collect();
     let mut accepted = if valid.is_empty() {
@@ -187,12 +189,16 @@ pub async fn send(
         .map(|check| {
             check?;
             match accepted.next() {
-                Some(Ok(event)) => {
+                Some(Ok(Accepted::New(event))) => {
                     tracing::debug!(room_id = %event.room, seq = event.seq, message_id = %event.message_id, "message accepted");
                     Ok(SendAccepted {
                         seq: event.seq,
                         message_id: event.message_id,
                     })
+                }
+                Some(Ok(Accepted::Repeat(ack))) => {
+                    tracing::debug!(seq = ack.seq, message_id = %ack.message_id, "repeated send answered with its first ack");
+                    Ok(ack)
                 }
                 Some(Err(refusal)) => Err(refusal.rpc_error()),
                 None => Err(RpcError::new(RpcCode::Internal, "internal error")),
@@ -246,7 +252,10 @@ async fn commit_groups(
         let mut publish = Committed::default();
         for (submission, size) in group.into_iter().zip(sizes) {
             let mine: Vec<_> = outcomes.by_ref().take(size).collect();
-            for event in mine.iter().flatten() {
+            for event in mine.iter().flatten().filter_map(|a| match a {
+                Accepted::New(event) => Some(event),
+                Accepted::Repeat(_) => None,
+            }) {
                 accepted.inc();
                 publish.rooms.insert(event.room);
                 publish
@@ -291,10 +300,18 @@ impl Publisher {
         }
     }
 
-    /// Republishes what failed or what a crash left in the outbox, until
-    /// shutdown.
+    /// Republishes what failed or what a crash left in the outbox, and
+    /// forgets the client ids of old sends, until shutdown.
     async fn relay(self) {
+        let mut rounds: u32 = 0;
         loop {
+            rounds = rounds.wrapping_add(1);
+            if rounds % KEY_SWEEP_ROUNDS == 0 {
+                match self.outbox.forget_old_keys().await {
+                    Ok(forgotten) => tracing::debug!(forgotten, "old send keys forgotten"),
+                    Err(e) => tracing::warn!(error = %e, "send keys not swept"),
+                }
+            }
             match self
                 .outbox
                 .stale_rooms(now_millis() - RELAY_GRACE_MS, RELAY_ROOMS)

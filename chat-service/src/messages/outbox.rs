@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 use unhidra_core::{
     events::{RoomMessage, SCHEMA_VERSION},
     ids::{MessageId, RoomId, UserId},
+    rpc::SendAccepted,
 };
 use unhidra_store::{Database, now_millis};
 
@@ -29,6 +30,30 @@ pub struct NewMessage {
     pub sender: UserId,
     pub body: String,
     pub sent_at: DateTime<Utc>,
+    /// The sender's id for the send: accepted once per sender while it is
+    /// remembered.
+    pub client_id: Option<String>,
+}
+
+/// What accepting one message did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// A new message of the room, numbered and queued for publishing.
+    New(RoomMessage),
+    /// The sender sent this client id before: the message it posted then.
+    Repeat(SendAccepted),
+}
+
+impl Accepted {
+    pub fn ack(&self) -> SendAccepted {
+        match self {
+            Self::New(event) => SendAccepted {
+                seq: event.seq,
+                message_id: event.message_id,
+            },
+            Self::Repeat(ack) => ack.clone(),
+        }
+    }
 }
 
 /// A queued message as the publisher takes it: its event, serialised once.
@@ -43,29 +68,65 @@ pub struct Pending {
 #[derive(Clone, Debug)]
 pub struct OutboxRepo {
     db: Database,
+    /// How long a send's client id is remembered, in milliseconds.
+    keys_kept_ms: i64,
+}
+
+/// How one message of a group is to be accepted.
+enum Plan {
+    Refused(Refusal),
+    /// Sent before (in an earlier group): that message.
+    Repeat(SendAccepted),
+    /// Sent earlier in this group: the same as message `i`.
+    SameAs(usize),
+    New,
 }
 
 impl OutboxRepo {
-    pub fn new(db: Database) -> Self {
-        Self { db }
+    pub fn new(db: Database, keys_kept: std::time::Duration) -> Self {
+        Self {
+            db,
+            keys_kept_ms: i64::try_from(keys_kept.as_millis()).unwrap_or(i64::MAX),
+        }
     }
 
     /// Accepts every message whose sender is a member of its (existing) room,
-    /// numbering each room's messages in the order given. One outcome per
+    /// numbering each room's messages in the order given; a message whose
+    /// sender sent its client id before is not posted again. One outcome per
     /// message, in order.
     pub async fn accept(
         &self,
         messages: Vec<NewMessage>,
-    ) -> anyhow::Result<Vec<Result<RoomMessage, Refusal>>> {
+    ) -> anyhow::Result<Vec<Result<Accepted, Refusal>>> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
         let allowed = self.allowed(&messages).await?;
+        let known = self.sent_before(&messages).await?;
+        let mut plans = Vec::with_capacity(messages.len());
+        let mut in_group: HashMap<(UserId, &str), usize> = HashMap::new();
+        for (i, (m, ok)) in messages.iter().zip(allowed).enumerate() {
+            let key = m.client_id.as_deref().map(|id| (m.sender, id));
+            plans.push(match (ok, key) {
+                (Err(refusal), _) => Plan::Refused(refusal),
+                (Ok(()), Some(key)) => {
+                    if let Some(ack) = known.get(&(key.0, key.1.to_owned())) {
+                        Plan::Repeat(ack.clone())
+                    } else if let Some(first) = in_group.get(&key) {
+                        Plan::SameAs(*first)
+                    } else {
+                        in_group.insert(key, i);
+                        Plan::New
+                    }
+                }
+                (Ok(()), None) => Plan::New,
+            });
+        }
         // Rooms in one order for every transaction, so two chat-service
         // instances numbering the same rooms cannot deadlock.
         let mut per_room: BTreeMap<RoomId, u64> = BTreeMap::new();
-        for (m, ok) in messages.iter().zip(&allowed) {
-            if ok.is_ok() {
+        for (m, plan) in messages.iter().zip(&plans) {
+            if matches!(plan, Plan::New) {
                 *per_room.entry(m.room).or_default() += 1;
             }
         }
@@ -86,12 +147,28 @@ impl OutboxRepo {
                 .with_context(|| format!("room {room} numbered below its own count"))?;
             next_seq.insert(*room, first);
         }
-        let mut outcomes = Vec::with_capacity(messages.len());
+        let mut outcomes: Vec<Result<Accepted, Refusal>> = Vec::with_capacity(messages.len());
         let mut queued = Vec::new();
-        for (m, ok) in messages.into_iter().zip(allowed) {
-            if let Err(refusal) = ok {
-                outcomes.push(Err(refusal));
-                continue;
+        let mut keys = Vec::new();
+        for (m, plan) in messages.into_iter().zip(plans) {
+            match plan {
+                Plan::Refused(refusal) => {
+                    outcomes.push(Err(refusal));
+                    continue;
+                }
+                Plan::Repeat(ack) => {
+                    outcomes.push(Ok(Accepted::Repeat(ack)));
+                    continue;
+                }
+                Plan::SameAs(first) => {
+                    let ack = match outcomes.get(first) {
+                        Some(Ok(first)) => first.ack(),
+                        _ => anyhow::bail!("a repeated send before its first"),
+                    };
+                    outcomes.push(Ok(Accepted::Repeat(ack)));
+                    continue;
+                }
+                Plan::New => {}
             }
             let seq = next_seq.get_mut(&m.room).context("room numbered above")?;
             let event = RoomMessage {
@@ -110,9 +187,31 @@ impl OutboxRepo {
                 seq: event.seq,
                 payload: serde_json::to_string(&event)?,
             });
-            outcomes.push(Ok(event));
+            if let Some(client_id) = m.client_id {
+                keys.push((m.sender, client_id, event.seq, event.message_id));
+            }
+            outcomes.push(Ok(Accepted::New(event)));
         }
         let now = now_millis();
+        // A key remembered past its time is replaced.
+        self.db
+            .insert_rows(
+                &mut write,
+                "send_keys (user_id, client_id, seq, message_id, created_at)",
+                5,
+                "ON CONFLICT (user_id, client_id) DO UPDATE SET seq = excluded.seq,
+                     message_id = excluded.message_id, created_at = excluded.created_at",
+                &keys,
+                |query, (user, client_id, seq, message_id)| {
+                    Ok(query
+                        .bind(user.to_string())
+                        .bind(client_id.as_str())
+                        .bind(i64::try_from(*seq)?)
+                        .bind(message_id.to_string())
+                        .bind(now))
+                },
+            )
+            .await?;
         self.db
             .insert_rows(
                 &mut write,
@@ -132,6 +231,51 @@ impl OutboxRepo {
             .await?;
         write.commit().await?;
         Ok(outcomes)
+    }
+
+    /// The acks of the sends among `messages` whose sender sent the same
+    /// client id within the time keys are kept (one query for all).
+    async fn sent_before(
+        &self,
+        messages: &[NewMessage],
+    ) -> anyhow::Result<HashMap<(UserId, String), SendAccepted>> {
+        let keyed: Vec<&NewMessage> = messages.iter().filter(|m| m.client_id.is_some()).collect();
+        if keyed.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let users = unique(keyed.iter().map(|m| m.sender.to_string()));
+        let ids = unique(keyed.iter().filter_map(|m| m.client_id.clone()));
+        let sql = format!(
+            "SELECT user_id, client_id, seq, message_id FROM send_keys
+             WHERE created_at > {} AND user_id IN ({}) AND client_id IN ({})",
+            self.db.placeholders(1, 1),
+            self.db.placeholders(2, users.len()),
+            self.db.placeholders(2 + users.len(), ids.len())
+        );
+        let mut query = sqlx::query_as::<_, (String, String, i64, String)>(&sql)
+            .bind(now_millis().saturating_sub(self.keys_kept_ms));
+        for value in users.iter().chain(&ids) {
+            query = query.bind(value);
+        }
+        let mut known = HashMap::new();
+        for (user, client_id, seq, message_id) in query.fetch_all(&self.db.pool).await? {
+            let ack = SendAccepted {
+                seq: u64::try_from(seq)?,
+                message_id: message_id.parse()?,
+            };
+            known.insert((user.parse()?, client_id), ack);
+        }
+        Ok(known)
+    }
+
+    /// Forgets the client ids of sends older than the time keys are kept.
+    pub async fn forget_old_keys(&self) -> anyhow::Result<u64> {
+        let cutoff = now_millis().saturating_sub(self.keys_kept_ms);
+        Ok(sqlx::query("DELETE FROM send_keys WHERE created_at <= $1")
+            .bind(cutoff)
+            .execute(&self.db.pool)
+            .await?
+            .rows_affected())
     }
 
     /// For each message: allowed, or why not (one query for all).

@@ -216,6 +216,9 @@ pub struct Config {
     /// `UNHIDRA_RESUME_WINDOW`: the most messages of one room a `resume`
     /// replays; a client further behind gets a `gap` and pages history (5000).
     pub resume_window: u64,
+    /// `UNHIDRA_SEND_IDEMPOTENCY_SECS`: how long a send's client id is
+    /// remembered, so that a retry gets the original ack (3600).
+    pub send_idempotency_secs: u64,
     /// `UNHIDRA_WS_READ_BUFFER_BYTES`: how much a WebSocket reads from its
     /// socket at a time (4096). Kept small so an idle connection costs little;
     /// larger frames still arrive whole.
@@ -300,6 +303,7 @@ impl Default for Config {
             limit_messages_user: Rate::new(50, Duration::from_secs(1)),
             outbound_queue: 256,
             resume_window: 5000,
+            send_idempotency_secs: 3600,
             ws_read_buffer_bytes: 4096,
             ws_write_buffer_bytes: 4096,
             shutdown_timeout_secs: 10,

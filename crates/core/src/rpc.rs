@@ -152,6 +152,9 @@ pub struct SendBatch {
 /// One message to post.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Draft {
+    /// The client's id of the send: a send repeated with the same id (per
+    /// user, within `UNHIDRA_SEND_IDEMPOTENCY_SECS`) gets the original ack.
+    pub id: String,
     pub room: RoomId,
     pub body: String,
 }

@@ -197,6 +197,9 @@ async fn send(
     let started = Instant::now();
     let mut ticker = tokio::time::interval(TICK);
     let mut sent = 0;
+    // Client ids are remembered per user for a while (a repeat gets the
+    // first ack): unique across runs.
+    let run = unhidra_core::ids::MessageId::new();
     while sent < count {
         ticker.tick().await;
         let due = ((started.elapsed().as_secs_f64() * per_second) as u64 + 1).min(count);
@@ -204,7 +207,7 @@ async fn send(
             let stamp = format!("t={};", unix_nanos());
             let padding = traffic.body_bytes.saturating_sub(stamp.len());
             let frame = ClientFrame::Send {
-                id: sent.to_string(),
+                id: format!("{run}-{sent}"),
                 room,
                 body: format!("{stamp}{}", "x".repeat(padding)),
             };

@@ -207,3 +207,38 @@ async fn a_client_too_far_behind_gets_a_gap_that_history_fills() -> TestResult {
     assert_eq!(next_of(&mut socket, "pong").await?["id"], "still");
     stack.app.stop().await
 }
+
+#[tokio::test]
+async fn a_send_retried_after_a_drop_gets_its_first_ack_and_posts_once() -> TestResult {
+    let stack = Embedded::start().await?;
+    let api = stack.api();
+    let ws = stack.app.ws();
+    let alice = api.user("alice").await?;
+    let room = api.create_room(&alice, "public").await?;
+    let send_frame = json!({"type": "send", "id": "retry-1", "room": room, "body": "only once"});
+
+    let mut first = connect(&ws, &alice.token).await?;
+    send(&mut first, send_frame.clone()).await?;
+    let ack = next_of(&mut first, "ack").await?;
+    drop(first);
+
+    // The client never saw that ack (say); it retries on a new connection.
+    let mut second = connect(&ws, &alice.token).await?;
+    send(&mut second, send_frame).await?;
+    let again = next_of(&mut second, "ack").await?;
+    assert_eq!(
+        (&again["seq"], &again["message_id"], &again["id"]),
+        (&ack["seq"], &ack["message_id"], &json!("retry-1"))
+    );
+    send(
+        &mut second,
+        json!({"type": "send", "id": "retry-2", "room": room, "body": "next"}),
+    )
+    .await?;
+    assert_eq!(next_of(&mut second, "ack").await?["seq"], 2);
+    let stored = history_of_at_least(&api, &alice, &room, 2, WAIT).await?;
+    let bodies: Vec<&str> = stored.iter().filter_map(|m| m["body"].as_str()).collect();
+    assert_eq!(bodies.len(), 2, "{bodies:?}");
+    assert_eq!(bodies.iter().filter(|b| **b == "only once").count(), 1);
+    stack.app.stop().await
+}
