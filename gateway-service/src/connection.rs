@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{SinkExt, StreamExt, future::BoxFuture, stream::SplitSink};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use unhidra_authn::Authenticated;
 use unhidra_core::{
@@ -86,6 +86,7 @@ pub async fn serve(
         });
     }
     tracing::debug!(conn = id, user_id = %auth.user, "connected");
+    let (expiry, expiry_seen) = watch::channel(auth.expires_at);
     let writer = tokio::spawn(write(
         sink,
         queue,
@@ -94,12 +95,19 @@ pub async fn serve(
             slow,
             done: done.clone(),
             shutdown: gateway.ctx.shutdown.clone(),
-            expires_at: auth.expires_at,
+            expiry: expiry_seen,
+            warn_before: Duration::from_secs(gateway.ctx.config.token_warning_secs),
         },
     ));
 
     if subscribe_rooms(&gateway, id, &auth).await {
-        read(&gateway, id, &mut stream, &outbound, &auth, &done).await;
+        let connection = Connection {
+            id,
+            outbound: &outbound,
+            expiry: &expiry,
+            done: &done,
+        };
+        read(&gateway, &connection, &mut stream, auth).await;
     } else {
         let _ = outbound
             .send(Outbound::Close(close::TRY_AGAIN_LATER, "rooms unavailable"))
@@ -135,14 +143,22 @@ async fn subscribe_rooms(gateway: &Gateway, id: ConnId, auth: &Authenticated) ->
 /// Reads frames while earlier ones are answered: sends go to chat-service in
 /// batches (one in flight), every answer goes out in arrival order, and
 /// reading pauses while `MAX_PIPELINE` frames wait for their answers.
+/// What the reader of a connection works with.
+struct Connection<'a> {
+    id: ConnId,
+    outbound: &'a mpsc::Sender<Outbound>,
+    /// When the connection's token expires (Unix seconds), for the writer.
+    expiry: &'a watch::Sender<i64>,
+    done: &'a CancellationToken,
+}
+
 async fn read(
     gateway: &Arc<Gateway>,
-    conn: ConnId,
+    connection: &Connection<'_>,
     stream: &mut futures::stream::SplitStream<WebSocket>,
-    outbound: &mpsc::Sender<Outbound>,
-    auth: &Authenticated,
-    done: &CancellationToken,
+    mut auth: Authenticated,
 ) {
+    let (conn, outbound, done) = (connection.id, connection.outbound, connection.done);
     let mut pipeline = Pipeline::default();
     let mut in_flight: Option<BoxFuture<'static, BatchOutcome>> = None;
     let limits = &gateway.limits;
@@ -168,7 +184,7 @@ async fn read(
         if in_flight.is_none() {
             let batch = pipeline.next_batch(MAX_SENDS_PER_BATCH);
             if !batch.is_empty() {
-                in_flight = Some(submit(gateway, auth, batch));
+                in_flight = Some(submit(gateway, &auth, batch));
             }
         }
         let answered = async {
@@ -221,7 +237,7 @@ async fn read(
                     match message {
                         Message::Text(text) => {
                             let max_frame = gateway.ctx.config.max_frame_bytes;
-                            match accept_frame(&mut pipeline, auth, text.as_str(), max_frame) {
+                            match accept_frame(&mut pipeline, &auth, text.as_str(), max_frame) {
                                 Some(Command::Send(draft)) => match over_message_limit(gateway, &user_key).await {
                                     None => pipeline.push_send(draft),
                                     Some(retry_after) => {
@@ -229,8 +245,18 @@ async fn read(
                                     }
                                 },
                                 Some(Command::Resume(rooms)) => {
-                                    let resume = resume::run(Arc::clone(gateway), conn, *auth, rooms, outbound.clone());
+                                    let resume = resume::run(Arc::clone(gateway), conn, auth, rooms, outbound.clone());
                                     gateway.ctx.in_flight.spawn(resume);
+                                }
+                                Some(Command::Refresh { id, token }) => {
+                                    let answer = match refresh(gateway, conn, &mut auth, &token).await {
+                                        Ok(expires_at) => {
+                                            connection.expiry.send_replace(expires_at);
+                                            ServerFrame::Refreshed { id, expires_at }
+                                        }
+                                        Err((code, message)) => error(id, code, &message),
+                                    };
+                                    pipeline.push_ready(answer);
                                 }
                                 None => {}
                             }
@@ -288,6 +314,37 @@ fn submit(
 enum Command {
     Send(Draft),
     Resume(BTreeMap<RoomId, ResumePoint>),
+    Refresh { id: Option<String>, token: String },
+}
+
+/// Replaces the connection's access token with `token`, verified like a new
+/// connection's and of the same user; when the connection now expires.
+async fn refresh(
+    gateway: &Gateway,
+    conn: ConnId,
+    auth: &mut Authenticated,
+    token: &str,
+) -> Result<i64, (ErrorCode, String)> {
+    if auth.is_api_key() {
+        return Err((
+            ErrorCode::Forbidden,
+            "a connection opened with an API key is not refreshed".into(),
+        ));
+    }
+    let fresh = gateway
+        .ctx
+        .verifier
+        .verify(token)
+        .await
+        .map_err(|e| (ErrorCode::InvalidToken, e.to_string()))?;
+    if fresh.user != auth.user {
+        tracing::warn!(user_id = %auth.user, "refresh with another user's token refused");
+        return Err((ErrorCode::Forbidden, "the token is another user's".into()));
+    }
+    *auth = fresh;
+    gateway.registry.set_session(conn, fresh.session);
+    tracing::debug!(conn, user_id = %auth.user, expires_at = auth.expires_at, "token refreshed");
+    Ok(fresh.expires_at)
 }
 
 /// Answers a text frame at once, or hands back the command it holds.
@@ -318,6 +375,7 @@ fn accept_frame(
             return Some(Command::Send(Draft { id, room, body }));
         }
         Ok(ClientFrame::Resume { rooms }) => return Some(Command::Resume(rooms)),
+        Ok(ClientFrame::Refresh { id, token }) => return Some(Command::Refresh { id, token }),
         Err(e) => {
             tracing::debug!(user_id = %auth.user, code = ?e.code, "frame refused");
             pipeline.push_ready(e.into());
@@ -366,8 +424,15 @@ struct Closers {
     slow: CancellationToken,
     done: CancellationToken,
     shutdown: CancellationToken,
-    /// Unix seconds.
-    expires_at: i64,
+    /// When the connection's token expires (Unix seconds); a refresh moves it.
+    expiry: watch::Receiver<i64>,
+    /// How long before the expiry `token_expiring` goes out.
+    warn_before: Duration,
+}
+
+/// How long until `at` (Unix seconds).
+fn until(at: i64) -> Duration {
+    Duration::from_secs(u64::try_from(at - chrono::Utc::now().timestamp()).unwrap_or(0))
 }
 
 async fn write(
@@ -375,16 +440,39 @@ async fn write(
     mut queue: mpsc::Receiver<Outbound>,
     closers: Closers,
 ) {
-    let now = chrono::Utc::now().timestamp();
-    let expiry = Duration::from_secs(u64::try_from(closers.expires_at - now).unwrap_or(0));
-    let expired = tokio::time::sleep(expiry);
-    tokio::pin!(expired);
+    let mut closers = closers;
+    let mut expires_at = *closers.expiry.borrow_and_update();
+    let expired = tokio::time::sleep(until(expires_at));
+    let warning = tokio::time::sleep(until(expires_at).saturating_sub(closers.warn_before));
+    tokio::pin!(expired, warning);
+    let mut warned = false;
+    let mut refreshable = true;
     let close_with = loop {
         tokio::select! {
             biased;
             () = closers.slow.cancelled() => break Some((close::SLOW_CONSUMER, "slow consumer")),
             () = closers.shutdown.cancelled() => break Some((close::GOING_AWAY, "server shutting down")),
             () = &mut expired => break Some((close::TOKEN_EXPIRED, "token expired")),
+            changed = closers.expiry.changed(), if refreshable => match changed {
+                Ok(()) => {
+                    expires_at = *closers.expiry.borrow_and_update();
+                    let now = tokio::time::Instant::now();
+                    expired.as_mut().reset(now + until(expires_at));
+                    warning.as_mut().reset(now + until(expires_at).saturating_sub(closers.warn_before));
+                    warned = false;
+                }
+                Err(_) => refreshable = false,
+            },
+            () = &mut warning, if !warned => {
+                warned = true;
+                let Ok(text) = serde_json::to_string(&ServerFrame::TokenExpiring { expires_at }) else {
+                    continue;
+                };
+                let sent = tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Text(text.into()))).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    break None;
+                }
+            }
             next = queue.recv() => match next {
                 Some(Outbound::Frame(text)) => {
                     // Frames queued meanwhile go out with this one, in one flush.

@@ -163,6 +163,13 @@ impl Registry {
         id
     }
 
+    /// The connection now belongs to `session` (its token was refreshed).
+    pub fn set_session(&self, id: ConnId, session: SessionId) {
+        if let Some(mut conn) = self.conns.get_mut(&id) {
+            conn.session = session;
+        }
+    }
+
     /// Subscribes a connection to rooms.
     pub fn add_rooms(&self, id: ConnId, rooms: &[RoomId]) {
         let handle = match self.conns.get_mut(&id) {

@@ -216,6 +216,9 @@ pub struct Config {
     /// `UNHIDRA_RESUME_WINDOW`: the most messages of one room a `resume`
     /// replays; a client further behind gets a `gap` and pages history (5000).
     pub resume_window: u64,
+    /// `UNHIDRA_TOKEN_WARNING_SECS`: how long before a connection's access
+    /// token expires it gets `token_expiring` (60).
+    pub token_warning_secs: u64,
     /// `UNHIDRA_SEND_IDEMPOTENCY_SECS`: how long a send's client id is
     /// remembered, so that a retry gets the original ack (3600).
     pub send_idempotency_secs: u64,
@@ -304,6 +307,7 @@ impl Default for Config {
             outbound_queue: 256,
             resume_window: 5000,
             send_idempotency_secs: 3600,
+            token_warning_secs: 60,
             ws_read_buffer_bytes: 4096,
             ws_write_buffer_bytes: 4096,
             shutdown_timeout_secs: 10,

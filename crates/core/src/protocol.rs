@@ -55,6 +55,13 @@ pub enum ClientFrame {
     Resume {
         rooms: BTreeMap<RoomId, ResumePoint>,
     },
+    /// A fresh access token of the same user for this connection, which
+    /// then lives until that token expires.
+    Refresh {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        token: String,
+    },
 }
 
 /// Where a client stands in a room: the last sequence it saw, and the epoch
@@ -112,6 +119,17 @@ pub enum ServerFrame {
         #[serde(skip_serializing_if = "Option::is_none", default)]
         id: Option<String>,
     },
+    /// The connection's access token was replaced; it lives until
+    /// `expires_at` (Unix seconds).
+    Refreshed {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        expires_at: i64,
+    },
+    /// The connection's access token expires at `expires_at` (Unix
+    /// seconds): send `refresh` with a fresh one before, or the connection
+    /// closes with 4001.
+    TokenExpiring { expires_at: i64 },
     /// The messages a `resume` asked for were sent (up to `seq`); live
     /// messages of the room follow, without a gap.
     Resumed {
@@ -152,8 +170,10 @@ pub enum ErrorCode {
     /// Over the connection's frame or byte rate; retry after
     /// `retry_after_ms`.
     RateLimited,
-    /// Not a member of the room.
+    /// Not a member of the room, or not allowed on this connection.
     Forbidden,
+    /// A `refresh` token that does not verify (malformed, expired, revoked).
+    InvalidToken,
     /// No such room.
     NotFound,
     /// A service behind the gateway did not answer; retry later.
@@ -181,7 +201,7 @@ impl From<FrameError> for ServerFrame {
     }
 }
 
-const KNOWN_TYPES: [&str; 3] = ["send", "ping", "resume"];
+const KNOWN_TYPES: [&str; 4] = ["send", "ping", "resume", "refresh"];
 
 /// Parses a text frame. A valid frame is parsed once; only a refused one is
 /// looked at again, to tell malformed frames from unknown types and to recover

@@ -104,8 +104,8 @@ async fn connection(
                 }
                 continue;
             }
-            // The bare relay keeps no history to replay.
-            Ok(ClientFrame::Resume { .. }) | Err(_) => continue,
+            // The bare relay keeps no history to replay and no tokens.
+            Ok(ClientFrame::Resume { .. } | ClientFrame::Refresh { .. }) | Err(_) => continue,
         };
         let seq = seqs.entry(room).or_default();
         *seq += 1;

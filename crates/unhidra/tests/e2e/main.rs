@@ -11,6 +11,7 @@ mod keys;
 mod limits;
 mod openapi;
 mod pipelining;
+mod refresh;
 mod resume;
 mod scaled;
 mod sessions;
