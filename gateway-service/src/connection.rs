@@ -87,6 +87,8 @@ pub async fn serve(
     }
     tracing::debug!(conn = id, user_id = %auth.user, "connected");
     let (expiry, expiry_seen) = watch::channel(auth.expires_at);
+    let heard = Arc::new(Heard::new());
+    let config = &gateway.ctx.config;
     let writer = tokio::spawn(write(
         sink,
         queue,
@@ -96,7 +98,11 @@ pub async fn serve(
             done: done.clone(),
             shutdown: gateway.ctx.shutdown.clone(),
             expiry: expiry_seen,
-            warn_before: Duration::from_secs(gateway.ctx.config.token_warning_secs),
+            warn_before: Duration::from_secs(config.token_warning_secs),
+            drain: Duration::from_secs(config.drain_secs),
+            ping_every: Duration::from_secs(config.ws_ping_secs),
+            idle_timeout: Duration::from_secs(config.ws_idle_timeout_secs),
+            heard: Arc::clone(&heard),
         },
     ));
 
@@ -105,6 +111,7 @@ pub async fn serve(
             id,
             outbound: &outbound,
             expiry: &expiry,
+            heard: &heard,
             done: &done,
         };
         read(&gateway, &connection, &mut stream, auth).await;
@@ -149,6 +156,8 @@ struct Connection<'a> {
     outbound: &'a mpsc::Sender<Outbound>,
     /// When the connection's token expires (Unix seconds), for the writer.
     expiry: &'a watch::Sender<i64>,
+    /// When the client was last heard from, for the writer.
+    heard: &'a Heard,
     done: &'a CancellationToken,
 }
 
@@ -199,7 +208,9 @@ async fn read(
                 in_flight = None;
                 pipeline.complete(outcome);
             }
-            next = stream.next(), if pipeline.len() < MAX_PIPELINE => match next {
+            next = stream.next(), if pipeline.len() < MAX_PIPELINE => {
+                connection.heard.now();
+                match next {
                 None | Some(Ok(Message::Close(_))) => return,
                 Some(Err(e)) => {
                     tracing::info!(user_id = %auth.user, error = %e, "WebSocket read failed");
@@ -268,7 +279,7 @@ async fn read(
                         )),
                     }
                 }
-            },
+            }},
         }
     }
 }
@@ -424,10 +435,45 @@ struct Closers {
     slow: CancellationToken,
     done: CancellationToken,
     shutdown: CancellationToken,
+    /// On shutdown the connection closes within this long, at a random
+    /// moment, so that not all clients reconnect at once.
+    drain: Duration,
+    /// Pings go out this often; nothing heard from the client for
+    /// `idle_timeout` closes the connection.
+    ping_every: Duration,
+    idle_timeout: Duration,
+    /// When the reader last heard from the client.
+    heard: Arc<Heard>,
     /// When the connection's token expires (Unix seconds); a refresh moves it.
     expiry: watch::Receiver<i64>,
     /// How long before the expiry `token_expiring` goes out.
     warn_before: Duration,
+}
+
+/// When the client was last heard from (any frame, pongs included).
+struct Heard {
+    started: tokio::time::Instant,
+    /// Milliseconds after `started`.
+    at_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Heard {
+    fn new() -> Self {
+        Self {
+            started: tokio::time::Instant::now(),
+            at_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.at_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn since(&self) -> Duration {
+        let at = Duration::from_millis(self.at_ms.load(std::sync::atomic::Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(at)
+    }
 }
 
 /// How long until `at` (Unix seconds).
@@ -447,11 +493,31 @@ async fn write(
     tokio::pin!(expired, warning);
     let mut warned = false;
     let mut refreshable = true;
+    let mut pings = tokio::time::interval(closers.ping_every);
+    pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    pings.tick().await;
+    let restart = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(restart);
+    let mut draining = false;
     let close_with = loop {
         tokio::select! {
             biased;
             () = closers.slow.cancelled() => break Some((close::SLOW_CONSUMER, "slow consumer")),
-            () = closers.shutdown.cancelled() => break Some((close::GOING_AWAY, "server shutting down")),
+            () = closers.shutdown.cancelled(), if !draining => {
+                draining = true;
+                let at = closers.drain.mul_f64(rand::random::<f64>());
+                restart.as_mut().reset(tokio::time::Instant::now() + at);
+            }
+            () = &mut restart, if draining => break Some((close::SERVICE_RESTART, "service restart")),
+            _ = pings.tick() => {
+                if closers.heard.since() > closers.idle_timeout {
+                    break Some((close::IDLE_TIMEOUT, "idle timeout"));
+                }
+                let ping = tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Ping(Default::default()))).await;
+                if !matches!(ping, Ok(Ok(()))) {
+                    break None;
+                }
+            }
             () = &mut expired => break Some((close::TOKEN_EXPIRED, "token expired")),
             changed = closers.expiry.changed(), if refreshable => match changed {
                 Ok(()) => {

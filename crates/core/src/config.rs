@@ -216,6 +216,16 @@ pub struct Config {
     /// `UNHIDRA_RESUME_WINDOW`: the most messages of one room a `resume`
     /// replays; a client further behind gets a `gap` and pages history (5000).
     pub resume_window: u64,
+    /// `UNHIDRA_WS_PING_SECS`: how often the gateway pings each WebSocket
+    /// (25).
+    pub ws_ping_secs: u64,
+    /// `UNHIDRA_WS_IDLE_TIMEOUT_SECS`: a WebSocket from which nothing (not
+    /// even a pong) came for this long is closed with 4009 (60).
+    pub ws_idle_timeout_secs: u64,
+    /// `UNHIDRA_DRAIN_SECS`: on shutdown a gateway closes its WebSockets
+    /// (1012) spread over this long, so their reconnects do not all land at
+    /// once; less than `UNHIDRA_SHUTDOWN_TIMEOUT_SECS` (5).
+    pub drain_secs: u64,
     /// `UNHIDRA_TOKEN_WARNING_SECS`: how long before a connection's access
     /// token expires it gets `token_expiring` (60).
     pub token_warning_secs: u64,
@@ -308,6 +318,9 @@ impl Default for Config {
             resume_window: 5000,
             send_idempotency_secs: 3600,
             token_warning_secs: 60,
+            ws_ping_secs: 25,
+            ws_idle_timeout_secs: 60,
+            drain_secs: 5,
             ws_read_buffer_bytes: 4096,
             ws_write_buffer_bytes: 4096,
             shutdown_timeout_secs: 10,
@@ -433,6 +446,12 @@ impl Config {
         }
         if self.outbound_queue == 0 || self.password_hash_concurrency == 0 {
             return invalid("outbound_queue and password_hash_concurrency must be at least 1");
+        }
+        if self.drain_secs >= self.shutdown_timeout_secs {
+            return invalid("drain_secs must be less than shutdown_timeout_secs");
+        }
+        if self.ws_ping_secs == 0 || self.ws_idle_timeout_secs <= self.ws_ping_secs {
+            return invalid("ws_ping_secs must be at least 1 and less than ws_idle_timeout_secs");
         }
         if !(1..=100_000).contains(&self.resume_window) {
             return invalid("resume_window must be 1 to 100000");

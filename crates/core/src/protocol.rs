@@ -16,10 +16,11 @@ pub const BEARER_PROTOCOL_PREFIX: &str = "bearer.";
 /// Longest client id a command may carry.
 pub const MAX_CLIENT_ID_LEN: usize = 128;
 
-/// Close codes the gateway uses, besides the standard 1000/1001/1009.
+/// Close codes the gateway uses, besides the standard 1000 and 1009.
 pub mod close {
-    /// The server is shutting down; reconnect elsewhere.
-    pub const GOING_AWAY: u16 = 1001;
+    /// The server is restarting: its connections are closed over its drain
+    /// period; reconnect (elsewhere) and resume.
+    pub const SERVICE_RESTART: u16 = 1012;
     /// The frame exceeded the hard transport limit, or was not valid WebSocket.
     pub const TOO_BIG: u16 = 1009;
     /// The server could not load the user's rooms; reconnect later.
@@ -33,6 +34,9 @@ pub mod close {
     pub const SESSION_REVOKED: u16 = 4003;
     /// The client did not read its frames fast enough.
     pub const SLOW_CONSUMER: u16 = 4008;
+    /// Nothing came from the client (not even a pong to the server's pings)
+    /// within the idle timeout: the connection is presumed dead.
+    pub const IDLE_TIMEOUT: u16 = 4009;
 }
 
 /// A command from the client.

@@ -125,6 +125,8 @@ pub fn config() -> unhidra_core::Config {
         lockout_failures: 0,
         // Every stream reserves this on the shared NATS; tests need little.
         stream_max_bytes: 8 * 1024 * 1024,
+        // Stopping a test's gateway should not take long.
+        drain_secs: 1,
         ..unhidra_core::Config::default()
     }
 }

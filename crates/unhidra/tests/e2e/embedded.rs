@@ -241,13 +241,13 @@ async fn connections_close_with_documented_codes_on_token_expiry_and_shutdown() 
     send(&mut ws, json!({"type": "ping"})).await?;
     next_of(&mut ws, "pong").await?;
     let stopping = tokio::spawn(stack_long.app.stop());
-    assert_eq!(close_code(&mut ws).await?, Some(1001));
+    assert_eq!(close_code(&mut ws).await?, Some(1012));
     stopping.await??;
     stack.app.stop().await
 }
 
 #[tokio::test]
-async fn sigterm_during_traffic_closes_with_1001_and_loses_no_acknowledged_message() -> TestResult {
+async fn sigterm_during_traffic_closes_with_1012_and_loses_no_acknowledged_message() -> TestResult {
     use std::process::{Command, Stdio};
 
     use futures::{SinkExt, StreamExt};
@@ -262,6 +262,7 @@ async fn sigterm_during_traffic_closes_with_1001_and_loses_no_acknowledged_messa
             .env("UNHIDRA_BIND", format!("127.0.0.1:{port}"))
             .env("UNHIDRA_DATA_DIR", dir.path())
             .env("UNHIDRA_SHUTDOWN_TIMEOUT_SECS", "5")
+            .env("UNHIDRA_DRAIN_SECS", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -316,7 +317,7 @@ async fn sigterm_during_traffic_closes_with_1001_and_loses_no_acknowledged_messa
         .status()?;
     assert!(killed.success());
     let (acked, code) = tokio::time::timeout(WAIT, reader).await???;
-    assert_eq!(code, Some(1001));
+    assert_eq!(code, Some(1012));
     assert!(
         !acked.is_empty(),
         "no message was acknowledged before SIGTERM"

@@ -9,6 +9,7 @@ mod embedded;
 mod harness;
 mod keys;
 mod limits;
+mod liveness;
 mod openapi;
 mod pipelining;
 mod refresh;

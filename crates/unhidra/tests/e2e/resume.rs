@@ -128,7 +128,7 @@ async fn a_client_resumes_on_another_gateway_and_after_its_gateway_stopped() -> 
     let gateways = stack.gateway_urls();
     // Dropped on one gateway, resumed on the other.
     drop_and_resume(&api, &gateways[0], &gateways[0], Some(&gateways[1]), None).await?;
-    // Its gateway stops (SIGTERM: close 1001) mid-burst; it resumes on the other.
+    // Its gateway stops (SIGTERM: close 1012) mid-burst; it resumes on the other.
     let second = stack.more_gateways.remove(0);
     drop_and_resume(
         &api,
