@@ -2,7 +2,11 @@
 //! writer that drains the connection's bounded outbound queue and closes the
 //! socket (with a documented code) on shutdown, token expiry or slow reading.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{SinkExt, StreamExt, future::BoxFuture, stream::SplitSink};
@@ -11,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use unhidra_authn::Authenticated;
 use unhidra_core::{
     api_keys::ApiScope,
-    events::SCHEMA_VERSION,
+    events::{SCHEMA_VERSION, Typing},
     ids::RoomId,
     protocol::{ClientFrame, ErrorCode, ResumePoint, ServerFrame, close, parse_client_frame},
     rpc::{
@@ -168,6 +172,7 @@ async fn read(
     mut auth: Authenticated,
 ) {
     let (conn, outbound, done) = (connection.id, connection.outbound, connection.done);
+    let mut typed: HashMap<RoomId, tokio::time::Instant> = HashMap::new();
     let mut pipeline = Pipeline::default();
     let mut in_flight: Option<BoxFuture<'static, BatchOutcome>> = None;
     let limits = &gateway.limits;
@@ -259,6 +264,11 @@ async fn read(
                                     let resume = resume::run(Arc::clone(gateway), conn, auth, rooms, outbound.clone());
                                     gateway.ctx.in_flight.spawn(resume);
                                 }
+                                Some(Command::Typing(room)) => {
+                                    if let Err(refused) = typing(gateway, conn, &auth, room, &mut typed).await {
+                                        pipeline.push_ready(refused);
+                                    }
+                                }
                                 Some(Command::Refresh { id, token }) => {
                                     let answer = match refresh(gateway, conn, &mut auth, &token).await {
                                         Ok(expires_at) => {
@@ -326,6 +336,60 @@ enum Command {
     Send(Draft),
     Resume(BTreeMap<RoomId, ResumePoint>),
     Refresh { id: Option<String>, token: String },
+    Typing(RoomId),
+}
+
+/// A connection relays at most one typing indicator per room this often;
+/// more are dropped (they carry nothing new).
+const TYPING_EVERY: Duration = Duration::from_secs(1);
+
+/// Relays a typing indicator of the connection's user to `room`'s members,
+/// unless one went out less than [`TYPING_EVERY`] ago.
+async fn typing(
+    gateway: &Gateway,
+    conn: ConnId,
+    auth: &Authenticated,
+    room: RoomId,
+    last: &mut HashMap<RoomId, tokio::time::Instant>,
+) -> Result<(), ServerFrame> {
+    if !gateway.registry.in_room(conn, room) {
+        return Err(error(
+            None,
+            ErrorCode::Forbidden,
+            "not a member of this room",
+        ));
+    }
+    let now = tokio::time::Instant::now();
+    if last
+        .get(&room)
+        .is_some_and(|at| now.duration_since(*at) < TYPING_EVERY)
+    {
+        return Ok(());
+    }
+    last.retain(|_, at| now.duration_since(*at) < TYPING_EVERY);
+    last.insert(room, now);
+    let event = Typing {
+        v: SCHEMA_VERSION,
+        room,
+        user: auth.user,
+    };
+    let published = match serde_json::to_vec(&event) {
+        Ok(payload) => gateway
+            .ctx
+            .bus
+            .publish(
+                &gateway.ctx.subjects.room_typing(room),
+                Default::default(),
+                payload.into(),
+            )
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = published {
+        tracing::debug!(%room, error = %e, "typing indicator not relayed");
+    }
+    Ok(())
 }
 
 /// Replaces the connection's access token with `token`, verified like a new
@@ -387,6 +451,7 @@ fn accept_frame(
         }
         Ok(ClientFrame::Resume { rooms }) => return Some(Command::Resume(rooms)),
         Ok(ClientFrame::Refresh { id, token }) => return Some(Command::Refresh { id, token }),
+        Ok(ClientFrame::Typing { room }) => return Some(Command::Typing(room)),
         Err(e) => {
             tracing::debug!(user_id = %auth.user, code = ?e.code, "frame refused");
             pipeline.push_ready(e.into());

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use tokio::task::JoinHandle;
 use unhidra_bus::Message;
 use unhidra_core::{
-    events::{MembershipChanged, RoomMessage},
+    events::{MembershipChanged, RoomMessage, Typing},
     protocol::ServerFrame,
     subjects::RoomEventKind,
 };
@@ -64,6 +64,21 @@ fn dispatch(gateway: &Gateway, event: &Message) {
             Err(e) => {
                 tracing::warn!(subject = %event.subject, error = %e, "undecodable room message")
             }
+        },
+        RoomEventKind::Typing => match serde_json::from_slice::<Typing>(&event.payload) {
+            Ok(typing) if typing.room == room => {
+                let frame = ServerFrame::Typing {
+                    room,
+                    user: typing.user,
+                };
+                if let Ok(text) = serde_json::to_string(&frame) {
+                    gateway
+                        .registry
+                        .deliver_ephemeral(room, typing.user, &Utf8Bytes::from(text));
+                }
+            }
+            Ok(_) => tracing::warn!(subject = %event.subject, "typing on another room's subject"),
+            Err(e) => tracing::warn!(subject = %event.subject, error = %e, "undecodable typing"),
         },
         RoomEventKind::Members => {
             match serde_json::from_slice::<MembershipChanged>(&event.payload) {

@@ -292,6 +292,37 @@ impl Registry {
         fanout
     }
 
+    /// Whether connection `id` is subscribed to `room` (its user a member).
+    pub fn in_room(&self, id: ConnId, room: RoomId) -> bool {
+        self.conns
+            .get(&id)
+            .is_some_and(|conn| conn.rooms.contains(&room))
+    }
+
+    /// Queues an ephemeral `frame` (a typing indicator) on the connections
+    /// in `room` other than `except`'s; a full queue just misses it.
+    pub fn deliver_ephemeral(&self, room: RoomId, except: UserId, frame: &Utf8Bytes) -> u64 {
+        let own = self.connections_of(except);
+        let Some(members) = self.by_room.get(&room) else {
+            return 0;
+        };
+        let mut delivered = 0;
+        for (id, member) in members.iter() {
+            if own.contains(id) {
+                continue;
+            }
+            if member
+                .handle
+                .outbound
+                .try_send(Outbound::Frame(frame.clone()))
+                .is_ok()
+            {
+                delivered += 1;
+            }
+        }
+        delivered
+    }
+
     /// Records that connection `id` was given `room`'s messages up to `seq`
     /// (by a resume), so their live copies are not given again.
     pub fn given_up_to(&self, id: ConnId, room: RoomId, seq: u64) {

@@ -34,6 +34,15 @@ pub struct RoomMessage {
     pub sent_at: DateTime<Utc>,
 }
 
+/// A user is typing in a room (core subject `room.<room>.typing`): relayed to
+/// the room's members, never stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Typing {
+    pub v: u32,
+    pub room: RoomId,
+    pub user: UserId,
+}
+
 /// A user joined or left a room (core subject `room.<room>.members`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MembershipChanged {

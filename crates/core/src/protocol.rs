@@ -59,6 +59,9 @@ pub enum ClientFrame {
     Resume {
         rooms: BTreeMap<RoomId, ResumePoint>,
     },
+    /// The user is typing in `room` (shown to its other members for a few
+    /// seconds; send again while typing goes on).
+    Typing { room: RoomId },
     /// A fresh access token of the same user for this connection, which
     /// then lives until that token expires.
     Refresh {
@@ -123,6 +126,8 @@ pub enum ServerFrame {
         #[serde(skip_serializing_if = "Option::is_none", default)]
         id: Option<String>,
     },
+    /// `user` is typing in `room`.
+    Typing { room: RoomId, user: UserId },
     /// The connection's access token was replaced; it lives until
     /// `expires_at` (Unix seconds).
     Refreshed {
@@ -205,7 +210,7 @@ impl From<FrameError> for ServerFrame {
     }
 }
 
-const KNOWN_TYPES: [&str; 4] = ["send", "ping", "resume", "refresh"];
+const KNOWN_TYPES: [&str; 5] = ["send", "ping", "resume", "refresh", "typing"];
 
 /// Parses a text frame. A valid frame is parsed once; only a refused one is
 /// looked at again, to tell malformed frames from unknown types and to recover

@@ -17,6 +17,8 @@ pub enum RoomEventKind {
     Messages,
     /// `MembershipChanged` events (`<prefix>.room.<room>.members`).
     Members,
+    /// `Typing` indicators (`<prefix>.room.<room>.typing`), never stored.
+    Typing,
 }
 
 impl RoomEventKind {
@@ -24,6 +26,7 @@ impl RoomEventKind {
         match self {
             Self::Messages => "messages",
             Self::Members => "members",
+            Self::Typing => "typing",
         }
     }
 }
@@ -75,16 +78,26 @@ impl Subjects {
         self.room_event(&room.to_string(), RoomEventKind::Members)
     }
 
-    /// The room and kind of a subject built by [`Self::room_messages`] or
-    /// [`Self::room_members`]; `None` for any other subject.
+    /// A room's typing indicators (core NATS, not stored).
+    pub fn room_typing(&self, room: RoomId) -> String {
+        self.room_event(&room.to_string(), RoomEventKind::Typing)
+    }
+
+    /// The room and kind of a subject built by [`Self::room_messages`],
+    /// [`Self::room_members`] or [`Self::room_typing`]; `None` for any other
+    /// subject.
     pub fn parse_room_event(&self, subject: &str) -> Option<(RoomId, RoomEventKind)> {
         let rest = subject
             .strip_prefix(self.prefix.as_str())?
             .strip_prefix(".room.")?;
         let (room, kind) = rest.split_once('.')?;
-        let kind = [RoomEventKind::Messages, RoomEventKind::Members]
-            .into_iter()
-            .find(|k| k.token() == kind)?;
+        let kind = [
+            RoomEventKind::Messages,
+            RoomEventKind::Members,
+            RoomEventKind::Typing,
+        ]
+        .into_iter()
+        .find(|k| k.token() == kind)?;
         Some((room.parse().ok()?, kind))
     }
 
@@ -235,9 +248,13 @@ mod tests {
             subjects.parse_room_event(&subjects.room_members(room)),
             Some((room, RoomEventKind::Members))
         );
+        assert_eq!(
+            subjects.parse_room_event(&subjects.room_typing(room)),
+            Some((room, RoomEventKind::Typing))
+        );
         for foreign in [
             format!("p2.room.{room}.messages"),
-            format!("p1.room.{room}.typing"),
+            format!("p1.room.{room}.presence"),
             format!("p1.room.{room}.messages.extra"),
             "p1.room.not-a-uuid.messages".to_owned(),
             "p1.audit.login_failed".to_owned(),

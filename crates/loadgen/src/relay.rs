@@ -105,7 +105,12 @@ async fn connection(
                 continue;
             }
             // The bare relay keeps no history to replay and no tokens.
-            Ok(ClientFrame::Resume { .. } | ClientFrame::Refresh { .. }) | Err(_) => continue,
+            Ok(
+                ClientFrame::Resume { .. }
+                | ClientFrame::Refresh { .. }
+                | ClientFrame::Typing { .. },
+            )
+            | Err(_) => continue,
         };
         let seq = seqs.entry(room).or_default();
         *seq += 1;

@@ -16,3 +16,4 @@ mod refresh;
 mod resume;
 mod scaled;
 mod sessions;
+mod typing;
