@@ -2,7 +2,6 @@
 //! the gateway) and a user's role in a room (to history-service); and joins
 //! announced to the gateways.
 
-use unhidra_bus::Headers;
 use unhidra_core::{
     events::{MembershipChanged, SCHEMA_VERSION},
     ids::{RoomId, UserId},
@@ -35,20 +34,8 @@ pub async fn announce(state: &ChatState, room: RoomId, user: UserId, joined: boo
         user,
         joined,
     };
-    let published = match serde_json::to_vec(&event) {
-        Ok(payload) => state
-            .ctx
-            .bus
-            .publish(
-                &state.ctx.subjects.room_members(room),
-                Headers::new(),
-                payload.into(),
-            )
-            .await
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    if let Err(e) = published {
+    let subject = state.ctx.subjects.room_members(room);
+    if let Err(e) = state.ctx.announce(&subject, &event).await {
         // Connections opened from now on still see the room.
         tracing::warn!(%room, %user, error = %e, "membership change not announced");
     }

@@ -373,20 +373,8 @@ async fn typing(
         room,
         user: auth.user,
     };
-    let published = match serde_json::to_vec(&event) {
-        Ok(payload) => gateway
-            .ctx
-            .bus
-            .publish(
-                &gateway.ctx.subjects.room_typing(room),
-                Default::default(),
-                payload.into(),
-            )
-            .await
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    if let Err(e) = published {
+    let subject = gateway.ctx.subjects.room_typing(room);
+    if let Err(e) = gateway.ctx.announce(&subject, &event).await {
         tracing::debug!(%room, error = %e, "typing indicator not relayed");
     }
     Ok(())

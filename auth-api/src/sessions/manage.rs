@@ -144,22 +144,8 @@ pub async fn announce(state: &AuthState, user: UserId, sessions: Vec<SessionId>)
     let ctx = &state.ctx;
     // Refused here at once, whatever the bus does.
     ctx.verifier.revoke(&revoked);
-    let published = match serde_json::to_vec(&revoked) {
-        Ok(payload) => {
-            ctx.bus
-                .publish(
-                    &ctx.subjects.sessions_revoked(),
-                    Default::default(),
-                    payload.into(),
-                )
-                .await
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "revocation not serialisable");
-            return;
-        }
-    };
-    if let Err(e) = published {
+    let subject = ctx.subjects.sessions_revoked();
+    if let Err(e) = ctx.announce(&subject, &revoked).await {
         tracing::error!(error = %e, user_id = %user, "revocation not announced; gateways learn it when they resync");
     }
 }

@@ -245,15 +245,8 @@ pub fn spawn_reloads(ctx: &ServiceContext, keys: SigningKeys) -> JoinHandle<()> 
 pub async fn announce(ctx: &ServiceContext, keys: &SigningKeys) {
     let jwks = keys.jwks();
     ctx.verifier.install_keys(&jwks);
-    let published = async {
-        let payload = serde_json::to_vec(&jwks)?;
-        let subject = ctx.subjects.signing_keys_changed();
-        ctx.bus
-            .publish(&subject, Default::default(), payload.into())
-            .await?;
-        anyhow::Ok(())
-    };
-    if let Err(e) = published.await {
+    let subject = ctx.subjects.signing_keys_changed();
+    if let Err(e) = ctx.announce(&subject, &jwks).await {
         tracing::warn!(error = %e, "signing keys not announced; verifiers fetch them within a minute");
     }
 }

@@ -169,6 +169,20 @@ impl ServiceContext {
         Ok(db)
     }
 
+    /// Publishes `event` as JSON on the core `subject`: whoever listens now
+    /// receives it; nothing is stored.
+    pub async fn announce<T: serde::Serialize>(
+        &self,
+        subject: &str,
+        event: &T,
+    ) -> anyhow::Result<()> {
+        let payload = serde_json::to_vec(event)?;
+        self.bus
+            .publish(subject, Default::default(), payload.into())
+            .await?;
+        Ok(())
+    }
+
     /// Records a security event, with the origin of the request being
     /// handled; a failure is logged, never shown to the user.
     pub async fn audit(&self, mut event: AuditEvent) {
