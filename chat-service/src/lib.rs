@@ -14,7 +14,7 @@ use axum::{Router, routing::post};
 use tokio::net::TcpListener;
 use unhidra_core::{
     Config,
-    rpc::{ChatSend, Membership, RoomHead, RoomsOf},
+    rpc::{ChatSend, Membership, RoomHead, RoomMembers, RoomsOf},
 };
 use unhidra_runtime::{ApiState, Service, ServiceContext, rpc};
 use unhidra_store::{Database, Migration};
@@ -127,6 +127,13 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         })
         .await?
     };
+    let members = {
+        let state = state.clone();
+        rpc::respond::<RoomMembers, _, _>(&ctx, NAME, move |request| {
+            membership::members(state.clone(), request)
+        })
+        .await?
+    };
     let head = {
         let state = state.clone();
         rpc::respond::<RoomHead, _, _>(&ctx, NAME, move |request| {
@@ -145,7 +152,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         openapi: <ChatDoc as utoipa::OpenApi>::openapi(),
         database: Some(db),
         tasks: {
-            tasks.extend([send, rooms_of, membership, head, deletions]);
+            tasks.extend([send, rooms_of, membership, members, head, deletions]);
             tasks
         },
     })

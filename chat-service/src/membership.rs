@@ -50,6 +50,20 @@ pub async fn rooms_of(state: ChatState, request: RoomsOfRequest) -> Result<Vec<R
         .map_err(|e| store_unavailable(&e))
 }
 
+/// `chat.room_members`: the members of a room, for a member.
+pub async fn members(
+    state: ChatState,
+    request: MembershipRequest,
+) -> Result<Vec<UserId>, RpcError> {
+    state
+        .service
+        .rooms
+        .members(request.room, request.user)
+        .await
+        .map_err(|e| store_unavailable(&e))?
+        .map_err(Refusal::rpc_error)
+}
+
 /// `chat.room_head`: the room's latest sequence and epoch, for a member.
 pub async fn head(state: ChatState, request: MembershipRequest) -> Result<RoomHeadReply, RpcError> {
     let (seq, epoch) = state

@@ -80,6 +80,7 @@ pub async fn serve(
         slow.clone(),
         resume,
     );
+    gateway.presence.connected(auth.user);
     if resume {
         let gateway = Arc::clone(&gateway);
         gateway.ctx.in_flight.clone().spawn(async move {
@@ -126,6 +127,7 @@ pub async fn serve(
     }
 
     gateway.registry.unregister(id);
+    gateway.presence.disconnected(auth.user);
     drop(outbound);
     done.cancel();
     let _ = writer.await;

@@ -12,6 +12,7 @@ mod fanout;
 mod handshake;
 mod metrics;
 mod pipeline;
+mod presence;
 mod registry;
 mod resume;
 mod revocations;
@@ -22,7 +23,7 @@ use axum::{Router, routing::get};
 use tokio::net::TcpListener;
 use unhidra_core::Config;
 use unhidra_ratelimit::Limit;
-use unhidra_runtime::{Service, ServiceContext};
+use unhidra_runtime::{ApiState, Service, ServiceContext};
 
 use crate::{admission::Admission, metrics::GatewayMetrics, registry::Registry};
 
@@ -33,6 +34,7 @@ pub const DEFAULT_PORT: u16 = 9000;
 struct Gateway {
     ctx: ServiceContext,
     registry: Registry,
+    presence: presence::Presence,
     metrics: GatewayMetrics,
     limits: SocketLimits,
     admission: Arc<Admission>,
@@ -50,6 +52,7 @@ struct SocketLimits {
 pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
     let gateway = Arc::new(Gateway {
         registry: Registry::default(),
+        presence: presence::Presence::new(),
         metrics: GatewayMetrics::register(&ctx.metrics)?,
         limits: SocketLimits {
             connect_ip: Limit::new("ws_connect_ip", ctx.config.limit_ws_connect_ip),
@@ -65,21 +68,30 @@ pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
     });
     let fanout = fanout::spawn(Arc::clone(&gateway)).await?;
     let revocations = revocations::spawn(Arc::clone(&gateway)).await?;
+    let presence = presence::spawn(Arc::clone(&gateway)).await?;
+    let presence_api = Router::new()
+        .route("/api/v1/rooms/{room_id}/presence", get(presence::room))
+        .with_state(ApiState {
+            ctx: gateway.ctx.clone(),
+            service: Arc::clone(&gateway),
+        });
     let router = Router::new()
         .route("/ws", get(handshake::upgrade))
-        .with_state(gateway);
+        .with_state(gateway)
+        .merge(presence_api);
     Ok(Service {
         name: NAME,
         router,
         openapi: <GatewayDoc as utoipa::OpenApi>::openapi(),
         database: None,
-        tasks: vec![fanout, revocations],
+        tasks: vec![fanout, revocations, presence],
     })
 }
 
-/// The gateway's part of the OpenAPI document: the WebSocket handshake.
+/// The gateway's part of the OpenAPI document: the WebSocket handshake and
+/// room presence.
 #[derive(utoipa::OpenApi)]
-#[openapi(paths(handshake::upgrade))]
+#[openapi(paths(handshake::upgrade, presence::room))]
 struct GatewayDoc;
 
 /// Runs the gateway alone on `listener` until `shutdown` resolves.

@@ -323,6 +323,26 @@ impl Registry {
         delivered
     }
 
+    /// Queues an ephemeral `frame` once on every connection in any of
+    /// `rooms`, other than `except`'s; a full queue just misses it.
+    pub fn deliver_once(&self, rooms: &[RoomId], except: UserId, frame: &Utf8Bytes) {
+        let own = self.connections_of(except);
+        let mut told: HashSet<ConnId> = HashSet::new();
+        for room in rooms {
+            let Some(members) = self.by_room.get(room) else {
+                continue;
+            };
+            for (id, member) in members.iter() {
+                if !own.contains(id) && told.insert(*id) {
+                    let _ = member
+                        .handle
+                        .outbound
+                        .try_send(Outbound::Frame(frame.clone()));
+                }
+            }
+        }
+    }
+
     /// Records that connection `id` was given `room`'s messages up to `seq`
     /// (by a resume), so their live copies are not given again.
     pub fn given_up_to(&self, id: ConnId, room: RoomId, seq: u64) {

@@ -111,6 +111,27 @@ impl RoomRepo {
         .transpose()
     }
 
+    /// The members of `room`, if `user` is one of them.
+    pub async fn members(
+        &self,
+        room: RoomId,
+        user: UserId,
+    ) -> anyhow::Result<Result<Vec<UserId>, Refusal>> {
+        if let Err(refusal) = self.role_of(room, user).await? {
+            return Ok(Err(refusal));
+        }
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT user_id FROM room_members WHERE room_id = $1 ORDER BY user_id")
+                .bind(room.to_string())
+                .fetch_all(&self.db.pool)
+                .await?;
+        let members = rows
+            .iter()
+            .map(|(id,)| id.parse())
+            .collect::<Result<_, _>>()?;
+        Ok(Ok(members))
+    }
+
     /// The room's latest sequence and its epoch, if `user` is a member.
     pub async fn head(
         &self,

@@ -34,6 +34,19 @@ pub struct RoomMessage {
     pub sent_at: DateTime<Utc>,
 }
 
+/// A gateway's users with an open connection (core subject
+/// `presence.beats`), sent every few seconds; `leaving` when the gateway
+/// stops. A gateway that stops sending is presumed dead.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PresenceBeat {
+    pub v: u32,
+    /// The sending gateway's id for this run.
+    pub gateway: String,
+    pub users: Vec<UserId>,
+    #[serde(default)]
+    pub leaving: bool,
+}
+
 /// A user is typing in a room (core subject `room.<room>.typing`): relayed to
 /// the room's members, never stored.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -128,6 +128,10 @@ pub enum ServerFrame {
     },
     /// `user` is typing in `room`.
     Typing { room: RoomId, user: UserId },
+    /// `user`, who shares a room with this connection's user, came online
+    /// (a first connection on any gateway) or went offline (the last one
+    /// closed, or its gateway died).
+    Presence { user: UserId, online: bool },
     /// The connection's access token was replaced; it lives until
     /// `expires_at` (Unix seconds).
     Refreshed {

@@ -203,6 +203,19 @@ pub struct MembershipRequest {
     pub user: UserId,
 }
 
+/// `chat.room_members`: the members of a room, for a member of it (refused
+/// with `not_found` or `forbidden` like `chat.membership`).
+pub enum RoomMembers {}
+
+impl Rpc for RoomMembers {
+    type Request = MembershipRequest;
+    type Reply = Vec<UserId>;
+
+    fn subject(subjects: &Subjects) -> String {
+        subjects.chat_room_members()
+    }
+}
+
 /// `chat.room_head`: where a room's stream stands, for a member (refused
 /// with `not_found` or `forbidden` like `chat.membership`).
 pub enum RoomHead {}

@@ -127,6 +127,16 @@ impl Subjects {
         format!("{}.rpc.chat.membership", self.prefix)
     }
 
+    /// Every gateway's users online (core pub/sub; `PresenceBeat`).
+    pub fn presence_beats(&self) -> String {
+        format!("{}.presence.beats", self.prefix)
+    }
+
+    /// Request/reply: the members of a room.
+    pub fn chat_room_members(&self) -> String {
+        format!("{}.rpc.chat.room_members", self.prefix)
+    }
+
     /// Request/reply: a room's latest sequence and epoch, for a member.
     pub fn chat_room_head(&self) -> String {
         format!("{}.rpc.chat.room_head", self.prefix)

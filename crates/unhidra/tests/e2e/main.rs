@@ -12,6 +12,7 @@ mod limits;
 mod liveness;
 mod openapi;
 mod pipelining;
+mod presence;
 mod refresh;
 mod resume;
 mod scaled;
