@@ -339,6 +339,13 @@ pub async fn lookup(
     let Some(standing) = standing.filter(|s| !s.disabled && !s.unverified) else {
         return Ok(None);
     };
+    // Marked used only once the secret matched and the owner may log in.
+    state
+        .service
+        .api_keys
+        .mark_used(key.id, now)
+        .await
+        .map_err(unavailable)?;
     Ok(Some(ApiKeyIdentity {
         key: key.id,
         user: key.user,

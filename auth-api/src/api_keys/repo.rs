@@ -101,7 +101,7 @@ impl ApiKeyRepo {
     }
 
     /// The live key with `prefix` and its stored hash (the caller compares
-    /// the hash), marking it used at `now`.
+    /// the hash).
     pub async fn live_by_prefix(
         &self,
         prefix: &str,
@@ -120,11 +120,6 @@ impl ApiKeyRepo {
         else {
             return Ok(None);
         };
-        sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
-            .bind(now)
-            .bind(&id)
-            .execute(&self.db.pool)
-            .await?;
         let key = key_of((
             id,
             user,
@@ -136,6 +131,16 @@ impl ApiKeyRepo {
             last_used_at,
         ))?;
         Ok(Some((key, hash)))
+    }
+
+    /// Records that key `id` was used at `now`.
+    pub async fn mark_used(&self, id: ApiKeyId, now: i64) -> anyhow::Result<()> {
+        sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&self.db.pool)
+            .await?;
+        Ok(())
     }
 
     /// `user`'s keys that are neither revoked nor expired at `now`, oldest
@@ -268,6 +273,14 @@ mod conformance {
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("key one"))?;
             assert_eq!((found.id, hash.as_str()), (one, "hash-aaaaaaaa"));
+            assert_eq!(
+                keys.live(user, one, 3_000)
+                    .await?
+                    .and_then(|k| k.last_used_at),
+                None,
+                "looked up is not used"
+            );
+            keys.mark_used(one, 2_000).await?;
             assert_eq!(
                 keys.live(user, one, 3_000)
                     .await?

@@ -170,7 +170,10 @@ async fn api_keys_act_for_their_owner_within_their_scopes_on(store: Store) -> Te
     }
 
     // Hostile and ambiguous credentials.
-    let forged = format!("uhk_{prefix}_{}", "A".repeat(43));
+    // A guess at the secret of a key whose prefix is known (an unused one):
+    // refused, and the key does not count as used.
+    let unused = new_key(&base, &alice.token, &["read"]).await?;
+    let forged = format!("uhk_{}_{}", str_of(&unused, "prefix")?, "A".repeat(43));
     for bad in ["uhk_nope", "' OR 1=1 --", forged.as_str()] {
         let answer = with_key(Method::GET, &format!("{base}/api/v1/users/me"), bad, None).await?;
         assert_eq!(
@@ -179,6 +182,24 @@ async fn api_keys_act_for_their_owner_within_their_scopes_on(store: Store) -> Te
             "{bad}"
         );
     }
+    let (_, list) = get(&format!("{base}/api/v1/api-keys"), Some(&alice.token)).await?;
+    let last_used = |id: &Value| {
+        list["api_keys"]
+            .as_array()
+            .and_then(|keys| keys.iter().find(|k| k["id"] == *id))
+            .map(|k| k["last_used_at"].clone())
+    };
+    assert_eq!(last_used(&unused["id"]), Some(Value::Null), "{list}");
+    assert!(
+        last_used(&created["id"]).is_some_and(|at| at.is_string()),
+        "the key in use has a last use: {list}"
+    );
+    let revoke_unused = http()
+        .delete(format!("{base}/api/v1/api-keys/{}", str_of(&unused, "id")?))
+        .bearer_auth(&alice.token)
+        .send()
+        .await?;
+    assert_eq!(revoke_unused.status(), StatusCode::NO_CONTENT);
     let both = http()
         .get(format!("{base}/api/v1/users/me"))
         .header("x-api-key", &key)
