@@ -49,12 +49,8 @@ impl OneTimeTokenRepo {
         }
     }
 
-    fn now_ms(&self) -> i64 {
-        i64::try_from(self.clock.now().as_millis()).unwrap_or(i64::MAX)
-    }
-
     pub async fn create(&self, user: UserId, token_hash: &str) -> anyhow::Result<()> {
-        let now = self.now_ms();
+        let now = self.clock.now_millis();
         let ttl = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
         let insert = format!(
             "INSERT INTO {} (token_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
@@ -78,7 +74,7 @@ impl OneTimeTokenRepo {
         );
         let user: Option<String> = sqlx::query_scalar(&select)
             .bind(token_hash)
-            .bind(self.now_ms())
+            .bind(self.clock.now_millis())
             .fetch_optional(&self.db.pool)
             .await?;
         Ok(user.map(|u| u.parse()).transpose()?)
@@ -87,7 +83,7 @@ impl OneTimeTokenRepo {
     /// Uses the token up; its user, if it was live and unused (in one
     /// statement, so a token works once even when raced).
     pub async fn redeem(&self, token_hash: &str) -> anyhow::Result<Option<UserId>> {
-        let now = self.now_ms();
+        let now = self.clock.now_millis();
         let update = format!(
             "UPDATE {} SET used_at = $1
              WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1

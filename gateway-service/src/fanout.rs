@@ -74,7 +74,7 @@ fn dispatch(gateway: &Gateway, event: &Message) {
                 if let Ok(text) = serde_json::to_string(&frame) {
                     gateway
                         .registry
-                        .deliver_ephemeral(room, typing.user, &Utf8Bytes::from(text));
+                        .deliver_once(&[room], typing.user, &Utf8Bytes::from(text));
                 }
             }
             Ok(_) => tracing::warn!(subject = %event.subject, "typing on another room's subject"),

@@ -33,7 +33,7 @@ use unhidra_core::{
 };
 use unhidra_runtime::{ApiError, ApiState, CurrentUser};
 
-use crate::Gateway;
+use crate::{Gateway, registry::lock};
 
 /// How often each gateway says who it holds.
 pub const BEAT: Duration = Duration::from_secs(2);
@@ -47,10 +47,6 @@ pub struct Presence {
     remote: Mutex<HashMap<String, (Instant, HashSet<UserId>)>>,
     /// Who was online at the last beat.
     online: Mutex<HashSet<UserId>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Presence {

@@ -91,7 +91,8 @@ enum Refused {
     Closed,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// A poisoned lock is still used: what it guards stays consistent.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -299,32 +300,9 @@ impl Registry {
             .is_some_and(|conn| conn.rooms.contains(&room))
     }
 
-    /// Queues an ephemeral `frame` (a typing indicator) on the connections
-    /// in `room` other than `except`'s; a full queue just misses it.
-    pub fn deliver_ephemeral(&self, room: RoomId, except: UserId, frame: &Utf8Bytes) -> u64 {
-        let own = self.connections_of(except);
-        let Some(members) = self.by_room.get(&room) else {
-            return 0;
-        };
-        let mut delivered = 0;
-        for (id, member) in members.iter() {
-            if own.contains(id) {
-                continue;
-            }
-            if member
-                .handle
-                .outbound
-                .try_send(Outbound::Frame(frame.clone()))
-                .is_ok()
-            {
-                delivered += 1;
-            }
-        }
-        delivered
-    }
-
-    /// Queues an ephemeral `frame` once on every connection in any of
-    /// `rooms`, other than `except`'s; a full queue just misses it.
+    /// Queues an ephemeral `frame` (typing, presence) once on every
+    /// connection in any of `rooms`, other than `except`'s; a full queue
+    /// just misses it.
     pub fn deliver_once(&self, rooms: &[RoomId], except: UserId, frame: &Utf8Bytes) {
         let own = self.connections_of(except);
         let mut told: HashSet<ConnId> = HashSet::new();

@@ -105,10 +105,6 @@ pub struct KeyList {
     api_keys: Vec<KeyView>,
 }
 
-fn now_ms(state: &AuthState) -> i64 {
-    i64::try_from(state.ctx.clock.now().as_millis()).unwrap_or(i64::MAX)
-}
-
 fn lifetime(secs: Option<u64>, default: Duration) -> Result<Duration, ApiError> {
     match secs {
         None => Ok(default),
@@ -156,7 +152,7 @@ pub async fn create(
         ));
     }
     let ttl = lifetime(request.expires_in_secs, DEFAULT_LIFETIME)?;
-    let now = now_ms(&state);
+    let now = state.ctx.clock.now_millis();
     if state.service.api_keys.live_of(me.user, now).await?.len() >= MAX_KEYS_PER_USER {
         return Err(ApiError::Conflict {
             code: "too_many_api_keys",
@@ -184,7 +180,7 @@ pub async fn list(
     let keys = state
         .service
         .api_keys
-        .live_of(me.user, now_ms(&state))
+        .live_of(me.user, state.ctx.clock.now_millis())
         .await?;
     Ok(Json(KeyList {
         api_keys: keys.into_iter().map(KeyView::from).collect(),
@@ -206,7 +202,7 @@ pub async fn rotate(
     }
     let id = id.parse::<ApiKeyId>().map_err(|_| no_key())?;
     let keys = &state.service.api_keys;
-    let now = now_ms(&state);
+    let now = state.ctx.clock.now_millis();
     let old = keys.live(me.user, id, now).await?.ok_or_else(no_key)?;
     let lived = Duration::from_millis((old.expires_at - old.created_at).unsigned_abs());
     let ttl = lifetime(request.expires_in_secs, lived)?;
@@ -230,7 +226,7 @@ pub async fn revoke(
 ) -> Result<StatusCode, ApiError> {
     let id = id.parse::<ApiKeyId>().map_err(|_| no_key())?;
     let keys = &state.service.api_keys;
-    let now = now_ms(&state);
+    let now = state.ctx.clock.now_millis();
     let key = keys.live(me.user, id, now).await?.ok_or_else(no_key)?;
     if !keys.end(me.user, id, now, now).await? {
         return Err(no_key());
@@ -247,7 +243,7 @@ pub async fn revoke_all(state: &AuthState, user: UserId) -> anyhow::Result<Vec<S
     let ids = state
         .service
         .api_keys
-        .revoke_all(user, now_ms(state))
+        .revoke_all(user, state.ctx.clock.now_millis())
         .await?;
     Ok(ids.into_iter().map(|id| SessionId(id.0)).collect())
 }
@@ -313,7 +309,7 @@ pub async fn lookup(
         tracing::error!(error = %e, "API key lookup failed");
         RpcError::new(RpcCode::Unavailable, "API keys cannot be checked now")
     };
-    let now = now_ms(state);
+    let now = state.ctx.clock.now_millis();
     let Some((key, hash)) = state
         .service
         .api_keys

@@ -31,7 +31,7 @@ pub use self::repo::MfaRepo;
 use crate::{
     AuthState,
     one_time_tokens::{hash_token, new_token},
-    sessions::{clock_millis, failed_login, open_session, own_device},
+    sessions::{failed_login, open_session, own_device},
 };
 
 /// Recovery codes given at confirmation.
@@ -285,7 +285,7 @@ pub async fn login(
         recovery_code: request.recovery_code.as_ref(),
     };
     if !accept(&state, user, factor).await? {
-        let now_ms = clock_millis(&state);
+        let now_ms = state.ctx.clock.now_millis();
         let error = failed_login(&state, &throttle.ip, Some(user), user.to_string(), now_ms).await;
         tracing::warn!(user_id = %user, "second factor refused");
         return Err(match error {

@@ -122,7 +122,7 @@ pub async fn login(
         Some(email) => state.service.accounts.credentials(email).await?,
         None => None,
     };
-    let now_ms = clock_millis(&state);
+    let now_ms = state.ctx.clock.now_millis();
     // A locked account is refused before its password is looked at, so
     // guessing goes on neither here nor on another replica.
     if let Some(credentials) = &credentials {
@@ -246,10 +246,6 @@ fn account_disabled() -> ApiError {
         code: "account_disabled",
         message: "this account is disabled".into(),
     }
-}
-
-pub fn clock_millis(state: &AuthState) -> i64 {
-    i64::try_from(state.ctx.clock.now().as_millis()).unwrap_or(i64::MAX)
 }
 
 /// A wrong password or unknown email: counted against the account (which

@@ -139,10 +139,6 @@ struct Store {
 }
 
 impl Store {
-    fn now_ms(&self) -> i64 {
-        i64::try_from(self.clock.now().as_millis()).unwrap_or(i64::MAX)
-    }
-
     /// The stored keys: the newest signs, keys replaced longer than
     /// `keep_for` ago are deleted, and keys stored as they are get sealed
     /// when a secret is set.
@@ -161,7 +157,7 @@ impl Store {
                 tracing::info!(kid = %key.kid, "signing key sealed");
             }
         }
-        let now = self.now_ms();
+        let now = self.clock.now_millis();
         let keep_ms = i64::try_from(self.keep_for.as_millis()).unwrap_or(i64::MAX);
         // A key is published until its successor is `keep_for` old.
         let first_kept = keys
@@ -210,7 +206,7 @@ impl Store {
             generation,
             private_pkcs8,
             public_x,
-            created_at: self.now_ms(),
+            created_at: self.clock.now_millis(),
         };
         self.repo.insert(JWT_ALG, &key).await
     }

@@ -13,6 +13,11 @@ use std::{
 /// The time, as a duration since the Unix epoch.
 pub trait Clock: Send + Sync + fmt::Debug {
     fn now(&self) -> Duration;
+
+    /// The time in Unix milliseconds, as the stores keep it.
+    fn now_millis(&self) -> i64 {
+        i64::try_from(self.now().as_millis()).unwrap_or(i64::MAX)
+    }
 }
 
 /// A shared clock, as services hold it.
