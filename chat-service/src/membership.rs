@@ -6,7 +6,10 @@ use unhidra_core::{
     events::{MembershipChanged, SCHEMA_VERSION},
     ids::{RoomId, UserId},
     rooms::Role,
-    rpc::{MembershipRequest, RoomHeadReply, RoomsOfRequest, RpcCode, RpcError},
+    rpc::{
+        MAX_USERS_PER_ROOMS_OF, MembershipRequest, RoomHeadReply, RoomsOfRequest, RpcCode,
+        RpcError, UserRooms,
+    },
 };
 
 use crate::{ChatState, rooms::Refusal};
@@ -41,11 +44,20 @@ pub async fn announce(state: &ChatState, room: RoomId, user: UserId, joined: boo
     }
 }
 
-pub async fn rooms_of(state: ChatState, request: RoomsOfRequest) -> Result<Vec<RoomId>, RpcError> {
+pub async fn rooms_of(
+    state: ChatState,
+    request: RoomsOfRequest,
+) -> Result<Vec<UserRooms>, RpcError> {
+    if request.users.len() > MAX_USERS_PER_ROOMS_OF {
+        return Err(RpcError::new(
+            RpcCode::InvalidInput,
+            format!("at most {MAX_USERS_PER_ROOMS_OF} users per request"),
+        ));
+    }
     state
         .service
         .rooms
-        .ids_of_member(request.user)
+        .ids_of_members(&request.users)
         .await
         .map_err(|e| store_unavailable(&e))
 }

@@ -6,6 +6,7 @@ use unhidra_core::{
     events::RoomMessage,
     ids::{RoomId, UserId},
     rooms::{Role, Visibility},
+    rpc::UserRooms,
 };
 use unhidra_store::Database;
 use unhidra_testkit::{TestDatabase, on_each_database};
@@ -77,8 +78,23 @@ async fn rooms_and_members() -> anyhow::Result<()> {
             rooms.of_member(guest).await?,
             vec![(hostile.clone(), Role::Member)]
         );
-        assert_eq!(rooms.ids_of_member(guest).await?, vec![hostile.id]);
-        assert_eq!(rooms.ids_of_member(UserId::new()).await?, vec![]);
+        let mut owned = vec![hostile.id, private.id];
+        owned.sort_by_key(ToString::to_string);
+        let mut asked = vec![guest, UserId::new(), owner];
+        asked.sort_by_key(ToString::to_string);
+        let mut expected = vec![
+            UserRooms {
+                user: guest,
+                rooms: vec![hostile.id],
+            },
+            UserRooms {
+                user: owner,
+                rooms: owned,
+            },
+        ];
+        expected.sort_by_key(|u| u.user.to_string());
+        assert_eq!(rooms.ids_of_members(&asked).await?, expected);
+        assert_eq!(rooms.ids_of_members(&[UserId::new()]).await?, vec![]);
         Ok(())
     })
     .await

@@ -139,11 +139,13 @@ pub async fn serve(
 async fn subscribe_rooms(gateway: &Gateway, id: ConnId, auth: &Authenticated) -> bool {
     let request = RoomsOfRequest {
         v: SCHEMA_VERSION,
-        user: auth.user,
+        users: vec![auth.user],
     };
     match gateway.ctx.rpc.call::<RoomsOf>(&request).await {
-        Ok(rooms) => {
-            gateway.registry.add_rooms(id, &rooms);
+        Ok(answer) => {
+            for of_user in answer.into_iter().filter(|a| a.user == auth.user) {
+                gateway.registry.add_rooms(id, &of_user.rooms);
+            }
             true
         }
         Err(e) => {

@@ -52,7 +52,7 @@ struct SocketLimits {
 pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
     let gateway = Arc::new(Gateway {
         registry: Registry::default(),
-        presence: presence::Presence::new(),
+        presence: presence::Presence::new(&ctx)?,
         metrics: GatewayMetrics::register(&ctx.metrics)?,
         limits: SocketLimits {
             connect_ip: Limit::new("ws_connect_ip", ctx.config.limit_ws_connect_ip),

@@ -300,6 +300,11 @@ impl Registry {
             .is_some_and(|conn| conn.rooms.contains(&room))
     }
 
+    /// Whether no connection is registered.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
     /// Queues an ephemeral `frame` (typing, presence) once on every
     /// connection in any of `rooms`, other than `except`'s; a full queue
     /// just misses it.

@@ -4,6 +4,7 @@ use anyhow::Context;
 use unhidra_core::{
     ids::{RoomId, UserId},
     rooms::{Role, Visibility},
+    rpc::UserRooms,
 };
 use unhidra_store::{Database, now_millis};
 
@@ -250,13 +251,35 @@ impl RoomRepo {
         rows.iter().map(|(id,)| room_id(id)).collect()
     }
 
-    /// The ids of the rooms `user` belongs to.
-    pub async fn ids_of_member(&self, user: UserId) -> anyhow::Result<Vec<RoomId>> {
-        let rows: Vec<(String,)> =
-            sqlx::query_as("SELECT room_id FROM room_members WHERE user_id = $1")
-                .bind(user.to_string())
-                .fetch_all(&self.db.pool)
-                .await?;
-        rows.iter().map(|(id,)| room_id(id)).collect()
+    /// The ids of the rooms each of `users` belongs to, in one query; users
+    /// in no room are left out.
+    pub async fn ids_of_members(&self, users: &[UserId]) -> anyhow::Result<Vec<UserRooms>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders: Vec<String> = (1..=users.len()).map(|n| format!("${n}")).collect();
+        let sql = format!(
+            "SELECT user_id, room_id FROM room_members WHERE user_id IN ({}) ORDER BY user_id, room_id",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query_as::<_, (String, String)>(&sql);
+        for user in users {
+            query = query.bind(user.to_string());
+        }
+        let mut answer: Vec<UserRooms> = Vec::new();
+        for (user, room) in query.fetch_all(&self.db.pool).await? {
+            let user: UserId = user
+                .parse()
+                .with_context(|| format!("stored user id `{user}` is not a user id"))?;
+            let room = room_id(&room)?;
+            match answer.last_mut() {
+                Some(last) if last.user == user => last.rooms.push(room),
+                _ => answer.push(UserRooms {
+                    user,
+                    rooms: vec![room],
+                }),
+            }
+        }
+        Ok(answer)
     }
 }

@@ -165,12 +165,16 @@ pub struct SendAccepted {
     pub message_id: MessageId,
 }
 
-/// `chat.rooms_of`: the rooms a user belongs to.
+/// `chat.rooms_of`: the rooms each of up to [`MAX_USERS_PER_ROOMS_OF`] users
+/// belongs to (a user in no room is left out of the reply).
 pub enum RoomsOf {}
+
+/// The most users one `chat.rooms_of` asks about.
+pub const MAX_USERS_PER_ROOMS_OF: usize = 500;
 
 impl Rpc for RoomsOf {
     type Request = RoomsOfRequest;
-    type Reply = Vec<RoomId>;
+    type Reply = Vec<UserRooms>;
 
     fn subject(subjects: &Subjects) -> String {
         subjects.chat_rooms_of()
@@ -180,7 +184,13 @@ impl Rpc for RoomsOf {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RoomsOfRequest {
     pub v: u32,
+    pub users: Vec<UserId>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UserRooms {
     pub user: UserId,
+    pub rooms: Vec<RoomId>,
 }
 
 /// `chat.membership`: a user's role in a room; refused with `not_found` when

@@ -2,7 +2,7 @@
 //! offline is told to the others' connections (once, whatever rooms they
 //! share), the room's presence lists who is online, and a gateway that dies
 //! without a word (SIGKILL) has its users marked offline on the others
-//! within 10 s.
+//! within 10 s, with the gateways' lists on the bus and in Redis.
 
 use std::{
     process::{Command, Stdio},
@@ -11,6 +11,7 @@ use std::{
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use unhidra_core::Config;
 
 use crate::harness::*;
 
@@ -99,7 +100,46 @@ async fn members_see_each_other_come_and_go() -> TestResult {
 
 #[tokio::test]
 async fn a_killed_gateways_users_go_offline_on_the_others_within_10_s() -> TestResult {
-    let Some(stack) = Scaled::start().await? else {
+    a_killed_gateways_users_go_offline(None).await
+}
+
+#[tokio::test]
+async fn with_redis_a_killed_gateways_users_go_offline_on_the_others_within_10_s() -> TestResult {
+    let Some(redis) = unhidra_testkit::redis_url().await else {
+        return Ok(());
+    };
+    a_killed_gateways_users_go_offline(Some(redis)).await
+}
+
+/// The users each live gateway holds, as Redis has them.
+async fn online_in_redis(redis: &str, prefix: &str) -> Result<(usize, Vec<String>), Error> {
+    let mut conn = redis::Client::open(redis)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let gateways: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("{prefix}:presence:gateways"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await?;
+    let lists: Vec<String> = gateways
+        .iter()
+        .map(|gateway| format!("{prefix}:presence:gateway:{gateway}"))
+        .collect();
+    let mut users: Vec<String> = redis::cmd("SUNION")
+        .arg(lists)
+        .query_async(&mut conn)
+        .await?;
+    users.sort();
+    Ok((gateways.len(), users))
+}
+
+async fn a_killed_gateways_users_go_offline(redis: Option<String>) -> TestResult {
+    let base = Config {
+        redis_url: redis.clone().map(Into::into),
+        ..unhidra_testkit::config()
+    };
+    let Some(stack) = Scaled::start_configured(base, false, 1, 1).await? else {
         return Ok(());
     };
     let api = stack.api();
@@ -120,6 +160,7 @@ async fn a_killed_gateways_users_go_offline_on_the_others_within_10_s() -> TestR
         .env("UNHIDRA_BUS_PREFIX", &stack.config.bus_prefix)
         .env("UNHIDRA_DATABASE_URL", stack.db.url())
         .env("UNHIDRA_STREAM_MAX_BYTES", "8388608")
+        .envs(redis.iter().map(|url| ("UNHIDRA_REDIS_URL", url)))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
@@ -136,6 +177,10 @@ async fn a_killed_gateways_users_go_offline_on_the_others_within_10_s() -> TestR
         both
     );
     assert_eq!(online_in(&other_base, &room, &alice.token).await?, both);
+    let prefix = &stack.config.bus_prefix;
+    if let Some(redis) = &redis {
+        assert_eq!(online_in_redis(redis, prefix).await?, (2, both.clone()));
+    }
 
     let killed_at = Instant::now();
     other.kill()?;
@@ -148,5 +193,18 @@ async fn a_killed_gateways_users_go_offline_on_the_others_within_10_s() -> TestR
         online_in(&stack.gateway.http(), &room, &bob.token).await?,
         vec![bob.id.clone()]
     );
+    if let Some(redis) = &redis {
+        // The dead gateway's list expired; the live one's next beat (every
+        // 2 s) drops its entry.
+        let deadline = Instant::now() + Duration::from_secs(4);
+        while online_in_redis(redis, prefix).await? != (1, vec![bob.id.clone()]) {
+            assert!(
+                Instant::now() < deadline,
+                "Redis still lists the dead gateway: {:?}",
+                online_in_redis(redis, prefix).await?
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     stack.stop().await
 }
