@@ -239,6 +239,15 @@ pub struct Config {
     /// `UNHIDRA_WS_WRITE_BUFFER_BYTES`: frames are gathered up to this many
     /// bytes before a write to the socket (4096).
     pub ws_write_buffer_bytes: usize,
+    /// `UNHIDRA_TLS_CERT` and `UNHIDRA_TLS_KEY`: PEM files of a certificate
+    /// chain and its private key; set, the port speaks TLS only (`https://`,
+    /// `wss://`; HTTP/2 and HTTP/1.1 by ALPN). Both or neither. Unset, plain
+    /// HTTP, for TLS ended at an ingress or proxy in front.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// `UNHIDRA_TLS_RELOAD_SECS`: how often the TLS files are checked for a
+    /// change; a changed pair is served from the next connection on (10).
+    pub tls_reload_secs: u64,
     /// `UNHIDRA_SHUTDOWN_TIMEOUT_SECS`: how long shutdown waits for in-flight
     /// work (10).
     pub shutdown_timeout_secs: u64,
@@ -323,6 +332,9 @@ impl Default for Config {
             drain_secs: 5,
             ws_read_buffer_bytes: 4096,
             ws_write_buffer_bytes: 4096,
+            tls_cert: None,
+            tls_key: None,
+            tls_reload_secs: 10,
             shutdown_timeout_secs: 10,
             log_format: LogFormat::Pretty,
             log: "info".to_owned(),
@@ -455,6 +467,12 @@ impl Config {
         }
         if !(1..=100_000).contains(&self.resume_window) {
             return invalid("resume_window must be 1 to 100000");
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return invalid("set both tls_cert and tls_key, or neither");
+        }
+        if self.tls_reload_secs == 0 {
+            return invalid("tls_reload_secs must be at least 1");
         }
         if self.access_token_ttl_secs == 0 || self.refresh_token_ttl_secs == 0 {
             return invalid("token lifetimes must be at least one second");
@@ -606,6 +624,8 @@ mod tests {
             (r#"trusted_proxies = "10.0.0.0/33""#, "10.0.0.0/33"),
             (r#"limit_login_ip = "5 per minute""#, "5 per minute"),
             (r#"limit_ws_bytes = "100/s""#, "limit_ws_bytes"),
+            (r#"tls_cert = "/etc/tls/tls.crt""#, "tls_key"),
+            ("tls_reload_secs = 0", "tls_reload_secs"),
         ] {
             let err = with(toml).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains(field), "{toml}: {err}");

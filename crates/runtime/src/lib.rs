@@ -18,6 +18,7 @@ mod origin;
 pub mod recorder;
 pub mod rpc;
 mod server;
+mod tls;
 mod verifier_sync;
 
 use std::{future::Future, sync::Arc};
@@ -234,12 +235,18 @@ impl ServiceContext {
                 self.http_metrics.clone(),
                 unhidra_telemetry::http::track,
             ));
-        tracing::info!(address = %listener.local_addr()?, "listening");
+        let tls = tls::Tls::from_config(&self.config)?;
+        if let Some(tls) = &tls {
+            let every = std::time::Duration::from_secs(self.config.tls_reload_secs);
+            Arc::clone(tls).watch(every, self.shutdown.clone());
+        }
+        tracing::info!(address = %listener.local_addr()?, tls = tls.is_some(), "listening");
         let header_timeout = std::time::Duration::from_secs(self.config.http_header_timeout_secs);
         let server = tokio::spawn(server::serve(
             listener,
             router,
             header_timeout,
+            tls,
             self.shutdown.clone(),
         ));
         self.shutdown.cancelled().await;
@@ -289,18 +296,19 @@ where
 }
 
 /// `<binary> healthcheck`: exits 0 when the service on this configuration's
-/// port answers `/healthz` with 200 (for container HEALTHCHECKs, without curl).
-async fn healthcheck(address: std::net::SocketAddr) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// port answers `/healthz` with 200 (for container HEALTHCHECKs, without curl),
+/// over TLS when the configuration names a certificate.
+async fn healthcheck(address: std::net::SocketAddr, tls: bool) -> anyhow::Result<()> {
     let target = std::net::SocketAddr::from(([127, 0, 0, 1], address.port()));
     let probe = async {
-        let mut stream = tokio::net::TcpStream::connect(target).await?;
-        stream
-            .write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .await?;
-        let mut head = [0_u8; 12];
-        stream.read_exact(&mut head).await?;
-        anyhow::Ok(head.ends_with(b" 200"))
+        let tcp = tokio::net::TcpStream::connect(target).await?;
+        if tls {
+            let name = rustls::pki_types::ServerName::try_from("localhost")?;
+            let stream = tls::loopback_probe()?.connect(name, tcp).await?;
+            ask_healthz(stream).await
+        } else {
+            ask_healthz(tcp).await
+        }
     };
     match tokio::time::timeout(std::time::Duration::from_secs(3), probe).await {
         Ok(Ok(true)) => Ok(()),
@@ -308,6 +316,18 @@ async fn healthcheck(address: std::net::SocketAddr) -> anyhow::Result<()> {
         Ok(Err(e)) => anyhow::bail!("{target}/healthz: {e}"),
         Err(_) => anyhow::bail!("{target}/healthz timed out"),
     }
+}
+
+async fn ask_healthz(
+    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+) -> anyhow::Result<bool> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await?;
+    let mut head = [0_u8; 12];
+    stream.read_exact(&mut head).await?;
+    Ok(head.ends_with(b" 200"))
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -345,7 +365,7 @@ where
     let config = Config::load()?;
     let address = config.bind_or(default_port);
     if std::env::args().nth(1).as_deref() == Some("healthcheck") {
-        return healthcheck(address).await;
+        return healthcheck(address, config.tls_cert.is_some()).await;
     }
     let _traces = unhidra_telemetry::init(&unhidra_telemetry::Reporting {
         json: config.log_format == unhidra_core::config::LogFormat::Json,

@@ -1,10 +1,11 @@
 //! The HTTP server of every service: hyper with a timer, so that a client
 //! that sends its headers (or WebSocket handshake) too slowly is cut off at
 //! `http_header_timeout_secs` (axum's `serve` has no timer, which left every
-//! port open to slowloris); HTTP/1.1 with upgrades and HTTP/2; each request
+//! port open to slowloris); HTTP/1.1 with upgrades and HTTP/2, in clear or
+//! over TLS ([`Tls`], whose handshake has the same deadline); each request
 //! knows its peer address (`ConnectInfo`).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     BoxError, Router,
@@ -26,18 +27,20 @@ use tokio_util::sync::CancellationToken;
 use tower::{ServiceBuilder, ServiceExt, limit::GlobalConcurrencyLimitLayer};
 use unhidra_core::Config;
 
-use crate::{ApiError, Limits};
+use crate::{ApiError, Limits, tls::Tls};
 
 /// How long the server pauses accepting when the process is out of file
 /// descriptors, instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Serves `router` on `listener` until `shutdown`, then lets open requests
-/// finish (upgraded WebSockets are on their own by then).
+/// Serves `router` on `listener` (over `tls` when given) until `shutdown`,
+/// then lets open requests finish (upgraded WebSockets are on their own by
+/// then).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     header_timeout: Duration,
+    tls: Option<Arc<Tls>>,
     shutdown: CancellationToken,
 ) {
     let mut builder = Builder::new(TokioExecutor::new());
@@ -72,18 +75,49 @@ pub async fn serve(
                     .insert(ConnectInfo::<SocketAddr>(peer));
                 request.map(Body::new)
             });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(tcp), TowerToHyperService::new(service))
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let Some(tls) = &tls else {
+            let connection = builder
+                .serve_connection_with_upgrades(
+                    TokioIo::new(tcp),
+                    TowerToHyperService::new(service),
+                )
+                .into_owned();
+            tokio::spawn(finish(graceful.watch(connection), peer));
+            continue;
+        };
+        let (acceptor, builder, watcher) = (tls.acceptor(), builder.clone(), graceful.watcher());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+            let stream = match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake too slow");
+                    return;
+                }
+            };
+            let connection = builder
+                .serve_connection_with_upgrades(
+                    TokioIo::new(stream),
+                    TowerToHyperService::new(service),
+                )
+                .into_owned();
+            finish(watcher.watch(connection), peer).await;
         });
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+async fn finish<E: std::fmt::Display>(
+    connection: impl Future<Output = Result<(), E>>,
+    peer: SocketAddr,
+) {
+    if let Err(e) = connection.await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
 }
 
 /// What every API route (not the health and metrics routes) goes through,

@@ -210,7 +210,7 @@ pub async fn get(url: &str, token: Option<&str>) -> Result<(StatusCode, Value), 
     Ok((status, body))
 }
 
-fn unique_email(name: &str) -> String {
+pub fn unique_email(name: &str) -> String {
     format!("{name}-{}@example.com", uuid::Uuid::new_v4().simple())
 }
 

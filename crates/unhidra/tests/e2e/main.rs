@@ -17,4 +17,5 @@ mod refresh;
 mod resume;
 mod scaled;
 mod sessions;
+mod tls;
 mod typing;
