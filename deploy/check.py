@@ -6,7 +6,7 @@
   moved to loopback (NATS, Redis, a fresh Postgres database, free ports). Each must
   become ready, pass its container HEALTHCHECK command, and serve a Prometheus
   exposition that `promtool check metrics` accepts; a user registers, logs in
-  and creates a room through them.
+  and creates a room through the gateway, the one public entry point.
 - Every Grafana dashboard is valid JSON and queries only metrics that those
   services really export; so do the Prometheus alert rules.
 - The Helm chart's values.yaml validates against values.schema.json.
@@ -102,6 +102,17 @@ def start_compose_services(binaries):
             env["UNHIDRA_REDIS_URL"] = REDIS
         env["UNHIDRA_DATABASE_URL"] = database
         env["UNHIDRA_BUS_PREFIX"] = prefix
+        # Where a service finds another (`http://auth-api:9200`): that
+        # service's loopback port here.
+        for key, value in list(env.items()):
+            found = re.fullmatch(r"http://([a-z-]+):\d+", value)
+            if key.endswith("_URL") and found:
+                if found.group(1) not in started:
+                    fail(f"{name}: {key} names {found.group(1)}, not started before it")
+                env[key] = f"http://127.0.0.1:{started[found.group(1)][1]}"
+        # Loopback stands in for the gateway's fixed address.
+        if "UNHIDRA_TRUSTED_PROXIES" in env:
+            env["UNHIDRA_TRUSTED_PROXIES"] = "127.0.0.1"
         # Each stream reserves this much of the shared NATS's storage; the
         # test suite deletes `check...` streams an hour old.
         env["UNHIDRA_STREAM_MAX_BYTES"] = str(8 * 1024 * 1024)
@@ -133,8 +144,8 @@ def wait_ready(name, port, process):
 
 
 def check_running(started):
-    auth = f"http://127.0.0.1:{started['auth-api'][1]}"
-    chat = f"http://127.0.0.1:{started['chat-service'][1]}"
+    # Everything through the one public entry point, the gateway.
+    auth = chat = f"http://127.0.0.1:{started['gateway'][1]}"
     email = f"check-{uuid.uuid4().hex[:8]}@example.com"
     status, _ = http("POST", f"{auth}/api/v1/auth/register", {"email": email, "password": "correct horse battery"})
     if status != 201:
@@ -146,7 +157,7 @@ def check_running(started):
     status, body = http("POST", f"{chat}/api/v1/rooms", {"name": "check", "visibility": "public"}, token)
     if status != 201:
         fail(f"room creation answered {status}: {body!r}")
-    print("ok: register, login and room creation across the compose services")
+    print("ok: register, login and room creation through the gateway")
     families = set()
     for name, (process, port, env, binary) in started.items():
         health = subprocess.run(

@@ -152,6 +152,11 @@ const MIGRATIONS: &[Migration] = &[
 ))]
 struct AuthDoc;
 
+/// The paths this service answers, as OpenAPI.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    <AuthDoc as utoipa::OpenApi>::openapi()
+}
+
 /// auth-api's part of its handlers' state.
 #[derive(Clone)]
 struct Auth {
@@ -354,7 +359,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
     Ok(Service {
         name: NAME,
         router,
-        openapi: <AuthDoc as utoipa::OpenApi>::openapi(),
+        openapi: openapi(),
         database: Some(db),
         tasks: vec![
             jwks_responder,

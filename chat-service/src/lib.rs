@@ -79,6 +79,11 @@ impl MessageMetrics {
 #[openapi(paths(rooms::create, rooms::join, rooms::mine))]
 struct ChatDoc;
 
+/// The paths this service answers, as OpenAPI.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    <ChatDoc as utoipa::OpenApi>::openapi()
+}
+
 /// Migrates, answers the chat requests on the bus, and starts the group
 /// commit, the publisher and the outbox relay.
 pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service> {
@@ -149,7 +154,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
     Ok(Service {
         name: NAME,
         router,
-        openapi: <ChatDoc as utoipa::OpenApi>::openapi(),
+        openapi: openapi(),
         database: Some(db),
         tasks: {
             tasks.extend([send, rooms_of, membership, members, head, deletions]);

@@ -3,7 +3,9 @@
 //! the upgrade, enforces allowed origins and frame sizes, keeps the registry of
 //! its connections, forwards client commands to chat-service over the bus, and
 //! fans room events out to the member connections it holds, with one bus
-//! subscription per gateway node.
+//! subscription per gateway node. Scaled out, it is also the one public
+//! entry point: the rest of the API goes to the services that own it
+//! ([`proxy`]).
 
 mod admission;
 mod budget;
@@ -13,6 +15,7 @@ mod handshake;
 mod metrics;
 mod pipeline;
 mod presence;
+mod proxy;
 mod registry;
 mod resume;
 mod revocations;
@@ -75,10 +78,14 @@ pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
             ctx: gateway.ctx.clone(),
             service: Arc::clone(&gateway),
         });
-    let router = Router::new()
+    let mut router = Router::new()
         .route("/ws", get(handshake::upgrade))
-        .with_state(gateway)
+        .with_state(Arc::clone(&gateway))
         .merge(presence_api);
+    if let Some(upstreams) = proxy::Upstreams::from_config(&gateway.ctx.config)? {
+        let forward = Router::new().fallback(proxy::forward).with_state(upstreams);
+        router = router.fallback_service(forward);
+    }
     Ok(Service {
         name: NAME,
         router,

@@ -30,6 +30,11 @@ type HistoryState = ApiState<HistoryRepo>;
 #[openapi(paths(pages::messages))]
 struct HistoryDoc;
 
+/// The paths this service answers, as OpenAPI.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    <HistoryDoc as utoipa::OpenApi>::openapi()
+}
+
 /// Migrates and starts the durable consumer of the rooms stream.
 pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service> {
     db.migrate(NAME, MIGRATIONS).await?;
@@ -64,7 +69,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
     Ok(Service {
         name: NAME,
         router,
-        openapi: <HistoryDoc as utoipa::OpenApi>::openapi(),
+        openapi: openapi(),
         database: Some(db),
         tasks: vec![recorder, ranges],
     })

@@ -239,6 +239,14 @@ pub struct Config {
     /// `UNHIDRA_WS_WRITE_BUFFER_BYTES`: frames are gathered up to this many
     /// bytes before a write to the socket (4096).
     pub ws_write_buffer_bytes: usize,
+    /// `UNHIDRA_AUTH_API_URL`, `UNHIDRA_CHAT_URL`, `UNHIDRA_HISTORY_URL`:
+    /// where a scaled-out gateway finds the services (`http://auth-api:9200`),
+    /// to route the public API to them so clients use the gateway's address
+    /// for everything. Unset (the embedded mode, or an ingress that routes),
+    /// the gateway answers only its own paths.
+    pub auth_api_url: Option<String>,
+    pub chat_url: Option<String>,
+    pub history_url: Option<String>,
     /// `UNHIDRA_TLS_CERT` and `UNHIDRA_TLS_KEY`: PEM files of a certificate
     /// chain and its private key; set, the port speaks TLS only (`https://`,
     /// `wss://`; HTTP/2 and HTTP/1.1 by ALPN). Both or neither. Unset, plain
@@ -332,6 +340,9 @@ impl Default for Config {
             drain_secs: 5,
             ws_read_buffer_bytes: 4096,
             ws_write_buffer_bytes: 4096,
+            auth_api_url: None,
+            chat_url: None,
+            history_url: None,
             tls_cert: None,
             tls_key: None,
             tls_reload_secs: 10,
@@ -467,6 +478,16 @@ impl Config {
         }
         if !(1..=100_000).contains(&self.resume_window) {
             return invalid("resume_window must be 1 to 100000");
+        }
+        for url in [&self.auth_api_url, &self.chat_url, &self.history_url]
+            .into_iter()
+            .flatten()
+        {
+            if !url.starts_with("http://") || url.len() <= "http://".len() {
+                return invalid(
+                    "auth_api_url, chat_url and history_url must be http:// URLs of the services",
+                );
+            }
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return invalid("set both tls_cert and tls_key, or neither");
@@ -626,6 +647,7 @@ mod tests {
             (r#"limit_ws_bytes = "100/s""#, "limit_ws_bytes"),
             (r#"tls_cert = "/etc/tls/tls.crt""#, "tls_key"),
             ("tls_reload_secs = 0", "tls_reload_secs"),
+            (r#"chat_url = "chat:9300""#, "chat_url"),
         ] {
             let err = with(toml).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains(field), "{toml}: {err}");

@@ -13,6 +13,7 @@ mod names;
 pub mod protocol;
 pub mod rate;
 pub mod rooms;
+pub mod routes;
 pub mod rpc;
 pub mod streams;
 pub mod subjects;

@@ -32,7 +32,20 @@ impl Running {
         F: FnOnce(TcpListener, Config, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
         Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_at(SocketAddr::from(([127, 0, 0, 1], 0)), config, run).await
+    }
+
+    /// On `address`: a service restarted where the gateway expects it.
+    pub async fn start_at<F, Fut>(
+        address: SocketAddr,
+        config: Config,
+        run: F,
+    ) -> Result<Self, Error>
+    where
+        F: FnOnce(TcpListener, Config, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let listener = TcpListener::bind(address).await?;
         let address = listener.local_addr()?;
         let stop = CancellationToken::new();
         let signal = stop.clone();
@@ -502,6 +515,14 @@ impl Scaled {
         let mut chat = Running::start(config.clone(), chat_service::run).await?;
         let mut history = Running::start(config.clone(), history_service::run).await?;
         let mut audit = Running::start(config.clone(), audit_service::run).await?;
+        // The gateways are the one public entry point: the API goes through
+        // them to the services, as in the compose and Helm deployments.
+        let config = Config {
+            auth_api_url: Some(auth.http()),
+            chat_url: Some(chat.http()),
+            history_url: Some(history.http()),
+            ..config
+        };
         let mut gateway = Running::start(config.clone(), gateway_service::run).await?;
         let mut more_chats = Vec::new();
         for _ in 1..chats {
@@ -531,11 +552,12 @@ impl Scaled {
         }))
     }
 
+    /// The API through the gateway, as clients see it.
     pub fn api(&self) -> Api {
         Api {
-            auth: self.auth.http(),
-            chat: self.chat.http(),
-            history: self.history.as_ref().map(Running::http).unwrap_or_default(),
+            auth: self.gateway.http(),
+            chat: self.gateway.http(),
+            history: self.gateway.http(),
         }
     }
 

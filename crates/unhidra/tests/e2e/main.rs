@@ -6,6 +6,7 @@ mod admin;
 mod api_keys;
 mod bad_input;
 mod embedded;
+mod entry;
 mod harness;
 mod keys;
 mod limits;

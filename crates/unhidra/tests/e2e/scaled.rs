@@ -67,12 +67,9 @@ async fn history_down_during_1000_sends_then_stores_each_exactly_once() -> TestR
     let room = api.create_room(&alice, "public").await?;
 
     // history-service goes away before the messages are sent.
-    stack
-        .history
-        .take()
-        .ok_or("history not running")?
-        .stop()
-        .await?;
+    let history = stack.history.take().ok_or("history not running")?;
+    let history_address = history.address;
+    history.stop().await?;
 
     let socket = connect(&stack.gateway.ws(), &alice.token).await?;
     let (mut sink, mut stream) = socket.split();
@@ -101,7 +98,8 @@ async fn history_down_during_1000_sends_then_stores_each_exactly_once() -> TestR
     assert_eq!(seqs, (1..=COUNT as u64).collect::<Vec<_>>());
 
     // history-service comes back (same durable consumer) and catches up.
-    stack.history = Some(Running::start(stack.config.clone(), history_service::run).await?);
+    stack.history =
+        Some(Running::start_at(history_address, stack.config.clone(), history_service::run).await?);
     let history_api = stack.api();
     let stored = history_of_at_least(&history_api, &alice, &room, COUNT, WAIT * 6).await?;
     let mut stored_seqs: Vec<u64> = stored.iter().filter_map(|m| m["seq"].as_u64()).collect();
@@ -344,8 +342,9 @@ async fn a_group_committed_but_not_published_before_a_restart_is_published_after
 
     // chat-service restarts (and recreates the stream): its relay publishes
     // every acknowledged message, which history stores exactly once.
+    let chat_address = stack.chat.address;
     stack.chat.stop().await?;
-    stack.chat = Running::start(stack.config.clone(), chat_service::run).await?;
+    stack.chat = Running::start_at(chat_address, stack.config.clone(), chat_service::run).await?;
     wait_ready(&stack.chat.http()).await?;
     let stored = history_of_at_least(&api, &alice, &room, COUNT, WAIT * 3).await?;
     let mut stored_ids: Vec<String> = stored
