@@ -21,30 +21,40 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{/*
-The services: values key, binary, component name, and whether the service is
-reachable from outside the release (its API is public).
+The services: values key, binary, component name, whether clients reach it
+directly (only the gateway) or through the gateway (`routed`, with the
+variable that tells the gateway where it is), and whether it keeps a
+database (all but the gateway).
 */}}
 {{- define "unhidra.services" -}}
-gateway: {binary: gateway-service, component: gateway, public: true}
-authApi: {binary: auth-api, component: auth-api, public: true}
-chatService: {binary: chat-service, component: chat-service, public: true}
-historyService: {binary: history-service, component: history-service, public: true}
-auditService: {binary: audit-service, component: audit-service, public: false}
+gateway: {binary: gateway-service, component: gateway, public: true, database: false}
+authApi: {binary: auth-api, component: auth-api, routed: UNHIDRA_AUTH_API_URL, database: true}
+chatService: {binary: chat-service, component: chat-service, routed: UNHIDRA_CHAT_URL, database: true}
+historyService: {binary: history-service, component: history-service, routed: UNHIDRA_HISTORY_URL, database: true}
+auditService: {binary: audit-service, component: audit-service, database: true}
 {{- end -}}
 
-{{- define "unhidra.secretName" -}}
-{{- if .Values.postgres.existingSecret -}}
-{{- .Values.postgres.existingSecret -}}
-{{- else -}}
+{{/* The chart's own Secret. */}}
+{{- define "unhidra.ownSecret" -}}
 {{- include "unhidra.fullname" . -}}
-{{- end -}}
 {{- end -}}
 
-{{/* The Secret holding the Redis URL: the operator's, or the chart's. */}}
-{{- define "unhidra.redisSecretName" -}}
-{{- if .Values.redis.existingSecret -}}
-{{- .Values.redis.existingSecret -}}
-{{- else -}}
-{{- include "unhidra.fullname" . -}}
+{{/*
+An env entry from a credential: `value` in the chart's Secret under
+`existingSecretKey`, or that key of the operator's `existingSecret`.
+Arguments: (list root name credential).
+*/}}
+{{- define "unhidra.secretEnv" -}}
+{{- $root := index . 0 -}}
+{{- $credential := index . 2 -}}
+- name: {{ index . 1 }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $credential.existingSecret | default (include "unhidra.ownSecret" $root) }}
+      key: {{ $credential.existingSecretKey }}
 {{- end -}}
+
+{{/* Whether a credential is set at all (a value, or an existing Secret). */}}
+{{- define "unhidra.isSet" -}}
+{{- if or .value .url .existingSecret }}true{{ end -}}
 {{- end -}}
