@@ -192,29 +192,40 @@ impl Bus for NatsBus {
     }
 
     async fn ensure_stream(&self, spec: &StreamSpec) -> Result<()> {
-        self.jetstream
-            .create_or_update_stream(stream::Config {
-                name: spec.name.clone(),
-                subjects: spec.subjects.clone(),
-                max_age: spec.max_age,
-                max_bytes: i64::try_from(spec.max_bytes).unwrap_or(i64::MAX),
-                // Kept until every consumer acknowledged it; when full, new
-                // publishes are refused instead of unprocessed ones dropped.
-                retention: stream::RetentionPolicy::Interest,
-                discard: stream::DiscardPolicy::New,
-                duplicate_window: spec.duplicate_window,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                BusError::Transport(format!(
-                    "stream {}: {e} (a stream made by an older Unhidra keeps every message; \
+        let config = stream::Config {
+            name: spec.name.clone(),
+            subjects: spec.subjects.clone(),
+            max_age: spec.max_age,
+            max_bytes: i64::try_from(spec.max_bytes).unwrap_or(i64::MAX),
+            // Kept until every consumer acknowledged it; when full, new
+            // publishes are refused instead of unprocessed ones dropped.
+            retention: stream::RetentionPolicy::Interest,
+            discard: stream::DiscardPolicy::New,
+            duplicate_window: spec.duplicate_window,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        // Services starting together race to create a stream: the loser's
+        // create is refused ("subjects overlap"), and once more, finding the
+        // winner's stream, it updates it to the same configuration.
+        let created = match self.jetstream.create_or_update_stream(config.clone()).await {
+            Ok(_) => Ok(()),
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                self.jetstream
+                    .create_or_update_stream(config)
+                    .await
+                    .map(|_| ())
+            }
+        };
+        created.map_err(|e| {
+            BusError::Transport(format!(
+                "stream {}: {e} (a stream made by an older Unhidra keeps every message; \
                      once its consumers have caught up, delete it with `nats stream rm {}` \
                      and restart)",
-                    spec.name, spec.name
-                ))
-            })?;
+                spec.name, spec.name
+            ))
+        })?;
         let stream = self
             .jetstream
             .get_stream(&spec.name)

@@ -49,9 +49,19 @@ async fn pipeline(socket: Socket, sends: Vec<(String, String)>) -> Result<Vec<Va
 
 /// Reads `count` message frames; returns (room, seq, body) in arrival order.
 async fn receive(mut socket: Socket, count: usize) -> Result<Vec<(String, u64, String)>, Error> {
-    let mut received = Vec::with_capacity(count);
+    let mut received: Vec<(String, u64, String)> = Vec::with_capacity(count);
     while received.len() < count {
-        let frame = next_of(&mut socket, "message").await?;
+        let frame = match next_of(&mut socket, "message").await {
+            Ok(frame) => frame,
+            Err(e) => {
+                let last: HashMap<&str, u64> = received
+                    .iter()
+                    .map(|(room, seq, _)| (room.as_str(), *seq))
+                    .collect();
+                let got = received.len();
+                return Err(format!("{e}: a listener got {got} of {count}, up to {last:?}").into());
+            }
+        };
         received.push((
             str_of(&frame, "room")?,
             frame["seq"].as_u64().ok_or("no seq")?,
