@@ -1,0 +1,24 @@
+#!/bin/sh
+# A stand-in for the postgres image's entrypoint: on an empty data directory,
+# initialise a cluster whose superuser is POSTGRES_USER (password
+# POSTGRES_PASSWORD, scram-sha-256 over the network) with the database
+# POSTGRES_DB; then run the server as postgres.
+set -eu
+: "${POSTGRES_USER:=postgres}" "${POSTGRES_DB:=$POSTGRES_USER}" "${PGDATA:=/var/lib/postgresql/data}"
+mkdir -p "$PGDATA" /run/postgresql
+chown postgres:postgres "$PGDATA" /run/postgresql
+chmod 700 "$PGDATA"
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+    printf '%s\n' "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD is required}" >/tmp/pwfile
+    chown postgres /tmp/pwfile
+    su postgres -c "initdb -D '$PGDATA' -U '$POSTGRES_USER' --pwfile=/tmp/pwfile --auth-local=trust --auth-host=scram-sha-256" >/dev/null
+    rm -f /tmp/pwfile
+    echo "listen_addresses = '*'" >>"$PGDATA/postgresql.conf"
+    echo "host all all all scram-sha-256" >>"$PGDATA/pg_hba.conf"
+    su postgres -c "pg_ctl -D '$PGDATA' -o '-c listen_addresses=' -w start" >/dev/null
+    if [ "$POSTGRES_DB" != "postgres" ]; then
+        su postgres -c "psql -U '$POSTGRES_USER' -d postgres -c 'CREATE DATABASE \"$POSTGRES_DB\"'" >/dev/null
+    fi
+    su postgres -c "pg_ctl -D '$PGDATA' -m fast -w stop" >/dev/null
+fi
+exec su postgres -c "exec postgres -D '$PGDATA'"
