@@ -16,7 +16,7 @@ use unhidra_authn::Authenticated;
 use unhidra_core::{
     api_keys::ApiScope,
     events::{SCHEMA_VERSION, Typing},
-    ids::RoomId,
+    ids::{RoomId, UserId},
     protocol::{ClientFrame, ErrorCode, ResumePoint, ServerFrame, close, parse_client_frame},
     rpc::{
         ChatSend, Draft, MAX_SENDS_PER_BATCH, RoomsOf, RoomsOfRequest, RpcError, RpcReply,
@@ -48,12 +48,15 @@ const MAX_BURST: u64 = 128;
 /// rooms' live messages flow anyway.
 const RESUME_WAIT: Duration = Duration::from_secs(10);
 
+/// Serves an upgraded connection whose user belonged to `rooms` just before
+/// the upgrade.
 pub async fn serve(
     gateway: Arc<Gateway>,
     mut socket: WebSocket,
     auth: Authenticated,
     ip: ClientIp,
     resume: bool,
+    rooms: Vec<RoomId>,
 ) {
     // Checked before the upgrade; decided here, where two racing handshakes
     // cannot both take the last place.
@@ -80,6 +83,9 @@ pub async fn serve(
         slow.clone(),
         resume,
     );
+    // The rooms as loaded before the upgrade: a message sent to them once
+    // the client sees its connection open reaches it.
+    gateway.registry.add_rooms(id, &rooms);
     gateway.presence.connected(auth.user);
     if resume {
         let gateway = Arc::clone(&gateway);
@@ -111,7 +117,7 @@ pub async fn serve(
         },
     ));
 
-    if subscribe_rooms(&gateway, id, &auth).await {
+    if confirm_rooms(&gateway, id, &auth).await {
         let connection = Connection {
             id,
             outbound: &outbound,
@@ -135,17 +141,27 @@ pub async fn serve(
     tracing::debug!(conn = id, user_id = %auth.user, "disconnected");
 }
 
-/// Loads the user's rooms (after registering, so no join is missed).
-async fn subscribe_rooms(gateway: &Gateway, id: ConnId, auth: &Authenticated) -> bool {
+/// The rooms `user` belongs to now.
+pub async fn rooms_of(gateway: &Gateway, user: UserId) -> Result<Vec<RoomId>, RpcError> {
     let request = RoomsOfRequest {
         v: SCHEMA_VERSION,
-        users: vec![auth.user],
+        users: vec![user],
     };
-    match gateway.ctx.rpc.call::<RoomsOf>(&request).await {
-        Ok(answer) => {
-            for of_user in answer.into_iter().filter(|a| a.user == auth.user) {
-                gateway.registry.add_rooms(id, &of_user.rooms);
-            }
+    let answer = gateway.ctx.rpc.call::<RoomsOf>(&request).await?;
+    Ok(answer
+        .into_iter()
+        .filter(|of| of.user == user)
+        .flat_map(|of| of.rooms)
+        .collect())
+}
+
+/// Loads the user's rooms again, now that the connection is registered, and
+/// makes them the connection's: a join or leave whose event came between
+/// the load before the upgrade and the registration is not missed.
+async fn confirm_rooms(gateway: &Gateway, id: ConnId, auth: &Authenticated) -> bool {
+    match rooms_of(gateway, auth.user).await {
+        Ok(rooms) => {
+            gateway.registry.set_rooms(id, &rooms);
             true
         }
         Err(e) => {

@@ -87,6 +87,15 @@ pub async fn upgrade(
             return (rejection.status(), Json(body)).into_response();
         }
     };
+    // Loaded before the client sees the connection open, so that what is
+    // sent to its rooms from then on reaches it.
+    let rooms = match connection::rooms_of(&gateway, auth.user).await {
+        Ok(rooms) => rooms,
+        Err(e) => {
+            tracing::warn!(user_id = %auth.user, error = %e, "WebSocket refused: rooms of user unavailable");
+            return ApiError::from(e).into_response();
+        }
+    };
     let hard_limit = config.hard_frame_limit();
     upgrade
         .protocols([SUBPROTOCOL])
@@ -96,7 +105,14 @@ pub async fn upgrade(
         .write_buffer_size(config.ws_write_buffer_bytes)
         .on_upgrade(move |socket| {
             let in_flight = gateway.ctx.in_flight.clone();
-            in_flight.track_future(connection::serve(gateway, socket, auth, ip, params.resume))
+            in_flight.track_future(connection::serve(
+                gateway,
+                socket,
+                auth,
+                ip,
+                params.resume,
+                rooms,
+            ))
         })
 }
 

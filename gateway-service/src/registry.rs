@@ -192,6 +192,26 @@ impl Registry {
         }
     }
 
+    /// Makes `rooms` exactly the rooms of a connection.
+    pub fn set_rooms(&self, id: ConnId, rooms: &[RoomId]) {
+        let wanted: HashSet<RoomId> = rooms.iter().copied().collect();
+        let gone: Vec<RoomId> = match self.conns.get_mut(&id) {
+            Some(mut conn) => {
+                let gone = conn.rooms.difference(&wanted).copied().collect();
+                conn.rooms.retain(|room| wanted.contains(room));
+                gone
+            }
+            None => return,
+        };
+        for room in gone {
+            self.by_room.remove_if_mut(&room, |_, members| {
+                members.remove(&id);
+                members.is_empty()
+            });
+        }
+        self.add_rooms(id, rooms);
+    }
+
     fn connections_of(&self, user: UserId) -> Vec<ConnId> {
         self.by_user
             .get(&user)
