@@ -49,6 +49,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         openapi: utoipa::openapi::OpenApi::default(),
         database: Some(db),
         tasks: vec![recorder],
+        fallback: None,
     })
 }
 

@@ -367,6 +367,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
             api_key_responder,
             key_reloads,
         ],
+        fallback: None,
     })
 }
 

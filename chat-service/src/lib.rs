@@ -160,6 +160,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
             tasks.extend([send, rooms_of, membership, members, head, deletions]);
             tasks
         },
+        fallback: None,
     })
 }
 

@@ -78,20 +78,19 @@ pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
             ctx: gateway.ctx.clone(),
             service: Arc::clone(&gateway),
         });
-    let mut router = Router::new()
+    let router = Router::new()
         .route("/ws", get(handshake::upgrade))
         .with_state(Arc::clone(&gateway))
         .merge(presence_api);
-    if let Some(upstreams) = proxy::Upstreams::from_config(&gateway.ctx.config)? {
-        let forward = Router::new().fallback(proxy::forward).with_state(upstreams);
-        router = router.fallback_service(forward);
-    }
+    let fallback = proxy::Upstreams::from_config(&gateway.ctx.config)?
+        .map(|upstreams| Router::new().fallback(proxy::forward).with_state(upstreams));
     Ok(Service {
         name: NAME,
         router,
         openapi: <GatewayDoc as utoipa::OpenApi>::openapi(),
         database: None,
         tasks: vec![fanout, revocations, presence],
+        fallback,
     })
 }
 

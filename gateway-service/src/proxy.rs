@@ -8,18 +8,25 @@
 //! request id and the trace context; the answer comes back as the service
 //! gave it. A service that cannot be reached, or that does not answer within
 //! the request timeout, is `unavailable` (503); a path nobody owns is
-//! `not_found` (404).
+//! `not_found` (404). Forwarding runs outside the gateway's API guard: the
+//! owning service applies the limits, blocks and timeouts to the client this
+//! names, once.
 
-use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use axum::{
     body::Body,
-    extract::{Request, State},
+    extract::{ConnectInfo, Request, State},
     http::{HeaderMap, HeaderName, HeaderValue, header},
     response::{IntoResponse, Response},
 };
 use futures::TryStreamExt;
 use http_body_util::Limited;
+use ipnet::IpNet;
 use unhidra_core::{
     Config,
     routes::{self, Upstream},
@@ -47,6 +54,8 @@ pub struct Upstreams {
     /// Bytes of a request body passed on at most, whether or not it declared
     /// its length (`UNHIDRA_HTTP_BODY_LIMIT_BYTES`).
     body_limit: usize,
+    /// Who may name the client in `X-Forwarded-For` (`UNHIDRA_TRUSTED_PROXIES`).
+    trusted_proxies: Vec<IpNet>,
     auth_api: Option<String>,
     chat: Option<String>,
     history: Option<String>,
@@ -64,6 +73,7 @@ impl Upstreams {
                 .redirect(reqwest::redirect::Policy::none())
                 .build()?,
             body_limit: config.http_body_limit_bytes,
+            trusted_proxies: config.trusted_proxies.clone(),
             auth_api: base(&config.auth_api_url),
             chat: base(&config.chat_url),
             history: base(&config.history_url),
@@ -82,12 +92,16 @@ impl Upstreams {
     }
 }
 
-/// Passes `request` to the service that owns its path.
+/// Passes `request` to the service that owns its path. It is not counted
+/// against the client's limits here: the owning service counts it, with the
+/// client this decides.
 pub async fn forward(
     State(upstreams): State<Upstreams>,
-    ClientIp(client): ClientIp,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let ClientIp(client) =
+        ClientIp::resolve(peer.ip(), request.headers(), &upstreams.trusted_proxies);
     let path = request.uri().path();
     let Some((upstream, base)) =
         routes::owner(path).and_then(|owner| Some((owner, upstreams.base(owner)?)))

@@ -72,6 +72,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
         openapi: openapi(),
         database: Some(db),
         tasks: vec![recorder, ranges],
+        fallback: None,
     })
 }
 

@@ -63,6 +63,11 @@ pub struct Service {
     pub openapi: utoipa::openapi::OpenApi,
     pub database: Option<Database>,
     pub tasks: Vec<JoinHandle<()>>,
+    /// Answers the paths no route matches, outside the API's guard (the
+    /// gateway's forwarding to the services, which apply their own limits
+    /// to the client: counted here too, a client's shared budget would be
+    /// spent twice per request).
+    pub fallback: Option<Router>,
 }
 
 /// The state of a service whose handlers may extract [`CurrentUser`]: the
@@ -213,6 +218,7 @@ impl ServiceContext {
         let mut databases = Vec::new();
         let mut tasks = Vec::new();
         let mut docs = Vec::new();
+        let mut fallback = None;
         for service in services {
             tracing::info!(service = service.name, "service started");
             router = router.merge(service.router);
@@ -221,20 +227,24 @@ impl ServiceContext {
                 databases.push((service.name, db));
             }
             tasks.extend(service.tasks);
+            fallback = fallback.or(service.fallback);
         }
         tasks.push(verifier_sync::spawn(self));
-        let router = server::guard_api(router, &self.config, self.limits.clone())
+        let mut router = server::guard_api(router, &self.config, self.limits.clone())
             .merge(health::routes(
                 Arc::clone(&self.bus),
                 databases,
                 self.limits.clone(),
                 self.metrics.clone(),
             ))
-            .merge(openapi::routes(openapi::document(docs)))
-            .layer(axum::middleware::from_fn_with_state(
-                self.http_metrics.clone(),
-                unhidra_telemetry::http::track,
-            ));
+            .merge(openapi::routes(openapi::document(docs)));
+        if let Some(fallback) = fallback {
+            router = router.fallback_service(fallback);
+        }
+        let router = router.layer(axum::middleware::from_fn_with_state(
+            self.http_metrics.clone(),
+            unhidra_telemetry::http::track,
+        ));
         let tls = tls::Tls::from_config(&self.config)?;
         if let Some(tls) = &tls {
             let every = std::time::Duration::from_secs(self.config.tls_reload_secs);

@@ -117,3 +117,35 @@ async fn the_gateway_passes_the_api_on_with_the_client_and_request_id() -> TestR
     assert_eq!(mine["rooms"][0]["room_id"], Value::String(room), "{mine}");
     stack.stop().await
 }
+
+#[tokio::test]
+async fn a_request_through_the_gateway_spends_the_clients_budget_once() -> TestResult {
+    // Shared limits: were the gateway to count a forwarded request as well
+    // as the service that answers it, each would cost two.
+    let Some(redis) = unhidra_testkit::redis_url().await else {
+        return Ok(());
+    };
+    let base = Config {
+        redis_url: Some(redis.into()),
+        limit_http_ip: unhidra_core::rate::Rate::new(50, std::time::Duration::from_secs(60)),
+        ..unhidra_testkit::config()
+    };
+    let Some(stack) = Scaled::start_configured(base, false, 1, 1).await? else {
+        return Ok(());
+    };
+    let url = format!("{}/.well-known/jwks.json", stack.gateway.http());
+    let mut left = Vec::new();
+    for _ in 0..3 {
+        let response = http().get(&url).send().await?;
+        assert_eq!(response.status(), StatusCode::OK);
+        let remaining = response
+            .headers()
+            .get("x-ratelimit-remaining")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok())
+            .ok_or("no X-RateLimit-Remaining")?;
+        left.push(remaining);
+    }
+    assert_eq!(left, vec![left[0], left[0] - 1, left[0] - 2], "{left:?}");
+    stack.stop().await
+}
