@@ -25,7 +25,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use futures::TryStreamExt;
-use http_body_util::Limited;
+use http_body_util::{LengthLimitError, Limited};
 use ipnet::IpNet;
 use unhidra_core::{
     Config,
@@ -125,7 +125,7 @@ pub async fn forward(
         ))
         .send()
         .await
-        .map_err(|e| unavailable(upstream, &e))?;
+        .map_err(|e| refusal(upstream, &e, upstreams.body_limit))?;
     let mut response = Response::builder().status(answer.status());
     if let Some(headers) = response.headers_mut() {
         *headers = passed_on(answer.headers());
@@ -165,7 +165,16 @@ fn stamp(headers: &mut HeaderMap, client: IpAddr) {
     }
 }
 
-fn unavailable(upstream: Upstream, error: &reqwest::Error) -> ApiError {
+/// Why a request could not be passed on: its body ran over the limit (413),
+/// or the service did not answer (503).
+fn refusal(upstream: Upstream, error: &reqwest::Error, limit: usize) -> ApiError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = cause {
+        if error.is::<LengthLimitError>() {
+            return ApiError::TooLarge(format!("the request body is larger than {limit} bytes"));
+        }
+        cause = error.source();
+    }
     tracing::warn!(upstream = upstream.as_str(), error = %error, "service did not answer");
     ApiError::Refused(RpcError::new(
         RpcCode::Unavailable,

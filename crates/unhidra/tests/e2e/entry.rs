@@ -94,10 +94,25 @@ async fn the_gateway_passes_the_api_on_with_the_client_and_request_id() -> TestR
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(body["error"], "unauthenticated");
 
-    // While history-service is down, its paths are unavailable; the rest is
-    // served.
     let api = stack.api();
     let alice = api.user("alice").await?;
+
+    // A body streamed without a length is refused at the API's limit (1 MiB
+    // here), as a declared one is.
+    let chunks = (0..32).map(|_| Ok::<_, std::io::Error>(vec![b' '; 64 * 1024]));
+    let response = http()
+        .post(format!("{entry}/api/v1/rooms"))
+        .bearer_auth(&alice.token)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await?;
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: Value = response.json().await?;
+    assert_eq!(body["error"], "too_large", "{body}");
+
+    // While history-service is down, its paths are unavailable; the rest is
+    // served.
     let room = api.create_room(&alice, "public").await?;
     stack
         .history
