@@ -16,7 +16,7 @@ use unhidra_store::{Database, Migration};
 
 use crate::repo::AuditRepo;
 
-pub const NAME: &str = "audit-service";
+pub const NAME: &str = unhidra_core::bus_access::Role::Audit.name();
 pub const DEFAULT_PORT: u16 = 9500;
 
 const MIGRATIONS: &[Migration] = &[

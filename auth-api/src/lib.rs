@@ -45,7 +45,7 @@ use crate::{
     signing_keys::{SigningKeyRepo, SigningKeys},
 };
 
-pub const NAME: &str = "auth-api";
+pub const NAME: &str = unhidra_core::bus_access::Role::AuthApi.name();
 pub const DEFAULT_PORT: u16 = 9200;
 /// How often each replica reloads the signing keys (to follow a rotation).
 pub const KEY_RELOAD_SECS: u64 = signing_keys::RELOAD_EVERY.as_secs();

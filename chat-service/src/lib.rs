@@ -24,7 +24,7 @@ use crate::{
     rooms::{Caps, RoomRepo},
 };
 
-pub const NAME: &str = "chat-service";
+pub const NAME: &str = unhidra_core::bus_access::Role::Chat.name();
 pub const DEFAULT_PORT: u16 = 9300;
 
 const MIGRATIONS: &[Migration] = &[

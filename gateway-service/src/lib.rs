@@ -30,7 +30,7 @@ use unhidra_runtime::{ApiState, Service, ServiceContext};
 
 use crate::{admission::Admission, metrics::GatewayMetrics, registry::Registry};
 
-pub const NAME: &str = "gateway-service";
+pub const NAME: &str = unhidra_core::bus_access::Role::Gateway.name();
 pub const DEFAULT_PORT: u16 = 9000;
 
 /// What every connection of this gateway shares.
@@ -106,7 +106,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let ctx = ServiceContext::connect(config, shutdown).await?;
+    let ctx = ServiceContext::connect(NAME, config, shutdown).await?;
     let service = build(ctx.clone()).await?;
     ctx.serve(listener, vec![service]).await
 }

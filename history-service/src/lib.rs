@@ -14,7 +14,7 @@ use unhidra_store::{Database, Migration};
 
 use crate::repo::HistoryRepo;
 
-pub const NAME: &str = "history-service";
+pub const NAME: &str = unhidra_core::bus_access::Role::History.name();
 pub const DEFAULT_PORT: u16 = 9400;
 
 const MIGRATIONS: &[Migration] = &[Migration {

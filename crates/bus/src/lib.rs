@@ -4,10 +4,10 @@
 //! conformance suite in `tests/` holds both to the same behaviour.
 //! [`RpcClient`] calls the typed request/reply contracts of `unhidra-core`.
 
+mod authorization;
 mod memory;
 mod nats;
 mod rpc;
-mod subject;
 
 use std::{collections::BTreeMap, fmt, time::Duration};
 
@@ -15,11 +15,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
+pub use authorization::{nats_authorization, password_variable};
 pub use memory::MemoryBus;
 pub use nats::NatsBus;
 pub use rpc::RpcClient;
-pub use subject::matches;
 use unhidra_core::streams::{ConsumerSpec, StreamSpec};
+pub use unhidra_core::subjects::matches;
 
 /// Message headers (trace context, request id, schema version...).
 pub type Headers = BTreeMap<String, String>;

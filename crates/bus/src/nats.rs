@@ -28,13 +28,17 @@ fn transport(e: impl std::fmt::Display) -> BusError {
 }
 
 impl NatsBus {
-    /// Connects to `url` (`nats://host:4222`, credentials in the URL if any).
-    pub async fn connect(url: &str) -> Result<Self> {
-        let client = async_nats::ConnectOptions::new()
+    /// Connects to `url` (`nats://host:4222`, credentials in the URL if any),
+    /// receiving replies under `inbox` (a NATS user restricted to its own
+    /// inbox cannot read other services' replies).
+    pub async fn connect(url: &str, inbox: &str) -> Result<Self> {
+        let (options, server) = with_credentials(async_nats::ConnectOptions::new(), url)?;
+        let client = options
             .name("unhidra")
+            .custom_inbox_prefix(inbox)
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
-            .connect(url)
+            .connect(server)
             .await
             .map_err(transport)?;
         // retry_on_initial_connect returns at once; wait (briefly) for the first
@@ -54,6 +58,29 @@ impl NatsBus {
             client,
         })
     }
+}
+
+/// The server `url` names, and its credentials (`user:password@` or
+/// `token@`, percent-encoded) as connect options: async-nats does not take
+/// them from the URL.
+fn with_credentials(
+    options: async_nats::ConnectOptions,
+    url: &str,
+) -> Result<(async_nats::ConnectOptions, async_nats::ServerAddr)> {
+    let server: async_nats::ServerAddr = url
+        .parse()
+        .map_err(|e| BusError::Transport(format!("invalid NATS URL {}: {e}", redact(url))))?;
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let options = match (server.username(), server.password()) {
+        (Some(user), Some(password)) => options.user_and_password(decode(user), decode(password)),
+        (Some(token), None) => options.token(decode(token)),
+        _ => options,
+    };
+    Ok((options, server))
 }
 
 /// The URL without credentials, for messages.

@@ -17,7 +17,7 @@ async fn buses() -> Vec<(Arc<dyn Bus>, String)> {
     let mut buses: Vec<(Arc<dyn Bus>, String)> =
         vec![(Arc::new(MemoryBus::new()), unhidra_testkit::unique_prefix())];
     if let Some(url) = unhidra_testkit::nats_url().await {
-        match NatsBus::connect(&url).await {
+        match NatsBus::connect(&url, "_INBOX").await {
             Ok(bus) => buses.push((Arc::new(bus), unhidra_testkit::unique_prefix())),
             Err(e) => panic!("NATS at {url} answers TCP but not the protocol: {e}"),
         }

@@ -4,6 +4,7 @@
 //! every service agrees on. A leaf crate: serde-level dependencies only.
 
 pub mod api_keys;
+pub mod bus_access;
 pub mod clock;
 pub mod config;
 pub mod error;

@@ -34,6 +34,23 @@ impl RoomEventKind {
 /// Bytes each stream holds at most unless configured otherwise.
 pub const DEFAULT_STREAM_MAX_BYTES: u64 = 256 * 1024 * 1024;
 
+/// Whether `subject` matches `pattern` (NATS rules: tokens separated by
+/// `.`, `*` matches one token, a final `>` matches one or more).
+pub fn matches(pattern: &str, subject: &str) -> bool {
+    let mut subject_tokens = subject.split('.');
+    let mut pattern_tokens = pattern.split('.').peekable();
+    while let Some(p) = pattern_tokens.next() {
+        if p == ">" && pattern_tokens.peek().is_none() {
+            return subject_tokens.next().is_some();
+        }
+        match subject_tokens.next() {
+            Some(s) if p == "*" || p == s => {}
+            _ => return false,
+        }
+    }
+    subject_tokens.next().is_none()
+}
+
 /// Subject and stream names under one prefix.
 #[derive(Debug, Clone)]
 pub struct Subjects {
@@ -58,6 +75,11 @@ impl Subjects {
         }
     }
 
+    /// The first token of every subject.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     fn room_event(&self, room: &str, kind: RoomEventKind) -> String {
         format!("{}.room.{room}.{}", self.prefix, kind.token())
     }
@@ -78,9 +100,19 @@ impl Subjects {
         self.room_event(&room.to_string(), RoomEventKind::Members)
     }
 
+    /// Every room's membership changes.
+    pub fn room_members_of_any_room(&self) -> String {
+        self.room_event("*", RoomEventKind::Members)
+    }
+
     /// A room's typing indicators (core NATS, not stored).
     pub fn room_typing(&self, room: RoomId) -> String {
         self.room_event(&room.to_string(), RoomEventKind::Typing)
+    }
+
+    /// Every room's typing indicators.
+    pub fn room_typing_of_any_room(&self) -> String {
+        self.room_event("*", RoomEventKind::Typing)
     }
 
     /// The room and kind of a subject built by [`Self::room_messages`],
@@ -110,6 +142,26 @@ impl Subjects {
     /// A security event of one kind (JetStream, stream `audit`).
     pub fn audit(&self, kind: &str) -> String {
         format!("{}.audit.{kind}", self.prefix)
+    }
+
+    /// Every security event: what the audit stream stores.
+    pub fn all_audit(&self) -> String {
+        format!("{}.audit.>", self.prefix)
+    }
+
+    /// Every request chat-service answers.
+    pub fn chat_requests(&self) -> String {
+        format!("{}.rpc.chat.>", self.prefix)
+    }
+
+    /// Every request history-service answers.
+    pub fn history_requests(&self) -> String {
+        format!("{}.rpc.history.>", self.prefix)
+    }
+
+    /// Every request auth-api answers.
+    pub fn auth_requests(&self) -> String {
+        format!("{}.rpc.auth.>", self.prefix)
     }
 
     /// Request/reply: the gateway asks chat-service to accept a message.
@@ -199,7 +251,7 @@ impl Subjects {
     pub fn audit_stream(&self) -> StreamSpec {
         StreamSpec {
             name: self.stream_name("AUDIT"),
-            subjects: vec![format!("{}.audit.>", self.prefix)],
+            subjects: vec![self.all_audit()],
             max_age: Duration::from_secs(30 * 24 * 3600),
             max_bytes: self.stream_max_bytes,
             duplicate_window: Duration::from_secs(120),
@@ -245,6 +297,20 @@ impl Subjects {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wildcards() {
+        assert!(matches("a.b.c", "a.b.c"));
+        assert!(!matches("a.b.c", "a.b"));
+        assert!(!matches("a.b", "a.b.c"));
+        assert!(matches("a.*.c", "a.x.c"));
+        assert!(!matches("a.*.c", "a.x.y.c"));
+        assert!(matches("a.>", "a.b"));
+        assert!(matches("a.>", "a.b.c.d"));
+        assert!(!matches("a.>", "a"));
+        assert!(matches("*.b.>", "z.b.c"));
+        assert!(!matches("a.b.c", "a.b.d"));
+    }
 
     #[test]
     fn room_subjects_parse_back_into_room_and_kind() {

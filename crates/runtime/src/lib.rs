@@ -117,23 +117,29 @@ pub struct ServiceContext {
 }
 
 impl ServiceContext {
-    /// Connects the bus (`nats_url`, else in-process) and the rate limiter
-    /// (`redis_url`, else in-process), and arms shutdown.
+    /// Connects `service`'s bus (`nats_url`, else in-process) and the rate
+    /// limiter (`redis_url`, else in-process), and arms shutdown.
     pub async fn connect(
+        service: &str,
         config: Config,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<Self> {
-        Self::connect_with_clock(config, Arc::new(SystemClock), shutdown).await
+        Self::connect_with_clock(service, config, Arc::new(SystemClock), shutdown).await
     }
 
     /// [`ServiceContext::connect`] on a given clock.
     pub async fn connect_with_clock(
+        service: &str,
         config: Config,
         clock: SharedClock,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<Self> {
+        let subjects =
+            Subjects::new(&config.bus_prefix).with_stream_max_bytes(config.stream_max_bytes);
         let bus: Arc<dyn Bus> = match &config.nats_url {
-            Some(url) => Arc::new(NatsBus::connect(url.expose_secret()).await?),
+            Some(url) => {
+                Arc::new(NatsBus::connect(url.expose_secret(), &subjects.inbox(service)).await?)
+            }
             None => Arc::new(MemoryBus::new()),
         };
         let metrics = Metrics::new()?;
@@ -144,8 +150,6 @@ impl ServiceContext {
             shutdown.await;
             trigger.cancel();
         });
-        let subjects =
-            Subjects::new(&config.bus_prefix).with_stream_max_bytes(config.stream_max_bytes);
         let rpc = RpcClient::new(Arc::clone(&bus), subjects.clone(), config.bus_timeout());
         Ok(Self {
             verifier: Arc::new(TokenVerifier::new(&config, rpc.clone())),
@@ -299,7 +303,7 @@ where
     F: FnOnce(ServiceContext, Database) -> Fut,
     Fut: Future<Output = anyhow::Result<Service>>,
 {
-    let ctx = ServiceContext::connect(config, shutdown).await?;
+    let ctx = ServiceContext::connect(name, config, shutdown).await?;
     let db = ctx.open_database(name).await?;
     let service = build(ctx.clone(), db).await?;
     ctx.serve(listener, vec![service]).await

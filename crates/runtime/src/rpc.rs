@@ -101,7 +101,8 @@ mod tests {
     #[tokio::test]
     async fn typed_calls_are_answered_refused_and_never_leak_transport_detail() -> anyhow::Result<()>
     {
-        let ctx = ServiceContext::connect(Config::default(), std::future::pending()).await?;
+        let ctx =
+            ServiceContext::connect("test", Config::default(), std::future::pending()).await?;
         let (room, owner, stranger) = (RoomId::new(), UserId::new(), UserId::new());
         let ask = |user| MembershipRequest {
             v: SCHEMA_VERSION,

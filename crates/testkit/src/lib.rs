@@ -141,6 +141,8 @@ pub fn unique_prefix() -> String {
 pub struct TestDatabase {
     url: String,
     backend: &'static str,
+    /// Postgres: the administrator's URL and the database's name.
+    admin: Option<(String, String)>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -161,6 +163,7 @@ impl TestDatabase {
         Ok(Self {
             url,
             backend: "sqlite",
+            admin: None,
             _dir: Some(dir),
         })
     }
@@ -185,17 +188,26 @@ impl TestDatabase {
         )
         .fetch_all(&mut conn)
         .await?;
-        for name in stale {
-            let created = name
-                .split('_')
-                .nth(2)
-                .and_then(|s| s.parse::<u64>().ok())
-                .unwrap_or(0);
-            if created + 3600 < now {
-                let _ = conn
-                    .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
-                    .await;
-            }
+        for name in stale
+            .into_iter()
+            .filter(|name| created_before(name, now - 3600))
+        {
+            let _ = conn
+                .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+                .await;
+        }
+        // Their roles (see `role`), now that nothing they own is left.
+        let stale: Vec<String> =
+            sqlx::query_scalar("SELECT rolname FROM pg_roles WHERE rolname LIKE 'unhidra_test_%'")
+                .fetch_all(&mut conn)
+                .await?;
+        for name in stale
+            .into_iter()
+            .filter(|name| created_before(name, now - 3600))
+        {
+            let _ = conn
+                .execute(format!("DROP ROLE IF EXISTS \"{name}\"").as_str())
+                .await;
         }
         let name = format!(
             "unhidra_test_{now}_{}",
@@ -209,9 +221,48 @@ impl TestDatabase {
         Ok(Some(Self {
             url: format!("{base}/{name}"),
             backend: "postgres",
+            admin: Some((admin.clone(), name)),
             _dir: None,
         }))
     }
+
+    /// The URL of a login role of this database's own, as a deployment gives
+    /// each service: on Postgres the role owns a schema of its name (where its
+    /// tables go, by the default `search_path` of `"$user", public`) and may
+    /// use no other; on SQLite, the same file.
+    pub async fn role(&self, service: &str) -> anyhow::Result<String> {
+        let Some((admin, database)) = &self.admin else {
+            return Ok(self.url.clone());
+        };
+        let role = format!("{database}_{}", service.replace('-', "_"));
+        let mut conn = PgConnection::connect(admin).await?;
+        conn.execute(format!("CREATE ROLE \"{role}\" LOGIN").as_str())
+            .await?;
+        let base = admin
+            .rsplit_once('/')
+            .map_or(admin.as_str(), |(base, _)| base);
+        let mut conn = PgConnection::connect(&format!("{base}/{database}")).await?;
+        conn.execute(
+            format!(
+                "REVOKE ALL ON SCHEMA public FROM PUBLIC;
+                 CREATE SCHEMA \"{role}\" AUTHORIZATION \"{role}\""
+            )
+            .as_str(),
+        )
+        .await?;
+        let (scheme, rest) = base.split_once("://").unwrap_or(("postgres", base));
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        Ok(format!("{scheme}://{role}@{host}/{database}"))
+    }
+}
+
+/// Whether a test database or role (`unhidra_test_<unix secs>_...`) was
+/// created before `time`.
+fn created_before(name: &str, time: u64) -> bool {
+    name.split('_')
+        .nth(2)
+        .and_then(|s| s.parse::<u64>().ok())
+        .is_some_and(|created| created < time)
 }
 
 /// Runs `suite` on a fresh SQLite database, then on a fresh Postgres database
@@ -327,6 +378,96 @@ pub fn host_port(url: &str) -> String {
         .next()
         .unwrap_or_default()
         .to_owned()
+}
+
+/// A nats-server of a test's own (the shared one has no users), on a free
+/// loopback port with JetStream in a temporary directory; killed on drop.
+/// The binary is `UNHIDRA_TEST_NATS_SERVER`, else `nats-server` on the PATH or
+/// in /usr/sbin.
+pub struct NatsServer {
+    port: u16,
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server whose configuration is `config` (without `listen` or
+    /// `jetstream`, which are added) with `env` in its environment. `None`
+    /// (the test skipped) outside CI when there is no nats-server binary.
+    pub async fn start(config: &str, env: &[(String, String)]) -> anyhow::Result<Option<Self>> {
+        let binary = std::env::var("UNHIDRA_TEST_NATS_SERVER").ok().or_else(|| {
+            std::env::var_os("PATH")
+                .iter()
+                .flat_map(std::env::split_paths)
+                .chain(["/usr/sbin".into()])
+                .map(|dir| dir.join("nats-server"))
+                .find(|path| path.is_file())
+                .map(|path| path.display().to_string())
+        });
+        let Some(binary) = binary else {
+            missing(
+                "nats-server",
+                "UNHIDRA_TEST_NATS_SERVER or the PATH",
+                "no binary",
+            );
+            return Ok(None);
+        };
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let file = dir.path().join("nats.conf");
+        std::fs::write(
+            &file,
+            format!(
+                "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\n{config}",
+                dir.path().join("js").display()
+            ),
+        )?;
+        let child = std::process::Command::new(&binary)
+            .arg("-c")
+            .arg(&file)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("nats.log"))?)
+            .spawn()?;
+        let mut server = Self { port, child, dir };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while reachable(&server.url()).await.is_err() {
+            if let Some(status) = server.child.try_wait()? {
+                anyhow::bail!("nats-server exited ({status}): {}", server.log()?);
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "nats-server did not listen"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Some(server))
+    }
+
+    /// What it logged so far (refusals among it).
+    pub fn log(&self) -> std::io::Result<String> {
+        let log = std::fs::read(self.dir.path().join("nats.log"))?;
+        Ok(String::from_utf8_lossy(&log).into_owned())
+    }
+
+    /// Its URL, without credentials.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Its URL with a user's credentials.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!("nats://{user}:{password}@127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ pub async fn run_on_clock(
     clock: SharedClock,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let ctx = ServiceContext::connect_with_clock(config, clock, shutdown).await?;
+    let ctx = ServiceContext::connect_with_clock("unhidra", config, clock, shutdown).await?;
     // Responders first (auth-api's JWKS, chat-service's requests), then the
     // consumers and the gateway that depend on them.
     let auth = auth_api::build(ctx.clone(), ctx.open_database(auth_api::NAME).await?).await?;

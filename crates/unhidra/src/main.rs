@@ -2,7 +2,9 @@
 //! every service on 127.0.0.1:9000 with SQLite under `./data`; no other
 //! software is needed. `unhidra admin create <email>` makes that account an
 //! admin (creating it with the password read from standard input); `unhidra
-//! keys rotate` adds a new token signing key.
+//! keys rotate` adds a new token signing key; `unhidra nats-config` prints the
+//! NATS server's per-service users and permissions for the scaled-out
+//! deployment.
 
 use std::io::BufRead;
 
@@ -11,6 +13,8 @@ use secrecy::SecretString;
 const ADMIN_USAGE: &str =
     "usage: unhidra admin create <email>   (the password is read from standard input)";
 const KEYS_USAGE: &str = "usage: unhidra keys rotate";
+const NATS_USAGE: &str =
+    "usage: unhidra nats-config   (for the bus prefix UNHIDRA_BUS_PREFIX names)";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -20,6 +24,15 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.first().map(String::as_str) == Some("keys") {
         return keys(&args[1..]).await;
+    }
+    if args.first().map(String::as_str) == Some("nats-config") {
+        if args.len() > 1 {
+            anyhow::bail!(NATS_USAGE);
+        }
+        let config = unhidra_core::Config::load()?;
+        let subjects = unhidra_core::subjects::Subjects::new(&config.bus_prefix);
+        print!("{}", unhidra_bus::nats_authorization(&subjects));
+        return Ok(());
     }
     unhidra_runtime::main_for("unhidra", unhidra::DEFAULT_PORT, |listener, config| {
         unhidra::run(listener, config, unhidra_runtime::shutdown_signal())

@@ -12,7 +12,7 @@ use tokio_tungstenite::{
     tungstenite::{self, Message, client::IntoClientRequest, http::HeaderValue},
 };
 use tokio_util::sync::CancellationToken;
-use unhidra_core::Config;
+use unhidra_core::{Config, bus_access::Role};
 
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -80,8 +80,8 @@ impl Running {
             }
             match get(&format!("{}/readyz", self.http()), None).await {
                 Ok((status, _)) if status.is_success() => return Ok(()),
-                _ if tokio::time::Instant::now() > deadline => {
-                    return Err(format!("{} never became ready", self.http()).into());
+                last if tokio::time::Instant::now() > deadline => {
+                    return Err(format!("{} never became ready: {last:?}", self.http()).into());
                 }
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
             }
@@ -510,11 +510,27 @@ impl Scaled {
             bus_prefix: unhidra_testkit::unique_prefix(),
             ..base
         };
+        Self::start_on(config, db, |_, config| config, chats, gateways)
+            .await
+            .map(Some)
+    }
+
+    /// The stack on `db`, each service with the configuration `configure`
+    /// makes of `config` for it (its own credentials, say).
+    pub async fn start_on(
+        config: Config,
+        db: unhidra_testkit::TestDatabase,
+        configure: impl Fn(Role, Config) -> Config,
+        chats: usize,
+        gateways: usize,
+    ) -> Result<Self, Error> {
+        let start = |role: Role, config: &Config| configure(role, config.clone());
         // auth-api and chat-service answer the others' requests, so they go first.
-        let mut auth = Running::start(config.clone(), auth_api::run).await?;
-        let mut chat = Running::start(config.clone(), chat_service::run).await?;
-        let mut history = Running::start(config.clone(), history_service::run).await?;
-        let mut audit = Running::start(config.clone(), audit_service::run).await?;
+        let mut auth = Running::start(start(Role::AuthApi, &config), auth_api::run).await?;
+        let mut chat = Running::start(start(Role::Chat, &config), chat_service::run).await?;
+        let mut history =
+            Running::start(start(Role::History, &config), history_service::run).await?;
+        let mut audit = Running::start(start(Role::Audit, &config), audit_service::run).await?;
         // The gateways are the one public entry point: the API goes through
         // them to the services, as in the compose and Helm deployments.
         let config = Config {
@@ -523,14 +539,15 @@ impl Scaled {
             history_url: Some(history.http()),
             ..config
         };
-        let mut gateway = Running::start(config.clone(), gateway_service::run).await?;
+        let gateway_config = start(Role::Gateway, &config);
+        let mut gateway = Running::start(gateway_config.clone(), gateway_service::run).await?;
         let mut more_chats = Vec::new();
         for _ in 1..chats {
-            more_chats.push(Running::start(config.clone(), chat_service::run).await?);
+            more_chats.push(Running::start(start(Role::Chat, &config), chat_service::run).await?);
         }
         let mut more_gateways = Vec::new();
         for _ in 1..gateways {
-            more_gateways.push(Running::start(config.clone(), gateway_service::run).await?);
+            more_gateways.push(Running::start(gateway_config.clone(), gateway_service::run).await?);
         }
         for service in [&mut auth, &mut chat, &mut history, &mut audit, &mut gateway]
             .into_iter()
@@ -539,7 +556,7 @@ impl Scaled {
         {
             service.ready().await?;
         }
-        Ok(Some(Self {
+        Ok(Self {
             config,
             gateway,
             auth,
@@ -549,7 +566,7 @@ impl Scaled {
             history: Some(history),
             audit,
             db,
-        }))
+        })
     }
 
     /// The API through the gateway, as clients see it.

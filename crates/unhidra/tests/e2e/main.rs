@@ -9,6 +9,7 @@ mod embedded;
 mod entry;
 mod harness;
 mod keys;
+mod least_privilege;
 mod limits;
 mod liveness;
 mod openapi;

@@ -217,7 +217,8 @@ async fn a_membership_change_with_joined_false_stops_the_room_at_once() -> TestR
     // same NATS under the stack's prefix. Each change is followed by a probe
     // message from the same connection: once alice has the probe, the gateway
     // has applied the change (one publisher's messages arrive in order).
-    let nats = NatsBus::connect(&unhidra_testkit::nats_url().await.ok_or("NATS")?).await?;
+    let nats =
+        NatsBus::connect(&unhidra_testkit::nats_url().await.ok_or("NATS")?, "_INBOX").await?;
     let subjects = Subjects::new(stack.config.bus_prefix.clone());
     let (room_id, bob_id) = (room.parse()?, bob.id.parse()?);
     let change_then_probe = async |joined: bool, probe: &str| -> Result<(), Error> {
