@@ -98,7 +98,8 @@ def start_compose_services(binaries):
         env["UNHIDRA_NATS_URL"] = NATS
         if "UNHIDRA_REDIS_URL" in env:
             env["UNHIDRA_REDIS_URL"] = REDIS
-        env["UNHIDRA_DATABASE_URL"] = database
+        if "UNHIDRA_DATABASE_URL" in env:
+            env["UNHIDRA_DATABASE_URL"] = database
         env["UNHIDRA_BUS_PREFIX"] = prefix
         # Where a service finds another (`http://auth-api:9200`): that
         # service's loopback port here.

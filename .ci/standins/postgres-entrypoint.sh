@@ -2,7 +2,8 @@
 # A stand-in for the postgres image's entrypoint: on an empty data directory,
 # initialise a cluster whose superuser is POSTGRES_USER (password
 # POSTGRES_PASSWORD, scram-sha-256 over the network) with the database
-# POSTGRES_DB; then run the server as postgres.
+# POSTGRES_DB, and run the scripts in /docker-entrypoint-initdb.d; then run
+# the server as postgres.
 set -eu
 : "${POSTGRES_USER:=postgres}" "${POSTGRES_DB:=$POSTGRES_USER}" "${PGDATA:=/var/lib/postgresql/data}"
 mkdir -p "$PGDATA" /run/postgresql
@@ -19,6 +20,15 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     if [ "$POSTGRES_DB" != "postgres" ]; then
         su postgres -c "psql -U '$POSTGRES_USER' -d postgres -c 'CREATE DATABASE \"$POSTGRES_DB\"'" >/dev/null
     fi
+    # As the image does: scripts in /docker-entrypoint-initdb.d, in order,
+    # with POSTGRES_USER and POSTGRES_DB in their environment.
+    export POSTGRES_USER POSTGRES_DB
+    for script in /docker-entrypoint-initdb.d/*; do
+        case "$script" in
+            *.sh) echo "running $script"; su postgres -c "sh '$script'" ;;
+            *.sql) echo "running $script"; su postgres -c "psql -v ON_ERROR_STOP=1 -U '$POSTGRES_USER' -d '$POSTGRES_DB' -f '$script'" ;;
+        esac
+    done
     su postgres -c "pg_ctl -D '$PGDATA' -m fast -w stop" >/dev/null
 fi
 exec su postgres -c "exec postgres -D '$PGDATA'"

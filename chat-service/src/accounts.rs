@@ -47,7 +47,7 @@ async fn handle(state: &ChatState, delivery: Delivery) {
     let removed = request_id::scope_from("account deleted", &headers, async {
         let rooms = state.service.rooms.remove_member_everywhere(user).await?;
         for room in &rooms {
-            announce(state, *room, user, false).await;
+            announce(state, *room, user, None).await;
         }
         tracing::info!(user_id = %user, rooms = rooms.len(), "deleted account removed from its rooms");
         anyhow::Ok(())

@@ -29,13 +29,15 @@ pub fn store_unavailable(error: &anyhow::Error) -> RpcError {
     RpcError::new(RpcCode::Unavailable, "chat store unavailable")
 }
 
-/// Tells the gateways that `user` joined (or left) `room`.
-pub async fn announce(state: &ChatState, room: RoomId, user: UserId, joined: bool) {
+/// Tells the gateways that `user` joined (`Some` latest sequence before the
+/// join) or left (`None`) `room`.
+pub async fn announce(state: &ChatState, room: RoomId, user: UserId, joined_after: Option<u64>) {
     let event = MembershipChanged {
         v: SCHEMA_VERSION,
         room,
         user,
-        joined,
+        joined: joined_after.is_some(),
+        seq: joined_after.unwrap_or_default(),
     };
     let subject = state.ctx.subjects.room_members(room);
     if let Err(e) = state.ctx.announce(&subject, &event).await {

@@ -29,6 +29,7 @@ use unhidra_telemetry::request_id;
 use crate::{
     Gateway,
     budget::{FrameBudget, Verdict},
+    feeds,
     metrics::GatewayMetrics,
     pipeline::{Pipeline, error},
     registry::{ConnId, Outbound},
@@ -56,7 +57,7 @@ pub async fn serve(
     auth: Authenticated,
     ip: ClientIp,
     resume: bool,
-    rooms: Vec<RoomId>,
+    rooms: feeds::Pinned,
 ) {
     // Checked before the upgrade; decided here, where two racing handshakes
     // cannot both take the last place.
@@ -83,9 +84,10 @@ pub async fn serve(
         slow.clone(),
         resume,
     );
-    // The rooms as loaded before the upgrade: a message sent to them once
-    // the client sees its connection open reaches it.
-    gateway.registry.add_rooms(id, &rooms);
+    // The rooms as loaded (and followed) before the upgrade: a message sent
+    // to them once the client sees its connection open reaches it.
+    gateway.registry.add_rooms(id, rooms.rooms());
+    drop(rooms);
     gateway.presence.connected(auth.user);
     if resume {
         let gateway = Arc::clone(&gateway);
@@ -132,7 +134,9 @@ pub async fn serve(
             .await;
     }
 
-    gateway.registry.unregister(id);
+    for room in gateway.registry.unregister(id) {
+        feeds::update(&gateway, room);
+    }
     gateway.presence.disconnected(auth.user);
     drop(outbound);
     done.cancel();
@@ -158,10 +162,14 @@ pub async fn rooms_of(gateway: &Gateway, user: UserId) -> Result<Vec<RoomId>, Rp
 /// Loads the user's rooms again, now that the connection is registered, and
 /// makes them the connection's: a join or leave whose event came between
 /// the load before the upgrade and the registration is not missed.
-async fn confirm_rooms(gateway: &Gateway, id: ConnId, auth: &Authenticated) -> bool {
+async fn confirm_rooms(gateway: &Arc<Gateway>, id: ConnId, auth: &Authenticated) -> bool {
     match rooms_of(gateway, auth.user).await {
         Ok(rooms) => {
-            gateway.registry.set_rooms(id, &rooms);
+            let left = gateway.registry.set_rooms(id, &rooms);
+            for room in left {
+                feeds::update(gateway, room);
+            }
+            feeds::follow_rooms(gateway, &rooms).await;
             true
         }
         Err(e) => {

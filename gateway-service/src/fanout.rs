@@ -1,6 +1,12 @@
-//! One subscription per gateway node to every room's events: messages go to
-//! the member connections held here, joins subscribe the member's
-//! connections, leaves unsubscribe them.
+//! Room events to the connections held here. The events of the rooms this
+//! gateway follows ([`crate::feeds`]) come in publish order on each room's
+//! subscription: messages go to the member connections, typing to the other
+//! members, a leave takes the room from the member's connections at once.
+//! Joins come on one subscription to every room's membership changes (few),
+//! since the room may not be followed yet: the member's connections are
+//! given the room, and every message after the sequence the join names,
+//! those published before the room was followed included (caught up from
+//! history, as a `resume` is).
 
 use std::sync::Arc;
 
@@ -10,47 +16,74 @@ use tokio::task::JoinHandle;
 use unhidra_bus::Message;
 use unhidra_core::{
     events::{MembershipChanged, RoomMessage, Typing},
-    protocol::ServerFrame,
+    protocol::{ResumePoint, ServerFrame},
     subjects::RoomEventKind,
 };
 
-use crate::Gateway;
-
-/// Events dispatched between two yields to the other tasks.
-const YIELD_EVERY: u32 = 16;
+use crate::{Gateway, feeds, resume};
 
 pub async fn spawn(gateway: Arc<Gateway>) -> anyhow::Result<JoinHandle<()>> {
-    let mut events = gateway
+    let mut changes = gateway
         .ctx
         .bus
-        .subscribe(&gateway.ctx.subjects.all_room_events())
+        .subscribe(&gateway.ctx.subjects.room_members_of_any_room())
         .await?;
     let shutdown = gateway.ctx.shutdown.clone();
     Ok(tokio::spawn(async move {
-        let mut dispatched: u32 = 0;
         loop {
             let event = tokio::select! {
                 () = shutdown.cancelled() => return,
-                event = events.next() => event,
+                event = changes.next() => event,
             };
-            match event {
-                Some(event) => dispatch(&gateway, &event),
-                None => {
-                    tracing::error!("room event subscription ended");
-                    return;
+            let Some(event) = event else {
+                tracing::error!("membership subscription ended");
+                return;
+            };
+            match serde_json::from_slice::<MembershipChanged>(&event.payload) {
+                Ok(change) if change.joined => joined(&gateway, &change),
+                // Leaves come in order with the room's messages, on its feed.
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(subject = %event.subject, error = %e, "undecodable membership change")
                 }
-            }
-            // A burst of events must not keep the connections' writers from
-            // draining their queues in between.
-            dispatched = dispatched.wrapping_add(1);
-            if dispatched % YIELD_EVERY == 0 {
-                tokio::task::yield_now().await;
             }
         }
     }))
 }
 
-fn dispatch(gateway: &Gateway, event: &Message) {
+/// Gives `change.room` to every connection of its user here, holding the
+/// room's live messages back until what came after `change.seq` is caught
+/// up.
+fn joined(gateway: &Arc<Gateway>, change: &MembershipChanged) {
+    let room = change.room;
+    for id in gateway.registry.connections_of(change.user) {
+        if gateway.registry.in_room(id, room) {
+            continue;
+        }
+        gateway.registry.hold(id, room);
+        gateway.registry.add_rooms(id, &[room]);
+        let (gateway, user, after) = (Arc::clone(gateway), change.user, change.seq);
+        gateway.ctx.in_flight.clone().spawn(async move {
+            feeds::follow_rooms(&gateway, &[room]).await;
+            let Some(outbound) = gateway.registry.outbound(id) else {
+                return;
+            };
+            let point = ResumePoint::Seq(after);
+            let sent = match resume::catch_up(&gateway, id, user, room, &point, &outbound).await {
+                Ok((top, _)) => top,
+                Err(e) => {
+                    tracing::warn!(conn = id, %room, error = ?e, "joined room not caught up");
+                    0
+                }
+            };
+            gateway.registry.given_up_to(id, room, sent);
+            gateway.registry.release(id, room, sent).await;
+        });
+    }
+}
+
+/// One event of a followed room.
+pub fn dispatch(gateway: &Arc<Gateway>, event: &Message) {
     let Some((room, kind)) = gateway.ctx.subjects.parse_room_event(&event.subject) else {
         tracing::debug!(subject = %event.subject, "not a room event; ignored");
         return;
@@ -85,8 +118,12 @@ fn dispatch(gateway: &Gateway, event: &Message) {
                 Ok(change) if change.room != room => {
                     tracing::warn!(subject = %event.subject, "membership change on another room's subject")
                 }
-                Ok(change) if change.joined => gateway.registry.user_joined(change.user, room),
-                Ok(change) => gateway.registry.user_left(change.user, room),
+                // Joins are taken from the subscription to every room's.
+                Ok(change) if change.joined => {}
+                Ok(change) => {
+                    gateway.registry.user_left(change.user, room);
+                    feeds::update(gateway, room);
+                }
                 Err(e) => {
                     tracing::warn!(subject = %event.subject, error = %e, "undecodable membership change")
                 }

@@ -22,7 +22,7 @@ use unhidra_core::{
 };
 use unhidra_runtime::{ApiError, ClientIp, authenticate};
 
-use crate::{Gateway, connection};
+use crate::{Gateway, connection, feeds};
 
 /// `GET /ws?resume=true`: the client will send `resume` first; no live
 /// message reaches it before (for at most 10 s), so the replay comes first.
@@ -87,8 +87,8 @@ pub async fn upgrade(
             return (rejection.status(), Json(body)).into_response();
         }
     };
-    // Loaded before the client sees the connection open, so that what is
-    // sent to its rooms from then on reaches it.
+    // Loaded and followed before the client sees the connection open, so
+    // that what is sent to its rooms from then on reaches it.
     let rooms = match connection::rooms_of(&gateway, auth.user).await {
         Ok(rooms) => rooms,
         Err(e) => {
@@ -96,6 +96,7 @@ pub async fn upgrade(
             return ApiError::from(e).into_response();
         }
     };
+    let rooms = feeds::pin(&gateway, rooms).await;
     let hard_limit = config.hard_frame_limit();
     upgrade
         .protocols([SUBPROTOCOL])

@@ -11,6 +11,7 @@ mod admission;
 mod budget;
 mod connection;
 mod fanout;
+mod feeds;
 mod handshake;
 mod metrics;
 mod pipeline;
@@ -37,6 +38,7 @@ pub const DEFAULT_PORT: u16 = 9000;
 struct Gateway {
     ctx: ServiceContext,
     registry: Registry,
+    feeds: feeds::Feeds,
     presence: presence::Presence,
     metrics: GatewayMetrics,
     limits: SocketLimits,
@@ -55,6 +57,7 @@ struct SocketLimits {
 pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
     let gateway = Arc::new(Gateway {
         registry: Registry::default(),
+        feeds: feeds::Feeds::default(),
         presence: presence::Presence::new(&ctx)?,
         metrics: GatewayMetrics::register(&ctx.metrics)?,
         limits: SocketLimits {

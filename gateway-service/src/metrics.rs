@@ -13,6 +13,7 @@ pub struct GatewayMetrics {
     pub slow_consumers: IntCounter,
     pub revoked: IntCounter,
     pub delivered: IntCounter,
+    pub rooms_followed: IntGauge,
 }
 
 impl GatewayMetrics {
@@ -42,6 +43,10 @@ impl GatewayMetrics {
             delivered: metrics.counter(
                 "unhidra_messages_delivered_total",
                 "Message frames queued to member connections by gateways.",
+            )?,
+            rooms_followed: metrics.gauge(
+                "unhidra_gateway_rooms_followed",
+                "Rooms this gateway is subscribed to on the bus: those a connection here is in.",
             )?,
         })
     }

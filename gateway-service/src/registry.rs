@@ -192,8 +192,8 @@ impl Registry {
         }
     }
 
-    /// Makes `rooms` exactly the rooms of a connection.
-    pub fn set_rooms(&self, id: ConnId, rooms: &[RoomId]) {
+    /// Makes `rooms` exactly the rooms of a connection; the rooms it left.
+    pub fn set_rooms(&self, id: ConnId, rooms: &[RoomId]) -> Vec<RoomId> {
         let wanted: HashSet<RoomId> = rooms.iter().copied().collect();
         let gone: Vec<RoomId> = match self.conns.get_mut(&id) {
             Some(mut conn) => {
@@ -201,29 +201,42 @@ impl Registry {
                 conn.rooms.retain(|room| wanted.contains(room));
                 gone
             }
-            None => return,
+            None => return Vec::new(),
         };
-        for room in gone {
-            self.by_room.remove_if_mut(&room, |_, members| {
+        for room in &gone {
+            self.by_room.remove_if_mut(room, |_, members| {
                 members.remove(&id);
                 members.is_empty()
             });
         }
         self.add_rooms(id, rooms);
+        gone
     }
 
-    fn connections_of(&self, user: UserId) -> Vec<ConnId> {
+    /// Whether a connection here is in `room`.
+    pub fn has_members(&self, room: RoomId) -> bool {
+        self.by_room.contains_key(&room)
+    }
+
+    /// The connection's queue.
+    pub fn outbound(&self, id: ConnId) -> Option<mpsc::Sender<Outbound>> {
+        self.handle(id).map(|handle| handle.outbound)
+    }
+
+    /// Holds back `room`'s live messages for connection `id` until
+    /// [`Registry::release`].
+    pub fn hold(&self, id: ConnId, room: RoomId) {
+        if let Some(handle) = self.handle(id) {
+            lock(&handle.held.state).rooms.entry(room).or_default();
+            handle.held.active.store(true, Ordering::Release);
+        }
+    }
+
+    pub fn connections_of(&self, user: UserId) -> Vec<ConnId> {
         self.by_user
             .get(&user)
             .map(|ids| ids.iter().copied().collect())
             .unwrap_or_default()
-    }
-
-    /// Subscribes every connection of `user` to `room`.
-    pub fn user_joined(&self, user: UserId, room: RoomId) {
-        for id in self.connections_of(user) {
-            self.add_rooms(id, &[room]);
-        }
     }
 
     /// Unsubscribes every connection of `user` from `room`: the next event of
@@ -266,20 +279,22 @@ impl Registry {
         closed
     }
 
-    pub fn unregister(&self, id: ConnId) {
+    /// Forgets a connection; the rooms it was in.
+    pub fn unregister(&self, id: ConnId) -> Vec<RoomId> {
         let Some((_, conn)) = self.conns.remove(&id) else {
-            return;
+            return Vec::new();
         };
         self.by_user.remove_if_mut(&conn.user, |_, ids| {
             ids.remove(&id);
             ids.is_empty()
         });
-        for room in conn.rooms {
-            self.by_room.remove_if_mut(&room, |_, members| {
+        for room in &conn.rooms {
+            self.by_room.remove_if_mut(room, |_, members| {
                 members.remove(&id);
                 members.is_empty()
             });
         }
+        conn.rooms.into_iter().collect()
     }
 
     /// Queues `frame`, the message `seq` of `room`, on every connection in
@@ -484,19 +499,25 @@ mod tests {
         );
         registry.add_rooms(a, &[room]);
         assert_eq!(delivered(registry.deliver(room, 1, &frame("one"))), 1);
-        registry.user_joined(bob, room);
+        for id in registry.connections_of(bob) {
+            registry.add_rooms(id, &[room]);
+        }
+        assert!(registry.has_members(room));
         assert_eq!(delivered(registry.deliver(room, 2, &frame("two"))), 3);
         assert!(matches!(rx_a.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "one"));
         assert!(matches!(rx_b1.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "two"));
         assert!(matches!(rx_b2.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "two"));
 
-        registry.unregister(a);
+        assert_eq!(registry.unregister(a), [room]);
         assert_eq!(delivered(registry.deliver(room, 3, &frame("three"))), 2);
 
         // Leaving applies to every connection of the user, and only the room left.
         let other = RoomId::new();
-        registry.user_joined(bob, other);
+        for id in registry.connections_of(bob) {
+            registry.add_rooms(id, &[other]);
+        }
         registry.user_left(bob, room);
+        assert!(!registry.has_members(room));
         assert_eq!(delivered(registry.deliver(room, 4, &frame("four"))), 0);
         assert_eq!(delivered(registry.deliver(other, 5, &frame("five"))), 2);
         assert!(matches!(rx_b1.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "three"));

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use unhidra_authn::Authenticated;
 use unhidra_core::{
     events::SCHEMA_VERSION,
-    ids::RoomId,
+    ids::{RoomId, UserId},
     protocol::{ErrorCode, ResumePoint, ServerFrame},
     rpc::{HistoryRange, HistoryRangeRequest, MAX_RANGE, MembershipRequest, RoomHead},
 };
@@ -66,8 +66,8 @@ pub async fn run(
     }
 }
 
-/// Sends what `room` missed; the sequence after which held live messages
-/// are still to be sent, or the error frame to answer with.
+/// Sends what `room` missed, then `resumed`; the sequence after which held
+/// live messages are still to be sent, or the error frame to answer with.
 async fn resume_room(
     gateway: &Gateway,
     conn: ConnId,
@@ -76,13 +76,42 @@ async fn resume_room(
     point: &ResumePoint,
     outbound: &mpsc::Sender<Outbound>,
 ) -> Result<u64, ServerFrame> {
+    let (top, replayed) = catch_up(gateway, conn, auth.user, room, point, outbound).await?;
+    if let Some(epoch) = replayed {
+        send_all(
+            outbound,
+            &[ServerFrame::Resumed {
+                room,
+                epoch,
+                seq: top,
+            }],
+        )
+        .await?;
+    }
+    Ok(top)
+}
+
+/// Sends `room`'s messages after `point` up to its latest sequence (from
+/// history and from what is held for connection `conn` of `user`), with a
+/// `gap` for what cannot be had; that sequence (`u64::MAX` when the
+/// connection is gone) and, when the missed messages were replayed rather
+/// than all reported as a gap, the room's epoch; or the error frame to
+/// answer with.
+pub async fn catch_up(
+    gateway: &Gateway,
+    conn: ConnId,
+    user: UserId,
+    room: RoomId,
+    point: &ResumePoint,
+    outbound: &mpsc::Sender<Outbound>,
+) -> Result<(u64, Option<String>), ServerFrame> {
     let head = gateway
         .ctx
         .rpc
         .call::<RoomHead>(&MembershipRequest {
             v: SCHEMA_VERSION,
             room,
-            user: auth.user,
+            user,
         })
         .await
         .map_err(|e| {
@@ -104,11 +133,11 @@ async fn resume_room(
         // Another epoch (or a sequence the room never had): the client's
         // positions mean nothing here; it starts over from history.
         send_all(outbound, &[gap(1)]).await?;
-        return Ok(top);
+        return Ok((top, None));
     }
     if top - last > gateway.ctx.config.resume_window {
         send_all(outbound, &[gap(last + 1)]).await?;
-        return Ok(top);
+        return Ok((top, None));
     }
     let missed = missed(gateway, conn, room, last, top).await;
     let mut frames = Vec::with_capacity(missed.len() + 1);
@@ -128,17 +157,12 @@ async fn resume_room(
     if next <= top {
         frames.push(Outbound::Frame(text(&gap(next))?));
     }
-    frames.push(Outbound::Frame(text(&ServerFrame::Resumed {
-        room,
-        epoch,
-        seq: top,
-    })?));
     for frame in frames {
         if outbound.send(frame).await.is_err() {
-            return Ok(u64::MAX);
+            return Ok((u64::MAX, None));
         }
     }
-    Ok(top)
+    Ok((top, Some(epoch)))
 }
 
 /// The messages `after+1..=up_to` of `room`, by sequence: from history, and

@@ -96,7 +96,7 @@ pub async fn create(
     };
     state.service.rooms.create(&room, me.user).await??;
     tracing::info!(room_id = %room.id, user_id = %me.user, "room created");
-    announce(&state, room.id, me.user, true).await;
+    announce(&state, room.id, me.user, Some(0)).await;
     state
         .ctx
         .audit(AuditEvent::new(
@@ -128,9 +128,11 @@ pub async fn join(
         }
         Err(Refusal::NotAMember) => {}
     }
+    // Read before the join, so no message after it is missed.
+    let before = rooms.last_seq(id).await?;
     rooms.add_member(id, me.user, Role::Member).await??;
     tracing::info!(room_id = %id, user_id = %me.user, "room joined");
-    announce(&state, id, me.user, true).await;
+    announce(&state, id, me.user, Some(before)).await;
     Ok(Json(RoomView::of(room, Role::Member)))
 }
 

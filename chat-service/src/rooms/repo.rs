@@ -96,6 +96,16 @@ impl RoomRepo {
         Ok(Ok(()))
     }
 
+    /// The room's latest sequence (0 before its first message or when it
+    /// does not exist).
+    pub async fn last_seq(&self, id: RoomId) -> anyhow::Result<u64> {
+        let seq: Option<i64> = sqlx::query_scalar("SELECT last_seq FROM rooms WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.db.pool)
+            .await?;
+        Ok(seq.map_or(0, |seq| u64::try_from(seq).unwrap_or(0)))
+    }
+
     pub async fn get(&self, id: RoomId) -> anyhow::Result<Option<Room>> {
         let row: Option<(String, String)> =
             sqlx::query_as("SELECT name, visibility FROM rooms WHERE id = $1")

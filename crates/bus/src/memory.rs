@@ -60,47 +60,67 @@ struct Sub {
     tx: mpsc::Sender<Message>,
 }
 
-/// Subscriptions to one exact subject (reply inboxes, mostly) are found by
-/// lookup; only wildcard patterns are matched one by one.
+/// Subscriptions by the literal part of their pattern (the tokens before its
+/// first wildcard; all of it when it has none): a message is matched only
+/// against the patterns whose literal part begins its subject, so an exact
+/// subject (a reply inbox, a room followed by a gateway) is found by lookup
+/// however many others are listened to.
 #[derive(Default)]
 struct Subscriptions {
-    exact: HashMap<String, Vec<Sub>>,
-    wildcard: Vec<Sub>,
+    by_literal: HashMap<String, Vec<Sub>>,
+}
+
+/// The tokens of `pattern` before its first wildcard.
+fn literal_part(pattern: &str) -> &str {
+    let mut end = 0;
+    for (i, token) in pattern.split('.').enumerate() {
+        if token == "*" || token == ">" {
+            return &pattern[..end];
+        }
+        end += token.len() + usize::from(i > 0);
+    }
+    pattern
+}
+
+/// `subject`'s prefixes of whole tokens, from none to all of it.
+fn prefixes(subject: &str) -> impl Iterator<Item = &str> {
+    std::iter::once("")
+        .chain(
+            subject
+                .match_indices('.')
+                .map(move |(dot, _)| &subject[..dot]),
+        )
+        .chain(std::iter::once(subject))
 }
 
 impl Subscriptions {
     fn add(&mut self, sub: Sub) {
-        // Subscriptions dropped since are forgotten here, so the maps stay
+        // Subscriptions dropped since are forgotten here, so the map stays
         // as large as what is listening.
-        self.exact.retain(|_, subs| {
+        self.by_literal.retain(|_, subs| {
             subs.retain(|s| !s.tx.is_closed());
             !subs.is_empty()
         });
-        if sub.pattern.split('.').any(|t| t == "*" || t == ">") {
-            self.wildcard.push(sub);
-        } else {
-            self.exact.entry(sub.pattern.clone()).or_default().push(sub);
-        }
+        self.by_literal
+            .entry(literal_part(&sub.pattern).to_owned())
+            .or_default()
+            .push(sub);
     }
 
     /// The live subscriptions matching `subject`; closed ones are dropped.
     fn matching(&mut self, subject: &str) -> Vec<&Sub> {
-        self.wildcard.retain(|s| !s.tx.is_closed());
-        if let Some(subs) = self.exact.get_mut(subject) {
-            subs.retain(|s| !s.tx.is_closed());
-            if subs.is_empty() {
-                self.exact.remove(subject);
+        for prefix in prefixes(subject) {
+            if let Some(subs) = self.by_literal.get_mut(prefix) {
+                subs.retain(|s| !s.tx.is_closed());
+                if subs.is_empty() {
+                    self.by_literal.remove(prefix);
+                }
             }
         }
-        self.exact
-            .get(subject)
-            .into_iter()
+        prefixes(subject)
+            .filter_map(|prefix| self.by_literal.get(prefix))
             .flatten()
-            .chain(
-                self.wildcard
-                    .iter()
-                    .filter(|s| matches(&s.pattern, subject)),
-            )
+            .filter(|s| matches(&s.pattern, subject))
             .collect()
     }
 }
@@ -248,7 +268,7 @@ impl Bus for MemoryBus {
             reply: Some(inbox.clone()),
         };
         if self.deliver(&request) == 0 {
-            lock(&self.inner.subscriptions).exact.remove(&inbox);
+            lock(&self.inner.subscriptions).by_literal.remove(&inbox);
             return Err(BusError::NoResponders(subject.to_owned()));
         }
         let reply = match tokio::time::timeout(timeout, replies.next()).await {
@@ -257,7 +277,7 @@ impl Bus for MemoryBus {
             Err(_) => Err(BusError::Timeout(subject.to_owned())),
         };
         drop(replies);
-        lock(&self.inner.subscriptions).exact.remove(&inbox);
+        lock(&self.inner.subscriptions).by_literal.remove(&inbox);
         reply
     }
 
@@ -600,5 +620,24 @@ impl Settle for MemorySettle {
     async fn nak(&self, delay: Duration) -> Result<()> {
         self.stream.settle(&self.durable, self.seq, Some(delay));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{literal_part, prefixes};
+
+    #[test]
+    fn patterns_are_found_under_the_prefixes_of_the_subjects_they_match() {
+        assert_eq!(literal_part("p.room.r1.*"), "p.room.r1");
+        assert_eq!(literal_part("p.room.*.members"), "p.room");
+        assert_eq!(literal_part(">"), "");
+        assert_eq!(literal_part("p.rpc.chat.send"), "p.rpc.chat.send");
+        let subject = "p.room.r1.messages";
+        let all: Vec<&str> = prefixes(subject).collect();
+        assert_eq!(all, ["", "p", "p.room", "p.room.r1", "p.room.r1.messages"]);
+        for pattern in ["p.room.r1.*", "p.room.*.messages", ">", subject] {
+            assert!(all.contains(&literal_part(pattern)), "{pattern}");
+        }
     }
 }

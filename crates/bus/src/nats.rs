@@ -183,6 +183,9 @@ impl Bus for NatsBus {
             .subscribe(pattern.to_owned())
             .await
             .map_err(transport)?;
+        // Sent now, not with the next write: what is published once the
+        // subscriber's own next step is seen arrives.
+        self.client.flush().await.map_err(transport)?;
         Ok(subscriber.map(from_nats).boxed())
     }
 

@@ -63,6 +63,11 @@ pub struct MembershipChanged {
     pub room: RoomId,
     pub user: UserId,
     pub joined: bool,
+    /// For a join, the room's latest sequence before it: the member's
+    /// connections are given every message after it, even those published
+    /// before their gateway followed the room.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 /// What happened, in an audit event.

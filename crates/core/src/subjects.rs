@@ -133,8 +133,14 @@ impl Subjects {
         Some((room.parse().ok()?, kind))
     }
 
-    /// Messages and membership changes of every room, on one subscription so a
-    /// gateway sees a join before the messages sent after it.
+    /// Everything about one room (messages, membership changes, typing), on
+    /// one subscription so a gateway following the room sees them in the
+    /// order they were published.
+    pub fn room_events(&self, room: RoomId) -> String {
+        format!("{}.room.{room}.*", self.prefix)
+    }
+
+    /// Every room's events.
     pub fn all_room_events(&self) -> String {
         format!("{}.room.>", self.prefix)
     }

@@ -17,7 +17,7 @@ use unhidra_core::{Config, clock::SharedClock, rate::Rate};
 pub use crate::{
     blocks::{Blocklist, LocalBlocklist, RedisBlocklist},
     local::{Bucket, LocalLimiter},
-    redis::RedisLimiter,
+    redis::{RedisLimiter, connection as redis_connection},
 };
 
 /// A named limit: at most `count` units per `period`, in bursts of up to

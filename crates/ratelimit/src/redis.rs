@@ -66,18 +66,25 @@ struct RedisInner {
     unreachable: AtomicBool,
 }
 
+/// A connection to the Redis at `url`, made when first used (a Redis that is
+/// down at start-up does not stop the process) and remade after a failure;
+/// a command waits at most `timeout` for it.
+pub fn connection(url: &str, timeout: Duration) -> anyhow::Result<ConnectionManager> {
+    let client = Client::open(url).map_err(|e| anyhow::anyhow!("redis_url: {e}"))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1);
+    Ok(ConnectionManager::new_lazy_with_config(client, config)?)
+}
+
 impl Redis {
     /// Connects lazily: a Redis that is down at start-up leaves its users
     /// on local state until it answers.
     pub(crate) fn connect(url: &str, prefix: &str, clock: SharedClock) -> anyhow::Result<Self> {
-        let client = Client::open(url).map_err(|e| anyhow::anyhow!("redis_url: {e}"))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT))
-            .set_number_of_retries(1);
         Ok(Self {
             inner: Arc::new(RedisInner {
-                manager: ConnectionManager::new_lazy_with_config(client, config)?,
+                manager: connection(url, REDIS_TIMEOUT)?,
                 prefix: prefix.to_owned(),
                 clock,
                 quiet_until: AtomicU64::new(0),

@@ -380,12 +380,14 @@ pub fn host_port(url: &str) -> String {
         .to_owned()
 }
 
-/// A nats-server of a test's own (the shared one has no users), on a free
-/// loopback port with JetStream in a temporary directory; killed on drop.
+/// A nats-server of a test's own (to configure users, or to look at its
+/// subscriptions), on a free loopback port with JetStream in a temporary
+/// directory and monitoring on another; killed on drop.
 /// The binary is `UNHIDRA_TEST_NATS_SERVER`, else `nats-server` on the PATH or
 /// in /usr/sbin.
 pub struct NatsServer {
     port: u16,
+    monitor_port: u16,
     child: std::process::Child,
     dir: tempfile::TempDir,
 }
@@ -413,14 +415,18 @@ impl NatsServer {
             return Ok(None);
         };
         let dir = tempfile::tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let free_port = || -> std::io::Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        };
+        let (port, monitor_port) = (free_port()?, free_port()?);
         let file = dir.path().join("nats.conf");
         std::fs::write(
             &file,
             format!(
-                "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\n{config}",
+                "listen: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor_port}\"\n\
+                 jetstream {{ store_dir: \"{}\" }}\n{config}",
                 dir.path().join("js").display()
             ),
         )?;
@@ -431,7 +437,12 @@ impl NatsServer {
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("nats.log"))?)
             .spawn()?;
-        let mut server = Self { port, child, dir };
+        let mut server = Self {
+            port,
+            monitor_port,
+            child,
+            dir,
+        };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while reachable(&server.url()).await.is_err() {
             if let Some(status) = server.child.try_wait()? {
@@ -450,6 +461,11 @@ impl NatsServer {
     pub fn log(&self) -> std::io::Result<String> {
         let log = std::fs::read(self.dir.path().join("nats.log"))?;
         Ok(String::from_utf8_lossy(&log).into_owned())
+    }
+
+    /// Its monitoring endpoint (`/connz?subs=1` lists every subscription).
+    pub fn monitor_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.monitor_port)
     }
 
     /// Its URL, without credentials.

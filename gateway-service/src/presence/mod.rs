@@ -13,7 +13,7 @@
 mod roster;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -145,9 +145,10 @@ pub async fn spawn(gateway: Arc<Gateway>) -> anyhow::Result<JoinHandle<()>> {
 /// came or went, asking for the users' rooms in batches.
 async fn tell(gateway: &Gateway, changes: Vec<(UserId, bool)>) {
     for batch in changes.chunks(MAX_USERS_PER_ROOMS_OF) {
+        let online: HashMap<UserId, bool> = batch.iter().copied().collect();
         let request = RoomsOfRequest {
             v: SCHEMA_VERSION,
-            users: batch.iter().map(|(user, _)| *user).collect(),
+            users: online.keys().copied().collect(),
         };
         let rooms = match gateway.ctx.rpc.call::<RoomsOf>(&request).await {
             Ok(rooms) => rooms,
@@ -157,19 +158,17 @@ async fn tell(gateway: &Gateway, changes: Vec<(UserId, bool)>) {
             }
         };
         for of_user in rooms {
-            let Some((user, online)) = batch.iter().find(|(user, _)| *user == of_user.user) else {
+            let Some(&online) = online.get(&of_user.user) else {
                 continue;
             };
-            let frame = ServerFrame::Presence {
-                user: *user,
-                online: *online,
-            };
+            let user = of_user.user;
+            let frame = ServerFrame::Presence { user, online };
             let Ok(text) = serde_json::to_string(&frame) else {
                 continue;
             };
             gateway
                 .registry
-                .deliver_once(&of_user.rooms, *user, &Utf8Bytes::from(text));
+                .deliver_once(&of_user.rooms, user, &Utf8Bytes::from(text));
         }
     }
 }

@@ -15,7 +15,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use redis::{AsyncCommands, Client, aio::ConnectionManager, aio::ConnectionManagerConfig};
+use redis::{AsyncCommands, aio::ConnectionManager};
 use secrecy::ExposeSecret;
 use tokio::time::Instant;
 use unhidra_bus::Message;
@@ -60,15 +60,9 @@ impl Roster {
                 heard: Mutex::new(HashMap::new()),
             });
         };
-        let client =
-            Client::open(url.expose_secret()).map_err(|e| anyhow::anyhow!("redis_url: {e}"))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT))
-            .set_number_of_retries(1);
         let prefix = &ctx.config.bus_prefix;
         Ok(Self::Redis(RedisRoster {
-            manager: ConnectionManager::new_lazy_with_config(client, config)?,
+            manager: unhidra_ratelimit::redis_connection(url.expose_secret(), REDIS_TIMEOUT)?,
             gateways_key: format!("{prefix}:presence:gateways"),
             list_prefix: format!("{prefix}:presence:gateway:"),
             unreachable: AtomicBool::new(false),

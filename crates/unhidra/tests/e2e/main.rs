@@ -7,6 +7,7 @@ mod api_keys;
 mod bad_input;
 mod embedded;
 mod entry;
+mod feeds;
 mod harness;
 mod keys;
 mod least_privilege;

@@ -39,7 +39,9 @@ async fn pipeline(socket: Socket, sends: Vec<(String, String)>) -> Result<Vec<Va
         let frame: Value = serde_json::from_str(text.as_str())?;
         match frame["type"].as_str() {
             Some("ack") => acks.push(frame),
-            Some("message") => {}
+            // Messages, and other users coming online (on another gateway,
+            // told at its next beat), may come between the acks.
+            Some("message" | "presence") => {}
             _ => return Err(format!("unexpected frame {frame}").into()),
         }
     }

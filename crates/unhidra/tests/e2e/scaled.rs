@@ -227,6 +227,8 @@ async fn a_membership_change_with_joined_false_stops_the_room_at_once() -> TestR
             room: room_id,
             user: bob_id,
             joined,
+            // As chat-service would: the room's latest sequence before.
+            seq: u64::from(joined),
         };
         let probe = RoomMessage {
             v: SCHEMA_VERSION,
@@ -285,15 +287,16 @@ async fn a_membership_change_with_joined_false_stops_the_room_at_once() -> TestR
         json!({"type": "send", "id": "back", "room": room, "body": "for bob"}),
     )
     .await?;
-    // Bob's connection got nothing of the room while he was out.
-    assert_eq!(
-        next_message(&mut bob_ws).await?,
-        (Some(1001), "probe after rejoining".into())
-    );
-    assert_eq!(
-        next_message(&mut bob_ws).await?,
-        (Some(2), "for bob".into())
-    );
+    // Bob's connection got nothing of the room while he was out, and what
+    // was sent after he was back. (Whether the probe after rejoining reaches
+    // him depends on which of the join and the probe his gateway takes
+    // first: joins and a room's messages come on different subscriptions.
+    // The probe is no real message, so the catch-up cannot supply it.)
+    let mut first = next_message(&mut bob_ws).await?;
+    if first == (Some(1001), "probe after rejoining".into()) {
+        first = next_message(&mut bob_ws).await?;
+    }
+    assert_eq!(first, (Some(2), "for bob".into()));
     stack.stop().await
 }
 

@@ -58,3 +58,13 @@ Arguments: (list root name credential).
 {{- define "unhidra.isSet" -}}
 {{- if or .value .url .existingSecret }}true{{ end -}}
 {{- end -}}
+
+{{/* The Secret of the services' NATS passwords: the operator's, or the chart's own. */}}
+{{- define "unhidra.natsSecret" -}}
+{{- .Values.nats.users.existingSecret | default (printf "%s-nats-users" (include "unhidra.fullname" .)) -}}
+{{- end -}}
+
+{{/* The variable holding a service's NATS password, as `unhidra nats-config` names it. Argument: the binary. */}}
+{{- define "unhidra.natsPasswordVariable" -}}
+{{- printf "%s_NATS_PASSWORD" (. | upper | replace "-" "_") -}}
+{{- end -}}

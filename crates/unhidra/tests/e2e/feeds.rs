@@ -1,0 +1,128 @@
+//! A gateway follows on the bus only the rooms its connections are in:
+//! checked on a NATS server of the test's own, by the subscriptions it
+//! lists, as connections come, join, leave and go.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use serde_json::Value;
+use unhidra_bus::{Bus, Headers, NatsBus};
+use unhidra_core::{
+    Config,
+    events::{MembershipChanged, SCHEMA_VERSION},
+    subjects::Subjects,
+};
+use unhidra_testkit::{NatsServer, TestDatabase};
+
+use crate::harness::*;
+
+/// The rooms some client of `nats` is subscribed to one by one
+/// (`<prefix>.room.<room>.*`).
+async fn followed(nats: &NatsServer, prefix: &str) -> Result<BTreeSet<String>, Error> {
+    let connz: Value = http()
+        .get(format!("{}/connz?subs=1", nats.monitor_url()))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let mut rooms = BTreeSet::new();
+    for connection in connz["connections"].as_array().ok_or("no connections")? {
+        for subject in connection["subscriptions_list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let subject = subject.as_str().unwrap_or_default();
+            if let Some(room) = subject
+                .strip_prefix(&format!("{prefix}.room."))
+                .and_then(|rest| rest.strip_suffix(".*"))
+                .filter(|room| *room != "*")
+            {
+                rooms.insert(room.to_owned());
+            }
+        }
+    }
+    Ok(rooms)
+}
+
+/// Waits until the rooms followed are `expected`.
+async fn until_followed(nats: &NatsServer, prefix: &str, expected: &[&str]) -> TestResult {
+    let expected: BTreeSet<String> = expected.iter().map(|r| (*r).to_owned()).collect();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = followed(nats, prefix).await?;
+        if now == expected {
+            return Ok(());
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "followed {now:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_gateway_follows_the_rooms_of_its_connections_and_no_others() -> TestResult {
+    let Some(nats) = NatsServer::start("", &[]).await? else {
+        return Ok(());
+    };
+    let Some(db) = TestDatabase::postgres().await? else {
+        return Ok(());
+    };
+    let prefix = unhidra_testkit::unique_prefix();
+    let config = Config {
+        nats_url: Some(nats.url().into()),
+        database_url: Some(db.url().to_owned().into()),
+        bus_prefix: prefix.clone(),
+        ..unhidra_testkit::config()
+    };
+    let stack = Scaled::start_on(config, db, |_, config| config, 1, 1).await?;
+    let api = stack.api();
+    let alice = api.user("alice").await?;
+    let bob = api.user("bob").await?;
+    let hers = api.create_room(&alice, "public").await?;
+    let his = api.create_room(&bob, "public").await?;
+    // Nobody connected: no room is followed.
+    until_followed(&nats, &prefix, &[]).await?;
+
+    let mut alice_ws = connect(&stack.gateway.ws(), &alice.token).await?;
+    until_followed(&nats, &prefix, &[&hers]).await?;
+
+    // A join follows the room.
+    api.join(&alice, &his).await?;
+    until_followed(&nats, &prefix, &[&hers, &his]).await?;
+
+    // A leave (as chat-service announces it) releases the room: no other
+    // connection here is in it.
+    let bus = NatsBus::connect(&nats.url(), "_INBOX").await?;
+    let left = MembershipChanged {
+        v: SCHEMA_VERSION,
+        room: his.parse()?,
+        user: alice.id.parse()?,
+        joined: false,
+        seq: 0,
+    };
+    let subjects = Subjects::new(prefix.clone());
+    bus.publish(
+        &subjects.room_members(left.room),
+        Headers::new(),
+        serde_json::to_vec(&left)?.into(),
+    )
+    .await?;
+    until_followed(&nats, &prefix, &[&hers]).await?;
+
+    // The last connection going releases the rest.
+    alice_ws.close(None).await?;
+    until_followed(&nats, &prefix, &[]).await?;
+    let metrics = http()
+        .get(format!("{}/metrics", stack.gateway.http()))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains("unhidra_gateway_rooms_followed 0"),
+        "{metrics}"
+    );
+    stack.stop().await
+}

@@ -1,0 +1,181 @@
+//! The rooms this gateway follows on the bus: one subscription per room that
+//! a connection here is in (`<prefix>.room.<room>.*`: its messages, typing
+//! and leaves, in the order they were published), made when the first
+//! member connection arrives and dropped when the last one goes. A gateway's
+//! bus traffic grows with its own connections, not with the whole system's.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use tokio::{sync::watch, task::AbortHandle};
+use unhidra_core::ids::RoomId;
+
+use crate::{Gateway, fanout, registry::lock};
+
+/// Events dispatched between two yields to the other tasks.
+const YIELD_EVERY: u32 = 16;
+/// How long a failed subscription waits before it is tried again.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// The rooms followed, each with whether its subscription is made yet.
+#[derive(Default)]
+pub struct Feeds {
+    state: std::sync::Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    followed: HashMap<RoomId, Feed>,
+    /// Rooms of connections being opened, not registered yet: followed
+    /// already, so that what is sent to them once the client sees its
+    /// connection open reaches it.
+    pinned: HashMap<RoomId, usize>,
+}
+
+struct Feed {
+    subscribed: watch::Receiver<bool>,
+    task: AbortHandle,
+}
+
+/// Follows `room` if a connection here is in it and stops following it if
+/// none is; when followed, whether it is subscribed yet.
+///
+/// Called after every change of the room's connections: the registry is read
+/// under the feeds' lock, so the last call leaves the feed as the registry
+/// is, whatever the order of concurrent calls.
+pub fn update(gateway: &Arc<Gateway>, room: RoomId) -> Option<watch::Receiver<bool>> {
+    let mut state = lock(&gateway.feeds.state);
+    let wanted = state.pinned.contains_key(&room) || gateway.registry.has_members(room);
+    let followed = &mut state.followed;
+    let subscribed = match (wanted, followed.get(&room)) {
+        (true, Some(feed)) => return Some(feed.subscribed.clone()),
+        (false, None) => return None,
+        (true, None) => {
+            let (tx, rx) = watch::channel(false);
+            let task = tokio::spawn(follow(Arc::clone(gateway), room, tx)).abort_handle();
+            followed.insert(
+                room,
+                Feed {
+                    subscribed: rx.clone(),
+                    task,
+                },
+            );
+            Some(rx)
+        }
+        (false, Some(_)) => {
+            if let Some(feed) = followed.remove(&room) {
+                feed.task.abort();
+            }
+            None
+        }
+    };
+    gateway.metrics.rooms_followed.set(followed.len() as i64);
+    subscribed
+}
+
+/// `rooms` followed until the connection that is in them is registered
+/// (this is dropped).
+pub struct Pinned {
+    gateway: Arc<Gateway>,
+    rooms: Vec<RoomId>,
+}
+
+impl Pinned {
+    pub fn rooms(&self) -> &[RoomId] {
+        &self.rooms
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        {
+            let mut state = lock(&self.gateway.feeds.state);
+            for room in &self.rooms {
+                if let Some(count) = state.pinned.get_mut(room) {
+                    *count -= 1;
+                    if *count == 0 {
+                        state.pinned.remove(room);
+                    }
+                }
+            }
+        }
+        for room in &self.rooms {
+            update(&self.gateway, *room);
+        }
+    }
+}
+
+/// Follows `rooms` for a connection not registered yet; returns once they
+/// are subscribed (or a bounded time passed).
+pub async fn pin(gateway: &Arc<Gateway>, rooms: Vec<RoomId>) -> Pinned {
+    {
+        let mut state = lock(&gateway.feeds.state);
+        for room in &rooms {
+            *state.pinned.entry(*room).or_default() += 1;
+        }
+    }
+    follow_rooms(gateway, &rooms).await;
+    Pinned {
+        gateway: Arc::clone(gateway),
+        rooms,
+    }
+}
+
+/// [`update`]s every room of `rooms`, then waits (a bounded time) until
+/// those followed are subscribed.
+pub async fn follow_rooms(gateway: &Arc<Gateway>, rooms: &[RoomId]) {
+    let pending: Vec<_> = rooms
+        .iter()
+        .filter_map(|room| update(gateway, *room))
+        .collect();
+    let all = futures::future::join_all(pending.into_iter().map(|mut subscribed| async move {
+        let _ = subscribed.wait_for(|done| *done).await;
+    }));
+    if tokio::time::timeout(gateway.ctx.config.bus_timeout(), all)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            rooms = rooms.len(),
+            "room subscriptions not made in time; messages may be missed until they are"
+        );
+    }
+}
+
+/// Subscribes to `room`'s events (retrying until it can) and dispatches
+/// them in order, until aborted or shutdown.
+async fn follow(gateway: Arc<Gateway>, room: RoomId, subscribed: watch::Sender<bool>) {
+    let subject = gateway.ctx.subjects.room_events(room);
+    let shutdown = gateway.ctx.shutdown.clone();
+    let mut events = loop {
+        match gateway.ctx.bus.subscribe(&subject).await {
+            Ok(events) => break events,
+            Err(e) => {
+                tracing::warn!(%room, error = %e, "room subscription failed; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(RETRY) => {}
+                }
+            }
+        }
+    };
+    let _ = subscribed.send(true);
+    let mut dispatched: u32 = 0;
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => return,
+            event = events.next() => event,
+        };
+        let Some(event) = event else {
+            tracing::error!(%room, "room subscription ended");
+            return;
+        };
+        fanout::dispatch(&gateway, &event);
+        // A burst of events must not keep the connections' writers from
+        // draining their queues in between.
+        dispatched = dispatched.wrapping_add(1);
+        if dispatched % YIELD_EVERY == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+}
