@@ -183,32 +183,12 @@ impl TestDatabase {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_secs();
-        let stale: Vec<String> = sqlx::query_scalar(
-            "SELECT datname FROM pg_database WHERE datname LIKE 'unhidra_test_%'",
-        )
-        .fetch_all(&mut conn)
-        .await?;
-        for name in stale
-            .into_iter()
-            .filter(|name| created_before(name, now - 3600))
-        {
-            let _ = conn
-                .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
-                .await;
-        }
+        let hour_ago = now - 3600;
+        let databases = "SELECT datname FROM pg_database WHERE datname LIKE 'unhidra_test_%'";
+        drop_stale(&mut conn, databases, "DATABASE", hour_ago).await?;
         // Their roles (see `role`), now that nothing they own is left.
-        let stale: Vec<String> =
-            sqlx::query_scalar("SELECT rolname FROM pg_roles WHERE rolname LIKE 'unhidra_test_%'")
-                .fetch_all(&mut conn)
-                .await?;
-        for name in stale
-            .into_iter()
-            .filter(|name| created_before(name, now - 3600))
-        {
-            let _ = conn
-                .execute(format!("DROP ROLE IF EXISTS \"{name}\"").as_str())
-                .await;
-        }
+        let roles = "SELECT rolname FROM pg_roles WHERE rolname LIKE 'unhidra_test_%'";
+        drop_stale(&mut conn, roles, "ROLE", hour_ago).await?;
         let name = format!(
             "unhidra_test_{now}_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..10]
@@ -254,6 +234,29 @@ impl TestDatabase {
         let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
         Ok(format!("{scheme}://{role}@{host}/{database}"))
     }
+}
+
+/// Drops (`DROP <kind> ... IF EXISTS`) what `names` (a query of one name
+/// column) lists of test objects created before `time`; failures are left
+/// for the next run.
+async fn drop_stale(
+    conn: &mut PgConnection,
+    names: &str,
+    kind: &str,
+    time: u64,
+) -> anyhow::Result<()> {
+    let stale: Vec<String> = sqlx::query_scalar(names).fetch_all(&mut *conn).await?;
+    let force = if kind == "DATABASE" {
+        " WITH (FORCE)"
+    } else {
+        ""
+    };
+    for name in stale.into_iter().filter(|name| created_before(name, time)) {
+        let _ = conn
+            .execute(format!("DROP {kind} IF EXISTS \"{name}\"{force}").as_str())
+            .await;
+    }
+    Ok(())
 }
 
 /// Whether a test database or role (`unhidra_test_<unix secs>_...`) was
