@@ -8,7 +8,7 @@
 //! those published before the room was followed included (caught up from
 //! history, as a `resume` is).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
 use futures::StreamExt;
@@ -20,7 +20,7 @@ use unhidra_core::{
     subjects::RoomEventKind,
 };
 
-use crate::{Gateway, feeds, resume};
+use crate::{Gateway, feeds, registry::lock, resume, tail::RoomTail};
 
 pub async fn spawn(gateway: Arc<Gateway>) -> anyhow::Result<JoinHandle<()>> {
     let mut changes = gateway
@@ -82,15 +82,15 @@ fn joined(gateway: &Arc<Gateway>, change: &MembershipChanged) {
     }
 }
 
-/// One event of a followed room.
-pub fn dispatch(gateway: &Arc<Gateway>, event: &Message) {
+/// One event of a followed room; its messages are kept in `tail` too.
+pub fn dispatch(gateway: &Arc<Gateway>, event: &Message, tail: &Mutex<RoomTail>) {
     let Some((room, kind)) = gateway.ctx.subjects.parse_room_event(&event.subject) else {
         tracing::debug!(subject = %event.subject, "not a room event; ignored");
         return;
     };
     match kind {
         RoomEventKind::Messages => match serde_json::from_slice::<RoomMessage>(&event.payload) {
-            Ok(m) if m.room == room => deliver(gateway, m),
+            Ok(m) if m.room == room => deliver(gateway, m, tail),
             Ok(_) => {
                 tracing::warn!(subject = %event.subject, "room message on another room's subject")
             }
@@ -132,7 +132,7 @@ pub fn dispatch(gateway: &Arc<Gateway>, event: &Message) {
     }
 }
 
-fn deliver(gateway: &Gateway, m: RoomMessage) {
+fn deliver(gateway: &Gateway, m: RoomMessage, tail: &Mutex<RoomTail>) {
     let room = m.room;
     let seq = m.seq;
     let frame = ServerFrame::Message {
@@ -145,7 +145,9 @@ fn deliver(gateway: &Gateway, m: RoomMessage) {
     };
     match serde_json::to_string(&frame) {
         Ok(text) => {
-            let fanout = gateway.registry.deliver(room, seq, &Utf8Bytes::from(text));
+            let text = Utf8Bytes::from(text);
+            lock(tail).push(seq, &text);
+            let fanout = gateway.registry.deliver(room, seq, &text);
             gateway.metrics.delivered.inc_by(fanout.delivered);
             gateway.metrics.slow_consumers.inc_by(fanout.cut_off);
         }

@@ -3,14 +3,20 @@
 //! and leaves, in the order they were published), made when the first
 //! member connection arrives and dropped when the last one goes. A gateway's
 //! bus traffic grows with its own connections, not with the whole system's.
+//! Each followed room keeps its latest messages ([`RoomTail`]) for resumes.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
+use axum::extract::ws::Utf8Bytes;
 use futures::StreamExt;
 use tokio::{sync::watch, task::AbortHandle};
 use unhidra_core::ids::RoomId;
 
-use crate::{Gateway, fanout, registry::lock};
+use crate::{Gateway, fanout, registry::lock, tail::RoomTail};
 
 /// Events dispatched between two yields to the other tasks.
 const YIELD_EVERY: u32 = 16;
@@ -35,6 +41,7 @@ struct State {
 struct Feed {
     subscribed: watch::Receiver<bool>,
     task: AbortHandle,
+    tail: Arc<Mutex<RoomTail>>,
 }
 
 /// Follows `room` if a connection here is in it and stops following it if
@@ -52,12 +59,15 @@ pub fn update(gateway: &Arc<Gateway>, room: RoomId) -> Option<watch::Receiver<bo
         (false, None) => return None,
         (true, None) => {
             let (tx, rx) = watch::channel(false);
-            let task = tokio::spawn(follow(Arc::clone(gateway), room, tx)).abort_handle();
+            let tail = Arc::new(Mutex::new(RoomTail::new(gateway.ctx.config.room_tail)));
+            let feed = follow(Arc::clone(gateway), room, tx, Arc::clone(&tail));
+            let task = tokio::spawn(feed).abort_handle();
             followed.insert(
                 room,
                 Feed {
                     subscribed: rx.clone(),
                     task,
+                    tail,
                 },
             );
             Some(rx)
@@ -71,6 +81,17 @@ pub fn update(gateway: &Arc<Gateway>, room: RoomId) -> Option<watch::Receiver<bo
     };
     gateway.metrics.rooms_followed.set(followed.len() as i64);
     subscribed
+}
+
+/// The messages of `room` with `after < seq <= up_to` that came on its feed
+/// lately (at most `UNHIDRA_ROOM_TAIL`), in order; none if it is not
+/// followed.
+pub fn recent(gateway: &Gateway, room: RoomId, after: u64, up_to: u64) -> Vec<(u64, Utf8Bytes)> {
+    let tail = match lock(&gateway.feeds.state).followed.get(&room) {
+        Some(feed) => Arc::clone(&feed.tail),
+        None => return Vec::new(),
+    };
+    lock(&tail).range(after, up_to)
 }
 
 /// `rooms` followed until the connection that is in them is registered
@@ -143,8 +164,14 @@ pub async fn follow_rooms(gateway: &Arc<Gateway>, rooms: &[RoomId]) {
 }
 
 /// Subscribes to `room`'s events (retrying until it can) and dispatches
-/// them in order, until aborted or shutdown.
-async fn follow(gateway: Arc<Gateway>, room: RoomId, subscribed: watch::Sender<bool>) {
+/// them in order, keeping the latest messages in `tail`, until aborted or
+/// shutdown.
+async fn follow(
+    gateway: Arc<Gateway>,
+    room: RoomId,
+    subscribed: watch::Sender<bool>,
+    tail: Arc<Mutex<RoomTail>>,
+) {
     let subject = gateway.ctx.subjects.room_events(room);
     let shutdown = gateway.ctx.shutdown.clone();
     let mut events = loop {
@@ -170,7 +197,7 @@ async fn follow(gateway: Arc<Gateway>, room: RoomId, subscribed: watch::Sender<b
             tracing::error!(%room, "room subscription ended");
             return;
         };
-        fanout::dispatch(&gateway, &event);
+        fanout::dispatch(&gateway, &event, &tail);
         // A burst of events must not keep the connections' writers from
         // draining their queues in between.
         dispatched = dispatched.wrapping_add(1);

@@ -3,7 +3,7 @@
 //! the upgrade, enforces allowed origins and frame sizes, keeps the registry of
 //! its connections, forwards client commands to chat-service over the bus, and
 //! fans room events out to the member connections it holds, with one bus
-//! subscription per gateway node. Scaled out, it is also the one public
+//! subscription per room that a connection here is in ([`feeds`]). Scaled out, it is also the one public
 //! entry point: the rest of the API goes to the services that own it
 //! ([`proxy`]).
 
@@ -20,6 +20,7 @@ mod proxy;
 mod registry;
 mod resume;
 mod revocations;
+mod tail;
 
 use std::sync::Arc;
 

@@ -8,9 +8,10 @@
 //! room's latest sequence `H`: every message up to `H` is committed, so it is
 //! either in history already, on its way there, or (published after the
 //! registration) among the held messages. The missed range `last+1..=H` is
-//! read from history (waiting briefly for what history has not stored yet,
-//! and taking what the hold caught), sent, and then the held messages after
-//! `H` are released in order. A client further behind than
+//! taken from what the hold caught, from the room's latest messages kept
+//! here ([`crate::tail`]) and, for the rest, from history (waiting briefly
+//! for what history has not stored yet), sent, and then the held messages
+//! after `H` are released in order. A client further behind than
 //! `UNHIDRA_RESUME_WINDOW`, or under another epoch, gets a `gap` instead.
 
 use std::{
@@ -30,14 +31,17 @@ use unhidra_core::{
 };
 
 use crate::{
-    Gateway,
+    Gateway, feeds,
     pipeline::error,
     registry::{ConnId, Outbound},
 };
 
 /// How long a resume waits for history to store messages it has not yet.
 const HISTORY_WAIT: Duration = Duration::from_secs(5);
+/// Between reads of history while it lags: doubling from the first to the
+/// second, so that many resumes waiting at once do not flood it.
 const HISTORY_RETRY: Duration = Duration::from_millis(25);
+const HISTORY_RETRY_MAX: Duration = Duration::from_millis(400);
 
 /// Resumes each room in turn; frames go out on `outbound`.
 pub async fn run(
@@ -165,9 +169,10 @@ pub async fn catch_up(
     Ok((top, Some(epoch)))
 }
 
-/// The messages `after+1..=up_to` of `room`, by sequence: from history, and
-/// from the live messages held back for the connection, waiting a little
-/// for history to store what it has not yet. What is still missing after
+/// The messages `after+1..=up_to` of `room`, by sequence: from the live
+/// messages held back for the connection, from the room's tail kept here,
+/// and from history, waiting a little for history to store what it has not
+/// yet. What is still missing after
 /// the wait is left out (the caller reports it as a gap).
 async fn missed(
     gateway: &Gateway,
@@ -178,8 +183,10 @@ async fn missed(
 ) -> BTreeMap<u64, Utf8Bytes> {
     let mut found: BTreeMap<u64, Utf8Bytes> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + HISTORY_WAIT;
+    let mut retry = HISTORY_RETRY;
     loop {
-        for (seq, frame) in gateway.registry.held(conn, room) {
+        let held = gateway.registry.held(conn, room).into_iter();
+        for (seq, frame) in held.chain(feeds::recent(gateway, room, after, up_to)) {
             if seq > after && seq <= up_to {
                 found.entry(seq).or_insert(frame);
             }
@@ -227,7 +234,8 @@ async fn missed(
             }
             return found;
         }
-        tokio::time::sleep(HISTORY_RETRY).await;
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(HISTORY_RETRY_MAX);
     }
 }
 

@@ -216,6 +216,11 @@ pub struct Config {
     /// `UNHIDRA_RESUME_WINDOW`: the most messages of one room a `resume`
     /// replays; a client further behind gets a `gap` and pages history (5000).
     pub resume_window: u64,
+    /// `UNHIDRA_ROOM_TAIL`: the latest messages of each room it follows a
+    /// gateway keeps in memory, so that a `resume` or a join catch-up takes
+    /// them from there rather than from history (256, at most 256 KiB per
+    /// room; 0 keeps none).
+    pub room_tail: usize,
     /// `UNHIDRA_WS_PING_SECS`: how often the gateway pings each WebSocket
     /// (25).
     pub ws_ping_secs: u64,
@@ -333,6 +338,7 @@ impl Default for Config {
             limit_messages_user: Rate::new(50, Duration::from_secs(1)),
             outbound_queue: 256,
             resume_window: 5000,
+            room_tail: 256,
             send_idempotency_secs: 3600,
             token_warning_secs: 60,
             ws_ping_secs: 25,
@@ -478,6 +484,9 @@ impl Config {
         }
         if !(1..=100_000).contains(&self.resume_window) {
             return invalid("resume_window must be 1 to 100000");
+        }
+        if self.room_tail > 10_000 {
+            return invalid("room_tail must be at most 10000");
         }
         for url in [&self.auth_api_url, &self.chat_url, &self.history_url]
             .into_iter()

@@ -88,7 +88,25 @@ pub enum ApiError {
     Refused(RpcError),
     /// Anything else; logged with its cause, shown to clients as `internal`.
     #[error(transparent)]
-    Unexpected(#[from] anyhow::Error),
+    Unexpected(anyhow::Error),
+}
+
+/// How soon a client refused because the database was busy may retry.
+const DATABASE_BUSY_RETRY: Duration = Duration::from_secs(1);
+
+impl From<anyhow::Error> for ApiError {
+    /// A busy database is overload (503 `overloaded`, `Retry-After`), not
+    /// an internal error; anything else is unexpected.
+    fn from(error: anyhow::Error) -> Self {
+        if unhidra_store::is_busy(&error) {
+            tracing::warn!(error = ?error, "database busy; request refused");
+            return Self::Overloaded {
+                message: "the server is busy; retry shortly".to_owned(),
+                retry_after: DATABASE_BUSY_RETRY,
+            };
+        }
+        Self::Unexpected(error)
+    }
 }
 
 impl ApiError {
@@ -229,6 +247,18 @@ pub struct ApiJson<T>(pub T);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busy_database_is_overload_with_retry_after_and_other_failures_internal() {
+        let busy = anyhow::Error::from(sqlx::Error::PoolTimedOut).context("loading a page");
+        let response = ApiError::from(busy).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+
+        let broken = ApiError::from(anyhow::Error::from(sqlx::Error::RowNotFound));
+        assert_eq!(broken.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(broken.body().message, "internal error");
+    }
 
     #[test]
     fn refusals_keep_their_code_and_fixed_message() {

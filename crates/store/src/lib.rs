@@ -78,6 +78,15 @@ pub fn sqlite_url(data_dir: &Path, service: &str) -> String {
     )
 }
 
+/// Whether `error` is the database being too busy to give a connection in
+/// time (every pooled connection in use for the whole acquire timeout): a
+/// moment's overload, worth a retry, not a fault.
+pub fn is_busy(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .any(|cause| matches!(cause.downcast_ref(), Some(sqlx::Error::PoolTimedOut)))
+}
+
 impl Database {
     /// Opens a pool; SQLite files (and their directory) are created if missing
     /// and use write-ahead logging.

@@ -354,8 +354,13 @@ pub async fn send(socket: &mut Socket, frame: Value) -> Result<(), Error> {
 
 /// The next JSON frame (control frames skipped).
 pub async fn next_frame(socket: &mut Socket) -> Result<Value, Error> {
+    next_frame_within(socket, WAIT).await
+}
+
+/// The next text frame, waiting at most `wait` for each message.
+pub async fn next_frame_within(socket: &mut Socket, wait: Duration) -> Result<Value, Error> {
     loop {
-        let message = tokio::time::timeout(WAIT, socket.next())
+        let message = tokio::time::timeout(wait, socket.next())
             .await?
             .ok_or("connection closed")??;
         match message {
@@ -422,7 +427,9 @@ pub async fn all_history(api: &Api, user: &User, room: &str) -> Result<Vec<Value
         let (status, page) = api
             .history(user, room, &format!("?limit=200{before}"))
             .await?;
-        assert!(status.is_success(), "{page}");
+        if !status.is_success() {
+            return Err(format!("history answered {status}: {page}").into());
+        }
         let messages = page["messages"].as_array().cloned().unwrap_or_default();
         let Some(last) = messages.last() else {
             return Ok(all);
@@ -443,12 +450,15 @@ pub async fn history_of_at_least(
 ) -> Result<Vec<Value>, Error> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let stored = all_history(api, user, room).await?;
-        if stored.len() >= count {
-            return Ok(stored);
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(format!("history has {} of {count}", stored.len()).into());
+        // Refusals meanwhile (an overloaded server's 503) are retried.
+        let stored = all_history(api, user, room).await;
+        match stored {
+            Ok(stored) if stored.len() >= count => return Ok(stored),
+            Ok(stored) if tokio::time::Instant::now() > deadline => {
+                return Err(format!("history has {} of {count}", stored.len()).into());
+            }
+            Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
+            _ => {}
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

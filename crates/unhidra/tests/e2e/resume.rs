@@ -1,7 +1,8 @@
 //! Resume as a reconnecting client meets it: after a drop in the middle of a
 //! burst, exactly the messages it missed, in order, then live ones with none
 //! lost or doubled at the seam, on the same gateway, on another one and
-//! after its gateway is gone; a client too far behind gets a `gap` that
+//! after its gateway is gone, and from the gateway's memory of the room
+//! while history is down; a client too far behind gets a `gap` that
 //! history fills.
 
 use futures::SinkExt;
@@ -138,6 +139,45 @@ async fn a_client_resumes_on_another_gateway_and_after_its_gateway_stopped() -> 
         Some(second),
     )
     .await?;
+    stack.stop().await
+}
+
+#[tokio::test]
+async fn a_resume_is_served_from_the_gateways_memory_while_history_is_down() -> TestResult {
+    const SENT: u64 = 40;
+    let Some(mut stack) = Scaled::start().await? else {
+        return Ok(());
+    };
+    let api = stack.api();
+    let alice = api.user("alice").await?;
+    let bob = api.user("bob").await?;
+    let room = api.create_room(&alice, "public").await?;
+    assert_eq!(api.join(&bob, &room).await?.0, StatusCode::OK);
+    let ws = stack.gateway.ws();
+    let mut before = connect(&ws, &bob.token).await?;
+    let sender = connect(&ws, &alice.token).await?;
+    // Alice's other device keeps the room followed on this gateway.
+    let _other_device = connect(&ws, &alice.token).await?;
+
+    // History is gone: what Bob misses can only come from the gateway.
+    let history = stack.history.take().ok_or("history not running")?;
+    history.stop().await?;
+    let acked = burst(sender, room.clone(), SENT).await?;
+    assert_eq!(acked.len() as u64, SENT);
+    let (seen, _) = messages_until(&mut before, &room, 10).await?;
+    assert_eq!(seen, (1..=10).collect::<Vec<_>>());
+    drop(before);
+
+    let mut after = connect(&format!("{ws}?resume=true"), &bob.token).await?;
+    send(
+        &mut after,
+        json!({"type": "resume", "rooms": {room.clone(): 10}}),
+    )
+    .await?;
+    let (seqs, others) = messages_until(&mut after, &room, SENT).await?;
+    assert_eq!(seqs, (11..=SENT).collect::<Vec<_>>());
+    assert!(others.iter().all(|f| f["type"] != "gap"), "{others:?}");
+    assert_eq!(next_of(&mut after, "resumed").await?["seq"], SENT);
     stack.stop().await
 }
 
