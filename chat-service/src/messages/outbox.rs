@@ -243,20 +243,27 @@ impl OutboxRepo {
         if keyed.is_empty() {
             return Ok(HashMap::new());
         }
-        let users = unique(keyed.iter().map(|m| m.sender.to_string()));
-        let ids = unique(keyed.iter().filter_map(|m| m.client_id.clone()));
-        let sql = format!(
-            "SELECT user_id, client_id, seq, message_id FROM send_keys
-             WHERE created_at > {} AND user_id IN ({}) AND client_id IN ({})",
-            self.db.placeholders(1, 1),
-            self.db.placeholders(2, users.len()),
-            self.db.placeholders(2 + users.len(), ids.len())
+        let pairs = unique_pairs(
+            keyed
+                .iter()
+                .filter_map(|m| Some((m.sender.to_string(), m.client_id.clone()?))),
         );
-        let mut query = sqlx::query_as::<_, (String, String, i64, String)>(&sql)
-            .bind(now_millis().saturating_sub(self.keys_kept_ms));
-        for value in users.iter().chain(&ids) {
-            query = query.bind(value);
+        // One index lookup per (user, client id) pair: `user_id IN (..) AND
+        // client_id IN (..)` would look up every combination of the two.
+        let sql = format!(
+            "WITH wanted (user_id, client_id) AS (VALUES {})
+             SELECT k.user_id, k.client_id, k.seq, k.message_id
+             FROM wanted JOIN send_keys k
+               ON k.user_id = wanted.user_id AND k.client_id = wanted.client_id
+             WHERE k.created_at > {}",
+            self.db.value_rows(2, pairs.len()),
+            self.db.placeholders(1 + 2 * pairs.len(), 1),
+        );
+        let mut query = sqlx::query_as::<_, (String, String, i64, String)>(&sql);
+        for (user, client_id) in &pairs {
+            query = query.bind(user).bind(client_id);
         }
+        let query = query.bind(now_millis().saturating_sub(self.keys_kept_ms));
         let mut known = HashMap::new();
         for (user, client_id, seq, message_id) in query.fetch_all(&self.db.pool).await? {
             let ack = SendAccepted {
@@ -280,18 +287,23 @@ impl OutboxRepo {
 
     /// For each message: allowed, or why not (one query for all).
     async fn allowed(&self, messages: &[NewMessage]) -> anyhow::Result<Vec<Result<(), Refusal>>> {
-        let rooms: Vec<String> = unique(messages.iter().map(|m| m.room.to_string()));
-        let users: Vec<String> = unique(messages.iter().map(|m| m.sender.to_string()));
+        let pairs = unique_pairs(
+            messages
+                .iter()
+                .map(|m| (m.room.to_string(), m.sender.to_string())),
+        );
+        // One index lookup per (room, sender) pair, not per combination.
         let sql = format!(
-            "SELECT r.id, m.user_id FROM rooms r
-             LEFT JOIN room_members m ON m.room_id = r.id AND m.user_id IN ({})
-             WHERE r.id IN ({})",
-            self.db.placeholders(1, users.len()),
-            self.db.placeholders(1 + users.len(), rooms.len())
+            "WITH wanted (room_id, user_id) AS (VALUES {})
+             SELECT r.id, m.user_id FROM wanted
+             JOIN rooms r ON r.id = wanted.room_id
+             LEFT JOIN room_members m
+               ON m.room_id = wanted.room_id AND m.user_id = wanted.user_id",
+            self.db.value_rows(2, pairs.len()),
         );
         let mut query = sqlx::query_as::<_, (String, Option<String>)>(&sql);
-        for value in users.iter().chain(&rooms) {
-            query = query.bind(value);
+        for (room, user) in &pairs {
+            query = query.bind(room).bind(user);
         }
         let rows = query.fetch_all(&self.db.pool).await?;
         let existing: HashSet<&str> = rows.iter().map(|(room, _)| room.as_str()).collect();
@@ -386,7 +398,7 @@ impl OutboxRepo {
     }
 }
 
-fn unique(values: impl Iterator<Item = String>) -> Vec<String> {
+fn unique_pairs(pairs: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
     let mut seen = HashSet::new();
-    values.filter(|v| seen.insert(v.clone())).collect()
+    pairs.filter(|pair| seen.insert(pair.clone())).collect()
 }
