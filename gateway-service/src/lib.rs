@@ -3,9 +3,9 @@
 //! the upgrade, enforces allowed origins and frame sizes, keeps the registry of
 //! its connections, forwards client commands to chat-service over the bus, and
 //! fans room events out to the member connections it holds, with one bus
-//! subscription per room that a connection here is in ([`feeds`]). Scaled out, it is also the one public
-//! entry point: the rest of the API goes to the services that own it
-//! ([`proxy`]).
+//! subscription per room that a connection here is in ([`feeds`]). Scaled
+//! out, it is also the one public entry point: the rest of the API goes to
+//! the services that own it ([`proxy`]).
 
 mod admission;
 mod budget;

@@ -172,8 +172,8 @@ pub async fn catch_up(
 /// The messages `after+1..=up_to` of `room`, by sequence: from the live
 /// messages held back for the connection, from the room's tail kept here,
 /// and from history, waiting a little for history to store what it has not
-/// yet. What is still missing after
-/// the wait is left out (the caller reports it as a gap).
+/// yet. What is still missing after the wait is left out (the caller
+/// reports it as a gap).
 async fn missed(
     gateway: &Gateway,
     conn: ConnId,
