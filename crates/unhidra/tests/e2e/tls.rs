@@ -2,10 +2,14 @@
 //! server speaks `https://` and `wss://` only, with a certificate from a test
 //! CA; a message goes end to end over it; a renewed certificate written over
 //! the files is served to new connections without a restart; HTTP/2 is
-//! offered by ALPN; and the container healthcheck probes over TLS.
+//! offered by ALPN and answers a request; and the container healthcheck
+//! probes over TLS.
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::{
     ClientConfig, RootCertStore,
@@ -206,10 +210,18 @@ async fn a_message_goes_over_wss_and_a_renewed_certificate_is_served_without_a_r
     let message = next_of(&mut socket, "message").await?;
     assert_eq!(message["body"], "over TLS");
 
-    // HTTP/2 is offered to clients that ask for it.
+    // HTTP/2 is offered to clients that ask for it, and serves them.
     let h2 = dial(ca.client(&[b"h2", b"http/1.1"])?, address).await?;
     assert_eq!(h2.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     assert_eq!(served(&h2), Some(first.clone()));
+    let (mut h2, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(h2)).await?;
+    tokio::spawn(connection);
+    let healthz = hyper::Request::get(format!("https://localhost:{}/healthz", address.port()))
+        .body(Empty::<Bytes>::new())?;
+    let answer = h2.send_request(healthz).await?;
+    assert_eq!(answer.version(), hyper::Version::HTTP_2);
+    assert_eq!(answer.status(), 200);
 
     // The container healthcheck speaks TLS too.
     let probe = tokio::process::Command::new(env!("CARGO_BIN_EXE_unhidra"))
