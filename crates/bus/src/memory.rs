@@ -68,7 +68,14 @@ struct Sub {
 #[derive(Default)]
 struct Subscriptions {
     by_literal: HashMap<String, Vec<Sub>>,
+    /// Subscriptions added since dropped ones were last swept out.
+    added_since_sweep: usize,
+    /// How many keys the last sweep left.
+    kept_by_sweep: usize,
 }
+
+/// Additions between two sweeps of dropped subscriptions, at the least.
+const SWEEP_AT_LEAST: usize = 64;
 
 /// The tokens of `pattern` before its first wildcard.
 fn literal_part(pattern: &str) -> &str {
@@ -95,12 +102,19 @@ fn prefixes(subject: &str) -> impl Iterator<Item = &str> {
 
 impl Subscriptions {
     fn add(&mut self, sub: Sub) {
-        // Subscriptions dropped since are forgotten here, so the map stays
-        // as large as what is listening.
-        self.by_literal.retain(|_, subs| {
-            subs.retain(|s| !s.tx.is_closed());
-            !subs.is_empty()
-        });
+        // Subscriptions dropped since are swept out once as many were added
+        // as the last sweep kept: the map stays within about twice what is
+        // listening, and a request's reply inbox costs no walk over every
+        // room followed.
+        self.added_since_sweep += 1;
+        if self.added_since_sweep >= self.kept_by_sweep.max(SWEEP_AT_LEAST) {
+            self.by_literal.retain(|_, subs| {
+                subs.retain(|s| !s.tx.is_closed());
+                !subs.is_empty()
+            });
+            self.added_since_sweep = 0;
+            self.kept_by_sweep = self.by_literal.len();
+        }
         self.by_literal
             .entry(literal_part(&sub.pattern).to_owned())
             .or_default()
@@ -625,7 +639,22 @@ impl Settle for MemorySettle {
 
 #[cfg(test)]
 mod tests {
-    use super::{literal_part, prefixes};
+    use super::{MemoryBus, literal_part, lock, prefixes};
+
+    #[test]
+    fn dropped_subscriptions_are_swept_out_as_new_ones_come() {
+        let bus = MemoryBus::new();
+        let rooms: Vec<_> = (0..1000)
+            .map(|i| bus.add_subscription(&format!("p.room.r{i}.*"), None))
+            .collect();
+        drop(rooms);
+        // Within twice the map's size in additions, a sweep drops them.
+        let held: Vec<_> = (0..3000)
+            .map(|i| bus.add_subscription(&format!("_INBOX.{i}"), None))
+            .collect();
+        let keys = lock(&bus.inner.subscriptions).by_literal.len();
+        assert_eq!(keys, held.len(), "the dropped room subscriptions are gone");
+    }
 
     #[test]
     fn patterns_are_found_under_the_prefixes_of_the_subjects_they_match() {
