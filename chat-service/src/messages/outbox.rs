@@ -19,7 +19,7 @@ use unhidra_core::{
     ids::{MessageId, RoomId, UserId},
     rpc::SendAccepted,
 };
-use unhidra_store::{Database, now_millis};
+use unhidra_store::{Backend, Database, Write, now_millis};
 
 use crate::rooms::Refusal;
 
@@ -122,8 +122,6 @@ impl OutboxRepo {
                 (Ok(()), None) => Plan::New,
             });
         }
-        // Rooms in one order for every transaction, so two chat-service
-        // instances numbering the same rooms cannot deadlock.
         let mut per_room: BTreeMap<RoomId, u64> = BTreeMap::new();
         for (m, plan) in messages.iter().zip(&plans) {
             if matches!(plan, Plan::New) {
@@ -131,22 +129,7 @@ impl OutboxRepo {
             }
         }
         let mut write = self.db.begin_write().await?;
-        // Sequences first: the first statement writes, so on SQLite the
-        // transaction takes the write lock (waiting its turn) before reading.
-        let mut next_seq: HashMap<RoomId, u64> = HashMap::new();
-        for (room, count) in &per_room {
-            let last: i64 = sqlx::query_scalar(
-                "UPDATE rooms SET last_seq = last_seq + $1 WHERE id = $2 RETURNING last_seq",
-            )
-            .bind(i64::try_from(*count)?)
-            .bind(room.to_string())
-            .fetch_one(&mut *write.tx)
-            .await?;
-            let first = u64::try_from(last)?
-                .checked_sub(count - 1)
-                .with_context(|| format!("room {room} numbered below its own count"))?;
-            next_seq.insert(*room, first);
-        }
+        let mut next_seq = self.number(&mut write, &per_room).await?;
         let mut outcomes: Vec<Result<Accepted, Refusal>> = Vec::with_capacity(messages.len());
         let mut queued = Vec::new();
         let mut keys = Vec::new();
@@ -231,6 +214,60 @@ impl OutboxRepo {
             .await?;
         write.commit().await?;
         Ok(outcomes)
+    }
+
+    /// Advances each room's sequence by its count, in one statement for all
+    /// rooms: the first new sequence number of each room. It is the
+    /// transaction's first statement and a write, so on SQLite the
+    /// transaction takes the write lock (waiting its turn) before reading.
+    async fn number(
+        &self,
+        write: &mut Write,
+        per_room: &BTreeMap<RoomId, u64>,
+    ) -> anyhow::Result<HashMap<RoomId, u64>> {
+        if per_room.is_empty() {
+            return Ok(HashMap::new());
+        }
+        if self.db.backend == Backend::Postgres {
+            // Row locks taken in one order by every transaction, so two
+            // chat-service instances numbering the same rooms cannot deadlock.
+            let sql = format!(
+                "SELECT id FROM rooms WHERE id IN ({}) ORDER BY id FOR UPDATE",
+                self.db.placeholders(1, per_room.len())
+            );
+            let mut lock = sqlx::query(&sql);
+            for room in per_room.keys() {
+                lock = lock.bind(room.to_string());
+            }
+            lock.execute(&mut *write.tx).await?;
+        }
+        let sql = format!(
+            "WITH counts (id, n) AS (VALUES {})
+             UPDATE rooms SET last_seq = rooms.last_seq + counts.n
+             FROM counts WHERE rooms.id = counts.id
+             RETURNING rooms.id, rooms.last_seq",
+            self.db.value_rows(2, per_room.len()),
+        );
+        let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
+        for (room, count) in per_room {
+            query = query.bind(room.to_string()).bind(i64::try_from(*count)?);
+        }
+        let mut first = HashMap::with_capacity(per_room.len());
+        for (room, last) in query.fetch_all(&mut *write.tx).await? {
+            let room: RoomId = room.parse().with_context(|| format!("room id `{room}`"))?;
+            let count = per_room.get(&room).context("a room numbered unasked")?;
+            let seq = u64::try_from(last)?
+                .checked_sub(count - 1)
+                .with_context(|| format!("room {room} numbered below its own count"))?;
+            first.insert(room, seq);
+        }
+        anyhow::ensure!(
+            first.len() == per_room.len(),
+            "{} of {} rooms numbered",
+            first.len(),
+            per_room.len()
+        );
+        Ok(first)
     }
 
     /// The acks of the sends among `messages` whose sender sent the same
