@@ -16,12 +16,9 @@ use unhidra_authn::Authenticated;
 use unhidra_core::{
     api_keys::ApiScope,
     events::{SCHEMA_VERSION, Typing},
-    ids::{RoomId, UserId},
+    ids::RoomId,
     protocol::{ClientFrame, ErrorCode, ResumePoint, ServerFrame, close, parse_client_frame},
-    rpc::{
-        ChatSend, Draft, MAX_SENDS_PER_BATCH, RoomsOf, RoomsOfRequest, RpcError, RpcReply,
-        SendAccepted, SendBatch,
-    },
+    rpc::{ChatSend, Draft, MAX_SENDS_PER_BATCH, RpcError, RpcReply, SendAccepted, SendBatch},
 };
 use unhidra_runtime::ClientIp;
 use unhidra_telemetry::request_id;
@@ -87,6 +84,7 @@ pub async fn serve(
     // The rooms as loaded (and followed) before the upgrade: a message sent
     // to them once the client sees its connection open reaches it.
     gateway.registry.add_rooms(id, rooms.rooms());
+    let stale = rooms.may_be_stale();
     drop(rooms);
     gateway.presence.connected(auth.user);
     if resume {
@@ -119,7 +117,7 @@ pub async fn serve(
         },
     ));
 
-    if confirm_rooms(&gateway, id, &auth).await {
+    if !stale || confirm_rooms(&gateway, id, &auth).await {
         let connection = Connection {
             id,
             outbound: &outbound,
@@ -145,25 +143,12 @@ pub async fn serve(
     tracing::debug!(conn = id, user_id = %auth.user, "disconnected");
 }
 
-/// The rooms `user` belongs to now.
-pub async fn rooms_of(gateway: &Gateway, user: UserId) -> Result<Vec<RoomId>, RpcError> {
-    let request = RoomsOfRequest {
-        v: SCHEMA_VERSION,
-        users: vec![user],
-    };
-    let answer = gateway.ctx.rpc.call::<RoomsOf>(&request).await?;
-    Ok(answer
-        .into_iter()
-        .filter(|of| of.user == user)
-        .flat_map(|of| of.rooms)
-        .collect())
-}
-
 /// Loads the user's rooms again, now that the connection is registered, and
 /// makes them the connection's: a join or leave whose event came between
-/// the load before the upgrade and the registration is not missed.
+/// the load before the upgrade and the registration is not missed. Only
+/// when such an event may have come ([`feeds::Pinned::may_be_stale`]).
 async fn confirm_rooms(gateway: &Arc<Gateway>, id: ConnId, auth: &Authenticated) -> bool {
-    match rooms_of(gateway, auth.user).await {
+    match gateway.rooms.rooms_of(auth.user).await {
         Ok(rooms) => {
             let left = gateway.registry.set_rooms(id, &rooms);
             for room in left {

@@ -56,6 +56,7 @@ pub async fn spawn(gateway: Arc<Gateway>) -> anyhow::Result<JoinHandle<()>> {
 /// up.
 fn joined(gateway: &Arc<Gateway>, change: &MembershipChanged) {
     let room = change.room;
+    gateway.feeds.changed();
     for id in gateway.registry.connections_of(change.user) {
         if gateway.registry.in_room(id, room) {
             continue;
@@ -121,6 +122,7 @@ pub fn dispatch(gateway: &Arc<Gateway>, event: &Message, tail: &Mutex<RoomTail>)
                 // Joins are taken from the subscription to every room's.
                 Ok(change) if change.joined => {}
                 Ok(change) => {
+                    gateway.feeds.changed();
                     gateway.registry.user_left(change.user, room);
                     feeds::update(gateway, room);
                 }

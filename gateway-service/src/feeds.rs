@@ -7,7 +7,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -27,6 +30,23 @@ const RETRY: Duration = Duration::from_millis(500);
 #[derive(Default)]
 pub struct Feeds {
     state: std::sync::Mutex<State>,
+    /// Counts what may change a user's rooms as this gateway sees them: a
+    /// join or leave event arriving, a room's subscription made. A
+    /// connection whose rooms were loaded while it stood still needs no
+    /// second load once registered.
+    changes: AtomicU64,
+}
+
+impl Feeds {
+    /// Called before the registry learns of a join or leave, and when a
+    /// room's subscription is made.
+    pub fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn changes(&self) -> u64 {
+        self.changes.load(Ordering::SeqCst)
+    }
 }
 
 #[derive(Default)]
@@ -99,12 +119,28 @@ pub fn recent(gateway: &Gateway, room: RoomId, after: u64, up_to: u64) -> Vec<(u
 pub struct Pinned {
     gateway: Arc<Gateway>,
     rooms: Vec<RoomId>,
+    /// [`Feeds::changes`] before the rooms were loaded.
+    loaded_at: u64,
+    /// Whether every room's subscription was made in time.
+    subscribed: bool,
 }
 
 impl Pinned {
     pub fn rooms(&self) -> &[RoomId] {
         &self.rooms
     }
+
+    /// Whether the rooms may have changed since they were loaded (asked once
+    /// the connection is registered, so a later change reaches it): a join
+    /// or leave arrived, or a subscription was made or missed, meanwhile.
+    pub fn may_be_stale(&self) -> bool {
+        !self.subscribed || self.gateway.feeds.changes() != self.loaded_at
+    }
+}
+
+/// What [`pin`] is given after the rooms are loaded: taken before they are.
+pub fn before_loading(gateway: &Gateway) -> u64 {
+    gateway.feeds.changes()
 }
 
 impl Drop for Pinned {
@@ -126,25 +162,28 @@ impl Drop for Pinned {
     }
 }
 
-/// Follows `rooms` for a connection not registered yet; returns once they
-/// are subscribed (or a bounded time passed).
-pub async fn pin(gateway: &Arc<Gateway>, rooms: Vec<RoomId>) -> Pinned {
+/// Follows `rooms`, loaded after [`before_loading`] gave `loaded_at`, for a
+/// connection not registered yet; returns once they are subscribed (or a
+/// bounded time passed).
+pub async fn pin(gateway: &Arc<Gateway>, rooms: Vec<RoomId>, loaded_at: u64) -> Pinned {
     {
         let mut state = lock(&gateway.feeds.state);
         for room in &rooms {
             *state.pinned.entry(*room).or_default() += 1;
         }
     }
-    follow_rooms(gateway, &rooms).await;
+    let subscribed = follow_rooms(gateway, &rooms).await;
     Pinned {
         gateway: Arc::clone(gateway),
         rooms,
+        loaded_at,
+        subscribed,
     }
 }
 
 /// [`update`]s every room of `rooms`, then waits (a bounded time) until
-/// those followed are subscribed.
-pub async fn follow_rooms(gateway: &Arc<Gateway>, rooms: &[RoomId]) {
+/// those followed are subscribed; whether they all were.
+pub async fn follow_rooms(gateway: &Arc<Gateway>, rooms: &[RoomId]) -> bool {
     let pending: Vec<_> = rooms
         .iter()
         .filter_map(|room| update(gateway, *room))
@@ -152,15 +191,16 @@ pub async fn follow_rooms(gateway: &Arc<Gateway>, rooms: &[RoomId]) {
     let all = futures::future::join_all(pending.into_iter().map(|mut subscribed| async move {
         let _ = subscribed.wait_for(|done| *done).await;
     }));
-    if tokio::time::timeout(gateway.ctx.config.bus_timeout(), all)
+    let in_time = tokio::time::timeout(gateway.ctx.config.bus_timeout(), all)
         .await
-        .is_err()
-    {
+        .is_ok();
+    if !in_time {
         tracing::warn!(
             rooms = rooms.len(),
             "room subscriptions not made in time; messages may be missed until they are"
         );
     }
+    in_time
 }
 
 /// Subscribes to `room`'s events (retrying until it can) and dispatches
@@ -186,6 +226,8 @@ async fn follow(
             }
         }
     };
+    // A leave published before now did not come here.
+    gateway.feeds.changed();
     let _ = subscribed.send(true);
     let mut dispatched: u32 = 0;
     loop {

@@ -89,14 +89,15 @@ pub async fn upgrade(
     };
     // Loaded and followed before the client sees the connection open, so
     // that what is sent to its rooms from then on reaches it.
-    let rooms = match connection::rooms_of(&gateway, auth.user).await {
+    let loaded_at = feeds::before_loading(&gateway);
+    let rooms = match gateway.rooms.rooms_of(auth.user).await {
         Ok(rooms) => rooms,
         Err(e) => {
             tracing::warn!(user_id = %auth.user, error = %e, "WebSocket refused: rooms of user unavailable");
             return ApiError::from(e).into_response();
         }
     };
-    let rooms = feeds::pin(&gateway, rooms).await;
+    let rooms = feeds::pin(&gateway, rooms, loaded_at).await;
     let hard_limit = config.hard_frame_limit();
     upgrade
         .protocols([SUBPROTOCOL])

@@ -20,6 +20,7 @@ mod proxy;
 mod registry;
 mod resume;
 mod revocations;
+mod rooms_of;
 mod tail;
 
 use std::sync::Arc;
@@ -44,6 +45,7 @@ struct Gateway {
     metrics: GatewayMetrics,
     limits: SocketLimits,
     admission: Arc<Admission>,
+    rooms: rooms_of::RoomsLoader,
 }
 
 /// The WebSocket rate limits (each `None` when set to `off`).
@@ -56,6 +58,7 @@ struct SocketLimits {
 
 /// Subscribes to room events and serves `/ws`.
 pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
+    let (rooms, loader) = rooms_of::RoomsLoader::start(ctx.rpc.clone(), ctx.shutdown.clone());
     let gateway = Arc::new(Gateway {
         registry: Registry::default(),
         feeds: feeds::Feeds::default(),
@@ -71,6 +74,7 @@ pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
             ctx.config.ws_connections_per_user,
             ctx.config.ws_connections_per_ip,
         )),
+        rooms,
         ctx,
     });
     let fanout = fanout::spawn(Arc::clone(&gateway)).await?;
@@ -93,7 +97,7 @@ pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
         router,
         openapi: <GatewayDoc as utoipa::OpenApi>::openapi(),
         database: None,
-        tasks: vec![fanout, revocations, presence],
+        tasks: vec![fanout, revocations, presence, loader],
         fallback,
     })
 }

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use unhidra_bus::{Bus, Headers, NatsBus};
 use unhidra_core::{
     Config,
@@ -124,5 +124,68 @@ async fn a_gateway_follows_the_rooms_of_its_connections_and_no_others() -> TestR
         metrics.contains("unhidra_gateway_rooms_followed 0"),
         "{metrics}"
     );
+    stack.stop().await
+}
+
+/// The `chat.rooms_of` requests that reached NATS so far.
+async fn requests_seen(requests: &mut unhidra_bus::Subscription) -> usize {
+    let mut seen = 0;
+    while let Ok(Some(_)) = tokio::time::timeout(
+        Duration::from_millis(300),
+        futures::StreamExt::next(requests),
+    )
+    .await
+    {
+        seen += 1;
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_connect_loads_the_users_rooms_again_only_when_they_may_have_changed_meanwhile()
+-> TestResult {
+    let Some(nats) = NatsServer::start("", &[]).await? else {
+        return Ok(());
+    };
+    let Some(db) = TestDatabase::postgres().await? else {
+        return Ok(());
+    };
+    let prefix = unhidra_testkit::unique_prefix();
+    let config = Config {
+        nats_url: Some(nats.url().into()),
+        database_url: Some(db.url().to_owned().into()),
+        bus_prefix: prefix.clone(),
+        ..unhidra_testkit::config()
+    };
+    let stack = Scaled::start_on(config, db, |_, config| config, 1, 1).await?;
+    let api = stack.api();
+    let alice = api.user("alice").await?;
+    let room = api.create_room(&alice, "public").await?;
+    // A copy of every `chat.rooms_of` request the gateway makes.
+    let bus = NatsBus::connect(&nats.url(), "_INBOX").await?;
+    let mut requests = bus
+        .subscribe(&Subjects::new(prefix.clone()).chat_rooms_of())
+        .await?;
+
+    // The first connection subscribes to the room after loading it, so a
+    // leave published in between could have been missed: loaded again.
+    let mut first = connect(&stack.gateway.ws(), &alice.token).await?;
+    until_followed(&nats, &prefix, &[&room]).await?;
+    assert_eq!(requests_seen(&mut requests).await, 2);
+
+    // Nothing changed while the second one opened: loaded once.
+    let mut second = connect(&stack.gateway.ws(), &alice.token).await?;
+    assert_eq!(requests_seen(&mut requests).await, 1);
+
+    // Both connections are in the room all the same.
+    send(
+        &mut first,
+        json!({"type": "send", "id": "c-1", "room": room, "body": "to both"}),
+    )
+    .await?;
+    for socket in [&mut first, &mut second] {
+        let message = next_of(socket, "message").await?;
+        assert_eq!(message["body"], "to both");
+    }
     stack.stop().await
 }

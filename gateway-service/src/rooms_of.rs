@@ -1,0 +1,185 @@
+//! The rooms of connecting users, asked of chat-service in batches: the users
+//! whose connections open while one `chat.rooms_of` is answered are asked
+//! about together in the next, so a burst of connects costs a few requests
+//! (and database queries), not one each. An idle gateway asks at once.
+
+use std::collections::{HashMap, HashSet};
+
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+use unhidra_bus::RpcClient;
+use unhidra_core::{
+    events::SCHEMA_VERSION,
+    ids::{RoomId, UserId},
+    rpc::{MAX_USERS_PER_ROOMS_OF, RoomsOf, RoomsOfRequest, RpcCode, RpcError},
+};
+
+/// Connections waiting for their rooms before new ones wait to be queued.
+const WAITING: usize = 4096;
+
+type Answer = Result<Vec<RoomId>, RpcError>;
+
+struct Ask {
+    user: UserId,
+    answer: oneshot::Sender<Answer>,
+}
+
+/// Asks for the rooms of users; clones share one batching task.
+#[derive(Clone)]
+pub struct RoomsLoader {
+    asks: mpsc::Sender<Ask>,
+}
+
+impl RoomsLoader {
+    /// Starts the batching task; it stops at `shutdown`.
+    pub fn start(rpc: RpcClient, shutdown: CancellationToken) -> (Self, JoinHandle<()>) {
+        let (asks, queue) = mpsc::channel(WAITING);
+        (
+            Self { asks },
+            tokio::spawn(ask_in_batches(rpc, queue, shutdown)),
+        )
+    }
+
+    /// The rooms `user` belongs to now.
+    pub async fn rooms_of(&self, user: UserId) -> Answer {
+        let unavailable = || RpcError::new(RpcCode::Unavailable, "rooms unavailable");
+        let (answer, answered) = oneshot::channel();
+        self.asks
+            .send(Ask { user, answer })
+            .await
+            .map_err(|_| unavailable())?;
+        answered.await.map_err(|_| unavailable())?
+    }
+}
+
+/// One `chat.rooms_of` at a time, for everyone who asked meanwhile.
+async fn ask_in_batches(
+    rpc: RpcClient,
+    mut queue: mpsc::Receiver<Ask>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            next = queue.recv() => match next {
+                Some(ask) => ask,
+                None => return,
+            },
+        };
+        let mut batch = vec![first];
+        let mut users: HashSet<UserId> = HashSet::from([batch[0].user]);
+        while users.len() < MAX_USERS_PER_ROOMS_OF {
+            let Ok(ask) = queue.try_recv() else { break };
+            users.insert(ask.user);
+            batch.push(ask);
+        }
+        let request = RoomsOfRequest {
+            v: SCHEMA_VERSION,
+            users: users.into_iter().collect(),
+        };
+        match rpc.call::<RoomsOf>(&request).await {
+            Ok(answer) => {
+                let mut rooms: HashMap<UserId, Vec<RoomId>> = HashMap::new();
+                for of in answer {
+                    rooms.entry(of.user).or_default().extend(of.rooms);
+                }
+                for ask in batch {
+                    let theirs = rooms.get(&ask.user).cloned().unwrap_or_default();
+                    let _ = ask.answer.send(Ok(theirs));
+                }
+            }
+            Err(e) => {
+                for ask in batch {
+                    let _ = ask.answer.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
+
+    use tokio::sync::Semaphore;
+    use unhidra_core::{Config, rpc::UserRooms};
+    use unhidra_runtime::{ServiceContext, rpc::respond};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn users_asking_while_a_request_is_answered_are_asked_about_together()
+    -> anyhow::Result<()> {
+        let ctx =
+            ServiceContext::connect("test", Config::default(), std::future::pending()).await?;
+        let asked: Arc<Mutex<Vec<Vec<UserId>>>> = Arc::default();
+        // Each request is answered once the test lets it: every user but
+        // the last is in one room of their own.
+        let gate = Arc::new(Semaphore::new(0));
+        let users: Vec<UserId> = (0..10).map(|_| UserId::new()).collect();
+        let rooms: HashMap<UserId, RoomId> = users[..9]
+            .iter()
+            .map(|user| (*user, RoomId::new()))
+            .collect();
+        {
+            let (asked, gate, rooms) = (Arc::clone(&asked), Arc::clone(&gate), rooms.clone());
+            respond::<RoomsOf, _, _>(&ctx, "test", move |request| {
+                let (asked, gate, rooms) = (Arc::clone(&asked), Arc::clone(&gate), rooms.clone());
+                async move {
+                    asked.lock().expect("asked").push(request.users.clone());
+                    gate.acquire().await.expect("gate").forget();
+                    Ok(request
+                        .users
+                        .iter()
+                        .filter_map(|user| {
+                            Some(UserRooms {
+                                user: *user,
+                                rooms: vec![*rooms.get(user)?],
+                            })
+                        })
+                        .collect())
+                }
+            })
+            .await?;
+        }
+        let (loader, _task) = RoomsLoader::start(ctx.rpc.clone(), ctx.shutdown.clone());
+        let ask = |user| {
+            let loader = loader.clone();
+            tokio::spawn(async move { loader.rooms_of(user).await })
+        };
+
+        let first = ask(users[0]);
+        while asked.lock().expect("asked").is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Nine users (one of them twice) ask while the first is answered.
+        let mut rest: Vec<_> = users[1..].iter().map(|user| ask(*user)).collect();
+        rest.push(ask(users[1]));
+        while loader.asks.capacity() > WAITING - rest.len() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        gate.add_permits(2);
+
+        assert_eq!(first.await??, vec![rooms[&users[0]]]);
+        let answers = futures::future::try_join_all(rest).await?;
+        for (user, answer) in users[1..].iter().chain([&users[1]]).zip(answers) {
+            let expected: Vec<RoomId> = rooms.get(user).into_iter().copied().collect();
+            assert_eq!(answer?, expected, "rooms of {user}");
+        }
+        let asked = asked.lock().expect("asked").clone();
+        assert_eq!(asked.len(), 2, "{asked:?}");
+        assert_eq!(asked[0], vec![users[0]]);
+        let second: HashSet<UserId> = asked[1].iter().copied().collect();
+        assert_eq!(asked[1].len(), 9);
+        assert_eq!(second, users[1..].iter().copied().collect());
+        ctx.shutdown.cancel();
+        Ok(())
+    }
+}
