@@ -61,13 +61,15 @@ async fn until_followed(nats: &NatsServer, prefix: &str, expected: &[&str]) -> T
     }
 }
 
-#[tokio::test]
-async fn a_gateway_follows_the_rooms_of_its_connections_and_no_others() -> TestResult {
+/// One instance of each service on a NATS server of the test's own (whose
+/// subscriptions the test reads) and Postgres, under a fresh bus prefix;
+/// `None` when either server is missing outside CI.
+async fn one_of_each_on_own_nats() -> Result<Option<(NatsServer, String, Scaled)>, Error> {
     let Some(nats) = NatsServer::start("", &[]).await? else {
-        return Ok(());
+        return Ok(None);
     };
     let Some(db) = TestDatabase::postgres().await? else {
-        return Ok(());
+        return Ok(None);
     };
     let prefix = unhidra_testkit::unique_prefix();
     let config = Config {
@@ -77,6 +79,14 @@ async fn a_gateway_follows_the_rooms_of_its_connections_and_no_others() -> TestR
         ..unhidra_testkit::config()
     };
     let stack = Scaled::start_on(config, db, |_, config| config, 1, 1).await?;
+    Ok(Some((nats, prefix, stack)))
+}
+
+#[tokio::test]
+async fn a_gateway_follows_the_rooms_of_its_connections_and_no_others() -> TestResult {
+    let Some((nats, prefix, stack)) = one_of_each_on_own_nats().await? else {
+        return Ok(());
+    };
     let api = stack.api();
     let alice = api.user("alice").await?;
     let bob = api.user("bob").await?;
@@ -144,20 +154,9 @@ async fn requests_seen(requests: &mut unhidra_bus::Subscription) -> usize {
 #[tokio::test]
 async fn a_connect_loads_the_users_rooms_again_only_when_they_may_have_changed_meanwhile()
 -> TestResult {
-    let Some(nats) = NatsServer::start("", &[]).await? else {
+    let Some((nats, prefix, stack)) = one_of_each_on_own_nats().await? else {
         return Ok(());
     };
-    let Some(db) = TestDatabase::postgres().await? else {
-        return Ok(());
-    };
-    let prefix = unhidra_testkit::unique_prefix();
-    let config = Config {
-        nats_url: Some(nats.url().into()),
-        database_url: Some(db.url().to_owned().into()),
-        bus_prefix: prefix.clone(),
-        ..unhidra_testkit::config()
-    };
-    let stack = Scaled::start_on(config, db, |_, config| config, 1, 1).await?;
     let api = stack.api();
     let alice = api.user("alice").await?;
     let room = api.create_room(&alice, "public").await?;
