@@ -58,7 +58,11 @@ struct SocketLimits {
 
 /// Subscribes to room events and serves `/ws`.
 pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
-    let (rooms, loader) = rooms_of::RoomsLoader::start(ctx.rpc.clone(), ctx.shutdown.clone());
+    let (rooms, loader) = rooms_of::RoomsLoader::start(
+        ctx.rpc.clone(),
+        ctx.config.bus_timeout(),
+        ctx.shutdown.clone(),
+    );
     let gateway = Arc::new(Gateway {
         registry: Registry::default(),
         feeds: feeds::Feeds::default(),

@@ -1,9 +1,13 @@
 //! The rooms of connecting users, asked of chat-service in batches: the users
 //! whose connections open while one `chat.rooms_of` is answered are asked
 //! about together in the next, so a burst of connects costs a few requests
-//! (and database queries), not one each. An idle gateway asks at once.
+//! (and database queries), not one each. An idle gateway asks at once. An
+//! ask waits at most the bus timeout, wherever it stands in the queue.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use tokio::{
     sync::{mpsc, oneshot},
@@ -31,27 +35,36 @@ struct Ask {
 #[derive(Clone)]
 pub struct RoomsLoader {
     asks: mpsc::Sender<Ask>,
+    timeout: Duration,
 }
 
 impl RoomsLoader {
-    /// Starts the batching task; it stops at `shutdown`.
-    pub fn start(rpc: RpcClient, shutdown: CancellationToken) -> (Self, JoinHandle<()>) {
+    /// Starts the batching task; it stops at `shutdown`. An ask not
+    /// answered within `timeout` is answered `unavailable`.
+    pub fn start(
+        rpc: RpcClient,
+        timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> (Self, JoinHandle<()>) {
         let (asks, queue) = mpsc::channel(WAITING);
-        (
-            Self { asks },
-            tokio::spawn(ask_in_batches(rpc, queue, shutdown)),
-        )
+        let loader = Self { asks, timeout };
+        (loader, tokio::spawn(ask_in_batches(rpc, queue, shutdown)))
     }
 
     /// The rooms `user` belongs to now.
     pub async fn rooms_of(&self, user: UserId) -> Answer {
         let unavailable = || RpcError::new(RpcCode::Unavailable, "rooms unavailable");
         let (answer, answered) = oneshot::channel();
-        self.asks
-            .send(Ask { user, answer })
+        let asked = async {
+            self.asks
+                .send(Ask { user, answer })
+                .await
+                .map_err(|_| unavailable())?;
+            answered.await.map_err(|_| unavailable())?
+        };
+        tokio::time::timeout(self.timeout, asked)
             .await
-            .map_err(|_| unavailable())?;
-        answered.await.map_err(|_| unavailable())?
+            .unwrap_or_else(|_| Err(unavailable()))
     }
 }
 
@@ -149,7 +162,11 @@ mod tests {
             })
             .await?;
         }
-        let (loader, _task) = RoomsLoader::start(ctx.rpc.clone(), ctx.shutdown.clone());
+        let (loader, _task) = RoomsLoader::start(
+            ctx.rpc.clone(),
+            ctx.config.bus_timeout(),
+            ctx.shutdown.clone(),
+        );
         let ask = |user| {
             let loader = loader.clone();
             tokio::spawn(async move { loader.rooms_of(user).await })
@@ -179,6 +196,34 @@ mod tests {
         let second: HashSet<UserId> = asked[1].iter().copied().collect();
         assert_eq!(asked[1].len(), 9);
         assert_eq!(second, users[1..].iter().copied().collect());
+        ctx.shutdown.cancel();
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ask_behind_an_unanswered_request_waits_one_timeout_not_two() -> anyhow::Result<()> {
+        let ctx =
+            ServiceContext::connect("test", Config::default(), std::future::pending()).await?;
+        // chat-service takes every request and never answers.
+        respond::<RoomsOf, _, _>(&ctx, "test", |_| std::future::pending()).await?;
+        let timeout = ctx.config.bus_timeout();
+        let (loader, _task) = RoomsLoader::start(ctx.rpc.clone(), timeout, ctx.shutdown.clone());
+
+        let started = tokio::time::Instant::now();
+        let first = tokio::spawn({
+            let loader = loader.clone();
+            async move { loader.rooms_of(UserId::new()).await }
+        });
+        // Queued while the first request is out.
+        tokio::time::sleep(timeout / 2).await;
+        let second = loader.rooms_of(UserId::new()).await;
+        let waited = started.elapsed();
+
+        let unavailable = RpcCode::Unavailable;
+        assert_eq!(first.await?.map_err(|e| e.code), Err(unavailable));
+        assert_eq!(second.map_err(|e| e.code), Err(unavailable));
+        // Asked at half the timeout, answered at one and a half, not two.
+        assert_eq!(waited, timeout / 2 + timeout);
         ctx.shutdown.cancel();
         Ok(())
     }
