@@ -137,6 +137,19 @@ async fn a_gateway_follows_the_rooms_of_its_connections_and_no_others() -> TestR
     stack.stop().await
 }
 
+/// Sends `body` to `room` on `socket` and waits for the ack: a connection
+/// reads frames only once it has its rooms, so every `chat.rooms_of` of its
+/// opening was made before.
+async fn sent(socket: &mut Socket, id: &str, room: &str, body: &str) -> TestResult {
+    send(
+        socket,
+        json!({"type": "send", "id": id, "room": room, "body": body}),
+    )
+    .await?;
+    assert_eq!(next_of(socket, "ack").await?["id"], id);
+    Ok(())
+}
+
 /// The `chat.rooms_of` requests that reached NATS so far.
 async fn requests_seen(requests: &mut unhidra_bus::Subscription) -> usize {
     let mut seen = 0;
@@ -169,22 +182,23 @@ async fn a_connect_loads_the_users_rooms_again_only_when_they_may_have_changed_m
     // The first connection subscribes to the room after loading it, so a
     // leave published in between could have been missed: loaded again.
     let mut first = connect(&stack.gateway.ws(), &alice.token).await?;
+    sent(&mut first, "c-1", &room, "first").await?;
     until_followed(&nats, &prefix, &[&room]).await?;
     assert_eq!(requests_seen(&mut requests).await, 2);
 
     // Nothing changed while the second one opened: loaded once.
     let mut second = connect(&stack.gateway.ws(), &alice.token).await?;
+    sent(&mut second, "c-2", &room, "to both").await?;
     assert_eq!(requests_seen(&mut requests).await, 1);
 
     // Both connections are in the room all the same.
-    send(
-        &mut first,
-        json!({"type": "send", "id": "c-1", "room": room, "body": "to both"}),
-    )
-    .await?;
     for socket in [&mut first, &mut second] {
-        let message = next_of(socket, "message").await?;
-        assert_eq!(message["body"], "to both");
+        loop {
+            let message = next_of(socket, "message").await?;
+            if message["body"] == "to both" {
+                break;
+            }
+        }
     }
     stack.stop().await
 }
