@@ -20,6 +20,7 @@ use unhidra_core::{
     ids::{RoomId, UserId},
     rpc::{MAX_USERS_PER_ROOMS_OF, RoomsOf, RoomsOfRequest, RpcCode, RpcError},
 };
+use unhidra_runtime::batch::next_batch;
 
 /// Connections waiting for their rooms before new ones wait to be queued.
 const WAITING: usize = 4096;
@@ -75,21 +76,15 @@ async fn ask_in_batches(
     shutdown: CancellationToken,
 ) {
     loop {
-        let first = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => return,
-            next = queue.recv() => match next {
-                Some(ask) => ask,
-                None => return,
-            },
-        };
-        let mut batch = vec![first];
-        let mut users: HashSet<UserId> = HashSet::from([batch[0].user]);
-        while users.len() < MAX_USERS_PER_ROOMS_OF {
-            let Ok(ask) = queue.try_recv() else { break };
+        let mut users: HashSet<UserId> = HashSet::new();
+        let Some(batch) = next_batch(&mut queue, &shutdown, |ask: &Ask| {
             users.insert(ask.user);
-            batch.push(ask);
-        }
+            users.len() >= MAX_USERS_PER_ROOMS_OF
+        })
+        .await
+        else {
+            return;
+        };
         let request = RoomsOfRequest {
             v: SCHEMA_VERSION,
             users: users.into_iter().collect(),

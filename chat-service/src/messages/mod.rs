@@ -27,7 +27,7 @@ use unhidra_core::{
     ids::{MessageId, RoomId},
     rpc::{MAX_SENDS_PER_BATCH, RpcCode, RpcError, RpcReply, SendAccepted, SendBatch},
 };
-use unhidra_runtime::ServiceContext;
+use unhidra_runtime::{ServiceContext, batch::next_batch};
 use unhidra_store::now_millis;
 use unhidra_telemetry::request_id;
 
@@ -220,21 +220,15 @@ async fn commit_groups(
     shutdown: CancellationToken,
 ) {
     loop {
-        let first = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => return,
-            next = queue.recv() => match next {
-                Some(submission) => submission,
-                None => return,
-            },
+        let mut count = 0;
+        let Some(mut group) = next_batch(&mut queue, &shutdown, |s: &Submission| {
+            count += s.messages.len();
+            count >= MAX_GROUP
+        })
+        .await
+        else {
+            return;
         };
-        let mut count = first.messages.len();
-        let mut group = vec![first];
-        while count < MAX_GROUP {
-            let Ok(next) = queue.try_recv() else { break };
-            count += next.messages.len();
-            group.push(next);
-        }
         let sizes: Vec<usize> = group.iter().map(|s| s.messages.len()).collect();
         let messages: Vec<NewMessage> = group
             .iter_mut()
@@ -282,18 +276,11 @@ impl Publisher {
     /// Publishes each committed group (with whatever queued meanwhile) until
     /// shutdown.
     async fn publish_committed(self, mut queue: mpsc::Receiver<Committed>) {
-        loop {
-            let mut round = tokio::select! {
-                biased;
-                () = self.ctx.shutdown.cancelled() => return,
-                next = queue.recv() => match next {
-                    Some(committed) => committed,
-                    None => return,
-                },
-            };
-            while let Ok(more) = queue.try_recv() {
-                round.rooms.extend(more.rooms);
-                round.headers.extend(more.headers);
+        while let Some(groups) = next_batch(&mut queue, &self.ctx.shutdown, |_| false).await {
+            let mut round = Committed::default();
+            for group in groups {
+                round.rooms.extend(group.rooms);
+                round.headers.extend(group.headers);
             }
             let rooms: Vec<RoomId> = round.rooms.into_iter().collect();
             self.publish_rooms(&rooms, round.headers).await;

@@ -6,6 +6,7 @@
 //! [`Service`] built on a [`ServiceContext`]; the all-in-one binary serves
 //! several on one listener, each service binary serves its own.
 
+pub mod batch;
 mod client_ip;
 pub mod consumer;
 mod current_user;
