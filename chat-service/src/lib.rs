@@ -48,6 +48,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "send keys",
         sql: include_str!("../migrations/0004_send_keys.sql"),
     },
+    Migration {
+        version: 5,
+        name: "outbox by room",
+        sql: include_str!("../migrations/0005_outbox_by_room.sql"),
+    },
 ];
 
 /// chat-service's part of its handlers' state.

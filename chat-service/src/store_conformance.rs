@@ -1,14 +1,20 @@
 //! The chat repositories, one suite on SQLite and on Postgres: what one
 //! dialect accepts the other must too, with the same results.
 
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
 use chrono::Utc;
+use tokio::sync::oneshot;
 use unhidra_core::{
     events::RoomMessage,
-    ids::{RoomId, UserId},
+    ids::{MessageId, RoomId, UserId},
     rooms::{Role, Visibility},
     rpc::UserRooms,
 };
-use unhidra_store::Database;
+use unhidra_store::{Backend, Database};
 use unhidra_testkit::{TestDatabase, on_each_database};
 
 use crate::{
@@ -353,6 +359,86 @@ async fn publishing_takes_each_room_in_sequence_order_and_keeps_what_failed() ->
             0
         );
         assert_eq!(outbox.stale_rooms(i64::MAX, 10).await?, vec![]);
+        Ok(())
+    })
+    .await
+}
+
+/// Two publishers of one room at once (the relay and the publisher, or two
+/// instances). On Postgres the second waits for the first and takes what is
+/// left; on SQLite it does not wait (the first holds nothing), and a stream
+/// that stores each message id once still receives the room in order.
+#[tokio::test]
+async fn racing_publishers_keep_a_rooms_order() -> anyhow::Result<()> {
+    on_each_database(|db| async move {
+        let database = open(&db).await?;
+        let postgres = database.backend == Backend::Postgres;
+        let rooms = RoomRepo::new(database.clone(), ROOMY);
+        let outbox = OutboxRepo::new(database, KEYS_KEPT);
+        let owner = UserId::new();
+        let a = room("a", Visibility::Public);
+        rooms.create(&a, owner).await??;
+        let burst = |from: usize| {
+            (from..from + 10)
+                .map(|i| new_message(a.id, owner, &format!("m{i}")))
+                .collect::<Vec<_>>()
+        };
+        outbox.accept(burst(1)).await?;
+
+        // The stream: each message id stored once, in arrival order.
+        let stream: Arc<Mutex<Vec<(MessageId, u64)>>> = Arc::default();
+        let store = |pending: Vec<(MessageId, u64)>| {
+            let mut stored = stream.lock().unwrap_or_else(PoisonError::into_inner);
+            for (id, seq) in pending {
+                if !stored.iter().any(|(known, _)| *known == id) {
+                    stored.push((id, seq));
+                }
+            }
+        };
+        let only_a = [a.id];
+        let (read, has_read) = oneshot::channel();
+        let (go_on, told) = oneshot::channel::<()>();
+        let slow = outbox.publish(&only_a, 100, |pending| async move {
+            let _ = read.send(());
+            let _ = told.await;
+            store(pending.iter().map(|p| (p.message_id, p.seq)).collect());
+            Ok(())
+        });
+        let meanwhile = async {
+            has_read.await?;
+            // More messages and a second publisher, while the first one's
+            // publish waits.
+            let second = async {
+                outbox.accept(burst(11)).await?;
+                outbox
+                    .publish(&only_a, 100, |pending| async move {
+                        store(pending.iter().map(|p| (p.message_id, p.seq)).collect());
+                        Ok(())
+                    })
+                    .await
+            };
+            tokio::pin!(second);
+            let patience = Duration::from_secs(if postgres { 1 } else { 10 });
+            let while_held = tokio::time::timeout(patience, &mut second).await;
+            let _ = go_on.send(());
+            match (postgres, while_held) {
+                (false, Ok(published)) => published,
+                (false, Err(_)) => anyhow::bail!("the second publisher waited for the first"),
+                (true, Ok(_)) => anyhow::bail!("the second publisher took locked messages"),
+                (true, Err(_)) => second.await,
+            }
+        };
+        let (slow, fast) = tokio::join!(slow, meanwhile);
+        let second_took = if postgres { 10 } else { 20 };
+        assert_eq!((slow?, fast?), (10, second_took));
+        let stored: Vec<u64> = stream
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(_, seq)| *seq)
+            .collect();
+        assert_eq!(stored, (1..=20).collect::<Vec<u64>>());
+        assert_eq!(outbox.publish(&[a.id], 100, |_| async { Ok(()) }).await?, 0);
         Ok(())
     })
     .await

@@ -103,9 +103,10 @@ struct Conn {
     rooms: HashSet<RoomId>,
 }
 
-/// A connection in a room and, once the room was resumed on it, the latest
-/// sequence it was given: a message at or below it is not given again (the
-/// replay may have sent it before its live copy came through).
+/// A connection in a room and the latest sequence it was given, live or by
+/// a resume: a message at or below it is not given again (the replay may
+/// have sent it before its live copy came through, and two publishers of a
+/// room may both have published it).
 struct Member {
     handle: Handle,
     last_seq: Option<u64>,
@@ -298,8 +299,9 @@ impl Registry {
     }
 
     /// Queues `frame`, the message `seq` of `room`, on every connection in
-    /// the room (or holds it back where a resume of the room is under way);
-    /// a connection whose queue is full is cut off as a slow consumer.
+    /// the room that was not given it (or a later one) yet, or holds it back
+    /// where a resume of the room is under way; a connection whose queue is
+    /// full is cut off as a slow consumer.
     pub fn deliver(&self, room: RoomId, seq: u64, frame: &Utf8Bytes) -> Fanout {
         let mut fanout = Fanout::default();
         let Some(mut members) = self.by_room.get_mut(&room) else {
@@ -311,9 +313,7 @@ impl Registry {
             }
             match member.handle.offer(room, seq, frame) {
                 Ok(()) => {
-                    if let Some(last) = &mut member.last_seq {
-                        *last = seq;
-                    }
+                    member.last_seq = Some(seq);
                     fanout.delivered += 1;
                     true
                 }
@@ -522,6 +522,31 @@ mod tests {
         assert_eq!(delivered(registry.deliver(other, 5, &frame("five"))), 2);
         assert!(matches!(rx_b1.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "three"));
         assert!(matches!(rx_b1.try_recv(), Ok(Outbound::Frame(f)) if f.as_str() == "five"));
+    }
+
+    #[test]
+    fn a_message_published_twice_reaches_a_connection_once() {
+        let registry = Registry::default();
+        let (user, room) = (UserId::new(), RoomId::new());
+        let (tx, mut rx) = mpsc::channel(8);
+        let id = registry.register(user, SessionId::new(), tx, CancellationToken::new(), false);
+        registry.add_rooms(id, &[room]);
+        // Two publishers of the room: one got to 3, the other starts over.
+        for (seq, body) in [
+            (1, "one"),
+            (2, "two"),
+            (3, "three"),
+            (2, "two"),
+            (3, "three"),
+        ] {
+            registry.deliver(room, seq, &frame(body));
+        }
+        assert_eq!(delivered(registry.deliver(room, 4, &frame("four"))), 1);
+        let mut got = Vec::new();
+        while let Ok(Outbound::Frame(f)) = rx.try_recv() {
+            got.push(f.as_str().to_owned());
+        }
+        assert_eq!(got, ["one", "two", "three", "four"]);
     }
 
     #[test]

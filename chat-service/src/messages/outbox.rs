@@ -2,10 +2,10 @@
 //! transaction: each room's sequence advances once for the whole group (one
 //! statement per room, not per message), and every accepted event is queued
 //! in the outbox, so sequences have no gaps and an accepted message is never
-//! lost. Publishing takes a room's queued messages in sequence order, deleting
-//! them in the same transaction that waits for the stream to store them, so
-//! whoever publishes a room's messages (any chat-service instance, or the
-//! relay) publishes every earlier one first.
+//! lost. Publishing takes a room's queued messages from its lowest sequence
+//! on, publishes them in that order and only then removes them, so whoever
+//! publishes a room's messages (any chat-service instance, or the relay)
+//! publishes every earlier queued one first.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -71,6 +71,9 @@ pub struct OutboxRepo {
     /// How long a send's client id is remembered, in milliseconds.
     keys_kept_ms: i64,
 }
+
+/// Rooms whose published messages one statement removes at most.
+const ROOMS_PER_STATEMENT: usize = 500;
 
 /// How one message of a group is to be accepted.
 enum Plan {
@@ -364,10 +367,19 @@ impl OutboxRepo {
     }
 
     /// Takes up to `limit` queued messages of `rooms`, the lowest sequence
-    /// numbers of each room first, and hands them to `publish` sorted by room
-    /// and sequence. They leave the outbox only if `publish` succeeds; while
-    /// it runs, any other publisher of these rooms waits. Returns how many
-    /// were published.
+    /// numbers of each room first, hands them to `publish` sorted by room and
+    /// sequence, and removes them from the outbox once `publish` succeeded.
+    /// Returns how many were published.
+    ///
+    /// Whoever publishes a room's messages publishes every earlier queued
+    /// one first. On Postgres the rows stay locked while `publish` runs, so a
+    /// second publisher of the room waits and then takes only what is left.
+    /// On SQLite nothing is held (its one writer would stop every group
+    /// commit meanwhile): a second publisher (the relay, another process on
+    /// the file) may publish some of the same messages again, each in order
+    /// from the room's lowest. The stream stores a message id once within its
+    /// duplicate window, and a gateway gives a connection no sequence it gave
+    /// it before, so clients still see each message once, in order.
     pub async fn publish<F, Fut>(
         &self,
         rooms: &[RoomId],
@@ -381,19 +393,24 @@ impl OutboxRepo {
         if rooms.is_empty() {
             return Ok(0);
         }
+        let locked = self.db.backend == Backend::Postgres;
         let sql = format!(
-            "DELETE FROM outbox WHERE message_id IN (
-                 SELECT message_id FROM outbox WHERE room_id IN ({})
-                 ORDER BY room_id, seq LIMIT {limit})
-             RETURNING message_id, room_id, seq, payload",
-            self.db.placeholders(1, rooms.len())
+            "SELECT message_id, room_id, seq, payload FROM outbox WHERE room_id IN ({})
+             ORDER BY room_id, seq LIMIT {limit}{}",
+            self.db.placeholders(1, rooms.len()),
+            if locked { " FOR UPDATE" } else { "" },
         );
         let mut query = sqlx::query_as::<_, (String, String, i64, String)>(&sql);
         for room in rooms {
             query = query.bind(room.to_string());
         }
-        let mut write = self.db.begin_write().await?;
-        let rows = query.fetch_all(&mut *write.tx).await?;
+        let mut claim = None;
+        let rows = if locked {
+            let claim = claim.insert(self.db.begin_write().await?);
+            query.fetch_all(&mut *claim.tx).await?
+        } else {
+            query.fetch_all(&self.db.pool).await?
+        };
         let mut taken = Vec::with_capacity(rows.len());
         for (message_id, room, seq, payload) in rows {
             taken.push(Pending {
@@ -411,10 +428,47 @@ impl OutboxRepo {
             return Ok(0);
         }
         taken.sort_by_key(|p| (p.room, p.seq));
+        // Each room's highest sequence taken: it and everything below it of
+        // the room leave the outbox.
+        let published: BTreeMap<RoomId, u64> = taken.iter().map(|p| (p.room, p.seq)).collect();
         let count = taken.len();
         publish(taken).await?;
+        let mut write = match claim {
+            Some(claim) => claim,
+            None => self.db.begin_write().await?,
+        };
+        self.remove_published(&mut write, &published)
+            .await
+            .context("published, but not removed from the outbox")?;
         write.commit().await?;
         Ok(count)
+    }
+
+    /// Removes each room's queued messages up to its given sequence.
+    async fn remove_published(
+        &self,
+        write: &mut Write,
+        published: &BTreeMap<RoomId, u64>,
+    ) -> anyhow::Result<()> {
+        let rooms: Vec<(&RoomId, &u64)> = published.iter().collect();
+        for chunk in rooms.chunks(ROOMS_PER_STATEMENT) {
+            let ranges: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    format!(
+                        "(room_id = {} AND seq <= {})",
+                        self.db.placeholders(1 + 2 * i, 1),
+                        self.db.placeholders(2 + 2 * i, 1)
+                    )
+                })
+                .collect();
+            let sql = format!("DELETE FROM outbox WHERE {}", ranges.join(" OR "));
+            let mut query = sqlx::query(&sql);
+            for (room, seq) in chunk {
+                query = query.bind(room.to_string()).bind(i64::try_from(**seq)?);
+            }
+            query.execute(&mut *write.tx).await?;
+        }
+        Ok(())
     }
 
     /// Rooms with messages queued before `before_ms` (Unix milliseconds): what

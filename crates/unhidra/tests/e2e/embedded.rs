@@ -398,7 +398,8 @@ async fn a_message_committed_but_not_published_before_a_crash_is_relayed_after_r
         .execute(&chat_db)
         .await?;
     sqlx::query(
-        "INSERT INTO outbox (message_id, room_id, payload, created_at) VALUES ($1, $2, $3, 0)",
+        "INSERT INTO outbox (message_id, room_id, seq, payload, created_at)
+         VALUES ($1, $2, 1, $3, 0)",
     )
     .bind(&message_id)
     .bind(&room)

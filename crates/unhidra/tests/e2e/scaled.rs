@@ -216,7 +216,19 @@ async fn a_membership_change_with_joined_false_stops_the_room_at_once() -> TestR
     // What chat-service will publish when bob leaves, published here on the
     // same NATS under the stack's prefix. Each change is followed by a probe
     // message from the same connection: once alice has the probe, the gateway
-    // has applied the change (one publisher's messages arrive in order).
+    // has applied the change (one publisher's messages arrive in order). A
+    // gateway gives no connection a sequence at or below one it gave it, so
+    // each probe takes a sequence above the room's real messages so far, and
+    // the room's next real message is numbered above the probe.
+    let chat_db = sqlx::PgPool::connect(stack.db.url()).await?;
+    let numbered_above = async |seq: i64| -> Result<(), Error> {
+        sqlx::query("UPDATE rooms SET last_seq = $1 WHERE id = $2")
+            .bind(seq)
+            .bind(&room)
+            .execute(&chat_db)
+            .await?;
+        Ok(())
+    };
     let nats =
         NatsBus::connect(&unhidra_testkit::nats_url().await.ok_or("NATS")?, "_INBOX").await?;
     let subjects = Subjects::new(stack.config.bus_prefix.clone());
@@ -228,12 +240,12 @@ async fn a_membership_change_with_joined_false_stops_the_room_at_once() -> TestR
             user: bob_id,
             joined,
             // As chat-service would: the room's latest sequence before.
-            seq: u64::from(joined),
+            seq: if joined { 1001 } else { 0 },
         };
         let probe = RoomMessage {
             v: SCHEMA_VERSION,
             room: room_id,
-            seq: if joined { 1001 } else { 1000 },
+            seq: if joined { 2000 } else { 1000 },
             message_id: MessageId::new(),
             sender: alice.id.parse()?,
             body: probe.to_owned(),
@@ -267,6 +279,7 @@ async fn a_membership_change_with_joined_false_stops_the_room_at_once() -> TestR
         next_message(&mut alice_ws).await?,
         (Some(1000), "probe while out".into())
     );
+    numbered_above(1000).await?;
     send(
         &mut alice_ws,
         json!({"type": "send", "id": "while-out", "room": room, "body": "not for bob"}),
@@ -274,14 +287,15 @@ async fn a_membership_change_with_joined_false_stops_the_room_at_once() -> TestR
     .await?;
     assert_eq!(
         next_message(&mut alice_ws).await?,
-        (Some(1), "not for bob".into())
+        (Some(1001), "not for bob".into())
     );
 
     change_then_probe(true, "probe after rejoining").await?;
     assert_eq!(
         next_message(&mut alice_ws).await?,
-        (Some(1001), "probe after rejoining".into())
+        (Some(2000), "probe after rejoining".into())
     );
+    numbered_above(2000).await?;
     send(
         &mut alice_ws,
         json!({"type": "send", "id": "back", "room": room, "body": "for bob"}),
@@ -293,10 +307,10 @@ async fn a_membership_change_with_joined_false_stops_the_room_at_once() -> TestR
     // first: joins and a room's messages come on different subscriptions.
     // The probe is no real message, so the catch-up cannot supply it.)
     let mut first = next_message(&mut bob_ws).await?;
-    if first == (Some(1001), "probe after rejoining".into()) {
+    if first == (Some(2000), "probe after rejoining".into()) {
         first = next_message(&mut bob_ws).await?;
     }
-    assert_eq!(first, (Some(2), "for bob".into()));
+    assert_eq!(first, (Some(2001), "for bob".into()));
     stack.stop().await
 }
 
