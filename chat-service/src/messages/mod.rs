@@ -12,6 +12,7 @@ mod outbox;
 
 use std::{
     collections::{HashMap, HashSet},
+    sync::Arc,
     time::Duration,
 };
 
@@ -94,6 +95,7 @@ impl GroupCommit {
             ctx: ctx.clone(),
             outbox: outbox.clone(),
             published: metrics.published,
+            turn: Arc::default(),
         };
         let tasks = vec![
             tokio::spawn(commit_groups(
@@ -270,6 +272,11 @@ struct Publisher {
     ctx: ServiceContext,
     outbox: OutboxRepo,
     published: IntCounter,
+    /// Taken by each publishing round of the publisher and the relay: in
+    /// one process a round never publishes what another is publishing (on
+    /// SQLite the outbox holds no lock meanwhile), even when the publisher
+    /// falls so far behind that its rooms look stale to the relay.
+    turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Publisher {
@@ -322,6 +329,7 @@ impl Publisher {
     /// `PUBLISH_LIMIT`; on failure the rest stays for the relay.
     async fn publish_rooms(&self, rooms: &[RoomId], mut headers: HashMap<MessageId, Headers>) {
         loop {
+            let _turn = self.turn.lock().await;
             let bus = &self.ctx.bus;
             let subjects = &self.ctx.subjects;
             let round = self
