@@ -364,6 +364,46 @@ async fn publishing_takes_each_room_in_sequence_order_and_keeps_what_failed() ->
     .await
 }
 
+/// Messages queued before the outbox was keyed by room and sequence are
+/// still queued after, and published in order.
+#[tokio::test]
+async fn queued_messages_survive_the_outbox_rebuild() -> anyhow::Result<()> {
+    on_each_database(|db| async move {
+        let database = Database::connect(db.url(), 4).await?;
+        let before = MIGRATIONS.iter().position(|m| m.version == 5).unwrap_or(0);
+        database.migrate(NAME, &MIGRATIONS[..before]).await?;
+        let room = RoomId::new();
+        for seq in [2_i64, 1] {
+            sqlx::query(
+                "INSERT INTO outbox (message_id, room_id, seq, payload, created_at)
+                 VALUES ($1, $2, $3, $4, 0)",
+            )
+            .bind(MessageId::new().to_string())
+            .bind(room.to_string())
+            .bind(seq)
+            .bind(format!("payload {seq}"))
+            .execute(&database.pool)
+            .await?;
+        }
+        database.migrate(NAME, MIGRATIONS).await?;
+        let outbox = OutboxRepo::new(database, KEYS_KEPT);
+        assert_eq!(outbox.stale_rooms(1, 10).await?, vec![room]);
+        let mut seen = Vec::new();
+        outbox
+            .publish(&[room], 10, |pending| {
+                seen = pending.into_iter().map(|p| (p.seq, p.payload)).collect();
+                async { Ok(()) }
+            })
+            .await?;
+        assert_eq!(
+            seen,
+            vec![(1, "payload 1".to_owned()), (2, "payload 2".to_owned())]
+        );
+        Ok(())
+    })
+    .await
+}
+
 /// Two publishers of one room at once (the relay and the publisher, or two
 /// instances). On Postgres the second waits for the first and takes what is
 /// left; on SQLite it does not wait (the first holds nothing), and a stream
