@@ -7,7 +7,8 @@
 --
 -- The rename comes first: on Postgres it locks the old table until this
 -- transaction commits, so no row another replica queues meanwhile is left
--- behind in it (that replica's statement waits, then finds the new table).
+-- behind in it: that replica's statement waits, then either finds the new
+-- table or fails, and its group is answered `unavailable`, not acked.
 ALTER TABLE outbox RENAME TO outbox_before_by_room;
 CREATE TABLE outbox (
     room_id TEXT NOT NULL,
