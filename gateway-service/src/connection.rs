@@ -1,22 +1,27 @@
-//! One client connection: a reader that handles client frames in order, and a
-//! writer that drains the connection's bounded outbound queue and closes the
-//! socket (with a documented code) on shutdown, token expiry or slow reading.
+//! One client connection, served by one task: it reads the client's frames
+//! in order (sends go to chat-service in batches while later frames are
+//! read), writes their answers in the same order, writes what the registry
+//! queues for the connection (room events, presence, a close), pings, and
+//! closes the socket with a documented code on shutdown, token expiry,
+//! silence or slow reading. One task and no split socket keep an idle
+//! connection small.
 
 use std::{
     collections::{BTreeMap, HashMap},
+    convert::Infallible,
     sync::Arc,
     time::Duration,
 };
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures::{SinkExt, StreamExt, future::BoxFuture, stream::SplitSink};
-use tokio::sync::{mpsc, watch};
+use futures::{SinkExt, StreamExt, future::BoxFuture};
+use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 use unhidra_authn::Authenticated;
 use unhidra_core::{
     api_keys::ApiScope,
     events::{SCHEMA_VERSION, Typing},
-    ids::RoomId,
+    ids::{RoomId, UserId},
     protocol::{ClientFrame, ErrorCode, ResumePoint, ServerFrame, close, parse_client_frame},
     rpc::{ChatSend, Draft, MAX_SENDS_PER_BATCH, RpcError, RpcReply, SendAccepted, SendBatch},
 };
@@ -25,6 +30,7 @@ use unhidra_telemetry::request_id;
 
 use crate::{
     Gateway,
+    admission::Ticket,
     budget::{FrameBudget, Verdict},
     feeds,
     metrics::GatewayMetrics,
@@ -39,116 +45,59 @@ const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames a connection may have read and not yet been answered.
 const MAX_PIPELINE: usize = 1024;
-/// Frames written before one flush at most.
+/// Queued frames written before one flush at most.
 const MAX_BURST: u64 = 128;
 
 /// How long a connection that announced a resume waits for it before its
 /// rooms' live messages flow anyway.
 const RESUME_WAIT: Duration = Duration::from_secs(10);
 
+/// How a connection ends: the close frame the server sends (code and
+/// reason), or `None` when the socket failed or the client closed it.
+type Ending = Option<(u16, &'static str)>;
+
+const SLOW_CONSUMER: Ending = Some((close::SLOW_CONSUMER, "slow consumer"));
+
 /// Serves an upgraded connection whose user belonged to `rooms` just before
-/// the upgrade.
-pub async fn serve(
+/// the upgrade: registers it at once and returns the future that serves it
+/// (to be spawned as the connection's one task, which holds little more
+/// than the [`Connection`]).
+pub fn serve(
     gateway: Arc<Gateway>,
-    mut socket: WebSocket,
+    socket: WebSocket,
     auth: Authenticated,
-    ip: ClientIp,
+    ip: &ClientIp,
     resume: bool,
     rooms: feeds::Pinned,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
     // Checked before the upgrade; decided here, where two racing handshakes
     // cannot both take the last place.
-    let _ticket = match gateway.admission.admit(auth.user, &ip) {
-        Ok(ticket) => ticket,
-        Err(full) => {
-            let frame = CloseFrame {
-                code: close::POLICY_VIOLATION,
-                reason: Utf8Bytes::from(full.message()),
-            };
-            let _ = socket.send(Message::Close(Some(frame))).await;
-            return;
-        }
+    let mut admitted = match gateway.admission.admit(auth.user, ip) {
+        Ok(ticket) => Ok(Connection::open(
+            gateway, socket, auth, resume, rooms, ticket,
+        )),
+        Err(full) => Err((socket, full.message())),
     };
-    gateway.metrics.connections.inc();
-    let (sink, mut stream) = socket.split();
-    let (outbound, queue) = mpsc::channel(gateway.ctx.config.outbound_queue);
-    let slow = CancellationToken::new();
-    let done = CancellationToken::new();
-    let id = gateway.registry.register(
-        auth.user,
-        auth.session,
-        outbound.clone(),
-        slow.clone(),
-        resume,
-    );
-    // The rooms as loaded (and followed) before the upgrade: a message sent
-    // to them once the client sees its connection open reaches it.
-    gateway.registry.add_rooms(id, rooms.rooms());
-    let stale = rooms.may_be_stale();
-    drop(rooms);
-    gateway.presence.connected(auth.user);
-    if resume {
-        let gateway = Arc::clone(&gateway);
-        gateway.ctx.in_flight.clone().spawn(async move {
-            tokio::select! {
-                () = tokio::time::sleep(RESUME_WAIT) => gateway.registry.end_awaited_resume(id).await,
-                () = gateway.ctx.shutdown.cancelled() => {}
+    async move {
+        match &mut admitted {
+            Ok(connection) => connection.serve().await,
+            Err((socket, message)) => {
+                let frame = CloseFrame {
+                    code: close::POLICY_VIOLATION,
+                    reason: Utf8Bytes::from(std::mem::take(message)),
+                };
+                let _ = socket.send(Message::Close(Some(frame))).await;
             }
-        });
+        }
     }
-    tracing::debug!(conn = id, user_id = %auth.user, "connected");
-    let (expiry, expiry_seen) = watch::channel(auth.expires_at);
-    let heard = Arc::new(Heard::new());
-    let config = &gateway.ctx.config;
-    let writer = tokio::spawn(write(
-        sink,
-        queue,
-        Closers {
-            metrics: gateway.metrics.clone(),
-            slow,
-            done: done.clone(),
-            shutdown: gateway.ctx.shutdown.clone(),
-            expiry: expiry_seen,
-            warn_before: Duration::from_secs(config.token_warning_secs),
-            drain: Duration::from_secs(config.drain_secs),
-            ping_every: Duration::from_secs(config.ws_ping_secs),
-            idle_timeout: Duration::from_secs(config.ws_idle_timeout_secs),
-            heard: Arc::clone(&heard),
-        },
-    ));
-
-    if !stale || confirm_rooms(&gateway, id, &auth).await {
-        let connection = Connection {
-            id,
-            outbound: &outbound,
-            expiry: &expiry,
-            heard: &heard,
-            done: &done,
-        };
-        read(&gateway, &connection, &mut stream, auth).await;
-    } else {
-        let _ = outbound
-            .send(Outbound::Close(close::TRY_AGAIN_LATER, "rooms unavailable"))
-            .await;
-    }
-
-    for room in gateway.registry.unregister(id) {
-        feeds::update(&gateway, room);
-    }
-    gateway.presence.disconnected(auth.user);
-    drop(outbound);
-    done.cancel();
-    let _ = writer.await;
-    gateway.metrics.connections.dec();
-    tracing::debug!(conn = id, user_id = %auth.user, "disconnected");
 }
 
 /// Loads the user's rooms again, now that the connection is registered, and
 /// makes them the connection's: a join or leave whose event came between
 /// the load before the upgrade and the registration is not missed. Only
 /// when such an event may have come ([`feeds::Pinned::may_be_stale`]).
-async fn confirm_rooms(gateway: &Arc<Gateway>, id: ConnId, auth: &Authenticated) -> bool {
-    match gateway.rooms.rooms_of(auth.user).await {
+async fn confirm_rooms(gateway: &Arc<Gateway>, id: ConnId, user: UserId) -> bool {
+    match gateway.rooms.rooms_of(user).await {
         Ok(rooms) => {
             let left = gateway.registry.set_rooms(id, &rooms);
             for room in left {
@@ -158,151 +107,359 @@ async fn confirm_rooms(gateway: &Arc<Gateway>, id: ConnId, auth: &Authenticated)
             true
         }
         Err(e) => {
-            tracing::warn!(user_id = %auth.user, error = %e, "rooms of user unavailable");
+            tracing::warn!(user_id = %user, error = %e, "rooms of user unavailable");
             false
         }
     }
 }
 
-/// Reads frames while earlier ones are answered: sends go to chat-service in
-/// batches (one in flight), every answer goes out in arrival order, and
-/// reading pauses while `MAX_PIPELINE` frames wait for their answers.
-/// What the reader of a connection works with.
-struct Connection<'a> {
+/// A connection and what its task keeps between frames.
+struct Connection {
+    gateway: Arc<Gateway>,
+    /// Its place among the user's and the address's connections.
+    _ticket: Ticket,
     id: ConnId,
-    outbound: &'a mpsc::Sender<Outbound>,
-    /// When the connection's token expires (Unix seconds), for the writer.
-    expiry: &'a watch::Sender<i64>,
-    /// When the client was last heard from, for the writer.
-    heard: &'a Heard,
-    done: &'a CancellationToken,
+    /// Whether the rooms loaded before the upgrade may have changed since.
+    stale: bool,
+    socket: WebSocket,
+    /// What the registry (and resumes) queue for the client.
+    queue: mpsc::Receiver<Outbound>,
+    /// The queue's entry, for resumes the connection starts.
+    outbound: mpsc::Sender<Outbound>,
+    /// Cancelled by the registry when the queue overflowed.
+    slow: CancellationToken,
+    auth: Authenticated,
+    /// Frames read and not yet answered, in order.
+    pipeline: Pipeline,
+    budget: FrameBudget,
+    /// When a typing indicator last went out, per room.
+    typed: HashMap<RoomId, Instant>,
 }
 
-async fn read(
-    gateway: &Arc<Gateway>,
-    connection: &Connection<'_>,
-    stream: &mut futures::stream::SplitStream<WebSocket>,
-    mut auth: Authenticated,
-) {
-    let (conn, outbound, done) = (connection.id, connection.outbound, connection.done);
-    let mut typed: HashMap<RoomId, tokio::time::Instant> = HashMap::new();
-    let mut pipeline = Pipeline::default();
-    let mut in_flight: Option<BoxFuture<'static, BatchOutcome>> = None;
-    let limits = &gateway.limits;
-    let user_key = auth.user.to_string();
-    let mut budget = FrameBudget::new(
-        limits.frames.as_ref(),
-        limits.bytes.as_ref(),
-        &gateway.ctx.clock,
-    );
-    loop {
-        for frame in pipeline.take_ready() {
-            let Ok(text) = serde_json::to_string(&frame) else {
-                continue;
-            };
-            if outbound
-                .send(Outbound::Frame(Utf8Bytes::from(text)))
-                .await
-                .is_err()
-            {
-                return;
-            }
+impl Connection {
+    /// Registers the connection: it receives its rooms' messages from now on.
+    fn open(
+        gateway: Arc<Gateway>,
+        socket: WebSocket,
+        auth: Authenticated,
+        resume: bool,
+        rooms: feeds::Pinned,
+        ticket: Ticket,
+    ) -> Self {
+        gateway.metrics.connections.inc();
+        let (outbound, queue) = mpsc::channel(gateway.ctx.config.outbound_queue);
+        let slow = CancellationToken::new();
+        let id = gateway.registry.register(
+            auth.user,
+            auth.session,
+            outbound.clone(),
+            slow.clone(),
+            resume,
+        );
+        // The rooms as loaded (and followed) before the upgrade: a message
+        // sent to them once the client sees its connection open reaches it.
+        gateway.registry.add_rooms(id, rooms.rooms());
+        let stale = rooms.may_be_stale();
+        drop(rooms);
+        gateway.presence.connected(auth.user);
+        if resume {
+            let gateway = Arc::clone(&gateway);
+            gateway.ctx.in_flight.clone().spawn(async move {
+                tokio::select! {
+                    () = tokio::time::sleep(RESUME_WAIT) => gateway.registry.end_awaited_resume(id).await,
+                    () = gateway.ctx.shutdown.cancelled() => {}
+                }
+            });
         }
-        if in_flight.is_none() {
-            let batch = pipeline.next_batch(MAX_SENDS_PER_BATCH);
-            if !batch.is_empty() {
-                in_flight = Some(submit(gateway, &auth, batch));
-            }
+        tracing::debug!(conn = id, user_id = %auth.user, "connected");
+        let budget = FrameBudget::new(
+            gateway.limits.frames.as_ref(),
+            gateway.limits.bytes.as_ref(),
+            &gateway.ctx.clock,
+        );
+        Self {
+            gateway,
+            _ticket: ticket,
+            id,
+            stale,
+            socket,
+            queue,
+            outbound,
+            slow,
+            auth,
+            pipeline: Pipeline::default(),
+            budget,
+            typed: HashMap::new(),
         }
-        let answered = async {
-            match in_flight.as_mut() {
-                Some(call) => call.await,
-                None => std::future::pending().await,
-            }
+    }
+
+    /// Serves the connection until it ends, then unregisters and closes it.
+    async fn serve(&mut self) {
+        let gateway = Arc::clone(&self.gateway);
+        let (id, user) = (self.id, self.auth.user);
+        // Boxed: a rare path, kept out of every connection's future.
+        let ending = if !self.stale || Box::pin(confirm_rooms(&gateway, id, user)).await {
+            let Err(ending) = self.run().await;
+            ending
+        } else {
+            Some((close::TRY_AGAIN_LATER, "rooms unavailable"))
         };
-        tokio::select! {
-            () = done.cancelled() => return drain(stream).await,
-            outcome = answered => {
-                in_flight = None;
-                pipeline.complete(outcome);
+        for room in gateway.registry.unregister(id) {
+            feeds::update(&gateway, room);
+        }
+        gateway.presence.disconnected(user);
+        // Boxed: it runs once, at the end.
+        Box::pin(self.close(ending)).await;
+        gateway.metrics.connections.dec();
+        tracing::debug!(conn = id, user_id = %user, "disconnected");
+    }
+
+    /// Serves the connection until it ends; how it ends.
+    async fn run(&mut self) -> Result<Infallible, Ending> {
+        let gateway = Arc::clone(&self.gateway);
+        let config = &gateway.ctx.config;
+        let warn_before = Duration::from_secs(config.token_warning_secs);
+        let idle_timeout = Duration::from_secs(config.ws_idle_timeout_secs);
+        let ping_every = Duration::from_secs(config.ws_ping_secs);
+        let mut in_flight: Option<BoxFuture<'static, BatchOutcome>> = None;
+        let mut heard = Instant::now();
+        let mut expires_at = self.auth.expires_at;
+        let mut timers = Timers::new(Instant::now(), ping_every, until(expires_at), warn_before);
+        let timer = tokio::time::sleep_until(timers.next());
+        tokio::pin!(timer);
+        loop {
+            if timer.deadline() != timers.next() {
+                timer.as_mut().reset(timers.next());
             }
-            next = stream.next(), if pipeline.len() < MAX_PIPELINE => {
-                connection.heard.now();
-                match next {
-                None | Some(Ok(Message::Close(_))) => return,
-                Some(Err(e)) => {
-                    tracing::info!(user_id = %auth.user, error = %e, "WebSocket read failed");
-                    let _ = outbound
-                        .send(Outbound::Close(
-                            close::TOO_BIG,
-                            "frame too large or malformed",
-                        ))
-                        .await;
-                    return;
+            let ready = self.pipeline.take_ready();
+            if !ready.is_empty() {
+                self.write_frames(&ready).await?;
+            }
+            if in_flight.is_none() {
+                let batch = self.pipeline.next_batch(MAX_SENDS_PER_BATCH);
+                if !batch.is_empty() {
+                    in_flight = Some(submit(&gateway, &self.auth, batch));
                 }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(message)) => {
-                    gateway.metrics.frames_in.inc();
-                    let size = match &message {
-                        Message::Text(text) => text.len(),
-                        Message::Binary(bytes) => bytes.len(),
-                        _ => 0,
-                    };
-                    match budget.take(size) {
-                        Verdict::Accept => {}
-                        Verdict::Refuse(retry_after) => {
-                            gateway.metrics.frames_limited.inc();
-                            pipeline.push_ready(rate_limited(None, retry_after, "frames"));
-                            continue;
-                        }
-                        Verdict::Close => {
-                            tracing::info!(user_id = %auth.user, "WebSocket closed: kept sending past its rate limit");
-                            let _ = outbound
-                                .send(Outbound::Close(close::POLICY_VIOLATION, "rate limit exceeded"))
-                                .await;
-                            return drain(stream).await;
-                        }
+            }
+            let answered = async {
+                match in_flight.as_mut() {
+                    Some(call) => call.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = self.slow.cancelled() => return Err(SLOW_CONSUMER),
+                () = gateway.ctx.shutdown.cancelled(), if timers.restart.is_none() => {
+                    // Within the drain time, at a random moment, so that
+                    // not all clients reconnect at once.
+                    let drain = Duration::from_secs(config.drain_secs);
+                    timers.restart = Some(Instant::now() + drain.mul_f64(rand::random::<f64>()));
+                }
+                () = &mut timer => match timers.due(Instant::now()) {
+                    Some(Due::Restart) => return Err(Some((close::SERVICE_RESTART, "service restart"))),
+                    Some(Due::Expiry) => return Err(Some((close::TOKEN_EXPIRED, "token expired"))),
+                    Some(Due::Warning) => {
+                        self.write_frames(&[ServerFrame::TokenExpiring { expires_at }]).await?;
                     }
-                    match message {
-                        Message::Text(text) => {
-                            let max_frame = gateway.ctx.config.max_frame_bytes;
-                            match accept_frame(&mut pipeline, &auth, text.as_str(), max_frame) {
-                                Some(Command::Send(draft)) => match over_message_limit(gateway, &user_key).await {
-                                    None => pipeline.push_send(draft),
-                                    Some(retry_after) => {
-                                        pipeline.push_ready(rate_limited(Some(draft.id), retry_after, "messages"));
-                                    }
-                                },
-                                Some(Command::Resume(rooms)) => {
-                                    let resume = resume::run(Arc::clone(gateway), conn, auth, rooms, outbound.clone());
-                                    gateway.ctx.in_flight.spawn(resume);
-                                }
-                                Some(Command::Typing(room)) => {
-                                    if let Err(refused) = typing(gateway, conn, &auth, room, &mut typed).await {
-                                        pipeline.push_ready(refused);
-                                    }
-                                }
-                                Some(Command::Refresh { id, token }) => {
-                                    let answer = match refresh(gateway, conn, &mut auth, &token).await {
-                                        Ok(expires_at) => {
-                                            connection.expiry.send_replace(expires_at);
-                                            ServerFrame::Refreshed { id, expires_at }
-                                        }
-                                        Err((code, message)) => error(id, code, &message),
-                                    };
-                                    pipeline.push_ready(answer);
-                                }
-                                None => {}
-                            }
+                    Some(Due::Ping) => {
+                        if heard.elapsed() > idle_timeout {
+                            return Err(Some((close::IDLE_TIMEOUT, "idle timeout")));
                         }
-                        _ => pipeline.push_ready(error(
-                            None,
-                            ErrorCode::InvalidFrame,
-                            "binary frames are not supported; send JSON text",
-                        )),
+                        timed(&gateway.metrics, self.socket.send(Message::Ping(Default::default()))).await?;
+                    }
+                    None => {}
+                },
+                next = self.queue.recv() => match next {
+                    Some(Outbound::Frame(text)) => self.write_queued(text).await?,
+                    Some(Outbound::Close(code, reason)) => return Err(Some((code, reason))),
+                    None => return Err(None),
+                },
+                outcome = answered => {
+                    in_flight = None;
+                    self.pipeline.complete(outcome);
+                }
+                next = self.socket.next(), if self.pipeline.len() < MAX_PIPELINE => {
+                    heard = Instant::now();
+                    match next {
+                        None | Some(Ok(Message::Close(_))) => return Err(None),
+                        Some(Err(e)) => {
+                            tracing::info!(user_id = %self.auth.user, error = %e, "WebSocket read failed");
+                            return Err(Some((close::TOO_BIG, "frame too large or malformed")));
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(message)) => Box::pin(self.on_message(message)).await?,
+                    }
+                    if self.auth.expires_at != expires_at {
+                        // Refreshed: the new token's expiry counts.
+                        expires_at = self.auth.expires_at;
+                        timers.expire_in(Instant::now(), until(expires_at), warn_before);
                     }
                 }
-            }},
+            }
+        }
+    }
+
+    /// Handles a data frame of the client: answered in the pipeline, or
+    /// the ending when the client keeps sending past its rate limit.
+    async fn on_message(&mut self, message: Message) -> Result<(), Ending> {
+        let gateway = &self.gateway;
+        gateway.metrics.frames_in.inc();
+        let size = match &message {
+            Message::Text(text) => text.len(),
+            Message::Binary(bytes) => bytes.len(),
+            _ => 0,
+        };
+        match self.budget.take(size) {
+            Verdict::Accept => {}
+            Verdict::Refuse(retry_after) => {
+                gateway.metrics.frames_limited.inc();
+                self.pipeline
+                    .push_ready(rate_limited(None, retry_after, "frames"));
+                return Ok(());
+            }
+            Verdict::Close => {
+                tracing::info!(user_id = %self.auth.user, "WebSocket closed: kept sending past its rate limit");
+                return Err(Some((close::POLICY_VIOLATION, "rate limit exceeded")));
+            }
+        }
+        let Message::Text(text) = message else {
+            self.pipeline.push_ready(error(
+                None,
+                ErrorCode::InvalidFrame,
+                "binary frames are not supported; send JSON text",
+            ));
+            return Ok(());
+        };
+        let max_frame = gateway.ctx.config.max_frame_bytes;
+        match accept_frame(&mut self.pipeline, &self.auth, text.as_str(), max_frame) {
+            Some(Command::Send(draft)) => match over_message_limit(gateway, &self.auth).await {
+                None => self.pipeline.push_send(draft),
+                Some(retry_after) => {
+                    self.pipeline
+                        .push_ready(rate_limited(Some(draft.id), retry_after, "messages"));
+                }
+            },
+            Some(Command::Resume(rooms)) => {
+                let resume = resume::run(
+                    Arc::clone(gateway),
+                    self.id,
+                    self.auth,
+                    rooms,
+                    self.outbound.clone(),
+                );
+                gateway.ctx.in_flight.spawn(resume);
+            }
+            Some(Command::Typing(room)) => {
+                if let Err(refused) =
+                    typing(gateway, self.id, &self.auth, room, &mut self.typed).await
+                {
+                    self.pipeline.push_ready(refused);
+                }
+            }
+            Some(Command::Refresh { id, token }) => {
+                let answer = match refresh(gateway, self.id, &mut self.auth, &token).await {
+                    Ok(expires_at) => ServerFrame::Refreshed { id, expires_at },
+                    Err((code, message)) => error(id, code, &message),
+                };
+                self.pipeline.push_ready(answer);
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Writes answers (in one flush).
+    async fn write_frames(&mut self, frames: &[ServerFrame]) -> Result<(), Ending> {
+        let socket = &mut self.socket;
+        let write = async {
+            let mut written = 0;
+            for frame in frames {
+                let Ok(text) = serde_json::to_string(frame) else {
+                    continue;
+                };
+                socket.feed(Message::Text(text.into())).await?;
+                written += 1;
+            }
+            socket.flush().await?;
+            Ok(written)
+        };
+        let written = timed(&self.gateway.metrics, write).await?;
+        self.gateway.metrics.frames_out.inc_by(written);
+        Ok(())
+    }
+
+    /// Writes `first` and what is queued behind it (in one flush); a queued
+    /// close ends the connection after the frames before it.
+    async fn write_queued(&mut self, first: Utf8Bytes) -> Result<(), Ending> {
+        let (socket, queue) = (&mut self.socket, &mut self.queue);
+        let mut then_close = None;
+        let burst = async {
+            socket.feed(Message::Text(first)).await?;
+            let mut written = 1;
+            while written < MAX_BURST {
+                match queue.try_recv() {
+                    Ok(Outbound::Frame(text)) => {
+                        socket.feed(Message::Text(text)).await?;
+                        written += 1;
+                    }
+                    Ok(Outbound::Close(code, reason)) => {
+                        then_close = Some((code, reason));
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            socket.flush().await?;
+            Ok(written)
+        };
+        let written = timed(&self.gateway.metrics, burst).await?;
+        self.gateway.metrics.frames_out.inc_by(written);
+        match then_close {
+            Some(close) => Err(Some(close)),
+            None => Ok(()),
+        }
+    }
+
+    /// Ends the connection: sends the ending's close frame and reads (and
+    /// drops) what the client still sends until its close frame, so the TCP
+    /// connection ends cleanly and the client reads the close code instead
+    /// of a reset; or completes the close the client began. Each step is
+    /// bounded by [`CLOSE_HANDSHAKE_TIMEOUT`].
+    async fn close(&mut self, ending: Ending) {
+        if let Some((code, reason)) = ending {
+            let frame = CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            };
+            let close = self.socket.send(Message::Close(Some(frame)));
+            if let Ok(Ok(())) = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, close).await {
+                let until_close = async {
+                    while let Some(Ok(message)) = self.socket.next().await {
+                        if matches!(message, Message::Close(_)) {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, until_close).await;
+            }
+        }
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, self.socket.close()).await;
+    }
+}
+
+/// Runs a write to the socket: the ending when it failed, or, when it took
+/// longer than [`WRITE_TIMEOUT`] (the client stopped reading and its socket
+/// buffers are full), a slow consumer's.
+async fn timed<T>(
+    metrics: &GatewayMetrics,
+    write: impl Future<Output = Result<T, axum::Error>>,
+) -> Result<T, Ending> {
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(_)) => Err(None),
+        Err(_) => {
+            metrics.slow_consumers.inc();
+            Err(SLOW_CONSUMER)
         }
     }
 }
@@ -363,7 +520,7 @@ async fn typing(
     conn: ConnId,
     auth: &Authenticated,
     room: RoomId,
-    last: &mut HashMap<RoomId, tokio::time::Instant>,
+    last: &mut HashMap<RoomId, Instant>,
 ) -> Result<(), ServerFrame> {
     if !gateway.registry.in_room(conn, room) {
         return Err(error(
@@ -372,7 +529,7 @@ async fn typing(
             "not a member of this room",
         ));
     }
-    let now = tokio::time::Instant::now();
+    let now = Instant::now();
     if last
         .get(&room)
         .is_some_and(|at| now.duration_since(*at) < TYPING_EVERY)
@@ -464,9 +621,13 @@ fn accept_frame(
 /// When the user may send again, if they are over their messages per
 /// second across all their connections (on every gateway, through Redis
 /// when it is configured).
-async fn over_message_limit(gateway: &Gateway, user_key: &str) -> Option<Duration> {
+async fn over_message_limit(gateway: &Gateway, auth: &Authenticated) -> Option<Duration> {
     let limit = gateway.limits.messages.as_ref()?;
-    let decision = gateway.ctx.limits.check(limit, user_key, 1).await;
+    let decision = gateway
+        .ctx
+        .limits
+        .check(limit, &auth.user.to_string(), 1)
+        .await;
     (!decision.allowed).then_some(decision.retry_after)
 }
 
@@ -482,63 +643,86 @@ fn rate_limited(id: Option<String>, retry_after: Duration, what: &str) -> Server
     }
 }
 
-/// After the server sent its close frame: reads (and drops) what the client
-/// still sends until its close frame, so the TCP connection ends cleanly and
-/// the client reads the close code instead of a reset.
-async fn drain(stream: &mut futures::stream::SplitStream<WebSocket>) {
-    let until_close = async {
-        while let Some(Ok(message)) = stream.next().await {
-            if matches!(message, Message::Close(_)) {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, until_close).await;
+/// What a connection does at a set time, on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    /// Ping the client (after checking it was heard from lately).
+    Ping,
+    /// Tell the client its token expires soon.
+    Warning,
+    /// Close: the token expired.
+    Expiry,
+    /// Close: the service is restarting.
+    Restart,
 }
 
-struct Closers {
-    metrics: GatewayMetrics,
-    slow: CancellationToken,
-    done: CancellationToken,
-    shutdown: CancellationToken,
-    /// On shutdown the connection closes within this long, at a random
-    /// moment, so that not all clients reconnect at once.
-    drain: Duration,
-    /// Pings go out this often; nothing heard from the client for
-    /// `idle_timeout` closes the connection.
+/// The times a connection acts at, served by one timer (an idle
+/// connection holds one instead of four).
+#[derive(Debug)]
+struct Timers {
     ping_every: Duration,
-    idle_timeout: Duration,
-    /// When the reader last heard from the client.
-    heard: Arc<Heard>,
-    /// When the connection's token expires (Unix seconds); a refresh moves it.
-    expiry: watch::Receiver<i64>,
-    /// How long before the expiry `token_expiring` goes out.
-    warn_before: Duration,
+    ping: Instant,
+    /// `None` once the warning went out.
+    warning: Option<Instant>,
+    expiry: Instant,
+    /// Set once the service drains.
+    restart: Option<Instant>,
 }
 
-/// When the client was last heard from (any frame, pongs included).
-struct Heard {
-    started: tokio::time::Instant,
-    /// Milliseconds after `started`.
-    at_ms: std::sync::atomic::AtomicU64,
-}
+impl Timers {
+    fn new(
+        now: Instant,
+        ping_every: Duration,
+        expires_in: Duration,
+        warn_before: Duration,
+    ) -> Self {
+        let mut timers = Self {
+            ping_every,
+            ping: now + ping_every,
+            warning: None,
+            expiry: now,
+            restart: None,
+        };
+        timers.expire_in(now, expires_in, warn_before);
+        timers
+    }
 
-impl Heard {
-    fn new() -> Self {
-        Self {
-            started: tokio::time::Instant::now(),
-            at_ms: std::sync::atomic::AtomicU64::new(0),
+    /// The token now expires in `expires_in`: warned `warn_before` then.
+    fn expire_in(&mut self, now: Instant, expires_in: Duration, warn_before: Duration) {
+        self.expiry = now + expires_in;
+        self.warning = Some(now + expires_in.saturating_sub(warn_before));
+    }
+
+    /// The earliest time set.
+    fn next(&self) -> Instant {
+        [
+            Some(self.ping),
+            self.warning,
+            Some(self.expiry),
+            self.restart,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(self.expiry)
+    }
+
+    /// What is due at `now`, the gravest first; the next ping and the
+    /// warning are taken when returned.
+    fn due(&mut self, now: Instant) -> Option<Due> {
+        if self.restart.is_some_and(|at| at <= now) {
+            Some(Due::Restart)
+        } else if self.expiry <= now {
+            Some(Due::Expiry)
+        } else if self.warning.is_some_and(|at| at <= now) {
+            self.warning = None;
+            Some(Due::Warning)
+        } else if self.ping <= now {
+            self.ping = now + self.ping_every;
+            Some(Due::Ping)
+        } else {
+            None
         }
-    }
-
-    fn now(&self) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.at_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn since(&self) -> Duration {
-        let at = Duration::from_millis(self.at_ms.load(std::sync::atomic::Ordering::Relaxed));
-        self.started.elapsed().saturating_sub(at)
     }
 }
 
@@ -547,120 +731,61 @@ fn until(at: i64) -> Duration {
     Duration::from_secs(u64::try_from(at - chrono::Utc::now().timestamp()).unwrap_or(0))
 }
 
-async fn write(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut queue: mpsc::Receiver<Outbound>,
-    closers: Closers,
-) {
-    let mut closers = closers;
-    let mut expires_at = *closers.expiry.borrow_and_update();
-    let expired = tokio::time::sleep(until(expires_at));
-    let warning = tokio::time::sleep(until(expires_at).saturating_sub(closers.warn_before));
-    tokio::pin!(expired, warning);
-    let mut warned = false;
-    let mut refreshable = true;
-    let mut pings = tokio::time::interval(closers.ping_every);
-    pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    pings.tick().await;
-    let restart = tokio::time::sleep(Duration::MAX);
-    tokio::pin!(restart);
-    let mut draining = false;
-    let close_with = loop {
-        tokio::select! {
-            biased;
-            () = closers.slow.cancelled() => break Some((close::SLOW_CONSUMER, "slow consumer")),
-            () = closers.shutdown.cancelled(), if !draining => {
-                draining = true;
-                let at = closers.drain.mul_f64(rand::random::<f64>());
-                restart.as_mut().reset(tokio::time::Instant::now() + at);
-            }
-            () = &mut restart, if draining => break Some((close::SERVICE_RESTART, "service restart")),
-            _ = pings.tick() => {
-                if closers.heard.since() > closers.idle_timeout {
-                    break Some((close::IDLE_TIMEOUT, "idle timeout"));
-                }
-                let ping = tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Ping(Default::default()))).await;
-                if !matches!(ping, Ok(Ok(()))) {
-                    break None;
-                }
-            }
-            () = &mut expired => break Some((close::TOKEN_EXPIRED, "token expired")),
-            changed = closers.expiry.changed(), if refreshable => match changed {
-                Ok(()) => {
-                    expires_at = *closers.expiry.borrow_and_update();
-                    let now = tokio::time::Instant::now();
-                    expired.as_mut().reset(now + until(expires_at));
-                    warning.as_mut().reset(now + until(expires_at).saturating_sub(closers.warn_before));
-                    warned = false;
-                }
-                Err(_) => refreshable = false,
-            },
-            () = &mut warning, if !warned => {
-                warned = true;
-                let Ok(text) = serde_json::to_string(&ServerFrame::TokenExpiring { expires_at }) else {
-                    continue;
-                };
-                let sent = tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Text(text.into()))).await;
-                if !matches!(sent, Ok(Ok(()))) {
-                    break None;
-                }
-            }
-            next = queue.recv() => match next {
-                Some(Outbound::Frame(text)) => {
-                    // Frames queued meanwhile go out with this one, in one flush.
-                    let mut then_close = None;
-                    let burst = async {
-                        sink.feed(Message::Text(text)).await?;
-                        let mut written = 1;
-                        while written < MAX_BURST {
-                            match queue.try_recv() {
-                                Ok(Outbound::Frame(text)) => {
-                                    sink.feed(Message::Text(text)).await?;
-                                    written += 1;
-                                }
-                                Ok(Outbound::Close(code, reason)) => {
-                                    then_close = Some((code, reason));
-                                    break;
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                        sink.flush().await?;
-                        Ok::<u64, axum::Error>(written)
-                    };
-                    match tokio::time::timeout(WRITE_TIMEOUT, burst).await {
-                        Ok(Ok(written)) => {
-                            closers.metrics.frames_out.inc_by(written);
-                            if then_close.is_some() {
-                                break then_close;
-                            }
-                        }
-                        Ok(Err(_)) => break None,
-                        // The client stopped reading; its socket buffers are full.
-                        Err(_) => {
-                            closers.metrics.slow_consumers.inc();
-                            break Some((close::SLOW_CONSUMER, "slow consumer"));
-                        }
-                    }
-                }
-                Some(Outbound::Close(code, reason)) => break Some((code, reason)),
-                None => break None,
-            },
-            () = closers.done.cancelled(), if queue.is_empty() => break None,
-        }
-    };
-    if let Some((code, reason)) = close_with {
-        let frame = CloseFrame {
-            code,
-            reason: Utf8Bytes::from_static(reason),
-        };
-        let _ = tokio::time::timeout(
-            CLOSE_HANDSHAKE_TIMEOUT,
-            sink.send(Message::Close(Some(frame))),
-        )
-        .await;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PING: Duration = Duration::from_secs(25);
+    const WARN: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn pings_come_until_the_warning_then_the_expiry_closes() {
+        let start = Instant::now();
+        let mut timers = Timers::new(start, PING, Duration::from_secs(100), WARN);
+        assert_eq!(timers.next(), start + PING);
+        assert_eq!(timers.due(start + Duration::from_secs(1)), None);
+        assert_eq!(timers.due(start + PING), Some(Due::Ping));
+        // The warning (at 40 s) comes before the next ping (at 50 s), once.
+        assert_eq!(timers.next(), start + Duration::from_secs(40));
+        assert_eq!(
+            timers.due(start + Duration::from_secs(40)),
+            Some(Due::Warning)
+        );
+        assert_eq!(timers.next(), start + Duration::from_secs(50));
+        assert_eq!(timers.due(start + Duration::from_secs(50)), Some(Due::Ping));
+        assert_eq!(
+            timers.due(start + Duration::from_secs(100)),
+            Some(Due::Expiry)
+        );
     }
-    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, sink.close()).await;
-    // Tells the reader to stop, if the writer stopped first.
-    closers.done.cancel();
+
+    #[test]
+    fn a_refresh_moves_the_expiry_and_warns_again() {
+        let start = Instant::now();
+        let mut timers = Timers::new(start, PING, Duration::from_secs(30), WARN);
+        // Expiring within the warning time: warned at once.
+        assert_eq!(timers.due(start), Some(Due::Warning));
+        let later = start + Duration::from_secs(20);
+        timers.expire_in(later, Duration::from_secs(600), WARN);
+        assert_eq!(timers.due(start + Duration::from_secs(31)), Some(Due::Ping));
+        let warning = later + Duration::from_secs(540);
+        assert_eq!(
+            timers.due(warning - Duration::from_secs(1)),
+            Some(Due::Ping)
+        );
+        assert_eq!(timers.due(warning), Some(Due::Warning));
+        assert_eq!(timers.next(), warning - Duration::from_secs(1) + PING);
+    }
+
+    #[test]
+    fn a_restart_outranks_what_else_is_due() {
+        let start = Instant::now();
+        let mut timers = Timers::new(start, PING, Duration::from_secs(100), WARN);
+        timers.restart = Some(start + Duration::from_secs(3));
+        assert_eq!(timers.next(), start + Duration::from_secs(3));
+        assert_eq!(
+            timers.due(start + Duration::from_secs(200)),
+            Some(Due::Restart)
+        );
+    }
 }

@@ -106,15 +106,18 @@ pub async fn upgrade(
         .read_buffer_size(config.ws_read_buffer_bytes)
         .write_buffer_size(config.ws_write_buffer_bytes)
         .on_upgrade(move |socket| {
+            // A task of its own: axum's upgrade task (and what it holds)
+            // ends here instead of living as long as the connection.
             let in_flight = gateway.ctx.in_flight.clone();
-            in_flight.track_future(connection::serve(
+            in_flight.spawn(connection::serve(
                 gateway,
                 socket,
                 auth,
-                ip,
+                &ip,
                 params.resume,
                 rooms,
-            ))
+            ));
+            std::future::ready(())
         })
 }
 

@@ -6,9 +6,11 @@ use futures::{
     SinkExt, StreamExt,
     stream::{SplitSink, SplitStream},
 };
-use tokio::net::TcpStream;
+use std::net::{IpAddr, SocketAddr};
+
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::{
-    MaybeTlsStream, WebSocketStream, connect_async_with_config,
+    MaybeTlsStream, WebSocketStream, client_async_with_config,
     tungstenite::{Message, client::IntoClientRequest, http::HeaderValue},
 };
 use unhidra_core::protocol::{BEARER_PROTOCOL_PREFIX, ClientFrame, SUBPROTOCOL, ServerFrame};
@@ -36,6 +38,17 @@ impl Connection {
     /// Connects to `ws_url`, presenting `token` in the subprotocol header as a
     /// browser would (no token: for servers that need none).
     pub async fn open(ws_url: &str, token: Option<&str>) -> Result<Self> {
+        Self::open_from(ws_url, token, None).await
+    }
+
+    /// [`Connection::open`] from the local address `source` (any port), when
+    /// given: a load client spreads its connections over several addresses,
+    /// each with its own range of ports.
+    pub async fn open_from(
+        ws_url: &str,
+        token: Option<&str>,
+        source: Option<IpAddr>,
+    ) -> Result<Self> {
         let mut request = ws_url.into_client_request().map_err(transport)?;
         let protocols = match token {
             Some(token) => format!("{SUBPROTOCOL}, {BEARER_PROTOCOL_PREFIX}{token}"),
@@ -45,8 +58,21 @@ impl Connection {
             "sec-websocket-protocol",
             HeaderValue::from_str(&protocols).map_err(transport)?,
         );
-        // Nagle's algorithm off: a lone small frame goes out at once.
-        let (socket, _) = connect_async_with_config(request, None, true)
+        let uri = request.uri();
+        if uri.scheme_str() != Some("ws") {
+            return Err(transport(
+                "only ws:// URLs: this client is built without TLS",
+            ));
+        }
+        let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+        let port = uri.port_u16().unwrap_or(80);
+        let server = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(transport)?
+            .next()
+            .ok_or_else(|| transport(format!("{host} has no address")))?;
+        let tcp = tcp_connect(server, source).await.map_err(transport)?;
+        let (socket, _) = client_async_with_config(request, MaybeTlsStream::Plain(tcp), None)
             .await
             .map_err(|e| match e {
                 tokio_tungstenite::tungstenite::Error::Http(response) => ClientError::Refused {
@@ -139,5 +165,61 @@ where
             Some(Ok(Message::Close(_))) => return Ok(None),
             Some(Ok(_)) => {}
         }
+    }
+}
+
+/// A TCP connection to `server` from `source` (when given), Nagle's
+/// algorithm off: a lone small frame goes out at once.
+async fn tcp_connect(server: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let socket = if server.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(source) = source {
+        // The port is chosen at connect, among those whose address pair
+        // with `server` is free, instead of one free for every server: bind
+        // with port 0 alone searches long and runs out early.
+        #[cfg(target_os = "linux")]
+        nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::IpBindAddressNoPort,
+            &true,
+        )?;
+        socket.bind(SocketAddr::new(source, 0))?;
+    }
+    let stream = socket.connect(server).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connection_opened_from_an_address_comes_from_it() -> std::io::Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("ws://{}/ws", listener.local_addr()?);
+        let source: IpAddr = [127, 0, 0, 2].into();
+        let opening =
+            tokio::spawn(async move { Connection::open_from(&url, None, Some(source)).await });
+        let (stream, peer) = listener.accept().await?;
+        assert_eq!(peer.ip(), source);
+        // Not a WebSocket server: the handshake fails, as a clear error.
+        drop(stream);
+        let refused = opening.await.map_err(std::io::Error::other)?;
+        assert!(refused.is_err());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn wss_is_refused_without_tls() {
+        let refused = Connection::open("wss://127.0.0.1:1/ws", None).await;
+        assert!(
+            matches!(&refused, Err(ClientError::Transport(m)) if m.contains("without TLS")),
+            "{:?}",
+            refused.err()
+        );
     }
 }

@@ -238,8 +238,8 @@ pub struct Config {
     /// remembered, so that a retry gets the original ack (3600).
     pub send_idempotency_secs: u64,
     /// `UNHIDRA_WS_READ_BUFFER_BYTES`: how much a WebSocket reads from its
-    /// socket at a time (4096). Kept small so an idle connection costs little;
-    /// larger frames still arrive whole.
+    /// socket at a time (2048). Kept small because every connection holds it
+    /// (filled) while idle; larger frames still arrive whole.
     pub ws_read_buffer_bytes: usize,
     /// `UNHIDRA_WS_WRITE_BUFFER_BYTES`: frames are gathered up to this many
     /// bytes before a write to the socket (4096).
@@ -344,7 +344,7 @@ impl Default for Config {
             ws_ping_secs: 25,
             ws_idle_timeout_secs: 60,
             drain_secs: 5,
-            ws_read_buffer_bytes: 4096,
+            ws_read_buffer_bytes: 2048,
             ws_write_buffer_bytes: 4096,
             auth_api_url: None,
             chat_url: None,

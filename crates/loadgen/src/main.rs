@@ -67,6 +67,14 @@ enum Command {
         target: TargetArgs,
         #[arg(long, default_value_t = 1000)]
         connections: usize,
+        /// Processes holding the connections (this one and helpers), for
+        /// more than one process may hold open files.
+        #[arg(long, default_value_t = 1)]
+        processes: usize,
+        /// Loopback source addresses (127.0.0.1 up), for more than one
+        /// address's ephemeral ports.
+        #[arg(long, default_value_t = 1)]
+        sources: usize,
     },
     /// Authenticated connects per second: open, ping, close, repeatedly.
     Connect {
@@ -88,6 +96,20 @@ enum Command {
         /// Size of each login's password (1 MiB: refused before hashing).
         #[arg(long, default_value_t = 1024 * 1024)]
         password_bytes: usize,
+    },
+    /// Holds connections for `idle --processes` (started by it).
+    #[command(hide = true)]
+    Hold {
+        #[arg(long)]
+        ws_url: String,
+        #[arg(long)]
+        first: usize,
+        #[arg(long)]
+        end: usize,
+        #[arg(long)]
+        step: usize,
+        #[arg(long)]
+        sources: usize,
     },
     /// Runs the bare relay (what `--target relay` starts by itself).
     Relay {
@@ -130,6 +152,13 @@ async fn main() -> anyhow::Result<()> {
             println!("listening {}", listener.local_addr()?);
             return relay::serve(listener, drop_every).await;
         }
+        Command::Hold {
+            ws_url,
+            first,
+            end,
+            step,
+            sources,
+        } => return idle::helper(ws_url, (first, end, step), sources).await,
         Command::Fanout {
             target,
             rooms,
@@ -187,9 +216,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Idle {
             target,
             connections,
+            processes,
+            sources,
         } => {
             let (running, _relay) = start(&target).await?;
-            (target, idle::run(&running, connections).await?)
+            let spread = idle::Spread { processes, sources };
+            (target, idle::run(&running, connections, spread).await?)
         }
     };
     println!("{}", report.markdown());

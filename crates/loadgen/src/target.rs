@@ -2,6 +2,8 @@
 //! rooms created and joined over HTTP, connections authenticated) or the
 //! built-in relay (rooms named in the connection URL, no accounts).
 
+use std::net::IpAddr;
+
 use anyhow::Context;
 use unhidra_client::{Client, Connection};
 use unhidra_core::{ids::RoomId, rooms::Visibility};
@@ -71,17 +73,24 @@ impl Target {
     }
 
     pub async fn connect(&self, identity: &Identity) -> anyhow::Result<Connection> {
-        let connection = match self {
-            Self::Unhidra { client } => {
-                let token = identity.token.as_deref().context("no token")?;
-                client.connect(token).await?
-            }
+        self.endpoint(identity).connect(None).await
+    }
+
+    /// Where and how `identity` connects.
+    pub fn endpoint(&self, identity: &Identity) -> Endpoint {
+        match self {
+            Self::Unhidra { client } => Endpoint {
+                ws_url: client.ws_url(),
+                token: identity.token.clone(),
+            },
             Self::Relay { ws_url, .. } => {
                 let rooms: Vec<String> = identity.rooms.iter().map(RoomId::to_string).collect();
-                Connection::open(&format!("{ws_url}?rooms={}", rooms.join(",")), None).await?
+                Endpoint {
+                    ws_url: format!("{ws_url}?rooms={}", rooms.join(",")),
+                    token: None,
+                }
             }
-        };
-        Ok(connection)
+        }
     }
 
     /// The server's resident memory in bytes: from the relay's `/proc`
@@ -106,6 +115,20 @@ impl Target {
                 Ok(value.trim().parse::<f64>()? as u64)
             }
         }
+    }
+}
+
+/// A WebSocket URL and the token to present there (none for the relay).
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub ws_url: String,
+    pub token: Option<String>,
+}
+
+impl Endpoint {
+    /// Opens a connection, from the local address `source` when given.
+    pub async fn connect(&self, source: Option<IpAddr>) -> anyhow::Result<Connection> {
+        Ok(Connection::open_from(&self.ws_url, self.token.as_deref(), source).await?)
     }
 }
 

@@ -147,3 +147,27 @@ fn connects_are_counted_and_timed() -> Result<(), Box<dyn std::error::Error>> {
     assert_eq!(report["latencies"][0][1]["count"].as_f64(), Some(served));
     Ok(())
 }
+
+#[test]
+fn idle_connections_spread_over_processes_and_addresses() -> Result<(), Box<dyn std::error::Error>>
+{
+    let (ok, report, stdout) = loadgen(&[
+        "idle",
+        "--target",
+        "relay",
+        "--connections",
+        "30",
+        "--processes",
+        "3",
+        "--sources",
+        "2",
+    ])?;
+    assert!(ok, "{stdout}");
+    assert_eq!(figure(&report, "connections held"), Some(30.0), "{stdout}");
+    assert_eq!(report["parameters"]["processes"], 3);
+    assert!(
+        figure(&report, "server KiB per connection").is_some(),
+        "{stdout}"
+    );
+    Ok(())
+}
