@@ -5,8 +5,6 @@
 
 mod connection;
 
-use std::net::IpAddr;
-
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::json;
 use unhidra_core::{
@@ -243,10 +241,5 @@ impl Client {
     /// Opens a WebSocket as the owner of `token`.
     pub async fn connect(&self, token: &str) -> Result<Connection> {
         Connection::open(&self.ws_url(), Some(token)).await
-    }
-
-    /// [`Client::connect`] from the local address `source`.
-    pub async fn connect_from(&self, token: &str, source: IpAddr) -> Result<Connection> {
-        Connection::open_from(&self.ws_url(), Some(token), Some(source)).await
     }
 }

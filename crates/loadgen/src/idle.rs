@@ -48,6 +48,8 @@ pub struct Spread {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Held {
     held: usize,
+    failed: usize,
+    /// The first few failures' errors.
     failures: Vec<String>,
 }
 
@@ -84,14 +86,14 @@ pub async fn run(target: &Target, connections: usize, spread: Spread) -> anyhow:
     progress.abort();
     eprintln!();
     let count: usize = held.iter().map(|h| h.held).sum();
+    let failed: usize = held.iter().map(|h| h.failed).sum();
     let mut failures: Vec<String> = held.into_iter().flat_map(|h| h.failures).collect();
     tokio::time::sleep(SETTLE).await;
     let after = target.resident_bytes().await?;
     let per_connection = after.saturating_sub(before) as f64 / count.max(1) as f64;
-    if failures.len() > 3 {
-        let all = failures.len();
+    if failed > 3 {
         failures.truncate(3);
-        failures.push(format!("{all} connections failed in all"));
+        failures.push(format!("{failed} connections failed in all"));
     }
     let report = Report {
         scenario: "idle".into(),
@@ -149,11 +151,15 @@ async fn hold(
     for result in results {
         match result {
             Ok(connection) => conns.push(connection),
-            Err(e) => held.failures.push(e.to_string()),
+            Err(e) => {
+                held.failed += 1;
+                if held.failures.len() < 3 {
+                    held.failures.push(e.to_string());
+                }
+            }
         }
     }
     held.held = conns.len();
-    held.failures.truncate(3);
     (held, conns)
 }
 
