@@ -10,23 +10,6 @@ mod rooms;
 #[cfg(test)]
 mod store_conformance;
 
-/// What `benches/group_commit.rs` measures, reachable from outside the
-/// crate. Not an API.
-#[doc(hidden)]
-pub mod bench {
-    pub use crate::{
-        messages::{NewMessage, OutboxRepo},
-        rooms::{Caps, Room, RoomRepo},
-    };
-
-    /// Opens `url` with chat-service's tables.
-    pub async fn open(url: &str) -> anyhow::Result<unhidra_store::Database> {
-        let db = unhidra_store::Database::connect(url, 4).await?;
-        db.migrate(crate::NAME, crate::MIGRATIONS).await?;
-        Ok(db)
-    }
-}
-
 use axum::{Router, routing::post};
 use tokio::net::TcpListener;
 use unhidra_core::{
@@ -40,6 +23,23 @@ use crate::{
     messages::{GroupCommit, MessageMetrics, OutboxRepo},
     rooms::{Caps, RoomRepo},
 };
+
+/// What `benches/group_commit.rs` measures, reachable from outside the
+/// crate. Not an API.
+#[doc(hidden)]
+pub mod bench {
+    pub use crate::{
+        messages::{NewMessage, OutboxRepo},
+        rooms::{Caps, Room, RoomRepo},
+    };
+
+    /// Opens `url` with chat-service's tables (for the store tests too).
+    pub async fn open(url: &str) -> anyhow::Result<unhidra_store::Database> {
+        let db = unhidra_store::Database::connect(url, 4).await?;
+        db.migrate(crate::NAME, crate::MIGRATIONS).await?;
+        Ok(db)
+    }
+}
 
 pub const NAME: &str = unhidra_core::bus_access::Role::Chat.name();
 pub const DEFAULT_PORT: u16 = 9300;

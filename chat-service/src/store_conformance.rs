@@ -29,9 +29,7 @@ const ROOMY: Caps = Caps {
 };
 
 async fn open(db: &TestDatabase) -> anyhow::Result<Database> {
-    let database = Database::connect(db.url(), 4).await?;
-    database.migrate(NAME, MIGRATIONS).await?;
-    Ok(database)
+    crate::bench::open(db.url()).await
 }
 
 fn room(name: &str, visibility: Visibility) -> Room {

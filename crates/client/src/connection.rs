@@ -2,12 +2,12 @@
 //! ([`ClientFrame`]) and in ([`ServerFrame`]), splittable into a sender and a
 //! receiver for clients that send without waiting.
 
+use std::net::{IpAddr, SocketAddr};
+
 use futures::{
     SinkExt, StreamExt,
     stream::{SplitSink, SplitStream},
 };
-use std::net::{IpAddr, SocketAddr};
-
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream, client_async_with_config,
