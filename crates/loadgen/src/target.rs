@@ -107,15 +107,49 @@ impl Target {
                 Ok(kib * 1024)
             }
             Self::Unhidra { client } => {
-                let text = client.metrics().await?;
-                let value = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
-                    .context("no process_resident_memory_bytes in /metrics")?;
-                Ok(value.trim().parse::<f64>()? as u64)
+                Ok(metric(&client.metrics().await?, "process_resident_memory_bytes")? as u64)
             }
         }
     }
+
+    /// The CPU time (user and system) the server has used, in seconds: from
+    /// the relay's `/proc` entry, or from Unhidra's
+    /// `process_cpu_seconds_total`. Both count in 10 ms steps.
+    pub async fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        match self {
+            Self::Relay { pid, .. } => cpu_seconds_of(&pid.to_string()),
+            Self::Unhidra { client } => {
+                metric(&client.metrics().await?, "process_cpu_seconds_total")
+            }
+        }
+    }
+}
+
+/// The value of the unlabelled metric `name` in a Prometheus text exposition.
+fn metric(text: &str, name: &str) -> anyhow::Result<f64> {
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .with_context(|| format!("no {name} in /metrics"))?;
+    Ok(value.trim().parse()?)
+}
+
+/// Clock ticks per second of the process times in `/proc/<pid>/stat`
+/// (Linux's `USER_HZ`, the same on every architecture it runs on here).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// The CPU time (user and system) process `pid` (`self` for this one) has
+/// used, in seconds, from `/proc/<pid>/stat`.
+pub fn cpu_seconds_of(pid: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (second field) may hold spaces; the rest follows its
+    // closing parenthesis: state, ..., utime (14th field), stime (15th).
+    let rest = stat.rsplit_once(')').context("unreadable /proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields.get(i).context("short /proc stat")?.parse::<u64>()? as f64)
+    };
+    Ok((ticks(11)? + ticks(12)?) / TICKS_PER_SECOND)
 }
 
 /// A WebSocket URL and the token to present there (none for the relay).

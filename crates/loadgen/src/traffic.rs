@@ -2,6 +2,8 @@
 //! each) send at a fixed total rate without waiting for acks; subscriber
 //! connections receive. Each body carries its send time, so every delivery is a latency
 //! sample; acks are timed against their send (they arrive in send order).
+//! The server's CPU time (and the loadgen's own) from the first send to the
+//! last delivery is reported per acked message and per delivery.
 
 use std::{
     collections::VecDeque,
@@ -22,7 +24,7 @@ use unhidra_core::{
 
 use crate::{
     report::{Latency, Report, histogram},
-    target::Target,
+    target::{Target, cpu_seconds_of},
 };
 
 /// The shape of a traffic run.
@@ -75,6 +77,7 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
             )));
         }
     }
+    let cpu_before = (target.cpu_seconds().await?, cpu_seconds_of("self")?);
     let started = Instant::now();
     let total = traffic.rate * traffic.seconds;
     let mut senders = Vec::new();
@@ -127,6 +130,8 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
     }
     progress.abort();
     eprintln!();
+    let server_cpu = target.cpu_seconds().await? - cpu_before.0;
+    let loadgen_cpu = cpu_seconds_of("self")? - cpu_before.1;
 
     let sent = counters.sent.load(Ordering::Relaxed);
     let acked = counters.acked.load(Ordering::Relaxed);
@@ -175,6 +180,18 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
                 },
             ),
             ("sending time (s)".into(), seconds),
+            (
+                "server CPU per acked message (µs)".into(),
+                per_million(server_cpu, acked),
+            ),
+            (
+                "server CPU per delivery (µs)".into(),
+                per_million(server_cpu, delivered),
+            ),
+            (
+                "loadgen CPU per acked message (µs)".into(),
+                per_million(loadgen_cpu, acked),
+            ),
         ],
         latencies: vec![
             ("ack".into(), Latency::of(&ack_latency)),
@@ -182,6 +199,15 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
         ],
         failures,
     })
+}
+
+/// `seconds` per item in microseconds (0 without items).
+fn per_million(seconds: f64, items: u64) -> f64 {
+    if items == 0 {
+        0.0
+    } else {
+        seconds * 1e6 / items as f64
+    }
 }
 
 /// Sends `count` messages to `room` at this connection's share of the rate.

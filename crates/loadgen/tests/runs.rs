@@ -48,6 +48,13 @@ fn a_clean_relay_run_reports_every_figure() -> Result<(), Box<dyn std::error::Er
     assert_eq!(figure(&report, "messages acked"), Some(200.0));
     assert_eq!(figure(&report, "deliveries"), Some(600.0));
     assert_eq!(report["latencies"][1][1]["count"], 600);
+    for cpu in [
+        "server CPU per acked message (µs)",
+        "server CPU per delivery (µs)",
+        "loadgen CPU per acked message (µs)",
+    ] {
+        assert!(figure(&report, cpu).is_some_and(|v| v >= 0.0), "{stdout}");
+    }
     Ok(())
 }
 
@@ -111,6 +118,10 @@ async fn a_small_run_against_the_embedded_default() -> Result<(), Box<dyn std::e
     assert_eq!(report["target"], "unhidra");
     assert_eq!(figure(&report, "messages acked"), Some(400.0));
     assert_eq!(figure(&report, "delivered fraction"), Some(1.0));
+    // The server is this process: 400 accepted messages cost it well over
+    // the 10 ms that process times count in.
+    let cpu = figure(&report, "server CPU per acked message (µs)").unwrap_or_default();
+    assert!(cpu > 0.0, "{stdout}");
 
     // A flood of logins with 1 MiB passwords: every one refused unread.
     let args = ["logins", "--url", &url, "--concurrency", "20"].map(str::to_owned);
