@@ -19,7 +19,7 @@ use unhidra_core::{
     ids::{MessageId, RoomId, UserId},
     rpc::SendAccepted,
 };
-use unhidra_store::{Backend, Database, Write, now_millis};
+use unhidra_store::{Backend, Database, MAX_ROWS_PER_STATEMENT, Write, now_millis, padded};
 
 use crate::rooms::Refusal;
 
@@ -71,9 +71,6 @@ pub struct OutboxRepo {
     /// How long a send's client id is remembered, in milliseconds.
     keys_kept_ms: i64,
 }
-
-/// Rooms whose published messages one statement removes at most.
-const ROOMS_PER_STATEMENT: usize = 500;
 
 /// How one message of a group is to be accepted.
 enum Plan {
@@ -234,26 +231,32 @@ impl OutboxRepo {
         if self.db.backend == Backend::Postgres {
             // Row locks taken in one order by every transaction, so two
             // chat-service instances numbering the same rooms cannot deadlock.
+            let rooms: Vec<&RoomId> = per_room.keys().collect();
+            let rooms = padded(&rooms);
             let sql = format!(
                 "SELECT id FROM rooms WHERE id IN ({}) ORDER BY id FOR UPDATE",
-                self.db.placeholders(1, per_room.len())
+                self.db.placeholders(1, rooms.len())
             );
             let mut lock = sqlx::query(&sql);
-            for room in per_room.keys() {
+            for room in rooms {
                 lock = lock.bind(room.to_string());
             }
             lock.execute(&mut *write.tx).await?;
         }
+        // A room listed twice (padding) joins twice with the same count;
+        // the row is updated once either way.
+        let counts: Vec<(&RoomId, &u64)> = per_room.iter().collect();
+        let counts = padded(&counts);
         let sql = format!(
             "WITH counts (id, n) AS (VALUES {})
              UPDATE rooms SET last_seq = rooms.last_seq + counts.n
              FROM counts WHERE rooms.id = counts.id
              RETURNING rooms.id, rooms.last_seq",
-            self.db.value_rows(2, per_room.len()),
+            self.db.value_rows(2, counts.len()),
         );
         let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
-        for (room, count) in per_room {
-            query = query.bind(room.to_string()).bind(i64::try_from(*count)?);
+        for (room, count) in counts {
+            query = query.bind(room.to_string()).bind(i64::try_from(**count)?);
         }
         let mut first = HashMap::with_capacity(per_room.len());
         for (room, last) in query.fetch_all(&mut *write.tx).await? {
@@ -288,6 +291,7 @@ impl OutboxRepo {
                 .iter()
                 .filter_map(|m| Some((m.sender.to_string(), m.client_id.clone()?))),
         );
+        let pairs = padded(&pairs);
         // One index lookup per (user, client id) pair: `user_id IN (..) AND
         // client_id IN (..)` would look up every combination of the two.
         let sql = format!(
@@ -300,7 +304,7 @@ impl OutboxRepo {
             self.db.placeholders(1 + 2 * pairs.len(), 1),
         );
         let mut query = sqlx::query_as::<_, (String, String, i64, String)>(&sql);
-        for (user, client_id) in &pairs {
+        for (user, client_id) in pairs {
             query = query.bind(user).bind(client_id);
         }
         let query = query.bind(now_millis().saturating_sub(self.keys_kept_ms));
@@ -332,6 +336,7 @@ impl OutboxRepo {
                 .iter()
                 .map(|m| (m.room.to_string(), m.sender.to_string())),
         );
+        let pairs = padded(&pairs);
         // One index lookup per (room, sender) pair, not per combination.
         let sql = format!(
             "WITH wanted (room_id, user_id) AS (VALUES {})
@@ -342,7 +347,7 @@ impl OutboxRepo {
             self.db.value_rows(2, pairs.len()),
         );
         let mut query = sqlx::query_as::<_, (String, Option<String>)>(&sql);
-        for (room, user) in &pairs {
+        for (room, user) in pairs {
             query = query.bind(room).bind(user);
         }
         let rows = query.fetch_all(&self.db.pool).await?;
@@ -394,6 +399,7 @@ impl OutboxRepo {
             return Ok(0);
         }
         let locked = self.db.backend == Backend::Postgres;
+        let rooms = padded(rooms);
         let sql = format!(
             "SELECT message_id, room_id, seq, payload FROM outbox WHERE room_id IN ({})
              ORDER BY room_id, seq LIMIT {limit}{}",
@@ -451,7 +457,8 @@ impl OutboxRepo {
         published: &BTreeMap<RoomId, u64>,
     ) -> anyhow::Result<()> {
         let rooms: Vec<(&RoomId, &u64)> = published.iter().collect();
-        for chunk in rooms.chunks(ROOMS_PER_STATEMENT) {
+        for chunk in rooms.chunks(MAX_ROWS_PER_STATEMENT) {
+            let chunk = padded(chunk);
             let ranges: Vec<String> = (0..chunk.len())
                 .map(|i| {
                     format!(

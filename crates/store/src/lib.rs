@@ -262,18 +262,41 @@ impl Database {
     }
 }
 
-/// Rows per multi-row statement: well under both databases' parameter limits.
-const MAX_ROWS_PER_STATEMENT: usize = 500;
+/// Rows per multi-row statement at most: well under both databases'
+/// parameter limits.
+pub const MAX_ROWS_PER_STATEMENT: usize = 512;
+
+/// `items` with its last item repeated up to the next power of two, for a
+/// statement over a list where a repeated item changes nothing (`IN (...)`,
+/// a `VALUES` list joined with or deleted by). Statements over lists then
+/// come in a few sizes, each prepared once per connection and found in its
+/// statement cache after: preparing a statement of hundreds of parameters
+/// costs more than running it, and every group's lists differ in length.
+pub fn padded<T>(items: &[T]) -> Vec<&T> {
+    let size = items.len().next_power_of_two();
+    let last = items.last();
+    items
+        .iter()
+        .chain(std::iter::repeat_n(last, size - items.len()).flatten())
+        .collect()
+}
+
+/// How many of `remaining` rows the next multi-row statement takes: the
+/// largest power of two that fits (see [`padded`] for why powers of two).
+fn rows_in_next_statement(remaining: usize) -> usize {
+    let rows = remaining.min(MAX_ROWS_PER_STATEMENT);
+    if rows == 0 { 0 } else { 1 << rows.ilog2() }
+}
 
 /// A query on either database, as `sqlx::query` builds it.
 pub type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
 
 impl Database {
     /// Inserts `rows` in `write` with multi-row statements
-    /// `INSERT INTO <into> VALUES (...), ... <suffix>`, a few hundred rows
-    /// each; `bind` binds one row's `columns` values in order. Returns how
-    /// many rows were inserted (with `ON CONFLICT DO NOTHING` in `suffix`,
-    /// the new ones).
+    /// `INSERT INTO <into> VALUES (...), ... <suffix>`, each of a power of two
+    /// rows (at most [`MAX_ROWS_PER_STATEMENT`]); `bind` binds one row's
+    /// `columns` values in order. Returns how many rows were inserted (with
+    /// `ON CONFLICT DO NOTHING` in `suffix`, the new ones).
     pub async fn insert_rows<T, F>(
         &self,
         write: &mut Write,
@@ -287,7 +310,10 @@ impl Database {
         F: for<'q> Fn(AnyQuery<'q>, &'q T) -> anyhow::Result<AnyQuery<'q>>,
     {
         let mut inserted = 0;
-        for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
+        let mut rest = rows;
+        while !rest.is_empty() {
+            let (chunk, tail) = rest.split_at(rows_in_next_statement(rest.len()));
+            rest = tail;
             let sql = format!(
                 "INSERT INTO {into} VALUES {} {suffix}",
                 self.value_rows(columns, chunk.len())
@@ -313,4 +339,29 @@ pub fn now_millis() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_are_padded_to_a_power_of_two_with_their_last_item() {
+        assert_eq!(padded(&[1, 2, 3]), [&1, &2, &3, &3]);
+        assert_eq!(padded(&[1, 2, 3, 4]), [&1, &2, &3, &4]);
+        assert_eq!(padded(&[7]), [&7]);
+        assert!(padded::<u8>(&[]).is_empty());
+    }
+
+    #[test]
+    fn rows_go_into_statements_of_powers_of_two() {
+        let mut sizes = Vec::new();
+        let mut remaining = 1300;
+        while remaining > 0 {
+            let rows = rows_in_next_statement(remaining);
+            sizes.push(rows);
+            remaining -= rows;
+        }
+        assert_eq!(sizes, [512, 512, 256, 16, 4]);
+    }
 }
