@@ -28,7 +28,7 @@ pub async fn run(
     concurrency: usize,
     password_bytes: usize,
 ) -> anyhow::Result<Report> {
-    let Target::Unhidra { client } = target else {
+    let Target::Unhidra { client, .. } = target else {
         anyhow::bail!("logins runs against unhidra only: the relay has no accounts");
     };
     let endpoints = client.endpoints().clone();

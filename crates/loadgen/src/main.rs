@@ -4,6 +4,7 @@
 
 mod connect;
 mod idle;
+mod local;
 mod logins;
 mod relay;
 mod report;
@@ -269,6 +270,7 @@ async fn start(args: &TargetArgs) -> anyhow::Result<(Target, Option<RelayProcess
             Ok((
                 Target::Unhidra {
                     client: Client::with_endpoints(endpoints),
+                    pid: local::server_pid(&args.url),
                 },
                 None,
             ))

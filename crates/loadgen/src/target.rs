@@ -8,6 +8,8 @@ use anyhow::Context;
 use unhidra_client::{Client, Connection};
 use unhidra_core::{ids::RoomId, rooms::Visibility};
 
+use crate::local::cpu_seconds_of;
+
 /// Who a connection is: its token (Unhidra) and its rooms.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -25,8 +27,15 @@ pub struct Setup {
 }
 
 pub enum Target {
-    Unhidra { client: Client },
-    Relay { ws_url: String, pid: u32 },
+    Unhidra {
+        client: Client,
+        /// The gateway's process when it runs on this machine.
+        pid: Option<u32>,
+    },
+    Relay {
+        ws_url: String,
+        pid: u32,
+    },
 }
 
 const PASSWORD: &str = "loadgen password 1";
@@ -48,7 +57,7 @@ impl Target {
         for i in 0..rooms {
             let (room, sender, subscriber) = match self {
                 Self::Relay { .. } => (RoomId::new(), None, None),
-                Self::Unhidra { client } => {
+                Self::Unhidra { client, .. } => {
                     let sender = account(client, &format!("sender{i}")).await?;
                     let room = client
                         .create_room(&sender, &format!("loadgen {i}"), Visibility::Public)
@@ -79,7 +88,7 @@ impl Target {
     /// Where and how `identity` connects.
     pub fn endpoint(&self, identity: &Identity) -> Endpoint {
         match self {
-            Self::Unhidra { client } => Endpoint {
+            Self::Unhidra { client, .. } => Endpoint {
                 ws_url: client.ws_url(),
                 token: identity.token.clone(),
             },
@@ -106,19 +115,21 @@ impl Target {
                     .context("no VmRSS")?;
                 Ok(kib * 1024)
             }
-            Self::Unhidra { client } => {
+            Self::Unhidra { client, .. } => {
                 Ok(metric(&client.metrics().await?, "process_resident_memory_bytes")? as u64)
             }
         }
     }
 
     /// The CPU time (user and system) the server has used, in seconds: from
-    /// the relay's `/proc` entry, or from Unhidra's
-    /// `process_cpu_seconds_total`. Both count in 10 ms steps.
+    /// its `/proc` entry when it runs here (10 ms steps), else from Unhidra's
+    /// `process_cpu_seconds_total` (whole seconds).
     pub async fn cpu_seconds(&self) -> anyhow::Result<f64> {
         match self {
-            Self::Relay { pid, .. } => cpu_seconds_of(&pid.to_string()),
-            Self::Unhidra { client } => {
+            Self::Relay { pid, .. } | Self::Unhidra { pid: Some(pid), .. } => {
+                cpu_seconds_of(&pid.to_string())
+            }
+            Self::Unhidra { client, pid: None } => {
                 metric(&client.metrics().await?, "process_cpu_seconds_total")
             }
         }
@@ -132,24 +143,6 @@ fn metric(text: &str, name: &str) -> anyhow::Result<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .with_context(|| format!("no {name} in /metrics"))?;
     Ok(value.trim().parse()?)
-}
-
-/// Clock ticks per second of the process times in `/proc/<pid>/stat`
-/// (Linux's `USER_HZ`, the same on every architecture it runs on here).
-const TICKS_PER_SECOND: f64 = 100.0;
-
-/// The CPU time (user and system) process `pid` (`self` for this one) has
-/// used, in seconds, from `/proc/<pid>/stat`.
-pub fn cpu_seconds_of(pid: &str) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name (second field) may hold spaces; the rest follows its
-    // closing parenthesis: state, ..., utime (14th field), stime (15th).
-    let rest = stat.rsplit_once(')').context("unreadable /proc stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> anyhow::Result<f64> {
-        Ok(fields.get(i).context("short /proc stat")?.parse::<u64>()? as f64)
-    };
-    Ok((ticks(11)? + ticks(12)?) / TICKS_PER_SECOND)
 }
 
 /// A WebSocket URL and the token to present there (none for the relay).

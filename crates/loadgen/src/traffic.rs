@@ -23,8 +23,9 @@ use unhidra_core::{
 };
 
 use crate::{
+    local::cpu_seconds_of,
     report::{Latency, Report, histogram},
-    target::{Target, cpu_seconds_of},
+    target::Target,
 };
 
 /// The shape of a traffic run.
