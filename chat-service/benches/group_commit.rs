@@ -77,7 +77,7 @@ impl Fixture {
         for _ in 0..iters {
             let group = self.group(size);
             let started = Instant::now();
-            let outcomes = self.outbox.accept(group).await?;
+            let outcomes = self.outbox.accept(group).await?.outcomes;
             total += started.elapsed();
             anyhow::ensure!(
                 outcomes.iter().all(Result::is_ok),

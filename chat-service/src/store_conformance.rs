@@ -236,6 +236,7 @@ async fn groups_get_gap_free_sequences_in_order_and_refusals_take_none() -> anyh
                     let numbered: Vec<u64> = outbox
                         .accept(messages)
                         .await?
+                        .outcomes
                         .into_iter()
                         .map(|o| posted(o).map(|e| e.seq))
                         .collect::<Result<_, _>>()
@@ -266,7 +267,23 @@ async fn groups_get_gap_free_sequences_in_order_and_refusals_take_none() -> anyh
                 new_message(b.id, owner, "b2"),
             ])
             .await?;
+        // Queued for the publisher: the new messages, as their events.
+        let queued: Vec<(RoomId, u64, RoomMessage)> = outcomes
+            .queued
+            .iter()
+            .map(|p| Ok((p.room, p.seq, serde_json::from_str(&p.payload)?)))
+            .collect::<anyhow::Result<_>>()?;
+        let posted_events: Vec<(RoomId, u64, RoomMessage)> = outcomes
+            .outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Ok(Accepted::New(e)) => Some((e.room, e.seq, e.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(queued, posted_events);
         let summary: Vec<Result<(RoomId, u64, String), Refusal>> = outcomes
+            .outcomes
             .into_iter()
             .map(|o| posted(o).map(|e| (e.room, e.seq, e.body)))
             .collect();
@@ -304,6 +321,7 @@ async fn publishing_takes_each_room_in_sequence_order_and_keeps_what_failed() ->
         let events: Vec<RoomMessage> = outbox
             .accept(messages)
             .await?
+            .outcomes
             .into_iter()
             .filter_map(|o| posted(o).ok())
             .collect();
@@ -498,7 +516,7 @@ async fn a_repeated_client_id_gets_the_first_ack_and_posts_nothing() -> anyhow::
         };
 
         let first = outbox.accept(vec![keyed(alice, "c-1", "hello")]).await?;
-        let Some(Ok(Accepted::New(posted_first))) = first.into_iter().next() else {
+        let Some(Ok(Accepted::New(posted_first))) = first.outcomes.into_iter().next() else {
             anyhow::bail!("the first send was not posted");
         };
         // Retried alone, twice in one group, and the same id from bob.
@@ -510,6 +528,9 @@ async fn a_repeated_client_id_gets_the_first_ack_and_posts_nothing() -> anyhow::
                 keyed(bob, "c-1", "bob's own"),
             ])
             .await?;
+        let queued: Vec<u64> = again.queued.iter().map(|p| p.seq).collect();
+        assert_eq!(queued, vec![2, 3], "repeats are not queued again");
+        let again = again.outcomes;
         let acks: Vec<(bool, u64)> = again
             .iter()
             .map(|o| match o {
@@ -531,7 +552,7 @@ async fn a_repeated_client_id_gets_the_first_ack_and_posts_nothing() -> anyhow::
         let forgetful = OutboxRepo::new(database, std::time::Duration::ZERO);
         assert_eq!(forgetful.forget_old_keys().await?, 3);
         let fresh = forgetful.accept(vec![keyed(alice, "c-1", "hello again")]).await?;
-        assert!(matches!(&fresh[0], Ok(Accepted::New(e)) if e.seq == 4));
+        assert!(matches!(&fresh.outcomes[0], Ok(Accepted::New(e)) if e.seq == 4));
         Ok(())
     })
     .await

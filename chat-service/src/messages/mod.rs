@@ -2,16 +2,18 @@
 //! connection's sends, in order) is checked (sizes) and handed to the group
 //! commit, which accepts everything submitted meanwhile in one transaction
 //! (membership, gap-free room sequences, the outbox) and answers each request
-//! once that transaction committed. The publisher then takes the committed
-//! rooms' messages from the outbox in sequence order and publishes them to the
-//! rooms stream in one batch; whatever it could not publish (or a crash left
-//! behind) the relay publishes later. JetStream's duplicate window and
-//! history-service's idempotency absorb repeats.
+//! once that transaction committed. The publisher then publishes the committed
+//! messages to the rooms stream in one batch, straight from memory for each
+//! room whose previous message it published itself, else from the outbox in
+//! sequence order (so a room's earlier messages, queued by another instance
+//! or left by a failed publish, go first); whatever it could not publish (or
+//! a crash left behind) the relay publishes later. JetStream's duplicate
+//! window and history-service's idempotency absorb repeats.
 
 mod outbox;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     sync::Arc,
     time::Duration,
 };
@@ -32,7 +34,7 @@ use unhidra_runtime::{ServiceContext, batch::next_batch};
 use unhidra_store::now_millis;
 use unhidra_telemetry::request_id;
 
-pub use self::outbox::{Accepted, NewMessage, OutboxRepo};
+pub use self::outbox::{Acceptance, Accepted, NewMessage, OutboxRepo, Pending};
 use crate::{ChatState, membership::store_unavailable, rooms::Refusal};
 
 /// Messages accepted in one transaction at most.
@@ -49,6 +51,9 @@ const RELAY_INTERVAL: Duration = Duration::from_secs(1);
 const RELAY_GRACE_MS: i64 = 2_000;
 /// Rooms one relay round takes at most.
 const RELAY_ROOMS: i64 = 500;
+/// Rooms whose last published sequence the publisher remembers at most;
+/// beyond that it forgets them all and reads them from the outbox again.
+const REMEMBERED_ROOMS: usize = 100_000;
 /// Relay rounds between two sweeps of old send keys (about a minute).
 const KEY_SWEEP_ROUNDS: u32 = 60;
 
@@ -60,11 +65,11 @@ struct Submission {
     reply: oneshot::Sender<Vec<Result<Accepted, Refusal>>>,
 }
 
-/// A committed group, for the publisher: the rooms it touched and the headers
-/// of its messages.
+/// A committed group, for the publisher: its new messages in the order
+/// numbered, and their headers.
 #[derive(Default)]
 struct Committed {
-    rooms: HashSet<RoomId>,
+    queued: Vec<Pending>,
     headers: HashMap<MessageId, Headers>,
 }
 
@@ -95,7 +100,7 @@ impl GroupCommit {
             ctx: ctx.clone(),
             outbox: outbox.clone(),
             published: metrics.published,
-            turn: Arc::default(),
+            last_published: Arc::default(),
         };
         let tasks = vec![
             tokio::spawn(commit_groups(
@@ -236,8 +241,8 @@ async fn commit_groups(
             .iter_mut()
             .flat_map(|s| std::mem::take(&mut s.messages))
             .collect();
-        let outcomes = match outbox.accept(messages).await {
-            Ok(outcomes) => outcomes,
+        let Acceptance { outcomes, queued } = match outbox.accept(messages).await {
+            Ok(acceptance) => acceptance,
             Err(e) => {
                 // Every request of the group is answered `unavailable`.
                 store_unavailable(&e);
@@ -245,7 +250,10 @@ async fn commit_groups(
             }
         };
         let mut outcomes = outcomes.into_iter();
-        let mut publish = Committed::default();
+        let mut publish = Committed {
+            queued,
+            headers: HashMap::new(),
+        };
         for (submission, size) in group.into_iter().zip(sizes) {
             let mine: Vec<_> = outcomes.by_ref().take(size).collect();
             for event in mine.iter().flatten().filter_map(|a| match a {
@@ -253,20 +261,52 @@ async fn commit_groups(
                 Accepted::Repeat(_) => None,
             }) {
                 accepted.inc();
-                publish.rooms.insert(event.room);
                 publish
                     .headers
                     .insert(event.message_id, submission.headers.clone());
             }
             let _ = submission.reply.send(mine);
         }
-        if !publish.rooms.is_empty() && committed.try_send(publish).is_err() {
+        if !publish.queued.is_empty() && committed.try_send(publish).is_err() {
             tracing::debug!("publisher busy; the relay publishes this group");
         }
     }
 }
 
-/// Publishes committed messages from the outbox.
+/// Each room's highest sequence this process published (and everything
+/// below it was published before).
+type LastPublished = HashMap<RoomId, u64>;
+
+/// Splits committed messages (in the order numbered) into those that
+/// continue what was published of their rooms, and the rooms that are
+/// behind: a room with any message that does not follow the one before it
+/// (queued by another instance, left by a failed publish, or the room's
+/// first since this process started) is published from the outbox, all of
+/// its messages in order, so none of it is taken as continuing.
+fn split_by_continuity(last: &LastPublished, queued: Vec<Pending>) -> (Vec<Pending>, Vec<RoomId>) {
+    let mut next: LastPublished = HashMap::new();
+    let mut behind = Vec::new();
+    for pending in &queued {
+        let expected = next
+            .get(&pending.room)
+            .or_else(|| last.get(&pending.room))
+            .map(|seq| seq + 1);
+        if expected == Some(pending.seq) {
+            next.insert(pending.room, pending.seq);
+        } else {
+            behind.push(pending.room);
+        }
+    }
+    behind.sort_unstable();
+    behind.dedup();
+    let continuing = queued
+        .into_iter()
+        .filter(|p| behind.binary_search(&p.room).is_err())
+        .collect();
+    (continuing, behind)
+}
+
+/// Publishes committed messages.
 #[derive(Clone)]
 struct Publisher {
     ctx: ServiceContext,
@@ -275,23 +315,75 @@ struct Publisher {
     /// Taken by each publishing round of the publisher and the relay: in
     /// one process a round never publishes what another is publishing (on
     /// SQLite the outbox holds no lock meanwhile), even when the publisher
-    /// falls so far behind that its rooms look stale to the relay.
-    turn: Arc<tokio::sync::Mutex<()>>,
+    /// falls so far behind that its rooms look stale to the relay. It holds
+    /// what this process published of each room.
+    last_published: Arc<tokio::sync::Mutex<LastPublished>>,
 }
 
 impl Publisher {
     /// Publishes each committed group (with whatever queued meanwhile) until
-    /// shutdown.
+    /// shutdown: a room's messages straight from memory when they continue
+    /// what this process published of the room, else from the outbox.
     async fn publish_committed(self, mut queue: mpsc::Receiver<Committed>) {
         while let Some(groups) = next_batch(&mut queue, &self.ctx.shutdown, |_| false).await {
-            let mut round = Committed::default();
-            for group in groups {
-                round.rooms.extend(group.rooms);
-                round.headers.extend(group.headers);
+            let mut last = self.last_published.lock().await;
+            if last.len() > REMEMBERED_ROOMS {
+                last.clear();
             }
-            let rooms: Vec<RoomId> = round.rooms.into_iter().collect();
-            self.publish_rooms(&rooms, round.headers).await;
+            let mut headers = HashMap::new();
+            let mut queued = Vec::new();
+            for group in groups {
+                headers.extend(group.headers);
+                queued.extend(group.queued);
+            }
+            let (continuing, behind) = split_by_continuity(&last, queued);
+            self.publish_continuing(&mut last, continuing, &mut headers)
+                .await;
+            self.publish_rooms(&mut last, &behind, headers).await;
         }
+    }
+
+    /// Publishes messages that continue what this process published of their
+    /// rooms, then removes them from the outbox; on failure they stay there
+    /// and their rooms are published from the outbox next time.
+    async fn publish_continuing(
+        &self,
+        last: &mut LastPublished,
+        continuing: Vec<Pending>,
+        headers: &mut HashMap<MessageId, Headers>,
+    ) {
+        if continuing.is_empty() {
+            return;
+        }
+        let highest: BTreeMap<RoomId, u64> = continuing.iter().map(|p| (p.room, p.seq)).collect();
+        let count = continuing.len();
+        let outgoing = self.outgoing(continuing, headers);
+        if let Err(e) = self.ctx.bus.publish_durable_batch(outgoing).await {
+            tracing::warn!(error = %e, "publish failed; the relay will retry");
+            return;
+        }
+        self.published.inc_by(count as u64);
+        last.extend(highest.iter().map(|(room, seq)| (*room, *seq)));
+        if let Err(e) = self.outbox.remove(&highest).await {
+            tracing::warn!(error = ?e, "published, but not removed from the outbox; the relay will publish it again");
+        }
+    }
+
+    /// The bus messages of `pending`, with the headers of their requests.
+    fn outgoing(
+        &self,
+        pending: Vec<Pending>,
+        headers: &mut HashMap<MessageId, Headers>,
+    ) -> Vec<Outgoing> {
+        pending
+            .into_iter()
+            .map(|p| Outgoing {
+                subject: self.ctx.subjects.room_messages(p.room),
+                msg_id: p.message_id.to_string(),
+                headers: headers.remove(&p.message_id).unwrap_or_default(),
+                payload: p.payload.into(),
+            })
+            .collect()
     }
 
     /// Republishes what failed or what a crash left in the outbox, and
@@ -313,7 +405,8 @@ impl Publisher {
             {
                 Ok(rooms) if !rooms.is_empty() => {
                     tracing::info!(rooms = rooms.len(), "relaying unpublished messages");
-                    self.publish_rooms(&rooms, HashMap::new()).await;
+                    let mut last = self.last_published.lock().await;
+                    self.publish_rooms(&mut last, &rooms, HashMap::new()).await;
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "outbox scan failed"),
@@ -325,31 +418,33 @@ impl Publisher {
         }
     }
 
-    /// Publishes every queued message of `rooms`, in rounds of at most
-    /// `PUBLISH_LIMIT`; on failure the rest stays for the relay.
-    async fn publish_rooms(&self, rooms: &[RoomId], mut headers: HashMap<MessageId, Headers>) {
+    /// Publishes every queued message of `rooms` from the outbox, each room
+    /// from its lowest sequence, in rounds of at most `PUBLISH_LIMIT`; on
+    /// failure the rest stays for the relay.
+    async fn publish_rooms(
+        &self,
+        last: &mut LastPublished,
+        rooms: &[RoomId],
+        mut headers: HashMap<MessageId, Headers>,
+    ) {
+        if rooms.is_empty() {
+            return;
+        }
         loop {
-            let _turn = self.turn.lock().await;
             let bus = &self.ctx.bus;
-            let subjects = &self.ctx.subjects;
+            let mut highest = BTreeMap::new();
             let round = self
                 .outbox
                 .publish(rooms, PUBLISH_LIMIT, |pending| {
-                    let outgoing: Vec<Outgoing> = pending
-                        .into_iter()
-                        .map(|p| Outgoing {
-                            subject: subjects.room_messages(p.room),
-                            msg_id: p.message_id.to_string(),
-                            headers: headers.remove(&p.message_id).unwrap_or_default(),
-                            payload: p.payload.into(),
-                        })
-                        .collect();
+                    highest.extend(pending.iter().map(|p| (p.room, p.seq)));
+                    let outgoing = self.outgoing(pending, &mut headers);
                     async move { Ok(bus.publish_durable_batch(outgoing).await?) }
                 })
                 .await;
             match round {
                 Ok(count) => {
                     self.published.inc_by(count as u64);
+                    last.extend(highest);
                     if count < PUBLISH_LIMIT {
                         return;
                     }
@@ -360,5 +455,54 @@ impl Publisher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(room: RoomId, seq: u64) -> Pending {
+        Pending {
+            message_id: MessageId::new(),
+            room,
+            seq,
+            payload: String::new(),
+        }
+    }
+
+    fn seqs(continuing: &[Pending]) -> Vec<(RoomId, u64)> {
+        continuing.iter().map(|p| (p.room, p.seq)).collect()
+    }
+
+    #[test]
+    fn messages_continue_their_room_only_after_what_was_published_of_it() {
+        let (a, b, c) = (RoomId::new(), RoomId::new(), RoomId::new());
+        let last = HashMap::from([(a, 4), (b, 9)]);
+        // a continues (5, 6 over two groups); b skips 10 (published
+        // elsewhere or failed); c was never published by this process.
+        let queued = vec![
+            pending(a, 5),
+            pending(b, 11),
+            pending(c, 1),
+            pending(a, 6),
+            pending(b, 12),
+        ];
+        let (continuing, mut behind) = split_by_continuity(&last, queued);
+        assert_eq!(seqs(&continuing), [(a, 5), (a, 6)]);
+        behind.sort_unstable();
+        let mut expected = vec![b, c];
+        expected.sort_unstable();
+        assert_eq!(behind, expected);
+    }
+
+    #[test]
+    fn a_room_with_a_gap_later_in_the_round_is_published_from_the_outbox_whole() {
+        let a = RoomId::new();
+        let last = HashMap::from([(a, 1)]);
+        let (continuing, behind) =
+            split_by_continuity(&last, vec![pending(a, 2), pending(a, 3), pending(a, 5)]);
+        assert!(continuing.is_empty(), "{:?}", seqs(&continuing));
+        assert_eq!(behind, [a]);
     }
 }

@@ -72,6 +72,14 @@ pub struct OutboxRepo {
     keys_kept_ms: i64,
 }
 
+/// What accepting a group did: one outcome per message, in order, and the
+/// new messages as they were queued, in the order numbered.
+#[derive(Debug, Default)]
+pub struct Acceptance {
+    pub outcomes: Vec<Result<Accepted, Refusal>>,
+    pub queued: Vec<Pending>,
+}
+
 /// How one message of a group is to be accepted.
 enum Plan {
     Refused(Refusal),
@@ -92,14 +100,10 @@ impl OutboxRepo {
 
     /// Accepts every message whose sender is a member of its (existing) room,
     /// numbering each room's messages in the order given; a message whose
-    /// sender sent its client id before is not posted again. One outcome per
-    /// message, in order.
-    pub async fn accept(
-        &self,
-        messages: Vec<NewMessage>,
-    ) -> anyhow::Result<Vec<Result<Accepted, Refusal>>> {
+    /// sender sent its client id before is not posted again.
+    pub async fn accept(&self, messages: Vec<NewMessage>) -> anyhow::Result<Acceptance> {
         if messages.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Acceptance::default());
         }
         let allowed = self.allowed(&messages).await?;
         let known = self.sent_before(&messages).await?;
@@ -213,7 +217,7 @@ impl OutboxRepo {
             )
             .await?;
         write.commit().await?;
-        Ok(outcomes)
+        Ok(Acceptance { outcomes, queued })
     }
 
     /// Advances each room's sequence by its count, in one statement for all
@@ -448,6 +452,18 @@ impl OutboxRepo {
             .context("published, but not removed from the outbox")?;
         write.commit().await?;
         Ok(count)
+    }
+
+    /// Removes each room's queued messages up to its given sequence, once
+    /// they were published.
+    pub async fn remove(&self, published: &BTreeMap<RoomId, u64>) -> anyhow::Result<()> {
+        if published.is_empty() {
+            return Ok(());
+        }
+        let mut write = self.db.begin_write().await?;
+        self.remove_published(&mut write, published).await?;
+        write.commit().await?;
+        Ok(())
     }
 
     /// Removes each room's queued messages up to its given sequence.

@@ -111,6 +111,9 @@ impl Database {
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            // A SQLite connection is a file handle that does not go stale:
+            // no round trip to its worker thread before each use.
+            .test_before_acquire(backend == Backend::Postgres)
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
@@ -281,22 +284,21 @@ pub fn padded<T>(items: &[T]) -> Vec<&T> {
         .collect()
 }
 
-/// How many of `remaining` rows the next multi-row statement takes: the
-/// largest power of two that fits (see [`padded`] for why powers of two).
-fn rows_in_next_statement(remaining: usize) -> usize {
-    let rows = remaining.min(MAX_ROWS_PER_STATEMENT);
-    if rows == 0 { 0 } else { 1 << rows.ilog2() }
-}
-
 /// A query on either database, as `sqlx::query` builds it.
 pub type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
 
 impl Database {
-    /// Inserts `rows` in `write` with multi-row statements
-    /// `INSERT INTO <into> VALUES (...), ... <suffix>`, each of a power of two
-    /// rows (at most [`MAX_ROWS_PER_STATEMENT`]); `bind` binds one row's
-    /// `columns` values in order. Returns how many rows were inserted (with
-    /// `ON CONFLICT DO NOTHING` in `suffix`, the new ones).
+    /// Inserts `rows` in `write`, up to [`MAX_ROWS_PER_STATEMENT`] in one
+    /// statement; `bind` binds one row's `columns` values in order. Returns
+    /// how many rows were inserted (with `ON CONFLICT DO NOTHING` in
+    /// `suffix`, the new ones).
+    ///
+    /// Each statement's `VALUES` list is padded (see [`padded`]) with copies
+    /// of its last row marked as padding, which the statement leaves out:
+    /// `INSERT INTO <into> SELECT column1, .. FROM (VALUES (.., 1), ..,
+    /// (.., 0)) AS v WHERE v.column<n> = 1 <suffix>`. So a group of any size
+    /// takes one statement (one round trip to the database) and statements
+    /// come in a few sizes, each prepared once per connection.
     pub async fn insert_rows<T, F>(
         &self,
         write: &mut Write,
@@ -309,18 +311,24 @@ impl Database {
     where
         F: for<'q> Fn(AnyQuery<'q>, &'q T) -> anyhow::Result<AnyQuery<'q>>,
     {
+        let selected = (1..=columns)
+            .map(|n| format!("v.column{n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let mut inserted = 0;
-        let mut rest = rows;
-        while !rest.is_empty() {
-            let (chunk, tail) = rest.split_at(rows_in_next_statement(rest.len()));
-            rest = tail;
+        for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
+            let padded = padded(chunk);
+            // `WHERE` also tells SQLite that an `ON CONFLICT` in `suffix`
+            // belongs to the insert, not to a join.
             let sql = format!(
-                "INSERT INTO {into} VALUES {} {suffix}",
-                self.value_rows(columns, chunk.len())
+                "INSERT INTO {into} SELECT {selected} FROM (VALUES {}) AS v
+                 WHERE v.column{} = 1 {suffix}",
+                self.value_rows(columns + 1, padded.len()),
+                columns + 1,
             );
             let mut query = sqlx::query(&sql);
-            for row in chunk {
-                query = bind(query, row)?;
+            for (i, row) in padded.into_iter().enumerate() {
+                query = bind(query, row)?.bind(i64::from(i < chunk.len()));
             }
             inserted += query.execute(&mut *write.tx).await?.rows_affected();
         }
@@ -351,17 +359,5 @@ mod tests {
         assert_eq!(padded(&[1, 2, 3, 4]), [&1, &2, &3, &4]);
         assert_eq!(padded(&[7]), [&7]);
         assert!(padded::<u8>(&[]).is_empty());
-    }
-
-    #[test]
-    fn rows_go_into_statements_of_powers_of_two() {
-        let mut sizes = Vec::new();
-        let mut remaining = 1300;
-        while remaining > 0 {
-            let rows = rows_in_next_statement(remaining);
-            sizes.push(rows);
-            remaining -= rows;
-        }
-        assert_eq!(sizes, [512, 512, 256, 16, 4]);
     }
 }

@@ -157,3 +157,49 @@ async fn generated_parameter_lists_bind_in_order_on_both_databases() -> anyhow::
     })
     .await
 }
+
+#[tokio::test]
+async fn inserted_rows_are_exactly_the_given_ones_on_both_databases() -> anyhow::Result<()> {
+    unhidra_testkit::on_each_database(|db| async move {
+        let database = Database::connect(db.url(), 1).await?;
+        database.migrate("notes-service", MIGRATIONS).await?;
+        let insert = |rows: Vec<(String, i64)>| {
+            let database = database.clone();
+            async move {
+                let mut write = database.begin_write().await?;
+                let inserted = database
+                    .insert_rows(
+                        &mut write,
+                        "notes (id, body, at)",
+                        3,
+                        "ON CONFLICT DO NOTHING",
+                        &rows,
+                        |query, (id, at)| Ok(query.bind(id.as_str()).bind("body").bind(*at)),
+                    )
+                    .await?;
+                write.commit().await?;
+                anyhow::Ok(inserted)
+            }
+        };
+        // Three rows (padded to four), then 1,300 (statements of 512, 512
+        // and 276 padded to 512), then five of which two are there already.
+        let three: Vec<(String, i64)> = (0..3).map(|i| (format!("a{i}"), i)).collect();
+        assert_eq!(insert(three).await?, 3);
+        let many: Vec<(String, i64)> = (0..1300).map(|i| (format!("b{i:04}"), i)).collect();
+        assert_eq!(insert(many).await?, 1300);
+        let again: Vec<(String, i64)> = ["a1", "a2", "c0", "c1", "c2"]
+            .iter()
+            .map(|id| ((*id).to_owned(), 7))
+            .collect();
+        assert_eq!(insert(again).await?, 3);
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT id, at FROM notes ORDER BY id")
+            .fetch_all(&database.pool)
+            .await?;
+        let mut expected: Vec<(String, i64)> = (0..3).map(|i| (format!("a{i}"), i)).collect();
+        expected.extend((0..1300).map(|i| (format!("b{i:04}"), i)));
+        expected.extend((0..3).map(|i| (format!("c{i}"), 7)));
+        assert_eq!(rows, expected);
+        Ok(())
+    })
+    .await
+}
