@@ -13,15 +13,17 @@ impl AuditRepo {
         Self { db }
     }
 
-    /// Appends events in one transaction, skipping those whose id is already
-    /// stored; returns how many were new.
+    /// Appends events, skipping those whose id is already stored; returns
+    /// how many were new. Each statement (of up to 512 events) commits on
+    /// its own: what one that failed left out is stored when the events
+    /// come again, and the rest is skipped then.
     pub async fn insert(&self, events: &[AuditEvent]) -> anyhow::Result<u64> {
         let now = now_millis();
-        let mut write = self.db.begin_write().await?;
+        let mut write = self.db.write_connection().await?;
         let inserted = self
             .db
             .insert_rows(
-                &mut write,
+                &mut write.conn,
                 "audit_events (id, kind, actor, subject, detail, occurred_at, recorded_at,
                      client_ip, user_agent, request_id)",
                 10,
@@ -42,7 +44,6 @@ impl AuditRepo {
                 },
             )
             .await?;
-        write.commit().await?;
         Ok(inserted)
     }
 }

@@ -29,15 +29,17 @@ impl HistoryRepo {
         Self { db }
     }
 
-    /// Stores room events in one transaction, skipping those whose
-    /// `message_id` is already stored; returns how many were new.
+    /// Stores room events, skipping those whose `message_id` is already
+    /// stored; returns how many were new. Each statement (of up to 512
+    /// events) commits on its own: what one that failed left out is stored
+    /// when the events come again, and the rest is skipped then.
     pub async fn insert(&self, events: &[RoomMessage]) -> anyhow::Result<u64> {
         let now = now_millis();
-        let mut write = self.db.begin_write().await?;
+        let mut write = self.db.write_connection().await?;
         let inserted = self
             .db
             .insert_rows(
-                &mut write,
+                &mut write.conn,
                 "messages (message_id, room_id, seq, sender, body, sent_at, stored_at)",
                 7,
                 "ON CONFLICT DO NOTHING",
@@ -54,7 +56,6 @@ impl HistoryRepo {
                 },
             )
             .await?;
-        write.commit().await?;
         Ok(inserted)
     }
 

@@ -14,6 +14,7 @@ use std::{
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
+use sqlx::AnyConnection;
 use unhidra_core::{
     events::{RoomMessage, SCHEMA_VERSION},
     ids::{MessageId, RoomId, UserId},
@@ -183,7 +184,7 @@ impl OutboxRepo {
         // A key remembered past its time is replaced.
         self.db
             .insert_rows(
-                &mut write,
+                &mut write.tx,
                 "send_keys (user_id, client_id, seq, message_id, created_at)",
                 5,
                 "ON CONFLICT (user_id, client_id) DO UPDATE SET seq = excluded.seq,
@@ -201,7 +202,7 @@ impl OutboxRepo {
             .await?;
         self.db
             .insert_rows(
-                &mut write,
+                &mut write.tx,
                 "outbox (message_id, room_id, seq, payload, created_at)",
                 5,
                 "",
@@ -447,7 +448,7 @@ impl OutboxRepo {
             Some(claim) => claim,
             None => self.db.begin_write().await?,
         };
-        self.remove_published(&mut write, &published)
+        self.remove_published(&mut write.tx, &published)
             .await
             .context("published, but not removed from the outbox")?;
         write.commit().await?;
@@ -455,21 +456,21 @@ impl OutboxRepo {
     }
 
     /// Removes each room's queued messages up to its given sequence, once
-    /// they were published.
+    /// they were published: each statement (of up to 512 rooms) on its own,
+    /// since what one that failed leaves is published again and absorbed as
+    /// a repeat.
     pub async fn remove(&self, published: &BTreeMap<RoomId, u64>) -> anyhow::Result<()> {
         if published.is_empty() {
             return Ok(());
         }
-        let mut write = self.db.begin_write().await?;
-        self.remove_published(&mut write, published).await?;
-        write.commit().await?;
-        Ok(())
+        let mut write = self.db.write_connection().await?;
+        self.remove_published(&mut write.conn, published).await
     }
 
     /// Removes each room's queued messages up to its given sequence.
     async fn remove_published(
         &self,
-        write: &mut Write,
+        conn: &mut AnyConnection,
         published: &BTreeMap<RoomId, u64>,
     ) -> anyhow::Result<()> {
         let rooms: Vec<(&RoomId, &u64)> = published.iter().collect();
@@ -489,7 +490,7 @@ impl OutboxRepo {
             for (room, seq) in chunk {
                 query = query.bind(room.to_string()).bind(i64::try_from(**seq)?);
             }
-            query.execute(&mut *write.tx).await?;
+            query.execute(&mut *conn).await?;
         }
         Ok(())
     }

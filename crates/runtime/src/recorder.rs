@@ -1,6 +1,6 @@
 //! A recorder: a durable consumer that decodes events and stores them
-//! idempotently, a batch per transaction, acknowledging each only after the
-//! commit. history-service and audit-service are recorders of their streams;
+//! idempotently, a batch at a time (one multi-row insert of up to 512),
+//! acknowledging each only after it is stored. history-service and audit-service are recorders of their streams;
 //! each implements [`Record`] for what differs (the event type, its insert).
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -21,8 +21,8 @@ const RETRY_DELAY: Duration = Duration::from_secs(1);
 pub trait Record: Send + Sync + 'static {
     type Event: DeserializeOwned + Send + Sync + 'static;
 
-    /// Stores `events` in one transaction, skipping those already stored;
-    /// returns how many were new.
+    /// Stores `events`, skipping those already stored; returns how many were
+    /// new.
     fn store(&self, events: &[Self::Event]) -> impl Future<Output = anyhow::Result<u64>> + Send;
 
     /// Called for each stored event, inside the request scope (request id,

@@ -14,6 +14,7 @@ use futures::future::BoxFuture;
 use sqlx::{
     Any, AnyConnection, AnyPool, Connection, Executor, Transaction,
     any::{AnyPoolOptions, install_default_drivers},
+    pool::PoolConnection,
 };
 use tokio::sync::OwnedMutexGuard;
 
@@ -60,6 +61,14 @@ impl Write {
     pub async fn commit(self) -> sqlx::Result<()> {
         self.tx.commit().await
     }
+}
+
+/// A connection for writes outside a transaction, each statement committing
+/// on its own (one round trip, where `BEGIN` and `COMMIT` would add two): on
+/// SQLite it holds this process's writer turn until dropped.
+pub struct WriteConnection {
+    pub conn: PoolConnection<Any>,
+    _turn: Option<OwnedMutexGuard<()>>,
 }
 
 /// One schema change of one service, applied once, in version order.
@@ -165,14 +174,28 @@ impl Database {
 
     /// Begins a transaction that writes; see [`Write`].
     pub async fn begin_write(&self) -> sqlx::Result<Write> {
-        let turn = match self.backend {
-            Backend::Sqlite => Some(Arc::clone(&self.writer).lock_owned().await),
-            Backend::Postgres => None,
-        };
+        let turn = self.writer_turn().await;
         Ok(Write {
             tx: self.pool.begin().await?,
             _turn: turn,
         })
+    }
+
+    /// A connection for writes that need no transaction; see
+    /// [`WriteConnection`].
+    pub async fn write_connection(&self) -> sqlx::Result<WriteConnection> {
+        let turn = self.writer_turn().await;
+        Ok(WriteConnection {
+            conn: self.pool.acquire().await?,
+            _turn: turn,
+        })
+    }
+
+    async fn writer_turn(&self) -> Option<OwnedMutexGuard<()>> {
+        match self.backend {
+            Backend::Sqlite => Some(Arc::clone(&self.writer).lock_owned().await),
+            Backend::Postgres => None,
+        }
     }
 
     /// Whether the database answers (for readiness checks).
@@ -288,8 +311,10 @@ pub fn padded<T>(items: &[T]) -> Vec<&T> {
 pub type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
 
 impl Database {
-    /// Inserts `rows` in `write`, up to [`MAX_ROWS_PER_STATEMENT`] in one
-    /// statement; `bind` binds one row's `columns` values in order. Returns
+    /// Inserts `rows` on `conn` (a [`Write`]'s transaction, or a
+    /// [`WriteConnection`] where each statement may commit on its own), up
+    /// to [`MAX_ROWS_PER_STATEMENT`] in one statement; `bind` binds one
+    /// row's `columns` values in order. Returns
     /// how many rows were inserted (with `ON CONFLICT DO NOTHING` in
     /// `suffix`, the new ones).
     ///
@@ -301,7 +326,7 @@ impl Database {
     /// come in a few sizes, each prepared once per connection.
     pub async fn insert_rows<T, F>(
         &self,
-        write: &mut Write,
+        conn: &mut AnyConnection,
         into: &str,
         columns: usize,
         suffix: &str,
@@ -330,7 +355,7 @@ impl Database {
             for (i, row) in padded.into_iter().enumerate() {
                 query = bind(query, row)?.bind(i64::from(i < chunk.len()));
             }
-            inserted += query.execute(&mut *write.tx).await?.rows_affected();
+            inserted += query.execute(&mut *conn).await?.rows_affected();
         }
         Ok(inserted)
     }

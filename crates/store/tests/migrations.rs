@@ -169,7 +169,7 @@ async fn inserted_rows_are_exactly_the_given_ones_on_both_databases() -> anyhow:
                 let mut write = database.begin_write().await?;
                 let inserted = database
                     .insert_rows(
-                        &mut write,
+                        &mut write.tx,
                         "notes (id, body, at)",
                         3,
                         "ON CONFLICT DO NOTHING",
