@@ -314,9 +314,8 @@ impl Database {
     /// Inserts `rows` on `conn` (a [`Write`]'s transaction, or a
     /// [`WriteConnection`] where each statement may commit on its own), up
     /// to [`MAX_ROWS_PER_STATEMENT`] in one statement; `bind` binds one
-    /// row's `columns` values in order. Returns
-    /// how many rows were inserted (with `ON CONFLICT DO NOTHING` in
-    /// `suffix`, the new ones).
+    /// row's `columns` values in order. Returns how many rows were inserted
+    /// (with `ON CONFLICT DO NOTHING` in `suffix`, the new ones).
     ///
     /// Each statement's `VALUES` list is padded (see [`padded`]) with copies
     /// of its last row marked as padding, which the statement leaves out:
