@@ -1,7 +1,8 @@
 //! A recorder: a durable consumer that decodes events and stores them
 //! idempotently, a batch at a time (one multi-row insert of up to 512),
-//! acknowledging each only after it is stored. history-service and audit-service are recorders of their streams;
-//! each implements [`Record`] for what differs (the event type, its insert).
+//! acknowledging each only after it is stored. history-service and
+//! audit-service are recorders of their streams; each implements [`Record`]
+//! for what differs (the event type, its insert).
 
 use std::{future::Future, sync::Arc, time::Duration};
 
