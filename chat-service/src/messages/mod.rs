@@ -34,7 +34,8 @@ use unhidra_runtime::{ServiceContext, batch::next_batch};
 use unhidra_store::now_millis;
 use unhidra_telemetry::request_id;
 
-pub use self::outbox::{Acceptance, Accepted, NewMessage, OutboxRepo, Pending};
+use self::outbox::{Acceptance, Pending};
+pub use self::outbox::{Accepted, NewMessage, OutboxRepo};
 use crate::{ChatState, membership::store_unavailable, rooms::Refusal};
 
 /// Messages accepted in one transaction at most.
