@@ -23,7 +23,7 @@ impl AuditRepo {
         let inserted = self
             .db
             .insert_rows(
-                &mut write.conn,
+                write.conn(),
                 "audit_events (id, kind, actor, subject, detail, occurred_at, recorded_at,
                      client_ip, user_agent, request_id)",
                 10,

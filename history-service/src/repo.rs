@@ -39,7 +39,7 @@ impl HistoryRepo {
         let inserted = self
             .db
             .insert_rows(
-                &mut write.conn,
+                write.conn(),
                 "messages (message_id, room_id, seq, sender, body, sent_at, stored_at)",
                 7,
                 "ON CONFLICT DO NOTHING",

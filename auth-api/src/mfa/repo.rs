@@ -28,14 +28,14 @@ impl MfaRepo {
         let mut write = self.db.begin_write().await?;
         sqlx::query("DELETE FROM totp WHERE user_id = $1 AND confirmed_at IS NULL")
             .bind(user.to_string())
-            .execute(&mut *write.tx)
+            .execute(write.conn())
             .await?;
         let inserted = sqlx::query(
             "INSERT INTO totp (user_id, secret) VALUES ($1, $2) ON CONFLICT DO NOTHING",
         )
         .bind(user.to_string())
         .bind(secret)
-        .execute(&mut *write.tx)
+        .execute(write.conn())
         .await?;
         write.commit().await?;
         Ok(inserted.rows_affected() == 1)
@@ -69,20 +69,20 @@ impl MfaRepo {
         .bind(now_millis())
         .bind(step)
         .bind(user.to_string())
-        .execute(&mut *write.tx)
+        .execute(write.conn())
         .await?;
         if confirmed.rows_affected() != 1 {
             return Ok(false);
         }
         sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
             .bind(user.to_string())
-            .execute(&mut *write.tx)
+            .execute(write.conn())
             .await?;
         for hash in recovery_hashes {
             sqlx::query("INSERT INTO recovery_codes (code_hash, user_id) VALUES ($1, $2)")
                 .bind(hash)
                 .bind(user.to_string())
-                .execute(&mut *write.tx)
+                .execute(write.conn())
                 .await?;
         }
         write.commit().await?;
@@ -123,7 +123,7 @@ impl MfaRepo {
         for table in ["recovery_codes", "totp"] {
             sqlx::query(&format!("DELETE FROM {table} WHERE user_id = $1"))
                 .bind(user.to_string())
-                .execute(&mut *write.tx)
+                .execute(write.conn())
                 .await?;
         }
         write.commit().await?;

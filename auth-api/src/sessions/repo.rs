@@ -126,7 +126,7 @@ impl SessionRepo {
         .bind(new_hash)
         .bind(old_hash)
         .bind(now)
-        .fetch_optional(&mut *write.tx)
+        .fetch_optional(write.conn())
         .await?;
         if let Some((session, user)) = rotated {
             sqlx::query(
@@ -136,7 +136,7 @@ impl SessionRepo {
             .bind(old_hash)
             .bind(&session)
             .bind(now)
-            .execute(&mut *write.tx)
+            .execute(write.conn())
             .await?;
             write.commit().await?;
             return Ok(Rotation::Rotated {
@@ -152,7 +152,7 @@ impl SessionRepo {
         )
         .bind(old_hash)
         .bind(now)
-        .fetch_optional(&mut *write.tx)
+        .fetch_optional(write.conn())
         .await?;
         write.commit().await?;
         Ok(match reused {

@@ -106,8 +106,11 @@ impl OutboxRepo {
         if messages.is_empty() {
             return Ok(Acceptance::default());
         }
-        let allowed = self.allowed(&messages).await?;
-        let known = self.sent_before(&messages).await?;
+        // The checks read in the transaction that writes: on SQLite its
+        // connection is the writer's own, with no trip to the pool.
+        let mut write = self.db.begin_write().await?;
+        let allowed = self.allowed(write.conn(), &messages).await?;
+        let known = self.sent_before(write.conn(), &messages).await?;
         let mut plans = Vec::with_capacity(messages.len());
         let mut in_group: HashMap<(UserId, &str), usize> = HashMap::new();
         for (i, (m, ok)) in messages.iter().zip(allowed).enumerate() {
@@ -133,7 +136,6 @@ impl OutboxRepo {
                 *per_room.entry(m.room).or_default() += 1;
             }
         }
-        let mut write = self.db.begin_write().await?;
         let mut next_seq = self.number(&mut write, &per_room).await?;
         let mut outcomes: Vec<Result<Accepted, Refusal>> = Vec::with_capacity(messages.len());
         let mut queued = Vec::new();
@@ -184,7 +186,7 @@ impl OutboxRepo {
         // A key remembered past its time is replaced.
         self.db
             .insert_rows(
-                &mut write.tx,
+                write.conn(),
                 "send_keys (user_id, client_id, seq, message_id, created_at)",
                 5,
                 "ON CONFLICT (user_id, client_id) DO UPDATE SET seq = excluded.seq,
@@ -202,7 +204,7 @@ impl OutboxRepo {
             .await?;
         self.db
             .insert_rows(
-                &mut write.tx,
+                write.conn(),
                 "outbox (message_id, room_id, seq, payload, created_at)",
                 5,
                 "",
@@ -222,9 +224,7 @@ impl OutboxRepo {
     }
 
     /// Advances each room's sequence by its count, in one statement for all
-    /// rooms: the first new sequence number of each room. It is the
-    /// transaction's first statement and a write, so on SQLite the
-    /// transaction takes the write lock (waiting its turn) before reading.
+    /// rooms: the first new sequence number of each room.
     async fn number(
         &self,
         write: &mut Write,
@@ -246,7 +246,7 @@ impl OutboxRepo {
             for room in rooms {
                 lock = lock.bind(room.to_string());
             }
-            lock.execute(&mut *write.tx).await?;
+            lock.execute(write.conn()).await?;
         }
         // A room listed twice (padding) joins twice with the same count;
         // the row is updated once either way.
@@ -264,7 +264,7 @@ impl OutboxRepo {
             query = query.bind(room.to_string()).bind(i64::try_from(**count)?);
         }
         let mut first = HashMap::with_capacity(per_room.len());
-        for (room, last) in query.fetch_all(&mut *write.tx).await? {
+        for (room, last) in query.fetch_all(write.conn()).await? {
             let room: RoomId = room.parse().with_context(|| format!("room id `{room}`"))?;
             let count = per_room.get(&room).context("a room numbered unasked")?;
             let seq = u64::try_from(last)?
@@ -285,6 +285,7 @@ impl OutboxRepo {
     /// client id within the time keys are kept (one query for all).
     async fn sent_before(
         &self,
+        conn: &mut AnyConnection,
         messages: &[NewMessage],
     ) -> anyhow::Result<HashMap<(UserId, String), SendAccepted>> {
         let keyed: Vec<&NewMessage> = messages.iter().filter(|m| m.client_id.is_some()).collect();
@@ -314,7 +315,7 @@ impl OutboxRepo {
         }
         let query = query.bind(now_millis().saturating_sub(self.keys_kept_ms));
         let mut known = HashMap::new();
-        for (user, client_id, seq, message_id) in query.fetch_all(&self.db.pool).await? {
+        for (user, client_id, seq, message_id) in query.fetch_all(conn).await? {
             let ack = SendAccepted {
                 seq: u64::try_from(seq)?,
                 message_id: message_id.parse()?,
@@ -335,7 +336,11 @@ impl OutboxRepo {
     }
 
     /// For each message: allowed, or why not (one query for all).
-    async fn allowed(&self, messages: &[NewMessage]) -> anyhow::Result<Vec<Result<(), Refusal>>> {
+    async fn allowed(
+        &self,
+        conn: &mut AnyConnection,
+        messages: &[NewMessage],
+    ) -> anyhow::Result<Vec<Result<(), Refusal>>> {
         let pairs = unique_pairs(
             messages
                 .iter()
@@ -355,7 +360,7 @@ impl OutboxRepo {
         for (room, user) in pairs {
             query = query.bind(room).bind(user);
         }
-        let rows = query.fetch_all(&self.db.pool).await?;
+        let rows = query.fetch_all(conn).await?;
         let existing: HashSet<&str> = rows.iter().map(|(room, _)| room.as_str()).collect();
         let members: HashSet<(&str, &str)> = rows
             .iter()
@@ -418,7 +423,7 @@ impl OutboxRepo {
         let mut claim = None;
         let rows = if locked {
             let claim = claim.insert(self.db.begin_write().await?);
-            query.fetch_all(&mut *claim.tx).await?
+            query.fetch_all(claim.conn()).await?
         } else {
             query.fetch_all(&self.db.pool).await?
         };
@@ -448,7 +453,7 @@ impl OutboxRepo {
             Some(claim) => claim,
             None => self.db.begin_write().await?,
         };
-        self.remove_published(&mut write.tx, &published)
+        self.remove_published(write.conn(), &published)
             .await
             .context("published, but not removed from the outbox")?;
         write.commit().await?;
@@ -464,7 +469,7 @@ impl OutboxRepo {
             return Ok(());
         }
         let mut write = self.db.write_connection().await?;
-        self.remove_published(&mut write.conn, published).await
+        self.remove_published(write.conn(), published).await
     }
 
     /// Removes each room's queued messages up to its given sequence.

@@ -73,7 +73,7 @@ impl RoomRepo {
         .bind(owner.to_string())
         .bind(now)
         .bind(&uuid::Uuid::new_v4().simple().to_string()[..12])
-        .execute(&mut *write.tx)
+        .execute(write.conn())
         .await?;
         let joined = sqlx::query(
             "INSERT INTO room_members (room_id, user_id, role, joined_at)
@@ -85,7 +85,7 @@ impl RoomRepo {
         .bind(Role::Owner.as_str())
         .bind(now)
         .bind(i64::from(self.caps.rooms_per_user))
-        .execute(&mut *write.tx)
+        .execute(write.conn())
         .await?
         .rows_affected();
         if joined == 0 {

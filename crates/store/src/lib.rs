@@ -12,7 +12,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 use anyhow::Context;
 use futures::future::BoxFuture;
 use sqlx::{
-    Any, AnyConnection, AnyPool, Connection, Executor, Transaction,
+    Any, AnyConnection, AnyPool, Connection, Executor, TransactionManager,
     any::{AnyPoolOptions, install_default_drivers},
     pool::PoolConnection,
 };
@@ -44,31 +44,69 @@ pub use pool_metrics::PoolCollector;
 pub struct Database {
     pub pool: AnyPool,
     pub backend: Backend,
-    /// SQLite takes one writer at a time; the writers of this process queue
-    /// here for their turn rather than in SQLite's busy handler, which sleeps
-    /// for milliseconds at a time.
-    writer: Arc<tokio::sync::Mutex<()>>,
+    /// SQLite takes one writer at a time: this process writes through one
+    /// connection of its own, outside the pool, and its writers queue here
+    /// for it rather than in SQLite's busy handler, which sleeps for
+    /// milliseconds at a time. (A pooled connection also costs a round trip
+    /// to its worker thread each time it goes back to the pool.)
+    writer: Option<Arc<tokio::sync::Mutex<AnyConnection>>>,
 }
 
-/// A write transaction: on SQLite it holds this process's writer turn until
-/// it commits or is dropped.
+/// A connection held for writing: on SQLite the process's writer connection
+/// (its turn held until dropped), on Postgres one from the pool.
+enum Held {
+    Pooled(PoolConnection<Any>),
+    Writer(OwnedMutexGuard<AnyConnection>),
+}
+
+impl Held {
+    fn conn(&mut self) -> &mut AnyConnection {
+        match self {
+            Self::Pooled(conn) => conn,
+            Self::Writer(conn) => conn,
+        }
+    }
+}
+
+/// A write transaction, rolled back if dropped before it commits. On
+/// SQLite it begins `IMMEDIATE`, taking the database's write lock at once:
+/// what it reads stays true until it commits, and no other process's writer
+/// can make it fail when it comes to write.
 pub struct Write {
-    pub tx: Transaction<'static, Any>,
-    _turn: Option<OwnedMutexGuard<()>>,
+    held: Held,
+    open: bool,
 }
 
 impl Write {
-    pub async fn commit(self) -> sqlx::Result<()> {
-        self.tx.commit().await
+    /// The transaction's connection, to run its statements on.
+    pub fn conn(&mut self) -> &mut AnyConnection {
+        self.held.conn()
+    }
+
+    pub async fn commit(mut self) -> sqlx::Result<()> {
+        <Any as sqlx::Database>::TransactionManager::commit(self.conn()).await?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl Drop for Write {
+    fn drop(&mut self) {
+        if self.open {
+            // Queued on the connection, ahead of whatever runs on it next.
+            <Any as sqlx::Database>::TransactionManager::start_rollback(self.conn());
+        }
     }
 }
 
 /// A connection for writes outside a transaction, each statement committing
-/// on its own (one round trip, where `BEGIN` and `COMMIT` would add two): on
-/// SQLite it holds this process's writer turn until dropped.
-pub struct WriteConnection {
-    pub conn: PoolConnection<Any>,
-    _turn: Option<OwnedMutexGuard<()>>,
+/// on its own (one round trip, where `BEGIN` and `COMMIT` would add two).
+pub struct WriteConnection(Held);
+
+impl WriteConnection {
+    pub fn conn(&mut self) -> &mut AnyConnection {
+        self.0.conn()
+    }
 }
 
 /// One schema change of one service, applied once, in version order.
@@ -135,10 +173,17 @@ impl Database {
             .connect(url)
             .await
             .context("connecting to the database")?;
+        let writer = match backend {
+            Backend::Sqlite => {
+                let conn = pool.acquire().await.context("connecting to the database")?;
+                Some(Arc::new(tokio::sync::Mutex::new(conn.detach())))
+            }
+            Backend::Postgres => None,
+        };
         Ok(Self {
             pool,
             backend,
-            writer: Arc::default(),
+            writer,
         })
     }
 
@@ -174,28 +219,26 @@ impl Database {
 
     /// Begins a transaction that writes; see [`Write`].
     pub async fn begin_write(&self) -> sqlx::Result<Write> {
-        let turn = self.writer_turn().await;
-        Ok(Write {
-            tx: self.pool.begin().await?,
-            _turn: turn,
-        })
+        let mut held = self.hold_for_write().await?;
+        let begin = match self.backend {
+            Backend::Sqlite => Some("BEGIN IMMEDIATE".into()),
+            Backend::Postgres => None,
+        };
+        <Any as sqlx::Database>::TransactionManager::begin(held.conn(), begin).await?;
+        Ok(Write { held, open: true })
     }
 
     /// A connection for writes that need no transaction; see
     /// [`WriteConnection`].
     pub async fn write_connection(&self) -> sqlx::Result<WriteConnection> {
-        let turn = self.writer_turn().await;
-        Ok(WriteConnection {
-            conn: self.pool.acquire().await?,
-            _turn: turn,
-        })
+        Ok(WriteConnection(self.hold_for_write().await?))
     }
 
-    async fn writer_turn(&self) -> Option<OwnedMutexGuard<()>> {
-        match self.backend {
-            Backend::Sqlite => Some(Arc::clone(&self.writer).lock_owned().await),
-            Backend::Postgres => None,
-        }
+    async fn hold_for_write(&self) -> sqlx::Result<Held> {
+        Ok(match &self.writer {
+            Some(writer) => Held::Writer(Arc::clone(writer).lock_owned().await),
+            None => Held::Pooled(self.pool.acquire().await?),
+        })
     }
 
     /// Whether the database answers (for readiness checks).

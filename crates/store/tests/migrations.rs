@@ -169,7 +169,7 @@ async fn inserted_rows_are_exactly_the_given_ones_on_both_databases() -> anyhow:
                 let mut write = database.begin_write().await?;
                 let inserted = database
                     .insert_rows(
-                        &mut write.tx,
+                        write.conn(),
                         "notes (id, body, at)",
                         3,
                         "ON CONFLICT DO NOTHING",
@@ -199,6 +199,33 @@ async fn inserted_rows_are_exactly_the_given_ones_on_both_databases() -> anyhow:
         expected.extend((0..1300).map(|i| (format!("b{i:04}"), i)));
         expected.extend((0..3).map(|i| (format!("c{i}"), 7)));
         assert_eq!(rows, expected);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_write_dropped_before_commit_leaves_nothing_on_both_databases() -> anyhow::Result<()> {
+    unhidra_testkit::on_each_database(|db| async move {
+        let database = Database::connect(db.url(), 1).await?;
+        database.migrate("notes-service", MIGRATIONS).await?;
+        let note = |id: &'static str| {
+            sqlx::query("INSERT INTO notes (id, body, at) VALUES ($1, 'body', 1)").bind(id)
+        };
+        let mut dropped = database.begin_write().await?;
+        note("dropped").execute(dropped.conn()).await?;
+        drop(dropped);
+        // The next writer (on SQLite the same connection) starts clean.
+        let mut committed = database.begin_write().await?;
+        note("committed").execute(committed.conn()).await?;
+        committed.commit().await?;
+        let mut single = database.write_connection().await?;
+        note("single").execute(single.conn()).await?;
+        drop(single);
+        let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM notes ORDER BY id")
+            .fetch_all(&database.pool)
+            .await?;
+        assert_eq!(ids, ["committed", "single"]);
         Ok(())
     })
     .await
