@@ -96,7 +96,10 @@ impl fmt::Debug for Delivery {
 }
 
 impl Delivery {
-    /// Done with it: it will not be delivered again.
+    /// Done with it: it will not be delivered again, unless the
+    /// acknowledgement is lost on its way (the connection breaks first), so
+    /// consumers apply what they receive idempotently. The server records it
+    /// soon after this returns, not necessarily before.
     pub async fn ack(self) -> Result<()> {
         self.settle.ack().await
     }

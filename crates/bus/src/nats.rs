@@ -333,9 +333,10 @@ struct NatsSettle(jetstream::Message);
 #[async_trait]
 impl Settle for NatsSettle {
     async fn ack(&self) -> Result<()> {
-        // Double ack: returns once the server has recorded the acknowledgement,
-        // so an acked message is never redelivered.
-        self.0.double_ack().await.map_err(transport)
+        // Sent without waiting for the server to confirm it (a double ack is
+        // a round trip per message): an acknowledgement lost with the
+        // connection means one redelivery, which consumers absorb.
+        self.0.ack().await.map_err(transport)
     }
 
     async fn nak(&self, delay: Duration) -> Result<()> {
