@@ -20,7 +20,7 @@ use unhidra_core::{
     ids::{MessageId, RoomId, UserId},
     rpc::SendAccepted,
 };
-use unhidra_store::{Backend, Database, MAX_ROWS_PER_STATEMENT, Write, now_millis, padded};
+use unhidra_store::{Backend, Database, MAX_ROWS_PER_STATEMENT, now_millis, padded};
 
 use crate::rooms::Refusal;
 
@@ -136,7 +136,7 @@ impl OutboxRepo {
                 *per_room.entry(m.room).or_default() += 1;
             }
         }
-        let mut next_seq = self.number(&mut write, &per_room).await?;
+        let mut next_seq = self.number(write.conn(), &per_room).await?;
         let mut outcomes: Vec<Result<Accepted, Refusal>> = Vec::with_capacity(messages.len());
         let mut queued = Vec::new();
         let mut keys = Vec::new();
@@ -227,7 +227,7 @@ impl OutboxRepo {
     /// rooms: the first new sequence number of each room.
     async fn number(
         &self,
-        write: &mut Write,
+        conn: &mut AnyConnection,
         per_room: &BTreeMap<RoomId, u64>,
     ) -> anyhow::Result<HashMap<RoomId, u64>> {
         if per_room.is_empty() {
@@ -246,7 +246,7 @@ impl OutboxRepo {
             for room in rooms {
                 lock = lock.bind(room.to_string());
             }
-            lock.execute(write.conn()).await?;
+            lock.execute(&mut *conn).await?;
         }
         // A room listed twice (padding) joins twice with the same count;
         // the row is updated once either way.
@@ -264,7 +264,7 @@ impl OutboxRepo {
             query = query.bind(room.to_string()).bind(i64::try_from(**count)?);
         }
         let mut first = HashMap::with_capacity(per_room.len());
-        for (room, last) in query.fetch_all(write.conn()).await? {
+        for (room, last) in query.fetch_all(conn).await? {
             let room: RoomId = room.parse().with_context(|| format!("room id `{room}`"))?;
             let count = per_room.get(&room).context("a room numbered unasked")?;
             let seq = u64::try_from(last)?

@@ -52,6 +52,10 @@ pub struct Database {
     writer: Option<Arc<tokio::sync::Mutex<AnyConnection>>>,
 }
 
+/// How transactions begin, commit and roll back on a connection of either
+/// database.
+type Transactions = <Any as sqlx::Database>::TransactionManager;
+
 /// A connection held for writing: on SQLite the process's writer connection
 /// (its turn held until dropped), on Postgres one from the pool.
 enum Held {
@@ -84,7 +88,7 @@ impl Write {
     }
 
     pub async fn commit(mut self) -> sqlx::Result<()> {
-        <Any as sqlx::Database>::TransactionManager::commit(self.conn()).await?;
+        Transactions::commit(self.conn()).await?;
         self.open = false;
         Ok(())
     }
@@ -94,7 +98,7 @@ impl Drop for Write {
     fn drop(&mut self) {
         if self.open {
             // Queued on the connection, ahead of whatever runs on it next.
-            <Any as sqlx::Database>::TransactionManager::start_rollback(self.conn());
+            Transactions::start_rollback(self.conn());
         }
     }
 }
@@ -224,7 +228,7 @@ impl Database {
             Backend::Sqlite => Some("BEGIN IMMEDIATE".into()),
             Backend::Postgres => None,
         };
-        <Any as sqlx::Database>::TransactionManager::begin(held.conn(), begin).await?;
+        Transactions::begin(held.conn(), begin).await?;
         Ok(Write { held, open: true })
     }
 
