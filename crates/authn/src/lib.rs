@@ -3,8 +3,12 @@
 //! announces a change, refetched on a timer (see `unhidra-runtime`) and when
 //! a token names an unknown `kid` (at most once a second), and revoked sessions are kept
 //! in memory until their tokens would have expired anyway, so verifying a token
-//! costs no database or network round trip. No HTTP here: the extractor and the
-//! mapping of [`TokenError`] onto responses live in `unhidra-runtime`.
+//! costs no database or network round trip. A token whose signature was
+//! verified is remembered (by its SHA-256) until the signing keys change, so
+//! a client that reconnects with it costs no second signature check; its
+//! expiry and its session's revocation are checked at every use all the same.
+//! No HTTP here: the extractor and the mapping of [`TokenError`] onto
+//! responses live in `unhidra-runtime`.
 
 use std::{
     collections::HashMap,
@@ -38,6 +42,10 @@ fn unix_now() -> i64 {
 
 /// How often an unknown `kid` may trigger a JWKS refetch.
 const MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(1);
+/// Seconds a token is still accepted after its expiry (clock skew).
+const LEEWAY_SECS: i64 = 30;
+/// Verified tokens remembered at most per process (about 130 bytes each).
+const VERIFIED_TOKENS: usize = 50_000;
 
 /// Who a verified token or API key belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +140,19 @@ pub struct TokenVerifier {
     revoked: RwLock<HashMap<SessionId, i64>>,
     /// Hash of an API key → who it belongs to, and until when that holds.
     api_keys: RwLock<HashMap<String, (Authenticated, Instant)>>,
+    /// The keys installed last, as (kid, public key), to tell a change.
+    key_set: std::sync::Mutex<Vec<(String, String)>>,
+    verified: RwLock<VerifiedTokens>,
+}
+
+/// Access tokens whose signature, issuer and audience were verified with
+/// the signing keys installed now, by SHA-256 of the whole token.
+#[derive(Default)]
+struct VerifiedTokens {
+    by_digest: HashMap<[u8; 32], Authenticated>,
+    /// Counts the changes of the signing keys: a verification done with
+    /// keys since replaced is not remembered.
+    keys_changed: u64,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -148,7 +169,7 @@ impl TokenVerifier {
         validation.set_issuer(&[&config.token_issuer]);
         validation.set_audience(&[&config.token_audience]);
         validation.set_required_spec_claims(&["exp", "iat", "sub", "iss", "aud"]);
-        validation.leeway = 30;
+        validation.leeway = LEEWAY_SECS.unsigned_abs();
         Self {
             rpc,
             validation,
@@ -156,6 +177,8 @@ impl TokenVerifier {
             last_fetch: tokio::sync::Mutex::new(None),
             revoked: RwLock::new(HashMap::new()),
             api_keys: RwLock::new(HashMap::new()),
+            key_set: std::sync::Mutex::default(),
+            verified: RwLock::default(),
         }
     }
 
@@ -194,8 +217,57 @@ impl TokenVerifier {
             .is_some_and(|until| *until > now)
     }
 
-    /// Checks signature, algorithm, issuer, audience and expiry.
+    /// Checks signature, algorithm, issuer, audience and expiry (the
+    /// signature once per token while the signing keys stay the same), and
+    /// that the token's session was not revoked.
     pub async fn verify(&self, token: &str) -> Result<Authenticated, TokenError> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let (known, keys_changed) = {
+            let verified = self.verified.read().unwrap_or_else(|p| p.into_inner());
+            (
+                verified.by_digest.get(&digest).copied(),
+                verified.keys_changed,
+            )
+        };
+        let auth = match known {
+            Some(auth) if auth.expires_at < unix_now() - LEEWAY_SECS => {
+                return Err(TokenError::Expired);
+            }
+            Some(auth) => auth,
+            None => {
+                let auth = self.verify_signed(token).await?;
+                self.remember_verified(digest, keys_changed, auth);
+                auth
+            }
+        };
+        if self.is_revoked(&auth.session) {
+            return Err(TokenError::Revoked);
+        }
+        Ok(auth)
+    }
+
+    /// Remembers a token verified with the keys of `keys_changed`, unless
+    /// they changed meanwhile. When full, expired tokens are forgotten, and
+    /// all of them if that is not enough.
+    fn remember_verified(&self, digest: [u8; 32], keys_changed: u64, auth: Authenticated) {
+        let mut verified = self.verified.write().unwrap_or_else(|p| p.into_inner());
+        if verified.keys_changed != keys_changed {
+            return;
+        }
+        if verified.by_digest.len() >= VERIFIED_TOKENS {
+            let now = unix_now();
+            verified
+                .by_digest
+                .retain(|_, auth| auth.expires_at >= now - LEEWAY_SECS);
+            if verified.by_digest.len() >= VERIFIED_TOKENS {
+                verified.by_digest.clear();
+            }
+        }
+        verified.by_digest.insert(digest, auth);
+    }
+
+    /// Checks the token's signature, algorithm, issuer, audience and expiry.
+    async fn verify_signed(&self, token: &str) -> Result<Authenticated, TokenError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| TokenError::Invalid("malformed token"))?;
         if header.alg != Algorithm::EdDSA {
@@ -226,9 +298,6 @@ impl TokenVerifier {
             .map(str::parse)
             .transpose()
             .map_err(|_| TokenError::Invalid("token device is not a device id"))?;
-        if self.is_revoked(&session) {
-            return Err(TokenError::Revoked);
-        }
         Ok(Authenticated {
             user,
             session,
@@ -349,14 +418,30 @@ impl TokenVerifier {
     }
 
     /// Verifies with exactly the keys of `jwks` from now on (announced by
-    /// auth-api when they change).
+    /// auth-api when they change). A change forgets every verified token:
+    /// those signed with a retired key are refused from now on.
     pub fn install_keys(&self, jwks: &Jwks) {
-        let keys: HashMap<String, DecodingKey> = jwks
+        let usable: Vec<_> = jwks
             .keys
             .iter()
             .filter(|k| k.alg == JWT_ALG && k.kty == "OKP" && k.crv == "Ed25519")
+            .collect();
+        let keys: HashMap<String, DecodingKey> = usable
+            .iter()
             .filter_map(|k| Some((k.kid.clone(), DecodingKey::from_ed_components(&k.x).ok()?)))
             .collect();
+        let mut key_set: Vec<(String, String)> = usable
+            .iter()
+            .map(|k| (k.kid.clone(), k.x.clone()))
+            .collect();
+        key_set.sort_unstable();
+        let mut installed = self.key_set.lock().unwrap_or_else(|p| p.into_inner());
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        if *installed != key_set {
+            *installed = key_set;
+            let mut verified = self.verified.write().unwrap_or_else(|p| p.into_inner());
+            verified.keys_changed += 1;
+            verified.by_digest.clear();
+        }
     }
 }

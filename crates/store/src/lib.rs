@@ -168,8 +168,15 @@ impl Database {
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
-                        conn.execute("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000;")
-                            .await?;
+                        // Statement journals (a multi-row statement's undo
+                        // within a transaction) stay in memory: on disk they
+                        // were a temporary file written and dropped with
+                        // every group, as many bytes as the log itself.
+                        conn.execute(
+                            "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000;
+                             PRAGMA temp_store = MEMORY;",
+                        )
+                        .await?;
                     }
                     Ok(())
                 })

@@ -1,0 +1,211 @@
+//! A token is verified by its signature once while the signing keys stay the
+//! same; what must still hold at every later use: its expiry, its session's
+//! revocation, and the keys it was signed with being installed.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use futures::StreamExt;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use unhidra_authn::{TokenError, TokenVerifier};
+use unhidra_bus::{Bus, Headers, MemoryBus, RpcClient};
+use unhidra_core::{
+    Config,
+    events::{SCHEMA_VERSION, SessionsRevoked},
+    ids::{SessionId, UserId},
+    rpc::RpcReply,
+    subjects::Subjects,
+    token::{AccessClaims, Jwk, Jwks},
+    users::SystemRole,
+};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// A signing key of auth-api's.
+struct SigningKey {
+    kid: String,
+    pkcs8: Vec<u8>,
+    public: String,
+}
+
+impl SigningKey {
+    fn generate(kid: &str) -> Result<Self, Box<dyn std::error::Error>> {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+            .map_err(|_| "key generation failed")?;
+        let pair =
+            Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| "key generation failed")?;
+        Ok(Self {
+            kid: kid.to_owned(),
+            public: URL_SAFE_NO_PAD.encode(pair.public_key().as_ref()),
+            pkcs8: pkcs8.as_ref().to_vec(),
+        })
+    }
+
+    fn jwk(&self) -> Jwk {
+        Jwk {
+            kty: "OKP".into(),
+            crv: "Ed25519".into(),
+            x: self.public.clone(),
+            kid: self.kid.clone(),
+            alg: "EdDSA".into(),
+            use_: "sig".into(),
+        }
+    }
+
+    /// An access token of `session`, expiring `expires_in` seconds from now.
+    fn token(&self, config: &Config, session: SessionId, expires_in: i64) -> String {
+        let now = chrono::Utc::now().timestamp();
+        let claims = AccessClaims {
+            sub: UserId::new().to_string(),
+            sid: session.to_string(),
+            role: SystemRole::Member,
+            did: None,
+            jti: uuid::Uuid::now_v7().to_string(),
+            iat: now,
+            exp: now + expires_in,
+            iss: config.token_issuer.clone(),
+            aud: config.token_audience.clone(),
+        };
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+        header.kid = Some(self.kid.clone());
+        let key = jsonwebtoken::EncodingKey::from_ed_der(&self.pkcs8);
+        jsonwebtoken::encode(&header, &claims, &key).unwrap_or_default()
+    }
+}
+
+/// A verifier whose auth-api answers JWKS requests with `published`, with
+/// those keys installed already.
+async fn verifier(
+    config: &Config,
+    published: Arc<Mutex<Jwks>>,
+) -> Result<TokenVerifier, Box<dyn std::error::Error>> {
+    let subjects = Subjects::new("test");
+    let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+    let mut requests = bus.subscribe(&subjects.auth_jwks()).await?;
+    let installed = published.lock().map(|j| j.clone()).unwrap_or_default();
+    let responder_bus = Arc::clone(&bus);
+    tokio::spawn(async move {
+        while let Some(request) = requests.next().await {
+            let jwks = published.lock().map(|j| j.clone()).unwrap_or_default();
+            let reply = serde_json::to_vec(&RpcReply::Ok(jwks)).unwrap_or_default();
+            if let Some(to) = request.reply {
+                let _ = responder_bus
+                    .publish(&to, Headers::new(), reply.into())
+                    .await;
+            }
+        }
+    });
+    let verifier = TokenVerifier::new(
+        config,
+        RpcClient::new(bus, subjects, Duration::from_secs(5)),
+    );
+    verifier.install_keys(&installed);
+    Ok(verifier)
+}
+
+#[tokio::test]
+async fn a_token_verified_before_is_refused_once_its_key_is_retired() -> TestResult {
+    let config = Config::default();
+    let (old, new) = (SigningKey::generate("k1")?, SigningKey::generate("k2")?);
+    let published = Arc::new(Mutex::new(Jwks {
+        keys: vec![old.jwk()],
+    }));
+    let verifier = verifier(&config, Arc::clone(&published)).await?;
+    let token = old.token(&config, SessionId::new(), 600);
+    verifier.verify(&token).await?;
+    verifier.verify(&token).await?;
+
+    // A rotation retires the old key: auth-api announces the new set.
+    let rotated = Jwks {
+        keys: vec![new.jwk()],
+    };
+    *published.lock().map_err(|_| "poisoned")? = rotated.clone();
+    verifier.install_keys(&rotated);
+    assert_eq!(
+        verifier.verify(&token).await,
+        Err(TokenError::Invalid("unknown signing key"))
+    );
+    verifier
+        .verify(&new.token(&config, SessionId::new(), 600))
+        .await?;
+
+    // The same keys installed again (the periodic refresh) change nothing.
+    let token = new.token(&config, SessionId::new(), 600);
+    verifier.verify(&token).await?;
+    verifier.install_keys(&rotated);
+    verifier.verify(&token).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_token_verified_before_is_refused_once_its_session_is_revoked() -> TestResult {
+    let config = Config::default();
+    let key = SigningKey::generate("k1")?;
+    let verifier = verifier(
+        &config,
+        Arc::new(Mutex::new(Jwks {
+            keys: vec![key.jwk()],
+        })),
+    )
+    .await?;
+    let (session, other) = (SessionId::new(), SessionId::new());
+    let (token, other_token) = (
+        key.token(&config, session, 600),
+        key.token(&config, other, 600),
+    );
+    let me = verifier.verify(&token).await?;
+    assert_eq!(me.session, session);
+    verifier.verify(&other_token).await?;
+
+    verifier.revoke(&SessionsRevoked {
+        v: SCHEMA_VERSION,
+        user: me.user,
+        sessions: vec![session],
+        until: chrono::Utc::now().timestamp() + 600,
+    });
+    assert_eq!(verifier.verify(&token).await, Err(TokenError::Revoked));
+    assert_eq!(verifier.verify(&other_token).await?.session, other);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_token_verified_before_is_refused_once_it_expires() -> TestResult {
+    let config = Config::default();
+    let key = SigningKey::generate("k1")?;
+    let verifier = verifier(
+        &config,
+        Arc::new(Mutex::new(Jwks {
+            keys: vec![key.jwk()],
+        })),
+    )
+    .await?;
+    // Past its expiry by 29 of the 30 seconds of leeway: accepted now, not
+    // two seconds later.
+    let token = key.token(&config, SessionId::new(), -29);
+    verifier.verify(&token).await?;
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    assert_eq!(verifier.verify(&token).await, Err(TokenError::Expired));
+
+    // A token accepted before, its claims signed again by another key: a
+    // different token, checked in full and refused.
+    let token = key.token(&config, SessionId::new(), 600);
+    verifier.verify(&token).await?;
+    let signed = token
+        .rsplit_once('.')
+        .map(|(signed, _)| signed)
+        .unwrap_or_default();
+    let stranger = Ed25519KeyPair::from_pkcs8(&SigningKey::generate("k1")?.pkcs8)
+        .map_err(|_| "key generation failed")?;
+    let forged = format!(
+        "{signed}.{}",
+        URL_SAFE_NO_PAD.encode(stranger.sign(signed.as_bytes()).as_ref())
+    );
+    assert_eq!(
+        verifier.verify(&forged).await,
+        Err(TokenError::Invalid("token rejected"))
+    );
+    Ok(())
+}
