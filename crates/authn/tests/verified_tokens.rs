@@ -106,6 +106,18 @@ async fn verifier(
     Ok(verifier)
 }
 
+/// A signing key and a verifier that trusts it alone.
+async fn trusting_one_key(
+    config: &Config,
+) -> Result<(SigningKey, TokenVerifier), Box<dyn std::error::Error>> {
+    let key = SigningKey::generate("k1")?;
+    let jwks = Jwks {
+        keys: vec![key.jwk()],
+    };
+    let verifier = verifier(config, Arc::new(Mutex::new(jwks))).await?;
+    Ok((key, verifier))
+}
+
 #[tokio::test]
 async fn a_token_verified_before_is_refused_once_its_key_is_retired() -> TestResult {
     let config = Config::default();
@@ -143,14 +155,7 @@ async fn a_token_verified_before_is_refused_once_its_key_is_retired() -> TestRes
 #[tokio::test]
 async fn a_token_verified_before_is_refused_once_its_session_is_revoked() -> TestResult {
     let config = Config::default();
-    let key = SigningKey::generate("k1")?;
-    let verifier = verifier(
-        &config,
-        Arc::new(Mutex::new(Jwks {
-            keys: vec![key.jwk()],
-        })),
-    )
-    .await?;
+    let (key, verifier) = trusting_one_key(&config).await?;
     let (session, other) = (SessionId::new(), SessionId::new());
     let (token, other_token) = (
         key.token(&config, session, 600),
@@ -174,14 +179,7 @@ async fn a_token_verified_before_is_refused_once_its_session_is_revoked() -> Tes
 #[tokio::test]
 async fn a_token_verified_before_is_refused_once_it_expires() -> TestResult {
     let config = Config::default();
-    let key = SigningKey::generate("k1")?;
-    let verifier = verifier(
-        &config,
-        Arc::new(Mutex::new(Jwks {
-            keys: vec![key.jwk()],
-        })),
-    )
-    .await?;
+    let (key, verifier) = trusting_one_key(&config).await?;
     // Past its expiry by 29 of the 30 seconds of leeway: accepted now, not
     // two seconds later.
     let token = key.token(&config, SessionId::new(), -29);
