@@ -140,8 +140,8 @@ pub struct TokenVerifier {
     revoked: RwLock<HashMap<SessionId, i64>>,
     /// Hash of an API key → who it belongs to, and until when that holds.
     api_keys: RwLock<HashMap<String, (Authenticated, Instant)>>,
-    /// The keys installed last, as (kid, public key), to tell a change.
-    key_set: std::sync::Mutex<Vec<(String, String)>>,
+    /// The key set installed last, to tell a change.
+    installed: std::sync::Mutex<Jwks>,
     verified: RwLock<VerifiedTokens>,
 }
 
@@ -177,7 +177,7 @@ impl TokenVerifier {
             last_fetch: tokio::sync::Mutex::new(None),
             revoked: RwLock::new(HashMap::new()),
             api_keys: RwLock::new(HashMap::new()),
-            key_set: std::sync::Mutex::default(),
+            installed: std::sync::Mutex::default(),
             verified: RwLock::default(),
         }
     }
@@ -421,24 +421,16 @@ impl TokenVerifier {
     /// auth-api when they change). A change forgets every verified token:
     /// those signed with a retired key are refused from now on.
     pub fn install_keys(&self, jwks: &Jwks) {
-        let usable: Vec<_> = jwks
+        let keys: HashMap<String, DecodingKey> = jwks
             .keys
             .iter()
             .filter(|k| k.alg == JWT_ALG && k.kty == "OKP" && k.crv == "Ed25519")
-            .collect();
-        let keys: HashMap<String, DecodingKey> = usable
-            .iter()
             .filter_map(|k| Some((k.kid.clone(), DecodingKey::from_ed_components(&k.x).ok()?)))
             .collect();
-        let mut key_set: Vec<(String, String)> = usable
-            .iter()
-            .map(|k| (k.kid.clone(), k.x.clone()))
-            .collect();
-        key_set.sort_unstable();
-        let mut installed = self.key_set.lock().unwrap_or_else(|p| p.into_inner());
+        let mut installed = self.installed.lock().unwrap_or_else(|p| p.into_inner());
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
-        if *installed != key_set {
-            *installed = key_set;
+        if *installed != *jwks {
+            installed.clone_from(jwks);
             let mut verified = self.verified.write().unwrap_or_else(|p| p.into_inner());
             verified.keys_changed += 1;
             verified.by_digest.clear();

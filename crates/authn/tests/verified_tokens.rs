@@ -56,7 +56,12 @@ impl SigningKey {
     }
 
     /// An access token of `session`, expiring `expires_in` seconds from now.
-    fn token(&self, config: &Config, session: SessionId, expires_in: i64) -> String {
+    fn token(
+        &self,
+        config: &Config,
+        session: SessionId,
+        expires_in: i64,
+    ) -> Result<String, jsonwebtoken::errors::Error> {
         let now = chrono::Utc::now().timestamp();
         let claims = AccessClaims {
             sub: UserId::new().to_string(),
@@ -72,7 +77,7 @@ impl SigningKey {
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
         header.kid = Some(self.kid.clone());
         let key = jsonwebtoken::EncodingKey::from_ed_der(&self.pkcs8);
-        jsonwebtoken::encode(&header, &claims, &key).unwrap_or_default()
+        jsonwebtoken::encode(&header, &claims, &key)
     }
 }
 
@@ -126,7 +131,7 @@ async fn a_token_verified_before_is_refused_once_its_key_is_retired() -> TestRes
         keys: vec![old.jwk()],
     }));
     let verifier = verifier(&config, Arc::clone(&published)).await?;
-    let token = old.token(&config, SessionId::new(), 600);
+    let token = old.token(&config, SessionId::new(), 600)?;
     verifier.verify(&token).await?;
     verifier.verify(&token).await?;
 
@@ -141,11 +146,11 @@ async fn a_token_verified_before_is_refused_once_its_key_is_retired() -> TestRes
         Err(TokenError::Invalid("unknown signing key"))
     );
     verifier
-        .verify(&new.token(&config, SessionId::new(), 600))
+        .verify(&new.token(&config, SessionId::new(), 600)?)
         .await?;
 
     // The same keys installed again (the periodic refresh) change nothing.
-    let token = new.token(&config, SessionId::new(), 600);
+    let token = new.token(&config, SessionId::new(), 600)?;
     verifier.verify(&token).await?;
     verifier.install_keys(&rotated);
     verifier.verify(&token).await?;
@@ -158,8 +163,8 @@ async fn a_token_verified_before_is_refused_once_its_session_is_revoked() -> Tes
     let (key, verifier) = trusting_one_key(&config).await?;
     let (session, other) = (SessionId::new(), SessionId::new());
     let (token, other_token) = (
-        key.token(&config, session, 600),
-        key.token(&config, other, 600),
+        key.token(&config, session, 600)?,
+        key.token(&config, other, 600)?,
     );
     let me = verifier.verify(&token).await?;
     assert_eq!(me.session, session);
@@ -182,14 +187,14 @@ async fn a_token_verified_before_is_refused_once_it_expires() -> TestResult {
     let (key, verifier) = trusting_one_key(&config).await?;
     // Past its expiry by 29 of the 30 seconds of leeway: accepted now, not
     // two seconds later.
-    let token = key.token(&config, SessionId::new(), -29);
+    let token = key.token(&config, SessionId::new(), -29)?;
     verifier.verify(&token).await?;
     tokio::time::sleep(Duration::from_millis(2_100)).await;
     assert_eq!(verifier.verify(&token).await, Err(TokenError::Expired));
 
     // A token accepted before, its claims signed again by another key: a
     // different token, checked in full and refused.
-    let token = key.token(&config, SessionId::new(), 600);
+    let token = key.token(&config, SessionId::new(), 600)?;
     verifier.verify(&token).await?;
     let signed = token
         .rsplit_once('.')
