@@ -252,12 +252,22 @@ impl Database {
         })
     }
 
-    /// Whether the database answers (for readiness checks).
+    /// Whether the database answers within two seconds, through the pool
+    /// and, on SQLite, through the writer connection too (for readiness
+    /// checks): a writer that is gone, or held that long, stops every write.
     pub async fn ping(&self) -> bool {
-        let ping = sqlx::query("SELECT 1").execute(&self.pool);
+        let ping = async {
+            sqlx::query("SELECT 1").execute(&self.pool).await?;
+            if let Some(writer) = &self.writer {
+                sqlx::query("SELECT 1")
+                    .execute(&mut *writer.lock().await)
+                    .await?;
+            }
+            Ok::<_, sqlx::Error>(())
+        };
         matches!(
             tokio::time::timeout(Duration::from_secs(2), ping).await,
-            Ok(Ok(_))
+            Ok(Ok(()))
         )
     }
 }

@@ -230,3 +230,16 @@ async fn a_write_dropped_before_commit_leaves_nothing_on_both_databases() -> any
     })
     .await
 }
+
+#[tokio::test]
+async fn readiness_fails_while_the_sqlite_writer_is_held_too_long() -> anyhow::Result<()> {
+    let db = TestDatabase::sqlite().await?;
+    let database = Database::connect(db.url(), 1).await?;
+    assert!(database.ping().await);
+    // Every write of the process waits while this transaction is open.
+    let stuck = database.begin_write().await?;
+    assert!(!database.ping().await, "ready while no write can start");
+    drop(stuck);
+    assert!(database.ping().await);
+    Ok(())
+}
