@@ -136,6 +136,10 @@ struct TargetArgs {
     /// Scaled out: chat-service's base URL, if not at `--url`.
     #[arg(long)]
     chat_url: Option<String>,
+    /// Scaled out: a service besides the gateway whose CPU counts as the
+    /// server's, by a URL it listens at on this machine (repeat for each).
+    #[arg(long, value_name = "URL")]
+    cpu_of: Vec<String>,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -267,10 +271,20 @@ async fn start(args: &TargetArgs) -> anyhow::Result<(Target, Option<RelayProcess
             if let Some(chat) = &args.chat_url {
                 endpoints.chat = chat.trim_end_matches('/').to_owned();
             }
+            let mut pids: Vec<u32> = local::server_pid(&args.url).into_iter().collect();
+            anyhow::ensure!(
+                args.cpu_of.is_empty() || !pids.is_empty(),
+                "--cpu-of needs the gateway (--url) on this machine too"
+            );
+            for url in &args.cpu_of {
+                pids.push(local::server_pid(url).with_context(|| {
+                    format!("--cpu-of {url}: no process of this machine listens there")
+                })?);
+            }
             Ok((
                 Target::Unhidra {
                     client: Client::with_endpoints(endpoints),
-                    pid: local::server_pid(&args.url),
+                    pids,
                 },
                 None,
             ))

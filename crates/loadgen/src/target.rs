@@ -29,8 +29,9 @@ pub struct Setup {
 pub enum Target {
     Unhidra {
         client: Client,
-        /// The gateway's process when it runs on this machine.
-        pid: Option<u32>,
+        /// The server's processes when they run on this machine: the
+        /// gateway's, and scaled out those of the other services as named.
+        pids: Vec<u32>,
     },
     Relay {
         ws_url: String,
@@ -121,17 +122,20 @@ impl Target {
         }
     }
 
-    /// The CPU time (user and system) the server has used, in seconds: from
-    /// its `/proc` entry when it runs here (10 ms steps), else from Unhidra's
-    /// `process_cpu_seconds_total` (whole seconds).
+    /// The CPU time (user and system) the server has used, in seconds: the
+    /// sum over its processes' `/proc` entries when they run here (10 ms
+    /// steps), else from Unhidra's `process_cpu_seconds_total` (whole
+    /// seconds).
     pub async fn cpu_seconds(&self) -> anyhow::Result<f64> {
         match self {
-            Self::Relay { pid, .. } | Self::Unhidra { pid: Some(pid), .. } => {
-                cpu_seconds_of(&pid.to_string())
-            }
-            Self::Unhidra { client, pid: None } => {
+            Self::Relay { pid, .. } => cpu_seconds_of(&pid.to_string()),
+            Self::Unhidra { client, pids } if pids.is_empty() => {
                 metric(&client.metrics().await?, "process_cpu_seconds_total")
             }
+            Self::Unhidra { pids, .. } => pids
+                .iter()
+                .map(|pid| cpu_seconds_of(&pid.to_string()))
+                .sum(),
         }
     }
 }

@@ -182,3 +182,30 @@ fn idle_connections_spread_over_processes_and_addresses() -> Result<(), Box<dyn 
     );
     Ok(())
 }
+
+#[test]
+fn a_service_to_measure_that_is_not_here_fails_the_run() -> Result<(), Box<dyn std::error::Error>> {
+    // A listener of this test stands in for the gateway; nothing listens
+    // where the second service is said to be.
+    let gateway = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let unused = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let nowhere = format!("http://{}", unused.local_addr()?);
+    drop(unused);
+    let output = Command::new(env!("CARGO_BIN_EXE_unhidra-loadgen"))
+        .args([
+            "ingest",
+            "--url",
+            &format!("http://{}", gateway.local_addr()?),
+        ])
+        .args(["--cpu-of", &nowhere])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "--cpu-of {nowhere}: no process of this machine listens there"
+        )),
+        "{stderr}"
+    );
+    Ok(())
+}
