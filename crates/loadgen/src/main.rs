@@ -290,6 +290,10 @@ async fn start(args: &TargetArgs) -> anyhow::Result<(Target, Option<RelayProcess
             ))
         }
         "relay" => {
+            anyhow::ensure!(
+                args.cpu_of.is_empty(),
+                "--cpu-of counts Unhidra's services; the relay is one process"
+            );
             let mut relay = std::process::Command::new(std::env::current_exe()?);
             relay.arg("relay").stdout(Stdio::piped());
             if let Some(n) = args.relay_drop_every {
