@@ -373,6 +373,23 @@ struct ConsumerState {
     spec: ConsumerSpec,
     next_seq: u64,
     pending: BTreeMap<u64, Pending>,
+    /// No pending delivery is due before this (`None`: none is pending), so
+    /// handing out new messages does not look through every pending one.
+    due_from: Option<Instant>,
+}
+
+impl ConsumerState {
+    /// The pending delivery of `seq` is due (again) at `due`.
+    fn set_due(&mut self, seq: u64, due: Instant) {
+        if let Some(pending) = self.pending.get_mut(&seq) {
+            pending.due = due;
+            self.due_no_later_than(due);
+        }
+    }
+
+    fn due_no_later_than(&mut self, due: Instant) {
+        self.due_from = Some(self.due_from.map_or(due, |from| from.min(due)));
+    }
 }
 
 struct Pending {
@@ -447,6 +464,9 @@ impl MemStream {
         for pending in consumer.pending.values_mut() {
             pending.due = now;
         }
+        if !consumer.pending.is_empty() {
+            consumer.due_from = Some(now);
+        }
         drop(state);
         self.changed.notify_waiters();
     }
@@ -491,11 +511,7 @@ impl MemStream {
                 consumer.pending.remove(&seq);
                 state.discard_processed();
             }
-            Some(delay) => {
-                if let Some(p) = consumer.pending.get_mut(&seq) {
-                    p.due = Instant::now() + delay;
-                }
-            }
+            Some(delay) => consumer.set_due(seq, Instant::now() + delay),
         }
         drop(state);
         self.changed.notify_waiters();
@@ -518,6 +534,7 @@ impl StreamState {
                 spec: spec.clone(),
                 next_seq: 1,
                 pending: BTreeMap::new(),
+                due_from: None,
             });
         consumer.spec = spec.clone();
         consumer
@@ -568,12 +585,19 @@ impl StreamState {
         };
         let ack_wait = consumer.spec.ack_wait;
         let max_deliver = consumer.spec.max_deliver.map(u64::from);
-        let due: Vec<u64> = consumer
-            .pending
-            .iter()
-            .filter(|(_, p)| p.due <= now)
-            .map(|(seq, _)| *seq)
-            .collect();
+        // Pending deliveries are looked through only when one may be due,
+        // which also learns when the next one is.
+        let due: Vec<u64> = if consumer.due_from.is_some_and(|from| from <= now) {
+            consumer.due_from = consumer.pending.values().map(|p| p.due).min();
+            consumer
+                .pending
+                .iter()
+                .filter(|(_, p)| p.due <= now)
+                .map(|(seq, _)| *seq)
+                .collect()
+        } else {
+            Vec::new()
+        };
         for seq in due {
             let message = self.messages.get(&seq).map(|(_, m)| m.clone());
             let Some(pending) = consumer.pending.get_mut(&seq) else {
@@ -582,8 +606,9 @@ impl StreamState {
             match message {
                 Some(message) if max_deliver.is_none_or(|max| pending.attempt < max) => {
                     pending.attempt += 1;
-                    pending.due = now + ack_wait;
-                    return Next::Deliver(seq, message, pending.attempt);
+                    let attempt = pending.attempt;
+                    consumer.set_due(seq, now + ack_wait);
+                    return Next::Deliver(seq, message, attempt);
                 }
                 _ => {
                     consumer.pending.remove(&seq);
@@ -603,18 +628,14 @@ impl StreamState {
                     .as_deref()
                     .is_none_or(|f| matches(f, &message.subject));
                 if wanted {
-                    consumer.pending.insert(
-                        seq,
-                        Pending {
-                            due: now + ack_wait,
-                            attempt: 1,
-                        },
-                    );
+                    let due = now + ack_wait;
+                    consumer.pending.insert(seq, Pending { due, attempt: 1 });
+                    consumer.due_no_later_than(due);
                     return Next::Deliver(seq, message.clone(), 1);
                 }
             }
         }
-        Next::Wait(consumer.pending.values().map(|p| p.due).min())
+        Next::Wait(consumer.due_from)
     }
 }
 

@@ -256,6 +256,56 @@ async fn durable_consumers_resume_redeliver_and_deduplicate() -> TestResult {
 }
 
 #[tokio::test]
+async fn a_delivery_left_unacknowledged_comes_back_after_the_ack_wait() -> TestResult {
+    for (bus, p) in buses().await {
+        bus.ensure_stream(&stream_spec(&p)).await?;
+        for (id, body) in [("m1", "1"), ("m2", "2")] {
+            bus.publish_durable(&format!("{p}.events.x"), id, Headers::new(), text(body))
+                .await?;
+        }
+        let consumer = consumer_spec(&p, "store");
+        let mut deliveries = bus.consume(&consumer).await?;
+        let first = tokio::time::timeout(WAIT, deliveries.next())
+            .await?
+            .ok_or("closed")??;
+        assert_eq!(first.message.payload, text("1"));
+        // 1 is held unacknowledged while 2 and 3 flow past it.
+        let second = tokio::time::timeout(WAIT, deliveries.next())
+            .await?
+            .ok_or("closed")??;
+        assert_eq!(second.message.payload, text("2"));
+        second.ack().await?;
+        bus.publish_durable(&format!("{p}.events.x"), "m3", Headers::new(), text("3"))
+            .await?;
+        let third = tokio::time::timeout(WAIT, deliveries.next())
+            .await?
+            .ok_or("closed")??;
+        assert_eq!(
+            (third.message.payload.clone(), third.attempt),
+            (text("3"), 1)
+        );
+        third.ack().await?;
+        // The ack wait is a second: 1 comes back then, and only 1.
+        let again = tokio::time::timeout(WAIT, deliveries.next())
+            .await?
+            .ok_or("closed")??;
+        assert_eq!(
+            (again.message.payload.clone(), again.attempt),
+            (text("1"), 2)
+        );
+        again.ack().await?;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1500), deliveries.next())
+                .await
+                .is_err(),
+            "an acknowledged message came back"
+        );
+        drop(first);
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn durable_publish_needs_a_stream() -> TestResult {
     for (bus, p) in buses().await {
         let result = bus

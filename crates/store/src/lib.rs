@@ -7,7 +7,7 @@
 
 mod pool_metrics;
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{fmt::Write as _, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use futures::future::BoxFuture;
@@ -333,22 +333,40 @@ impl Database {
     /// numbered parameters up one by one and a long list costs quadratic time.
     /// A statement that uses these takes every parameter from them, in order.
     pub fn placeholders(&self, first: usize, count: usize) -> String {
-        let one = |n: usize| match self.backend {
-            Backend::Postgres => format!("${n}"),
-            Backend::Sqlite => "?".to_owned(),
-        };
-        (first..first + count)
-            .map(one)
-            .collect::<Vec<_>>()
-            .join(", ")
+        let mut sql = String::with_capacity(count * 4);
+        self.push_placeholders(&mut sql, first, count);
+        sql
     }
 
     /// `rows` tuples of `columns` parameters, for a multi-row `VALUES`.
     pub fn value_rows(&self, columns: usize, rows: usize) -> String {
-        (0..rows)
-            .map(|row| format!("({})", self.placeholders(1 + row * columns, columns)))
-            .collect::<Vec<_>>()
-            .join(", ")
+        let mut sql = String::with_capacity(rows * (columns * 4 + 4));
+        for row in 0..rows {
+            if row > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            self.push_placeholders(&mut sql, 1 + row * columns, columns);
+            sql.push(')');
+        }
+        sql
+    }
+
+    /// Appends [`Self::placeholders`] to `sql`, written in place: a group's
+    /// statements take thousands.
+    fn push_placeholders(&self, sql: &mut String, first: usize, count: usize) {
+        for n in first..first + count {
+            if n > first {
+                sql.push_str(", ");
+            }
+            match self.backend {
+                Backend::Postgres => {
+                    // Writing to a String cannot fail.
+                    let _ = write!(sql, "${n}");
+                }
+                Backend::Sqlite => sql.push('?'),
+            }
+        }
     }
 }
 
