@@ -5,7 +5,7 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use unhidra_bus::{Bus, BusError, Headers, MemoryBus, NatsBus, Outgoing};
+use unhidra_bus::{Bus, BusError, Deliveries, Delivery, Headers, MemoryBus, NatsBus, Outgoing};
 use unhidra_core::streams::{ConsumerSpec, StreamSpec};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -70,6 +70,15 @@ async fn pending_after_acks(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The next delivery of a durable consumer, within [`WAIT`].
+async fn next_delivery(
+    deliveries: &mut Deliveries,
+) -> Result<Delivery, Box<dyn std::error::Error>> {
+    Ok(tokio::time::timeout(WAIT, deliveries.next())
+        .await?
+        .ok_or("closed")??)
 }
 
 #[tokio::test]
@@ -200,9 +209,7 @@ async fn durable_consumers_resume_redeliver_and_deduplicate() -> TestResult {
         assert_eq!(bus.consumer_pending(&consumer).await?, 4);
         let mut bodies = Vec::new();
         for _ in 0..4 {
-            let d = tokio::time::timeout(WAIT, deliveries.next())
-                .await?
-                .ok_or("closed")??;
+            let d = next_delivery(&mut deliveries).await?;
             assert_eq!(d.attempt, 1);
             bodies.push(d.message.payload.clone());
             if bodies.len() <= 2 {
@@ -218,9 +225,7 @@ async fn durable_consumers_resume_redeliver_and_deduplicate() -> TestResult {
         let mut deliveries = bus.consume(&consumer).await?;
         let mut again = Vec::new();
         for _ in 0..2 {
-            let d = tokio::time::timeout(WAIT, deliveries.next())
-                .await?
-                .ok_or("closed")??;
+            let d = next_delivery(&mut deliveries).await?;
             assert!(d.attempt >= 2);
             again.push(d.message.payload.clone());
             if d.message.payload == text("3") {
@@ -231,9 +236,7 @@ async fn durable_consumers_resume_redeliver_and_deduplicate() -> TestResult {
         }
         again.sort();
         assert_eq!(again, vec![text("3"), text("4")]);
-        let d = tokio::time::timeout(WAIT, deliveries.next())
-            .await?
-            .ok_or("closed")??;
+        let d = next_delivery(&mut deliveries).await?;
         assert_eq!(d.message.payload, text("4"));
         d.ack().await?;
         assert!(
@@ -247,9 +250,7 @@ async fn durable_consumers_resume_redeliver_and_deduplicate() -> TestResult {
         // The stream's other consumer has acknowledged nothing yet: it starts
         // from the beginning, and nothing was removed from under it.
         let mut other = bus.consume(&consumer_spec(&p, "audit")).await?;
-        let d = tokio::time::timeout(WAIT, other.next())
-            .await?
-            .ok_or("closed")??;
+        let d = next_delivery(&mut other).await?;
         assert_eq!(d.message.payload, text("1"));
     }
     Ok(())
@@ -265,30 +266,22 @@ async fn a_delivery_left_unacknowledged_comes_back_after_the_ack_wait() -> TestR
         }
         let consumer = consumer_spec(&p, "store");
         let mut deliveries = bus.consume(&consumer).await?;
-        let first = tokio::time::timeout(WAIT, deliveries.next())
-            .await?
-            .ok_or("closed")??;
+        let first = next_delivery(&mut deliveries).await?;
         assert_eq!(first.message.payload, text("1"));
         // 1 is held unacknowledged while 2 and 3 flow past it.
-        let second = tokio::time::timeout(WAIT, deliveries.next())
-            .await?
-            .ok_or("closed")??;
+        let second = next_delivery(&mut deliveries).await?;
         assert_eq!(second.message.payload, text("2"));
         second.ack().await?;
         bus.publish_durable(&format!("{p}.events.x"), "m3", Headers::new(), text("3"))
             .await?;
-        let third = tokio::time::timeout(WAIT, deliveries.next())
-            .await?
-            .ok_or("closed")??;
+        let third = next_delivery(&mut deliveries).await?;
         assert_eq!(
             (third.message.payload.clone(), third.attempt),
             (text("3"), 1)
         );
         third.ack().await?;
         // The ack wait is a second: 1 comes back then, and only 1.
-        let again = tokio::time::timeout(WAIT, deliveries.next())
-            .await?
-            .ok_or("closed")??;
+        let again = next_delivery(&mut deliveries).await?;
         assert_eq!(
             (again.message.payload.clone(), again.attempt),
             (text("1"), 2)
@@ -339,9 +332,7 @@ async fn batch_publishes_are_stored_in_order_and_deduplicated() -> TestResult {
         let consumer = consumer_spec(&p, "batch");
         let mut deliveries = bus.consume(&consumer).await?;
         for i in 0..200 {
-            let d = tokio::time::timeout(WAIT, deliveries.next())
-                .await?
-                .ok_or("closed")??;
+            let d = next_delivery(&mut deliveries).await?;
             assert_eq!(d.message.payload, text(&i.to_string()));
             d.ack().await?;
         }
@@ -394,9 +385,7 @@ async fn a_full_stream_refuses_publishes_and_keeps_what_is_unprocessed() -> Test
         let consumer = consumer_spec(&p, "store");
         let mut deliveries = bus.consume(&consumer).await?;
         for n in 0..stored {
-            let d = tokio::time::timeout(WAIT, deliveries.next())
-                .await?
-                .ok_or("closed")??;
+            let d = next_delivery(&mut deliveries).await?;
             assert_eq!(d.message.payload, text(&body), "message {n}");
             d.ack().await?;
         }
@@ -420,9 +409,7 @@ async fn a_full_stream_refuses_publishes_and_keeps_what_is_unprocessed() -> Test
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let d = tokio::time::timeout(WAIT, deliveries.next())
-            .await?
-            .ok_or("closed")??;
+        let d = next_delivery(&mut deliveries).await?;
         assert_eq!(d.message.payload, text(&body));
     }
     Ok(())
