@@ -81,6 +81,13 @@ async fn next_delivery(
         .ok_or("closed")??)
 }
 
+/// Whether no delivery comes for 1.5 s, past the test consumers' ack wait.
+async fn stays_quiet(deliveries: &mut Deliveries) -> bool {
+    tokio::time::timeout(Duration::from_millis(1500), deliveries.next())
+        .await
+        .is_err()
+}
+
 #[tokio::test]
 async fn subscribers_see_matching_subjects_with_headers() -> TestResult {
     for (bus, p) in buses().await {
@@ -240,9 +247,7 @@ async fn durable_consumers_resume_redeliver_and_deduplicate() -> TestResult {
         assert_eq!(d.message.payload, text("4"));
         d.ack().await?;
         assert!(
-            tokio::time::timeout(Duration::from_millis(1500), deliveries.next())
-                .await
-                .is_err(),
+            stays_quiet(&mut deliveries).await,
             "an acknowledged message came back"
         );
         assert_eq!(pending_after_acks(&*bus, &consumer, 0).await?, 0);
@@ -288,9 +293,7 @@ async fn a_delivery_left_unacknowledged_comes_back_after_the_ack_wait() -> TestR
         );
         again.ack().await?;
         assert!(
-            tokio::time::timeout(Duration::from_millis(1500), deliveries.next())
-                .await
-                .is_err(),
+            stays_quiet(&mut deliveries).await,
             "an acknowledged message came back"
         );
         drop(first);
