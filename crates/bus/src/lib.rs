@@ -58,6 +58,10 @@ pub enum BusError {
     /// The stream holds `max_bytes` of unprocessed messages; retry later.
     #[error("stream `{0}` is full")]
     StreamFull(String),
+    /// The process is shutting down: the in-process bus's streams take
+    /// nothing more.
+    #[error("the bus is shutting down")]
+    Closed,
     #[error("bus: {0}")]
     Transport(String),
 }
@@ -160,4 +164,16 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Whether the bus is usable right now (for readiness checks).
     async fn healthy(&self) -> bool;
+
+    /// Whether what the streams hold survives this process. JetStream's does;
+    /// the in-process bus's does not, so at shutdown its consumers handle
+    /// everything left before they stop (see [`Bus::close_streams`]).
+    fn streams_outlive_process(&self) -> bool;
+
+    /// At shutdown, once no request is in flight: streams that end with the
+    /// process take nothing more (publishing into them fails with
+    /// [`BusError::Closed`]), and each consumer's deliveries end once it has
+    /// acknowledged all it was given. Streams that outlive the process are
+    /// left as they are.
+    async fn close_streams(&self);
 }

@@ -5,13 +5,15 @@
 //! `max_bytes` or `MAX_STREAM_MESSAGES` (like a JetStream interest stream
 //! that discards new), and unacknowledged deliveries are redelivered after
 //! `ack_wait` or when the consumer resumes. Nothing survives the process: the embedded mode relies on
-//! the services' own tables (chat-service's outbox) for durability.
+//! the services' own tables (chat-service's outbox) for durability, and at
+//! shutdown the streams close ([`Bus::close_streams`]) so that their
+//! consumers handle everything they hold before the process exits.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -52,6 +54,9 @@ struct Inner {
     subscriptions: Mutex<Subscriptions>,
     streams: Mutex<HashMap<String, Arc<MemStream>>>,
     counter: AtomicU64,
+    /// Set by [`Bus::close_streams`]; each stream also holds it under its
+    /// own lock, where publishes check it.
+    closed: AtomicBool,
 }
 
 struct Sub {
@@ -303,6 +308,7 @@ impl Bus for MemoryBus {
         );
         let mut state = lock(&stream.state);
         state.spec = spec.clone();
+        state.closed |= self.inner.closed.load(Ordering::SeqCst);
         for consumer in &spec.consumers {
             state.add_consumer(consumer);
         }
@@ -351,6 +357,20 @@ impl Bus for MemoryBus {
     async fn healthy(&self) -> bool {
         true
     }
+
+    fn streams_outlive_process(&self) -> bool {
+        false
+    }
+
+    async fn close_streams(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        let streams: Vec<Arc<MemStream>> = lock(&self.inner.streams).values().cloned().collect();
+        for stream in streams {
+            lock(&stream.state).closed = true;
+            // Consumers waiting for more learn that nothing more comes.
+            stream.changed.notify_waiters();
+        }
+    }
 }
 
 struct MemStream {
@@ -367,6 +387,9 @@ struct StreamState {
     recent_ids: VecDeque<(Instant, String)>,
     recent_id_set: HashSet<String>,
     consumers: HashMap<String, ConsumerState>,
+    /// Shutting down: publishes are refused, and a consumer with nothing
+    /// left to be given or to acknowledge is done.
+    closed: bool,
 }
 
 struct ConsumerState {
@@ -414,6 +437,7 @@ impl MemStream {
                 recent_ids: VecDeque::new(),
                 recent_id_set: HashSet::new(),
                 consumers: HashMap::new(),
+                closed: false,
             }),
             changed: Notify::new(),
         }
@@ -424,6 +448,9 @@ impl MemStream {
     fn append(&self, msg_id: Option<&str>, message: Message) -> Result<bool> {
         let now = Instant::now();
         let mut state = lock(&self.state);
+        if state.closed {
+            return Err(BusError::Closed);
+        }
         state.discard_expired(now);
         let size = size(&message);
         if state.messages.len() >= MAX_STREAM_MESSAGES
@@ -634,6 +661,9 @@ impl StreamState {
                     return Next::Deliver(seq, message.clone(), 1);
                 }
             }
+        }
+        if self.closed && consumer.pending.is_empty() && consumer.next_seq > self.last_seq {
+            return Next::Gone;
         }
         Next::Wait(consumer.due_from)
     }

@@ -313,6 +313,14 @@ impl Bus for NatsBus {
     async fn healthy(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
+
+    fn streams_outlive_process(&self) -> bool {
+        true
+    }
+
+    /// JetStream keeps what its streams hold; unacknowledged deliveries go
+    /// to the consumers again after the restart.
+    async fn close_streams(&self) {}
 }
 
 /// The JetStream consumer a [`ConsumerSpec`] describes (the same whether

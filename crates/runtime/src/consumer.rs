@@ -2,7 +2,10 @@
 //! (which acks or naks each) in batches: whatever arrived while the previous
 //! batch was handled, up to `MAX_BATCH`. If the delivery stream ends, the
 //! consumer resumes. Redeliveries are counted and the consumer's lag is
-//! sampled as metrics.
+//! sampled as metrics. On a bus whose streams end with the process (the
+//! in-process bus) a consumer goes on at shutdown until its deliveries end,
+//! which they do once the streams are closed and it has handled everything
+//! they held; the shutdown deadline bounds that.
 
 use std::{future::Future, time::Duration};
 
@@ -47,8 +50,9 @@ impl ConsumerMetrics {
 }
 
 /// Creates (or resumes) the durable consumer `spec`, then hands deliveries to
-/// `handle`, a batch at a time, until shutdown. Creation errors are returned,
-/// so a service refuses to start without its stream.
+/// `handle`, a batch at a time, until shutdown (on the in-process bus: until
+/// it has handled what the closed streams held). Creation errors are
+/// returned, so a service refuses to start without its stream.
 pub async fn spawn_consumer<F, Fut>(
     ctx: &ServiceContext,
     spec: ConsumerSpec,
@@ -64,11 +68,20 @@ where
     metrics.redeliveries.with_label_values(&[&spec.durable]);
     let bus = ctx.bus.clone();
     let shutdown = ctx.shutdown.clone();
+    let finish_at_shutdown = !bus.streams_outlive_process();
     Ok(tokio::spawn(async move {
         let mut lag_sample = tokio::time::interval(LAG_SAMPLE_INTERVAL);
+        let mut finishing = false;
         loop {
             let next = tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled(), if !finishing => {
+                    if !finish_at_shutdown {
+                        return;
+                    }
+                    tracing::debug!(consumer = %spec.durable, "handling what the stream holds before shutdown");
+                    finishing = true;
+                    continue;
+                }
                 _ = lag_sample.tick() => {
                     sample_lag(bus.as_ref(), &spec, &metrics.pending).await;
                     continue;
@@ -107,6 +120,9 @@ where
                 handle(batch).await;
             }
             if ended {
+                if finishing {
+                    return;
+                }
                 match resume(bus.as_ref(), &spec, &shutdown).await {
                     Some(resumed) => deliveries = resumed,
                     None => return,
@@ -141,5 +157,94 @@ async fn sample_lag(bus: &dyn Bus, spec: &ConsumerSpec, gauge: &IntGaugeVec) {
             .with_label_values(&[&spec.durable])
             .set(i64::try_from(pending).unwrap_or(i64::MAX)),
         Err(e) => tracing::debug!(consumer = %spec.durable, error = %e, "lag not sampled"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    };
+
+    use axum::Router;
+    use tokio::net::TcpListener;
+    use unhidra_bus::{BusError, Headers};
+    use unhidra_core::{Config, streams::StreamSpec};
+
+    use super::*;
+    use crate::Service;
+
+    #[tokio::test]
+    async fn on_the_in_process_bus_shutdown_waits_until_the_consumer_handled_everything()
+    -> anyhow::Result<()> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let ctx = ServiceContext::connect("test", Config::default(), async {
+            let _ = stopped.await;
+        })
+        .await?;
+        let consumer = ConsumerSpec {
+            stream: "T_EVENTS".into(),
+            durable: "store".into(),
+            filter: None,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: None,
+        };
+        ctx.bus
+            .ensure_stream(&StreamSpec {
+                name: "T_EVENTS".into(),
+                subjects: vec!["t.events.>".into()],
+                max_age: Duration::from_secs(600),
+                max_bytes: 1024 * 1024,
+                duplicate_window: Duration::from_secs(60),
+                consumers: vec![consumer.clone()],
+            })
+            .await?;
+        // The consumer holds its first batch until shutdown begins, so that
+        // by then thousands of messages wait for it (more than a batch).
+        let handled = Arc::new(AtomicU64::new(0));
+        let count = Arc::clone(&handled);
+        let shutdown = ctx.shutdown.clone();
+        let task = spawn_consumer(&ctx, consumer, move |batch| {
+            let (count, shutdown) = (Arc::clone(&count), shutdown.clone());
+            async move {
+                shutdown.cancelled().await;
+                for delivery in batch {
+                    if delivery.ack().await.is_ok() {
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        })
+        .await?;
+        let published = 3_000;
+        for i in 0..published {
+            let id = format!("m{i}");
+            ctx.bus
+                .publish_durable("t.events.x", &id, Headers::new(), id.clone().into())
+                .await?;
+        }
+        let _ = stop.send(());
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let service = Service {
+            name: "test",
+            router: Router::new(),
+            openapi: utoipa::openapi::OpenApi::default(),
+            database: None,
+            tasks: vec![task],
+            fallback: None,
+        };
+        ctx.serve(listener, vec![service]).await?;
+        assert_eq!(
+            handled.load(Ordering::SeqCst),
+            published,
+            "every message the stream held was handled before shutdown ended"
+        );
+        let late = ctx
+            .bus
+            .publish_durable("t.events.x", "late", Headers::new(), "late".into())
+            .await;
+        assert!(matches!(late, Err(BusError::Closed)), "{late:?}");
+        Ok(())
     }
 }

@@ -118,4 +118,12 @@ impl Bus for InstrumentedBus {
     async fn healthy(&self) -> bool {
         self.inner.healthy().await
     }
+
+    fn streams_outlive_process(&self) -> bool {
+        self.inner.streams_outlive_process()
+    }
+
+    async fn close_streams(&self) {
+        self.inner.close_streams().await;
+    }
 }

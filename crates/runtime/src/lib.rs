@@ -269,6 +269,9 @@ impl ServiceContext {
         let in_flight = self.in_flight.clone();
         let drained = tokio::time::timeout(deadline, async {
             let served = server.await;
+            // No request is in flight any more: what the in-process bus's
+            // streams hold now is all their consumers have left to handle.
+            self.bus.close_streams().await;
             for task in tasks {
                 let _ = task.await;
             }
