@@ -119,7 +119,7 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
             std::time::Duration::from_secs(ctx.config.send_idempotency_secs),
         ),
         MessageMetrics::register(&ctx)?,
-    );
+    )?;
     let state = ChatState {
         ctx: ctx.clone(),
         service: Chat {

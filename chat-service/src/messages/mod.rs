@@ -14,6 +14,7 @@ mod outbox;
 
 use std::{
     collections::{BTreeMap, HashMap},
+    future::Future,
     sync::Arc,
     time::Duration,
 };
@@ -31,7 +32,7 @@ use unhidra_core::{
     rpc::{MAX_SENDS_PER_BATCH, RpcCode, RpcError, RpcReply, SendAccepted, SendBatch},
 };
 use unhidra_runtime::{ServiceContext, batch::next_batch};
-use unhidra_store::now_millis;
+use unhidra_store::{Backend, now_millis};
 use unhidra_telemetry::request_id;
 
 use self::outbox::{Acceptance, Pending};
@@ -94,7 +95,7 @@ impl GroupCommit {
         ctx: &ServiceContext,
         outbox: OutboxRepo,
         metrics: MessageMetrics,
-    ) -> (Self, Vec<JoinHandle<()>>) {
+    ) -> anyhow::Result<(Self, Vec<JoinHandle<()>>)> {
         let (submissions, queue) = mpsc::channel(SUBMISSION_QUEUE);
         let (committed, to_publish) = mpsc::channel(PUBLISH_QUEUE);
         let publisher = Publisher {
@@ -103,18 +104,24 @@ impl GroupCommit {
             published: metrics.published,
             last_published: Arc::default(),
         };
+        let backend = outbox.backend();
+        let commit = commit_groups(
+            outbox,
+            queue,
+            committed,
+            metrics.accepted,
+            ctx.shutdown.clone(),
+        );
+        let commit = match backend {
+            Backend::Sqlite => on_own_thread("group-commit", commit)?,
+            Backend::Postgres => tokio::spawn(commit),
+        };
         let tasks = vec![
-            tokio::spawn(commit_groups(
-                outbox,
-                queue,
-                committed,
-                metrics.accepted,
-                ctx.shutdown.clone(),
-            )),
+            commit,
             tokio::spawn(publisher.clone().publish_committed(to_publish)),
             tokio::spawn(publisher.relay()),
         ];
-        (Self { submissions }, tasks)
+        Ok((Self { submissions }, tasks))
     }
 
     /// Accepts `messages` in the next group; one outcome each, in order.
@@ -215,6 +222,31 @@ pub async fn send(
         .map(RpcReply::from)
         .collect();
     Ok(outcomes)
+}
+
+/// Runs `task` on a thread of its own, in a single-threaded runtime; the
+/// handle returned ends with it. For the group commit on SQLite, whose every
+/// statement is a hand-off to SQLite's worker thread and back: on the shared
+/// runtime each wake-up of the loop waited behind the connections' tasks.
+/// (Not on Postgres: a connection's socket belongs to the runtime that
+/// opened it, and the pool's are shared.)
+fn on_own_thread(
+    name: &str,
+    task: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (done, ended) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            runtime.block_on(task);
+            let _ = done.send(());
+        })?;
+    Ok(tokio::spawn(async move {
+        let _ = ended.await;
+    }))
 }
 
 /// The group commit: everything submitted while the previous transaction ran

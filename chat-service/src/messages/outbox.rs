@@ -99,6 +99,11 @@ impl OutboxRepo {
         }
     }
 
+    /// The database the outbox is in.
+    pub fn backend(&self) -> Backend {
+        self.db.backend
+    }
+
     /// Accepts every message whose sender is a member of its (existing) room,
     /// numbering each room's messages in the order given; a message whose
     /// sender sent its client id before is not posted again.
