@@ -81,6 +81,21 @@ async fn next_delivery(
         .ok_or("closed")??)
 }
 
+/// Creates the test stream and publishes `1` and `2` into it (ids `m1`, `m2`).
+async fn stream_with_one_and_two(bus: &dyn Bus, prefix: &str) -> TestResult {
+    bus.ensure_stream(&stream_spec(prefix)).await?;
+    for (id, body) in [("m1", "1"), ("m2", "2")] {
+        bus.publish_durable(
+            &format!("{prefix}.events.x"),
+            id,
+            Headers::new(),
+            text(body),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// Whether no delivery comes for 1.5 s, past the test consumers' ack wait.
 async fn stays_quiet(deliveries: &mut Deliveries) -> bool {
     tokio::time::timeout(Duration::from_millis(1500), deliveries.next())
@@ -264,11 +279,7 @@ async fn durable_consumers_resume_redeliver_and_deduplicate() -> TestResult {
 #[tokio::test]
 async fn a_delivery_left_unacknowledged_comes_back_after_the_ack_wait() -> TestResult {
     for (bus, p) in buses().await {
-        bus.ensure_stream(&stream_spec(&p)).await?;
-        for (id, body) in [("m1", "1"), ("m2", "2")] {
-            bus.publish_durable(&format!("{p}.events.x"), id, Headers::new(), text(body))
-                .await?;
-        }
+        stream_with_one_and_two(bus.as_ref(), &p).await?;
         let consumer = consumer_spec(&p, "store");
         let mut deliveries = bus.consume(&consumer).await?;
         let first = next_delivery(&mut deliveries).await?;
@@ -304,11 +315,7 @@ async fn a_delivery_left_unacknowledged_comes_back_after_the_ack_wait() -> TestR
 #[tokio::test]
 async fn closed_streams_end_a_consumer_only_once_it_handled_what_they_held() -> TestResult {
     for (bus, p) in buses().await {
-        bus.ensure_stream(&stream_spec(&p)).await?;
-        for (id, body) in [("m1", "1"), ("m2", "2")] {
-            bus.publish_durable(&format!("{p}.events.x"), id, Headers::new(), text(body))
-                .await?;
-        }
+        stream_with_one_and_two(bus.as_ref(), &p).await?;
         let mut deliveries = bus.consume(&consumer_spec(&p, "store")).await?;
         let first = next_delivery(&mut deliveries).await?;
         assert_eq!(first.message.payload, text("1"));
