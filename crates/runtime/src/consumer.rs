@@ -68,20 +68,13 @@ where
     metrics.redeliveries.with_label_values(&[&spec.durable]);
     let bus = ctx.bus.clone();
     let shutdown = ctx.shutdown.clone();
-    let finish_at_shutdown = !bus.streams_outlive_process();
+    // Otherwise it goes on at shutdown until its deliveries end.
+    let stop_at_shutdown = bus.streams_outlive_process();
     Ok(tokio::spawn(async move {
         let mut lag_sample = tokio::time::interval(LAG_SAMPLE_INTERVAL);
-        let mut finishing = false;
         loop {
             let next = tokio::select! {
-                () = shutdown.cancelled(), if !finishing => {
-                    if !finish_at_shutdown {
-                        return;
-                    }
-                    tracing::debug!(consumer = %spec.durable, "handling what the stream holds before shutdown");
-                    finishing = true;
-                    continue;
-                }
+                () = shutdown.cancelled(), if stop_at_shutdown => return,
                 _ = lag_sample.tick() => {
                     sample_lag(bus.as_ref(), &spec, &metrics.pending).await;
                     continue;
@@ -120,7 +113,7 @@ where
                 handle(batch).await;
             }
             if ended {
-                if finishing {
+                if shutdown.is_cancelled() {
                     return;
                 }
                 match resume(bus.as_ref(), &spec, &shutdown).await {
