@@ -4,7 +4,10 @@
 //! measured groups the outbox is emptied as the publisher would (not
 //! measured), so every group meets tables of the same size.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use chat_service::bench::{Caps, NewMessage, OutboxRepo, Room, RoomRepo, open};
 use chrono::Utc;
@@ -77,7 +80,7 @@ impl Fixture {
         for _ in 0..iters {
             let group = self.group(size);
             let started = Instant::now();
-            let outcomes = self.outbox.accept(group).await?.outcomes;
+            let outcomes = self.outbox.accept(group, &BTreeMap::new()).await?.outcomes;
             total += started.elapsed();
             anyhow::ensure!(
                 outcomes.iter().all(Result::is_ok),

@@ -2,6 +2,7 @@
 //! dialect accepts the other must too, with the same results.
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
@@ -234,7 +235,7 @@ async fn groups_get_gap_free_sequences_in_order_and_refusals_take_none() -> anyh
                         .map(|i| new_message(a.id, owner, &format!("{sender}/{group}/{i}")))
                         .collect();
                     let numbered: Vec<u64> = outbox
-                        .accept(messages)
+                        .accept(messages, &BTreeMap::new())
                         .await?
                         .outcomes
                         .into_iter()
@@ -259,13 +260,16 @@ async fn groups_get_gap_free_sequences_in_order_and_refusals_take_none() -> anyh
 
         // One group over two rooms, with refusals in between.
         let outcomes = outbox
-            .accept(vec![
-                new_message(b.id, owner, "b1"),
-                new_message(RoomId::new(), owner, "nowhere"),
-                new_message(a.id, stranger, "not a member"),
-                new_message(a.id, owner, "a201"),
-                new_message(b.id, owner, "b2"),
-            ])
+            .accept(
+                vec![
+                    new_message(b.id, owner, "b1"),
+                    new_message(RoomId::new(), owner, "nowhere"),
+                    new_message(a.id, stranger, "not a member"),
+                    new_message(a.id, owner, "a201"),
+                    new_message(b.id, owner, "b2"),
+                ],
+                &BTreeMap::new(),
+            )
             .await?;
         // Queued for the publisher: the new messages, as their events.
         let queued: Vec<(RoomId, u64, RoomMessage)> = outcomes
@@ -319,7 +323,7 @@ async fn publishing_takes_each_room_in_sequence_order_and_keeps_what_failed() ->
             messages.push(new_message(b.id, owner, &format!("b{i}")));
         }
         let events: Vec<RoomMessage> = outbox
-            .accept(messages)
+            .accept(messages, &BTreeMap::new())
             .await?
             .outcomes
             .into_iter()
@@ -439,7 +443,7 @@ async fn racing_publishers_keep_a_rooms_order() -> anyhow::Result<()> {
                 .map(|i| new_message(a.id, owner, &format!("m{i}")))
                 .collect::<Vec<_>>()
         };
-        outbox.accept(burst(1)).await?;
+        outbox.accept(burst(1), &BTreeMap::new()).await?;
 
         // The stream: each message id stored once, in arrival order.
         let stream: Arc<Mutex<Vec<(MessageId, u64)>>> = Arc::default();
@@ -465,7 +469,7 @@ async fn racing_publishers_keep_a_rooms_order() -> anyhow::Result<()> {
             // More messages and a second publisher, while the first one's
             // publish waits.
             let second = async {
-                outbox.accept(burst(11)).await?;
+                outbox.accept(burst(11), &BTreeMap::new()).await?;
                 outbox
                     .publish(&only_a, 100, |pending| async move {
                         store(pending.iter().map(|p| (p.message_id, p.seq)).collect());
@@ -515,7 +519,7 @@ async fn a_repeated_client_id_gets_the_first_ack_and_posts_nothing() -> anyhow::
             ..new_message(a.id, sender, body)
         };
 
-        let first = outbox.accept(vec![keyed(alice, "c-1", "hello")]).await?;
+        let first = outbox.accept(vec![keyed(alice, "c-1", "hello")], &BTreeMap::new()).await?;
         let Some(Ok(Accepted::New(posted_first))) = first.outcomes.into_iter().next() else {
             anyhow::bail!("the first send was not posted");
         };
@@ -526,7 +530,7 @@ async fn a_repeated_client_id_gets_the_first_ack_and_posts_nothing() -> anyhow::
                 keyed(alice, "c-2", "second"),
                 keyed(alice, "c-2", "second"),
                 keyed(bob, "c-1", "bob's own"),
-            ])
+            ], &BTreeMap::new())
             .await?;
         let queued: Vec<u64> = again.queued.iter().map(|p| p.seq).collect();
         assert_eq!(queued, vec![2, 3], "repeats are not queued again");
@@ -551,7 +555,7 @@ async fn a_repeated_client_id_gets_the_first_ack_and_posts_nothing() -> anyhow::
         // Forgotten after their time: the id posts anew.
         let forgetful = OutboxRepo::new(database, std::time::Duration::ZERO);
         assert_eq!(forgetful.forget_old_keys().await?, 3);
-        let fresh = forgetful.accept(vec![keyed(alice, "c-1", "hello again")]).await?;
+        let fresh = forgetful.accept(vec![keyed(alice, "c-1", "hello again")], &BTreeMap::new()).await?;
         assert!(matches!(&fresh.outcomes[0], Ok(Accepted::New(e)) if e.seq == 4));
         Ok(())
     })

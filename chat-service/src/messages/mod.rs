@@ -15,15 +15,16 @@ mod outbox;
 use std::{
     collections::{BTreeMap, HashMap},
     future::Future,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use chrono::Utc;
 use prometheus::IntCounter;
 use tokio::{
-    sync::{mpsc, oneshot},
+    sync::{Notify, mpsc, oneshot},
     task::JoinHandle,
+    time::Instant,
 };
 use tokio_util::sync::CancellationToken;
 use unhidra_bus::{Headers, Outgoing};
@@ -31,7 +32,10 @@ use unhidra_core::{
     ids::{MessageId, RoomId},
     rpc::{MAX_SENDS_PER_BATCH, RpcCode, RpcError, RpcReply, SendAccepted, SendBatch},
 };
-use unhidra_runtime::{ServiceContext, batch::next_batch};
+use unhidra_runtime::{
+    ServiceContext,
+    batch::{next_batch, take_queued},
+};
 use unhidra_store::{Backend, now_millis};
 use unhidra_telemetry::request_id;
 
@@ -43,6 +47,9 @@ use crate::{ChatState, membership::store_unavailable, rooms::Refusal};
 const MAX_GROUP: usize = 2048;
 /// Requests waiting for the group commit before new ones wait to be queued.
 const SUBMISSION_QUEUE: usize = 1024;
+/// How long published messages wait for a group to be removed with, on
+/// SQLite, before they are removed on their own.
+const REMOVAL_DELAY: Duration = Duration::from_millis(50);
 /// Messages one publisher round takes from the outbox at most.
 const PUBLISH_LIMIT: usize = 4096;
 /// Committed groups waiting for the publisher; beyond this the relay has them.
@@ -65,6 +72,9 @@ struct Submission {
     /// Request id and trace context, carried to the published events.
     headers: Headers,
     reply: oneshot::Sender<Vec<Result<Accepted, Refusal>>>,
+    /// When it was queued: the group waits for more until its first
+    /// submission has waited `group_commit_linger_ms`.
+    queued_at: Instant,
 }
 
 /// A committed group, for the publisher: its new messages in the order
@@ -73,6 +83,47 @@ struct Submission {
 struct Committed {
     queued: Vec<Pending>,
     headers: HashMap<MessageId, Headers>,
+}
+
+/// Published messages still in the outbox, on SQLite: the next group's
+/// transaction removes them, which saves a transaction (a sync of the log)
+/// per group; when no group comes within `REMOVAL_DELAY`, the group commit
+/// removes them on their own.
+/// (On Postgres the publisher removes them at once: a group's transaction
+/// must not wait on the row locks another instance's publisher holds.)
+#[derive(Default)]
+struct Unremoved {
+    /// Each room's highest sequence published.
+    published: Mutex<BTreeMap<RoomId, u64>>,
+    added: Notify,
+}
+
+impl Unremoved {
+    fn add(&self, published: BTreeMap<RoomId, u64>) {
+        if published.is_empty() {
+            return;
+        }
+        if let Ok(mut all) = self.published.lock() {
+            for (room, seq) in published {
+                let highest = all.entry(room).or_default();
+                *highest = (*highest).max(seq);
+            }
+        }
+        self.added.notify_one();
+    }
+
+    /// Returns once something was added, `REMOVAL_DELAY` later.
+    async fn due(&self) {
+        self.added.notified().await;
+        tokio::time::sleep(REMOVAL_DELAY).await;
+    }
+
+    fn take(&self) -> BTreeMap<RoomId, u64> {
+        self.published
+            .lock()
+            .map(|mut all| std::mem::take(&mut *all))
+            .unwrap_or_default()
+    }
 }
 
 /// The entry to the group commit; clones share it.
@@ -98,18 +149,24 @@ impl GroupCommit {
     ) -> anyhow::Result<(Self, Vec<JoinHandle<()>>)> {
         let (submissions, queue) = mpsc::channel(SUBMISSION_QUEUE);
         let (committed, to_publish) = mpsc::channel(PUBLISH_QUEUE);
+        let backend = outbox.backend();
+        let unremoved = Arc::new(Unremoved::default());
         let publisher = Publisher {
             ctx: ctx.clone(),
             outbox: outbox.clone(),
             published: metrics.published,
             last_published: Arc::default(),
+            unremoved: (backend == Backend::Sqlite).then(|| unremoved.clone()),
         };
-        let backend = outbox.backend();
         let commit = commit_groups(
-            outbox,
-            queue,
-            committed,
-            metrics.accepted,
+            GroupLoop {
+                outbox,
+                queue,
+                unremoved,
+                committed,
+                accepted: metrics.accepted,
+                linger: Duration::from_millis(ctx.config.group_commit_linger_ms),
+            },
             ctx.shutdown.clone(),
         );
         let commit = match backend {
@@ -136,6 +193,7 @@ impl GroupCommit {
             messages,
             headers,
             reply,
+            queued_at: Instant::now(),
         };
         self.submissions
             .send(submission)
@@ -249,37 +307,81 @@ fn on_own_thread(
     }))
 }
 
-/// The group commit: everything submitted while the previous transaction ran
-/// goes into the next one, so a busy service commits large groups and an idle
-/// one commits each request at once.
-async fn commit_groups(
+/// What the group commit works with.
+struct GroupLoop {
     outbox: OutboxRepo,
-    mut queue: mpsc::Receiver<Submission>,
+    queue: mpsc::Receiver<Submission>,
+    unremoved: Arc<Unremoved>,
     committed: mpsc::Sender<Committed>,
     accepted: IntCounter,
-    shutdown: CancellationToken,
-) {
+    /// How long a group waits for more submissions after its first.
+    linger: Duration,
+}
+
+/// The group commit: everything submitted while the previous transaction ran
+/// goes into the next one, so a busy service commits large groups. Below
+/// capacity a group also takes what is submitted until its first submission
+/// has waited `linger` (its requests were queued during the previous
+/// transaction, when busy, and have waited that long already). Each
+/// transaction also removes what was published meanwhile.
+async fn commit_groups(mut work: GroupLoop, shutdown: CancellationToken) {
     loop {
-        let mut count = 0;
-        let Some(mut group) = next_batch(&mut queue, &shutdown, |s: &Submission| {
-            count += s.messages.len();
-            count >= MAX_GROUP
-        })
-        .await
-        else {
+        let mut group = Vec::new();
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            next = work.queue.recv() => match next {
+                Some(submission) => group.push(submission),
+                None => break,
+            },
+            () = work.unremoved.due() => {}
+        }
+        if let Some(first) = group.first() {
+            let mut count = first.messages.len();
+            if count < MAX_GROUP {
+                // Not woken by each submission meanwhile: the loop's thread
+                // sleeps once.
+                tokio::time::sleep_until(first.queued_at + work.linger).await;
+                take_queued(&mut work.queue, &mut group, |s: &Submission| {
+                    count += s.messages.len();
+                    count >= MAX_GROUP
+                });
+            }
+        }
+        work.commit(group).await;
+    }
+    // What the publisher published last; left behind, it would be published
+    // again at the next start (and absorbed as a repeat).
+    if let Err(e) = work.outbox.remove(&work.unremoved.take()).await {
+        tracing::warn!(error = %e, "published, but not removed from the outbox");
+    }
+}
+
+impl GroupLoop {
+    /// Accepts `group` in one transaction that also removes what was
+    /// published, and answers each of its requests.
+    async fn commit(&mut self, group: Vec<Submission>) {
+        let published = self.unremoved.take();
+        if group.is_empty() {
+            if let Err(e) = self.outbox.remove(&published).await {
+                tracing::warn!(error = %e, "published, but not removed from the outbox; the relay will publish it again");
+            }
             return;
-        };
+        }
+        let mut group = group;
         let sizes: Vec<usize> = group.iter().map(|s| s.messages.len()).collect();
         let messages: Vec<NewMessage> = group
             .iter_mut()
             .flat_map(|s| std::mem::take(&mut s.messages))
             .collect();
-        let Acceptance { outcomes, queued } = match outbox.accept(messages).await {
+        let Acceptance { outcomes, queued } = match self.outbox.accept(messages, &published).await {
             Ok(acceptance) => acceptance,
             Err(e) => {
-                // Every request of the group is answered `unavailable`.
+                // Every request of the group is answered `unavailable`;
+                // the next transaction removes what this one did not.
+                self.unremoved.add(published);
                 store_unavailable(&e);
-                continue;
+                return;
             }
         };
         let mut outcomes = outcomes.into_iter();
@@ -293,14 +395,14 @@ async fn commit_groups(
                 Accepted::New(event) => Some(event),
                 Accepted::Repeat(_) => None,
             }) {
-                accepted.inc();
+                self.accepted.inc();
                 publish
                     .headers
                     .insert(event.message_id, submission.headers.clone());
             }
             let _ = submission.reply.send(mine);
         }
-        if !publish.queued.is_empty() && committed.try_send(publish).is_err() {
+        if !publish.queued.is_empty() && self.committed.try_send(publish).is_err() {
             tracing::debug!("publisher busy; the relay publishes this group");
         }
     }
@@ -351,6 +453,8 @@ struct Publisher {
     /// falls so far behind that its rooms look stale to the relay. It holds
     /// what this process published of each room.
     last_published: Arc<tokio::sync::Mutex<LastPublished>>,
+    /// On SQLite, where the group commit removes what was published.
+    unremoved: Option<Arc<Unremoved>>,
 }
 
 impl Publisher {
@@ -397,8 +501,13 @@ impl Publisher {
         }
         self.published.inc_by(count as u64);
         last.extend(highest.iter().map(|(room, seq)| (*room, *seq)));
-        if let Err(e) = self.outbox.remove(&highest).await {
-            tracing::warn!(error = ?e, "published, but not removed from the outbox; the relay will publish it again");
+        match &self.unremoved {
+            Some(unremoved) => unremoved.add(highest),
+            None => {
+                if let Err(e) = self.outbox.remove(&highest).await {
+                    tracing::warn!(error = ?e, "published, but not removed from the outbox; the relay will publish it again");
+                }
+            }
         }
     }
 
@@ -493,7 +602,146 @@ impl Publisher {
 
 #[cfg(test)]
 mod tests {
+    use unhidra_core::{ids::UserId, rooms::Visibility};
+    use unhidra_testkit::TestDatabase;
+
     use super::*;
+    use crate::rooms::{Caps, Room, RoomRepo};
+
+    /// A group commit on a fresh SQLite file, its queue's sender, and one
+    /// room and its owner.
+    async fn sqlite_group_commit(
+        db: &TestDatabase,
+    ) -> anyhow::Result<(GroupLoop, mpsc::Sender<Submission>, RoomId, UserId)> {
+        let database = crate::bench::open(db.url()).await?;
+        let caps = Caps {
+            rooms_per_user: 10,
+            members_per_room: 10,
+        };
+        let room = Room {
+            id: RoomId::new(),
+            name: "room".to_owned(),
+            visibility: Visibility::Public,
+        };
+        let owner = UserId::new();
+        RoomRepo::new(database.clone(), caps)
+            .create(&room, owner)
+            .await??;
+        // Nothing publishes what is committed: each test plays the publisher.
+        let (submit, queue) = mpsc::channel(1);
+        let (committed, _) = mpsc::channel(1);
+        let work = GroupLoop {
+            outbox: OutboxRepo::new(database, Duration::from_secs(60)),
+            queue,
+            unremoved: Arc::default(),
+            committed,
+            accepted: IntCounter::new("accepted", "accepted")?,
+            linger: Duration::ZERO,
+        };
+        Ok((work, submit, room.id, owner))
+    }
+
+    /// A request of `count` messages to `room`, and where its acks arrive.
+    fn request(
+        room: RoomId,
+        sender: UserId,
+        count: usize,
+    ) -> (
+        Submission,
+        oneshot::Receiver<Vec<Result<Accepted, Refusal>>>,
+    ) {
+        let (reply, acks) = oneshot::channel();
+        let messages = (0..count)
+            .map(|i| NewMessage {
+                room,
+                sender,
+                body: format!("message {i}"),
+                sent_at: Utc::now(),
+                client_id: None,
+            })
+            .collect();
+        let submission = Submission {
+            messages,
+            headers: Headers::new(),
+            reply,
+            queued_at: Instant::now(),
+        };
+        (submission, acks)
+    }
+
+    /// The sequences of `room` still in the outbox.
+    async fn queued(outbox: &OutboxRepo, room: RoomId) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        // A publish that fails leaves everything in place.
+        let looked = outbox
+            .publish(&[room], 100, |pending| {
+                seqs = pending.iter().map(|p| p.seq).collect();
+                async { anyhow::bail!("only looking") }
+            })
+            .await;
+        assert!(looked.is_err() || seqs.is_empty());
+        seqs
+    }
+
+    #[tokio::test]
+    async fn on_sqlite_the_next_group_removes_what_was_published() -> anyhow::Result<()> {
+        let db = TestDatabase::sqlite().await?;
+        let (mut work, _submit, room, owner) = sqlite_group_commit(&db).await?;
+        let (first, _) = request(room, owner, 3);
+        work.commit(vec![first]).await;
+        assert_eq!(queued(&work.outbox, room).await, [1, 2, 3]);
+
+        // The publisher published 1 and 2; the next group takes them out.
+        work.unremoved.add(BTreeMap::from([(room, 2)]));
+        let (next, acks) = request(room, owner, 1);
+        work.commit(vec![next]).await;
+        let acks: Vec<Option<u64>> = acks
+            .await?
+            .into_iter()
+            .map(|a| a.ok().map(|a| a.ack().seq))
+            .collect();
+        assert_eq!(acks, [Some(4)]);
+        assert_eq!(queued(&work.outbox, room).await, [3, 4]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn on_sqlite_an_idle_group_commit_removes_what_was_published() -> anyhow::Result<()> {
+        let db = TestDatabase::sqlite().await?;
+        let (mut work, _submit, room, owner) = sqlite_group_commit(&db).await?;
+        let (first, _) = request(room, owner, 2);
+        work.commit(vec![first]).await;
+        let (outbox, unremoved) = (work.outbox.clone(), work.unremoved.clone());
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(commit_groups(work, shutdown.clone()));
+
+        // No group comes: the loop wakes for the removal alone.
+        unremoved.add(BTreeMap::from([(room, 2)]));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !queued(&outbox, room).await.is_empty() {
+            assert!(Instant::now() < deadline, "still in the outbox");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        shutdown.cancel();
+        running.await?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn on_sqlite_the_group_commit_removes_what_was_published_as_it_stops()
+    -> anyhow::Result<()> {
+        let db = TestDatabase::sqlite().await?;
+        let (mut work, _submit, room, owner) = sqlite_group_commit(&db).await?;
+        let (first, _) = request(room, owner, 2);
+        work.commit(vec![first]).await;
+        let outbox = work.outbox.clone();
+        work.unremoved.add(BTreeMap::from([(room, 1)]));
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        commit_groups(work, shutdown).await;
+        assert_eq!(queued(&outbox, room).await, [2]);
+        Ok(())
+    }
 
     fn pending(room: RoomId, seq: u64) -> Pending {
         Pending {

@@ -106,14 +106,22 @@ impl OutboxRepo {
 
     /// Accepts every message whose sender is a member of its (existing) room,
     /// numbering each room's messages in the order given; a message whose
-    /// sender sent its client id before is not posted again.
-    pub async fn accept(&self, messages: Vec<NewMessage>) -> anyhow::Result<Acceptance> {
+    /// sender sent its client id before is not posted again. The same
+    /// transaction removes the messages `published` names (each room's
+    /// highest sequence published).
+    pub async fn accept(
+        &self,
+        messages: Vec<NewMessage>,
+        published: &BTreeMap<RoomId, u64>,
+    ) -> anyhow::Result<Acceptance> {
         if messages.is_empty() {
+            self.remove(published).await?;
             return Ok(Acceptance::default());
         }
         // The checks read in the transaction that writes: on SQLite its
         // connection is the writer's own, with no trip to the pool.
         let mut write = self.db.begin_write().await?;
+        self.remove_published(write.conn(), published).await?;
         let allowed = self.allowed(write.conn(), &messages).await?;
         let known = self.sent_before(write.conn(), &messages).await?;
         let mut plans = Vec::with_capacity(messages.len());

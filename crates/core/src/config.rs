@@ -75,6 +75,11 @@ pub struct Config {
     pub stream_max_bytes: u64,
     /// `UNHIDRA_BUS_TIMEOUT_MS`: how long a service waits for another's reply (5000).
     pub bus_timeout_ms: u64,
+    /// `UNHIDRA_GROUP_COMMIT_LINGER_MS`: how long chat-service's group commit
+    /// waits for more sends before committing a group that is not full
+    /// (2; 0 commits at once). Fewer, larger transactions below
+    /// capacity; each send waits at most this long before its transaction.
+    pub group_commit_linger_ms: u64,
     /// `UNHIDRA_ALLOWED_ORIGINS`: comma-separated browser origins allowed to open
     /// WebSockets. Same-origin requests and clients that send no `Origin` are
     /// always allowed; `*` allows every origin.
@@ -285,6 +290,7 @@ impl Default for Config {
             redis_url: None,
             stream_max_bytes: 256 * 1024 * 1024,
             bus_timeout_ms: 5_000,
+            group_commit_linger_ms: 2,
             allowed_origins: Vec::new(),
             trusted_proxies: Vec::new(),
             http_header_timeout_secs: 10,
@@ -511,6 +517,9 @@ impl Config {
             if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
                 return invalid("otlp_endpoint must be an http:// or https:// URL");
             }
+        }
+        if self.group_commit_linger_ms > 100 {
+            return invalid("group_commit_linger_ms must be at most 100");
         }
         if self.database_max_connections == 0 {
             return invalid("database_max_connections must be at least 1");

@@ -18,15 +18,28 @@ pub async fn next_batch<T>(
         () = shutdown.cancelled() => return None,
         next = queue.recv() => next?,
     };
-    let mut batch = Vec::new();
-    let mut is_full = full(&first);
-    batch.push(first);
-    while !is_full {
-        let Ok(next) = queue.try_recv() else { break };
-        is_full = full(&next);
-        batch.push(next);
+    let is_full = full(&first);
+    let mut batch = vec![first];
+    if !is_full {
+        take_queued(queue, &mut batch, full);
     }
     Some(batch)
+}
+
+/// Adds to `batch` every item already queued until `full` (called with
+/// each item taken) says the batch is full.
+pub fn take_queued<T>(
+    queue: &mut mpsc::Receiver<T>,
+    batch: &mut Vec<T>,
+    mut full: impl FnMut(&T) -> bool,
+) {
+    while let Ok(next) = queue.try_recv() {
+        let is_full = full(&next);
+        batch.push(next);
+        if is_full {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]
