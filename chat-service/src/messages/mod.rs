@@ -15,7 +15,7 @@ mod outbox;
 use std::{
     collections::{BTreeMap, HashMap},
     future::Future,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -103,12 +103,15 @@ impl Unremoved {
         if published.is_empty() {
             return;
         }
-        if let Ok(mut all) = self.published.lock() {
-            for (room, seq) in published {
-                let highest = all.entry(room).or_default();
-                *highest = (*highest).max(seq);
-            }
+        let mut all = self
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (room, seq) in published {
+            let highest = all.entry(room).or_default();
+            *highest = (*highest).max(seq);
         }
+        drop(all);
         self.added.notify_one();
     }
 
@@ -119,10 +122,11 @@ impl Unremoved {
     }
 
     fn take(&self) -> BTreeMap<RoomId, u64> {
-        self.published
+        let mut all = self
+            .published
             .lock()
-            .map(|mut all| std::mem::take(&mut *all))
-            .unwrap_or_default()
+            .unwrap_or_else(PoisonError::into_inner);
+        std::mem::take(&mut *all)
     }
 }
 
@@ -353,14 +357,14 @@ async fn commit_groups(mut work: GroupLoop, shutdown: CancellationToken) {
     // What the publisher published last; left behind, it would be published
     // again at the next start (and absorbed as a repeat).
     if let Err(e) = work.outbox.remove(&work.unremoved.take()).await {
-        tracing::warn!(error = %e, "published, but not removed from the outbox");
+        tracing::warn!(error = %e, "published, but not removed from the outbox; it will be published again at the next start");
     }
 }
 
 impl GroupLoop {
     /// Accepts `group` in one transaction that also removes what was
     /// published, and answers each of its requests.
-    async fn commit(&mut self, group: Vec<Submission>) {
+    async fn commit(&mut self, mut group: Vec<Submission>) {
         let published = self.unremoved.take();
         if group.is_empty() {
             if let Err(e) = self.outbox.remove(&published).await {
@@ -368,7 +372,6 @@ impl GroupLoop {
             }
             return;
         }
-        let mut group = group;
         let sizes: Vec<usize> = group.iter().map(|s| s.messages.len()).collect();
         let messages: Vec<NewMessage> = group
             .iter_mut()
@@ -602,6 +605,7 @@ impl Publisher {
 
 #[cfg(test)]
 mod tests {
+    use anyhow::Context;
     use unhidra_core::{ids::UserId, rooms::Visibility};
     use unhidra_testkit::TestDatabase;
 
@@ -669,6 +673,13 @@ mod tests {
         (submission, acks)
     }
 
+    /// The sequence each ack names; `None` for a refusal.
+    fn acked_seqs(acks: Vec<Result<Accepted, Refusal>>) -> Vec<Option<u64>> {
+        acks.into_iter()
+            .map(|a| a.ok().map(|a| a.ack().seq))
+            .collect()
+    }
+
     /// The sequences of `room` still in the outbox.
     async fn queued(outbox: &OutboxRepo, room: RoomId) -> Vec<u64> {
         let mut seqs = Vec::new();
@@ -695,13 +706,34 @@ mod tests {
         work.unremoved.add(BTreeMap::from([(room, 2)]));
         let (next, acks) = request(room, owner, 1);
         work.commit(vec![next]).await;
-        let acks: Vec<Option<u64>> = acks
-            .await?
-            .into_iter()
-            .map(|a| a.ok().map(|a| a.ack().seq))
-            .collect();
-        assert_eq!(acks, [Some(4)]);
+        assert_eq!(acked_seqs(acks.await?), [Some(4)]);
         assert_eq!(queued(&work.outbox, room).await, [3, 4]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn below_capacity_a_group_waits_the_linger_for_more_requests() -> anyhow::Result<()> {
+        let db = TestDatabase::sqlite().await?;
+        let (mut work, submit, room, owner) = sqlite_group_commit(&db).await?;
+        work.linger = Duration::from_secs(1);
+        let (committed, mut to_publish) = mpsc::channel(4);
+        work.committed = committed;
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(commit_groups(work, shutdown.clone()));
+
+        let (first, first_acks) = request(room, owner, 1);
+        submit.send(first).await?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (second, second_acks) = request(room, owner, 2);
+        submit.send(second).await?;
+        // One transaction for both, numbered in the order submitted.
+        let group = to_publish.recv().await.context("nothing committed")?;
+        let seqs: Vec<u64> = group.queued.iter().map(|p| p.seq).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        assert_eq!(acked_seqs(first_acks.await?), [Some(1)]);
+        assert_eq!(acked_seqs(second_acks.await?), [Some(2), Some(3)]);
+        shutdown.cancel();
+        running.await?;
         Ok(())
     }
 

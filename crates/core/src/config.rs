@@ -666,6 +666,7 @@ mod tests {
             (r#"tls_cert = "/etc/tls/tls.crt""#, "tls_key"),
             ("tls_reload_secs = 0", "tls_reload_secs"),
             (r#"chat_url = "chat:9300""#, "chat_url"),
+            ("group_commit_linger_ms = 1000", "group_commit_linger_ms"),
         ] {
             let err = with(toml).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains(field), "{toml}: {err}");
