@@ -356,8 +356,14 @@ async fn commit_groups(mut work: GroupLoop, shutdown: CancellationToken) {
     }
     // What the publisher published last; left behind, it would be published
     // again at the next start (and absorbed as a repeat).
-    if let Err(e) = work.outbox.remove(&work.unremoved.take()).await {
-        tracing::warn!(error = %e, "published, but not removed from the outbox; it will be published again at the next start");
+    remove_or_warn(&work.outbox, &work.unremoved.take()).await;
+}
+
+/// Removes published messages from the outbox; what fails to go stays
+/// there, and the relay publishes it again (absorbed as a repeat).
+async fn remove_or_warn(outbox: &OutboxRepo, published: &BTreeMap<RoomId, u64>) {
+    if let Err(e) = outbox.remove(published).await {
+        tracing::warn!(error = %e, "published, but not removed from the outbox; the relay will publish it again");
     }
 }
 
@@ -367,9 +373,7 @@ impl GroupLoop {
     async fn commit(&mut self, mut group: Vec<Submission>) {
         let published = self.unremoved.take();
         if group.is_empty() {
-            if let Err(e) = self.outbox.remove(&published).await {
-                tracing::warn!(error = %e, "published, but not removed from the outbox; the relay will publish it again");
-            }
+            remove_or_warn(&self.outbox, &published).await;
             return;
         }
         let sizes: Vec<usize> = group.iter().map(|s| s.messages.len()).collect();
@@ -506,11 +510,7 @@ impl Publisher {
         last.extend(highest.iter().map(|(room, seq)| (*room, *seq)));
         match &self.unremoved {
             Some(unremoved) => unremoved.add(highest),
-            None => {
-                if let Err(e) = self.outbox.remove(&highest).await {
-                    tracing::warn!(error = ?e, "published, but not removed from the outbox; the relay will publish it again");
-                }
-            }
+            None => remove_or_warn(&self.outbox, &highest).await,
         }
     }
 
