@@ -7,7 +7,10 @@
 //! room whose previous message it published itself, else from the outbox in
 //! sequence order (so a room's earlier messages, queued by another instance
 //! or left by a failed publish, go first); whatever it could not publish (or
-//! a crash left behind) the relay publishes later. JetStream's duplicate
+//! a crash left behind) the relay publishes later. A published message
+//! leaves the outbox once the stream has it for good: at once in JetStream;
+//! in the embedded default's in-process stream only once history-service
+//! stored it, so a crash meanwhile loses nothing. JetStream's duplicate
 //! window and history-service's idempotency absorb repeats.
 
 mod outbox;
@@ -157,6 +160,7 @@ impl GroupCommit {
         let unremoved = Arc::new(Unremoved::default());
         let publisher = Publisher {
             ctx: ctx.clone(),
+            rooms_stream: ctx.subjects.rooms_stream().name,
             outbox: outbox.clone(),
             published: metrics.published,
             last_published: Arc::default(),
@@ -452,6 +456,8 @@ fn split_by_continuity(last: &LastPublished, queued: Vec<Pending>) -> (Vec<Pendi
 #[derive(Clone)]
 struct Publisher {
     ctx: ServiceContext,
+    /// The stream's name, for [`unhidra_bus::Bus::consumed`].
+    rooms_stream: String,
     outbox: OutboxRepo,
     published: IntCounter,
     /// Taken by each publishing round of the publisher and the relay: in
@@ -508,6 +514,27 @@ impl Publisher {
         }
         self.published.inc_by(count as u64);
         last.extend(highest.iter().map(|(room, seq)| (*room, *seq)));
+        if self.ctx.bus.streams_outlive_process() {
+            self.remove(highest).await;
+            return;
+        }
+        // In the in-process stream a message is lost with the process until
+        // history-service has stored it: it stays in the outbox until then,
+        // and the publisher goes on meanwhile.
+        let publisher = self.clone();
+        tokio::spawn(async move {
+            match publisher.ctx.bus.consumed(&publisher.rooms_stream).await {
+                Ok(()) => publisher.remove(highest).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "published, but not removed from the outbox; the relay will publish it again");
+                }
+            }
+        });
+    }
+
+    /// Removes published messages from the outbox: on SQLite the next
+    /// group's transaction does, on Postgres the publisher at once.
+    async fn remove(&self, highest: BTreeMap<RoomId, u64>) {
         match &self.unremoved {
             Some(unremoved) => unremoved.add(highest),
             None => remove_or_warn(&self.outbox, &highest).await,
@@ -565,7 +592,9 @@ impl Publisher {
 
     /// Publishes every queued message of `rooms` from the outbox, each room
     /// from its lowest sequence, in rounds of at most `PUBLISH_LIMIT`; on
-    /// failure the rest stays for the relay.
+    /// failure the rest stays for the relay. A round's messages leave the
+    /// outbox once the stream's consumers have them (at once where the
+    /// stream outlives the process).
     async fn publish_rooms(
         &self,
         last: &mut LastPublished,
@@ -576,14 +605,17 @@ impl Publisher {
             return;
         }
         loop {
-            let bus = &self.ctx.bus;
+            let (bus, stream) = (&self.ctx.bus, &self.rooms_stream);
             let mut highest = BTreeMap::new();
             let round = self
                 .outbox
                 .publish(rooms, PUBLISH_LIMIT, |pending| {
                     highest.extend(pending.iter().map(|p| (p.room, p.seq)));
                     let outgoing = self.outgoing(pending, &mut headers);
-                    async move { Ok(bus.publish_durable_batch(outgoing).await?) }
+                    async move {
+                        bus.publish_durable_batch(outgoing).await?;
+                        Ok(bus.consumed(stream).await?)
+                    }
                 })
                 .await;
             match round {
@@ -772,6 +804,87 @@ mod tests {
         shutdown.cancel();
         commit_groups(work, shutdown).await;
         assert_eq!(queued(&outbox, room).await, [2]);
+        Ok(())
+    }
+
+    /// Waits until `room`'s queued sequences are `expected`.
+    async fn queued_until(outbox: &OutboxRepo, room: RoomId, expected: &[u64]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = queued(outbox, room).await;
+            if now == expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "queued {now:?}, not {expected:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn with_the_in_process_bus_a_message_leaves_the_outbox_once_history_has_it()
+    -> anyhow::Result<()> {
+        use futures::StreamExt;
+
+        let db = TestDatabase::sqlite().await?;
+        let (mut work, submit, room, owner) = sqlite_group_commit(&db).await?;
+        let ctx = ServiceContext::connect(
+            "test",
+            unhidra_core::Config::default(),
+            std::future::pending(),
+        )
+        .await?;
+        let rooms_stream = ctx.subjects.rooms_stream();
+        ctx.bus.ensure_stream(&rooms_stream).await?;
+        let mut live = ctx.bus.subscribe(&ctx.subjects.room_messages(room)).await?;
+        let (committed, to_publish) = mpsc::channel(4);
+        work.committed = committed;
+        let publisher = Publisher {
+            ctx: ctx.clone(),
+            rooms_stream: rooms_stream.name.clone(),
+            outbox: work.outbox.clone(),
+            published: IntCounter::new("published", "published")?,
+            last_published: Arc::default(),
+            unremoved: Some(work.unremoved.clone()),
+        };
+        let outbox = work.outbox.clone();
+        let shutdown = CancellationToken::new();
+        let tasks = [
+            tokio::spawn(commit_groups(work, shutdown.clone())),
+            tokio::spawn(publisher.publish_committed(to_publish)),
+        ];
+        let mut history = ctx.bus.consume(&ctx.subjects.history_consumer()).await?;
+        let wait = Duration::from_secs(10);
+
+        // The room's first messages since the start go from the outbox;
+        // then one that continues them, straight from memory. Each is
+        // delivered live at once, but stays queued until history-service
+        // acknowledged it (a crash meanwhile would lose it from the
+        // in-process stream).
+        for (count, seqs) in [(2, vec![1, 2]), (1, vec![3])] {
+            let (request, _) = request(room, owner, count);
+            submit.send(request).await?;
+            for _ in 0..count {
+                tokio::time::timeout(wait, live.next())
+                    .await?
+                    .context("live delivery")?;
+            }
+            tokio::time::sleep(REMOVAL_DELAY * 4).await;
+            assert_eq!(queued(&outbox, room).await, seqs);
+            for _ in 0..count {
+                let delivery = tokio::time::timeout(wait, history.next())
+                    .await?
+                    .context("history delivery")??;
+                delivery.ack().await?;
+            }
+            queued_until(&outbox, room, &[]).await;
+        }
+        shutdown.cancel();
+        for task in tasks {
+            task.abort();
+        }
         Ok(())
     }
 

@@ -162,6 +162,14 @@ pub trait Bus: Send + Sync + 'static {
     /// Messages the durable consumer has not acknowledged yet: its lag.
     async fn consumer_pending(&self, spec: &ConsumerSpec) -> Result<u64>;
 
+    /// Returns once every durable consumer of `stream` has acknowledged
+    /// everything the stream took before this call: from then on, what the
+    /// publisher keeps of those messages for a crash (an outbox) is no
+    /// longer needed. At once where streams outlive the process (JetStream
+    /// keeps what it took until its consumers have it, across restarts of
+    /// either), and for a stream without consumers or that does not exist.
+    async fn consumed(&self, stream: &str) -> Result<()>;
+
     /// Whether the bus is usable right now (for readiness checks).
     async fn healthy(&self) -> bool;
 

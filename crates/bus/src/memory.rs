@@ -4,10 +4,12 @@
 //! consumer acknowledged it (or `max_age` passed), refuse publishes beyond
 //! `max_bytes` or `MAX_STREAM_MESSAGES` (like a JetStream interest stream
 //! that discards new), and unacknowledged deliveries are redelivered after
-//! `ack_wait` or when the consumer resumes. Nothing survives the process: the embedded mode relies on
-//! the services' own tables (chat-service's outbox) for durability, and at
-//! shutdown the streams close ([`Bus::close_streams`]) so that their
-//! consumers handle everything they hold before the process exits.
+//! `ack_wait` or when the consumer resumes. Nothing survives the process:
+//! the embedded mode relies on the services' own tables for durability
+//! (chat-service keeps each message in its outbox until the stream's
+//! consumers have it, [`Bus::consumed`]), and at shutdown the streams close
+//! ([`Bus::close_streams`]) so that their consumers handle everything they
+//! hold before the process exits.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
@@ -21,7 +23,7 @@ use std::{
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{StreamExt, stream};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::{
     Bus, BusError, Deliveries, Delivery, Headers, Message, Outgoing, Result, Settle, Subscription,
@@ -354,6 +356,25 @@ impl Bus for MemoryBus {
         Ok((undelivered + consumer.pending.len()) as u64)
     }
 
+    async fn consumed(&self, stream: &str) -> Result<()> {
+        let Some(stream) = lock(&self.inner.streams).get(stream).cloned() else {
+            return Ok(());
+        };
+        let done = {
+            let mut state = lock(&stream.state);
+            state.discard_processed();
+            if state.consumers.is_empty() || state.messages.is_empty() {
+                return Ok(());
+            }
+            let (done, consumed) = oneshot::channel();
+            let mark = state.last_seq;
+            state.consumed_waiters.entry(mark).or_default().push(done);
+            consumed
+        };
+        // Dropped unanswered only with the stream itself.
+        done.await.map_err(|_| BusError::Closed)
+    }
+
     async fn healthy(&self) -> bool {
         true
     }
@@ -387,6 +408,8 @@ struct StreamState {
     recent_ids: VecDeque<(Instant, String)>,
     recent_id_set: HashSet<String>,
     consumers: HashMap<String, ConsumerState>,
+    /// Callers of [`Bus::consumed`], by the last sequence they wait for.
+    consumed_waiters: BTreeMap<u64, Vec<oneshot::Sender<()>>>,
     /// Shutting down: publishes are refused, and a consumer with nothing
     /// left to be given or to acknowledge is done.
     closed: bool,
@@ -437,6 +460,7 @@ impl MemStream {
                 recent_ids: VecDeque::new(),
                 recent_id_set: HashSet::new(),
                 consumers: HashMap::new(),
+                consumed_waiters: BTreeMap::new(),
                 closed: false,
             }),
             changed: Notify::new(),
@@ -570,6 +594,19 @@ impl StreamState {
     fn remove_first(&mut self) {
         if let Some((_, (_, message))) = self.messages.pop_first() {
             self.bytes = self.bytes.saturating_sub(size(&message));
+        }
+        // The waiters for everything below the first message left are done.
+        let first = self
+            .messages
+            .first_key_value()
+            .map_or(u64::MAX, |(seq, _)| *seq);
+        while let Some(waiters) = self.consumed_waiters.first_entry() {
+            if *waiters.key() >= first {
+                break;
+            }
+            for done in waiters.remove() {
+                let _ = done.send(());
+            }
         }
     }
 

@@ -310,6 +310,10 @@ impl Bus for NatsBus {
         Ok(info.num_pending + info.num_ack_pending as u64)
     }
 
+    async fn consumed(&self, _stream: &str) -> Result<()> {
+        Ok(())
+    }
+
     async fn healthy(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }

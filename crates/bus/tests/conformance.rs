@@ -352,6 +352,50 @@ async fn closed_streams_end_a_consumer_only_once_it_handled_what_they_held() -> 
 }
 
 #[tokio::test]
+async fn consumed_returns_once_every_consumer_acknowledged_what_the_stream_took() -> TestResult {
+    for (bus, p) in buses().await {
+        stream_with_one_and_two(bus.as_ref(), &p).await?;
+        let stream = stream_spec(&p).name;
+        let waiting = {
+            let (bus, stream) = (Arc::clone(&bus), stream.clone());
+            tokio::spawn(async move { bus.consumed(&stream).await })
+        };
+        // Every consumer but the last acknowledges both messages.
+        for durable in ["store", "audit"] {
+            let mut deliveries = bus.consume(&consumer_spec(&p, durable)).await?;
+            for _ in 0..2 {
+                next_delivery(&mut deliveries).await?.ack().await?;
+            }
+        }
+        if !bus.streams_outlive_process() {
+            // The in-process stream is all there is of the two messages
+            // until the last consumer has them.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(
+                !waiting.is_finished(),
+                "consumed before the last consumer acknowledged"
+            );
+        }
+        let mut deliveries = bus.consume(&consumer_spec(&p, "batch")).await?;
+        let first = next_delivery(&mut deliveries).await?;
+        let second = next_delivery(&mut deliveries).await?;
+        second.ack().await?;
+        if !bus.streams_outlive_process() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(
+                !waiting.is_finished(),
+                "consumed with the first message unacknowledged"
+            );
+        }
+        first.ack().await?;
+        tokio::time::timeout(WAIT, waiting).await???;
+        // With nothing unacknowledged a call returns at once.
+        tokio::time::timeout(WAIT, bus.consumed(&stream)).await??;
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn durable_publish_needs_a_stream() -> TestResult {
     for (bus, p) in buses().await {
         let result = bus

@@ -115,6 +115,10 @@ impl Bus for InstrumentedBus {
         self.inner.consumer_pending(spec).await
     }
 
+    async fn consumed(&self, stream: &str) -> Result<()> {
+        self.inner.consumed(stream).await
+    }
+
     async fn healthy(&self) -> bool {
         self.inner.healthy().await
     }

@@ -3,6 +3,7 @@
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use tokio::task::JoinHandle;
 
 use crate::harness::*;
 
@@ -246,107 +247,124 @@ async fn connections_close_with_documented_codes_on_token_expiry_and_shutdown() 
     stack.app.stop().await
 }
 
-#[tokio::test]
-async fn sigterm_during_traffic_closes_with_1012_and_loses_no_acknowledged_message() -> TestResult {
-    use std::process::{Command, Stdio};
+/// The `unhidra` binary, run as a process on a data directory and port of
+/// its own, as an operator runs it.
+struct Binary {
+    dir: tempfile::TempDir,
+    port: u16,
+}
 
+impl Binary {
+    fn new() -> Result<Self, Error> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        Ok(Self {
+            dir: tempfile::tempdir()?,
+            port,
+        })
+    }
+
+    /// Starts the process on the data directory; returns once it is ready.
+    async fn start(&self) -> Result<std::process::Child, Error> {
+        use std::process::{Command, Stdio};
+
+        let process = Command::new(env!("CARGO_BIN_EXE_unhidra"))
+            .env("UNHIDRA_BIND", format!("127.0.0.1:{}", self.port))
+            .env("UNHIDRA_DATA_DIR", self.dir.path())
+            .env("UNHIDRA_SHUTDOWN_TIMEOUT_SECS", "5")
+            .env("UNHIDRA_DRAIN_SECS", "1")
+            // Traffic as fast as the tests send it.
+            .env("UNHIDRA_LIMIT_MESSAGES_USER", "off")
+            .env("UNHIDRA_LIMIT_WS_FRAMES", "off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        wait_ready(&self.base()).await?;
+        Ok(process)
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn api(&self) -> Api {
+        Api {
+            auth: self.base(),
+            chat: self.base(),
+            history: self.base(),
+        }
+    }
+
+    /// Sends `signal` to `process` and waits for it to exit.
+    async fn signal(
+        process: std::process::Child,
+        signal: &str,
+    ) -> Result<std::process::ExitStatus, Error> {
+        let sent = std::process::Command::new("kill")
+            .args([signal, &process.id().to_string()])
+            .status()?;
+        assert!(sent.success(), "kill {signal} failed");
+        let mut process = process;
+        Ok(tokio::task::spawn_blocking(move || process.wait()).await??)
+    }
+}
+
+/// A connection sending to `room` every `pause`, collecting the message ids
+/// acknowledged, until the connection ends: the reader's task answers them
+/// and the close code, if a close frame came.
+async fn traffic(
+    ws_url: &str,
+    token: &str,
+    room: &str,
+    pause: std::time::Duration,
+) -> Result<JoinHandle<(Vec<String>, Option<u16>)>, Error> {
     use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
 
-    let dir = tempfile::tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let start = || {
-        Command::new(env!("CARGO_BIN_EXE_unhidra"))
-            .env("UNHIDRA_BIND", format!("127.0.0.1:{port}"))
-            .env("UNHIDRA_DATA_DIR", dir.path())
-            .env("UNHIDRA_SHUTDOWN_TIMEOUT_SECS", "5")
-            .env("UNHIDRA_DRAIN_SECS", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-    };
-    let base = format!("http://127.0.0.1:{port}");
-    let mut process = start()?;
-    wait_ready(&base).await?;
-    let api = Api {
-        auth: base.clone(),
-        chat: base.clone(),
-        history: base.clone(),
-    };
-    let alice = api.user("alice").await?;
-    let room = api.create_room(&alice, "public").await?;
-    let socket = connect(&format!("ws://127.0.0.1:{port}/ws"), &alice.token).await?;
-    let (mut sink, mut stream) = socket.split();
-
-    // A reader collects acks until the close frame.
-    let reader = tokio::spawn(async move {
-        let mut acked = Vec::new();
-        loop {
-            match stream.next().await {
-                Some(Ok(Message::Text(text))) => {
-                    let frame: Value =
-                        serde_json::from_str(text.as_str()).map_err(|e| e.to_string())?;
-                    if frame["type"] == "ack" {
-                        acked.push(frame["message_id"].as_str().unwrap_or_default().to_owned());
-                    }
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    return Ok::<_, String>((acked, frame.map(|f| u16::from(f.code))));
-                }
-                Some(Ok(_)) => {}
-                other => return Err(format!("connection ended without a close frame: {other:?}")),
-            }
-        }
-    });
-    // A writer keeps sending; SIGTERM arrives in the middle.
+    let (mut sink, mut stream) = connect(ws_url, token).await?.split();
+    let room = room.to_owned();
     let writer = tokio::spawn(async move {
-        for i in 0..10_000 {
+        for i in 0.. {
             let frame = json!({"type": "send", "id": format!("m{i}"), "room": room, "body": "x"});
             if sink.send(Message::text(frame.to_string())).await.is_err() {
                 break;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            tokio::time::sleep(pause).await;
         }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let terminated_at = std::time::Instant::now();
-    let killed = Command::new("kill")
-        .args(["-TERM", &process.id().to_string()])
-        .status()?;
-    assert!(killed.success());
-    let (acked, code) = tokio::time::timeout(WAIT, reader).await???;
-    assert_eq!(code, Some(1012));
-    assert!(
-        !acked.is_empty(),
-        "no message was acknowledged before SIGTERM"
-    );
-    let status = tokio::task::spawn_blocking(move || process.wait()).await??;
-    assert!(status.success(), "{status}");
-    assert!(
-        terminated_at.elapsed() < std::time::Duration::from_secs(6),
-        "exit took {:?}",
-        terminated_at.elapsed()
-    );
-    writer.abort();
+    Ok(tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let code = loop {
+            match stream.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    let frame: Value = serde_json::from_str(text.as_str()).unwrap_or_default();
+                    if frame["type"] == "ack" {
+                        acked.push(str_of(&frame, "message_id").unwrap_or_default());
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                _ => break None,
+            }
+        };
+        writer.abort();
+        (acked, code)
+    }))
+}
 
-    // After a restart on the same data, every acknowledged message is in history.
-    let mut process = start()?;
-    wait_ready(&base).await?;
-    let (status, page) = get(&format!("{base}/api/v1/rooms"), Some(&alice.token)).await?;
-    assert_eq!(status, StatusCode::OK, "{page}");
-    let room = str_of(&page["rooms"][0], "room_id")?;
+/// Waits until every one of `acked` is in `room`'s history.
+async fn wait_until_stored(api: &Api, user: &User, room: &str, acked: &[String]) -> TestResult {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let stored: Vec<String> = all_history(&api, &alice, &room)
+        let stored: std::collections::HashSet<String> = all_history(api, user, room)
             .await?
             .iter()
             .filter_map(|m| m["message_id"].as_str().map(str::to_owned))
             .collect();
-        let missing = acked.iter().filter(|id| !stored.contains(id)).count();
+        let missing = acked.iter().filter(|id| !stored.contains(*id)).count();
         if missing == 0 {
-            break;
+            return Ok(());
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -355,10 +373,76 @@ async fn sigterm_during_traffic_closes_with_1012_and_loses_no_acknowledged_messa
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &process.id().to_string()])
-        .status();
-    let _ = tokio::task::spawn_blocking(move || process.wait()).await?;
+}
+
+#[tokio::test]
+async fn sigterm_during_traffic_closes_with_1012_and_loses_no_acknowledged_message() -> TestResult {
+    let binary = Binary::new()?;
+    let process = binary.start().await?;
+    let api = binary.api();
+    let alice = api.user("alice").await?;
+    let room = api.create_room(&alice, "public").await?;
+    let ws_url = format!("ws://127.0.0.1:{}/ws", binary.port);
+    let pause = std::time::Duration::from_millis(2);
+    let reader = traffic(&ws_url, &alice.token, &room, pause).await?;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let terminated_at = std::time::Instant::now();
+    let status = Binary::signal(process, "-TERM").await?;
+    let (acked, code) = tokio::time::timeout(WAIT, reader).await??;
+    assert_eq!(code, Some(1012));
+    assert!(
+        !acked.is_empty(),
+        "no message was acknowledged before SIGTERM"
+    );
+    assert!(status.success(), "{status}");
+    assert!(
+        terminated_at.elapsed() < std::time::Duration::from_secs(6),
+        "exit took {:?}",
+        terminated_at.elapsed()
+    );
+
+    // After a restart on the same data, every acknowledged message is in history.
+    let process = binary.start().await?;
+    wait_until_stored(&api, &alice, &room, &acked).await?;
+    Binary::signal(process, "-TERM").await?;
+    Ok(())
+}
+
+/// Killed outright while messages flow, the process keeps no promise in
+/// memory only: every acknowledged message reaches history after the
+/// restart, including those published to the in-process bus but not yet
+/// stored by history-service when it died (the outbox keeps each until
+/// history-service has it).
+#[tokio::test]
+async fn kill_9_during_traffic_loses_no_acknowledged_message() -> TestResult {
+    let binary = Binary::new()?;
+    let process = binary.start().await?;
+    let api = binary.api();
+    let alice = api.user("alice").await?;
+    let room = api.create_room(&alice, "public").await?;
+    let ws_url = format!("ws://127.0.0.1:{}/ws", binary.port);
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let pause = std::time::Duration::from_millis(1);
+        readers.push(traffic(&ws_url, &alice.token, &room, pause).await?);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    Binary::signal(process, "-KILL").await?;
+    let mut acked = Vec::new();
+    for reader in readers {
+        let (mine, code) = tokio::time::timeout(WAIT, reader).await??;
+        assert_eq!(code, None, "a killed process sends no close frame");
+        acked.extend(mine);
+    }
+    assert!(
+        acked.len() > 100,
+        "only {} acks before the kill",
+        acked.len()
+    );
+
+    let process = binary.start().await?;
+    wait_until_stored(&api, &alice, &room, &acked).await?;
+    Binary::signal(process, "-TERM").await?;
     Ok(())
 }
 
