@@ -88,28 +88,27 @@ struct Committed {
     headers: HashMap<MessageId, Headers>,
 }
 
-/// Published messages still in the outbox, on SQLite: the next group's
-/// transaction removes them, which saves a transaction (a sync of the log)
-/// per group; when no group comes within `REMOVAL_DELAY`, the group commit
-/// removes them on their own.
-/// (On Postgres the publisher removes them at once: a group's transaction
-/// must not wait on the row locks another instance's publisher holds.)
+/// Published messages still in the outbox, gathered for their next step:
+/// each room's highest sequence published (everything below it was
+/// published before). The publisher gathers what the stream's consumers
+/// are still to acknowledge, [`Publisher::remove_once_consumed`]; then on
+/// SQLite what the next group's transaction removes, which saves a
+/// transaction (a sync of the log) per group, or the group commit on its
+/// own when no group comes within `REMOVAL_DELAY`. (On Postgres they are
+/// removed at once: a group's transaction must not wait on the row locks
+/// another instance's publisher holds.)
 #[derive(Default)]
-struct Unremoved {
-    /// Each room's highest sequence published.
-    published: Mutex<BTreeMap<RoomId, u64>>,
+struct Published {
+    highest: Mutex<BTreeMap<RoomId, u64>>,
     added: Notify,
 }
 
-impl Unremoved {
+impl Published {
     fn add(&self, published: BTreeMap<RoomId, u64>) {
         if published.is_empty() {
             return;
         }
-        let mut all = self
-            .published
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut all = self.highest.lock().unwrap_or_else(PoisonError::into_inner);
         for (room, seq) in published {
             let highest = all.entry(room).or_default();
             *highest = (*highest).max(seq);
@@ -125,10 +124,7 @@ impl Unremoved {
     }
 
     fn take(&self) -> BTreeMap<RoomId, u64> {
-        let mut all = self
-            .published
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut all = self.highest.lock().unwrap_or_else(PoisonError::into_inner);
         std::mem::take(&mut *all)
     }
 }
@@ -157,13 +153,14 @@ impl GroupCommit {
         let (submissions, queue) = mpsc::channel(SUBMISSION_QUEUE);
         let (committed, to_publish) = mpsc::channel(PUBLISH_QUEUE);
         let backend = outbox.backend();
-        let unremoved = Arc::new(Unremoved::default());
+        let unremoved = Arc::new(Published::default());
         let publisher = Publisher {
             ctx: ctx.clone(),
             rooms_stream: ctx.subjects.rooms_stream().name,
             outbox: outbox.clone(),
             published: metrics.published,
             last_published: Arc::default(),
+            unconsumed: Arc::default(),
             unremoved: (backend == Backend::Sqlite).then(|| unremoved.clone()),
         };
         let commit = commit_groups(
@@ -183,7 +180,7 @@ impl GroupCommit {
         };
         let tasks = vec![
             commit,
-            tokio::spawn(publisher.clone().publish_committed(to_publish)),
+            tokio::spawn(publisher.clone().run(to_publish)),
             tokio::spawn(publisher.relay()),
         ];
         Ok((Self { submissions }, tasks))
@@ -319,7 +316,7 @@ fn on_own_thread(
 struct GroupLoop {
     outbox: OutboxRepo,
     queue: mpsc::Receiver<Submission>,
-    unremoved: Arc<Unremoved>,
+    unremoved: Arc<Published>,
     committed: mpsc::Sender<Committed>,
     accepted: IntCounter,
     /// How long a group waits for more submissions after its first.
@@ -466,15 +463,81 @@ struct Publisher {
     /// falls so far behind that its rooms look stale to the relay. It holds
     /// what this process published of each room.
     last_published: Arc<tokio::sync::Mutex<LastPublished>>,
+    /// Published from memory, until the stream's consumers have it.
+    unconsumed: Arc<Published>,
     /// On SQLite, where the group commit removes what was published.
-    unremoved: Option<Arc<Unremoved>>,
+    unremoved: Option<Arc<Published>>,
 }
 
 impl Publisher {
+    /// Publishes committed groups until shutdown, removing what was
+    /// published from the outbox as the stream's consumers have it; ends
+    /// once what it published before shutdown was removed (or the stream's
+    /// consumers never had it).
+    async fn run(self, queue: mpsc::Receiver<Committed>) {
+        let done = CancellationToken::new();
+        let publishing = async {
+            self.publish_committed(queue).await;
+            done.cancel();
+        };
+        tokio::join!(publishing, self.remove_once_consumed(&done));
+    }
+
+    /// Removes what was published from memory once every consumer of the
+    /// stream has it: at once on JetStream; in the in-process stream, which
+    /// ends with the process, once history-service stored it, so that a
+    /// crash meanwhile leaves it in the outbox for the relay. The publisher
+    /// goes on meanwhile. Returns after `publishing_done`, once the last of
+    /// it is removed.
+    async fn remove_once_consumed(&self, publishing_done: &CancellationToken) {
+        loop {
+            let last_round = publishing_done.is_cancelled();
+            let mut published = self.unconsumed.take();
+            if !published.is_empty() {
+                if let Err(e) = self.ctx.bus.consumed(&self.rooms_stream).await {
+                    tracing::warn!(error = %e, "published, but not removed from the outbox; the relay will publish it again");
+                    published.clear();
+                }
+            }
+            if last_round {
+                // The group commit may have stopped: what it was still to
+                // remove goes too, at once.
+                self.remove_now(published).await;
+                return;
+            }
+            self.remove(published).await;
+            tokio::select! {
+                () = self.unconsumed.added.notified() => {}
+                () = publishing_done.cancelled() => {}
+            }
+        }
+    }
+
+    /// Removes published messages from the outbox: on SQLite the next
+    /// group's transaction does, on Postgres the publisher at once.
+    async fn remove(&self, highest: BTreeMap<RoomId, u64>) {
+        match &self.unremoved {
+            Some(unremoved) => unremoved.add(highest),
+            None => remove_or_warn(&self.outbox, &highest).await,
+        }
+    }
+
+    /// Removes published messages, and on SQLite whatever the group commit
+    /// was yet to remove, at once.
+    async fn remove_now(&self, mut highest: BTreeMap<RoomId, u64>) {
+        if let Some(unremoved) = &self.unremoved {
+            for (room, seq) in unremoved.take() {
+                let max = highest.entry(room).or_default();
+                *max = (*max).max(seq);
+            }
+        }
+        remove_or_warn(&self.outbox, &highest).await;
+    }
+
     /// Publishes each committed group (with whatever queued meanwhile) until
     /// shutdown: a room's messages straight from memory when they continue
     /// what this process published of the room, else from the outbox.
-    async fn publish_committed(self, mut queue: mpsc::Receiver<Committed>) {
+    async fn publish_committed(&self, mut queue: mpsc::Receiver<Committed>) {
         while let Some(groups) = next_batch(&mut queue, &self.ctx.shutdown, |_| false).await {
             let mut last = self.last_published.lock().await;
             if last.len() > REMEMBERED_ROOMS {
@@ -494,8 +557,8 @@ impl Publisher {
     }
 
     /// Publishes messages that continue what this process published of their
-    /// rooms, then removes them from the outbox; on failure they stay there
-    /// and their rooms are published from the outbox next time.
+    /// rooms, for removal from the outbox once consumed; on failure they stay
+    /// there and their rooms are published from the outbox next time.
     async fn publish_continuing(
         &self,
         last: &mut LastPublished,
@@ -514,31 +577,7 @@ impl Publisher {
         }
         self.published.inc_by(count as u64);
         last.extend(highest.iter().map(|(room, seq)| (*room, *seq)));
-        if self.ctx.bus.streams_outlive_process() {
-            self.remove(highest).await;
-            return;
-        }
-        // In the in-process stream a message is lost with the process until
-        // history-service has stored it: it stays in the outbox until then,
-        // and the publisher goes on meanwhile.
-        let publisher = self.clone();
-        tokio::spawn(async move {
-            match publisher.ctx.bus.consumed(&publisher.rooms_stream).await {
-                Ok(()) => publisher.remove(highest).await,
-                Err(e) => {
-                    tracing::warn!(error = %e, "published, but not removed from the outbox; the relay will publish it again");
-                }
-            }
-        });
-    }
-
-    /// Removes published messages from the outbox: on SQLite the next
-    /// group's transaction does, on Postgres the publisher at once.
-    async fn remove(&self, highest: BTreeMap<RoomId, u64>) {
-        match &self.unremoved {
-            Some(unremoved) => unremoved.add(highest),
-            None => remove_or_warn(&self.outbox, &highest).await,
-        }
+        self.unconsumed.add(highest);
     }
 
     /// The bus messages of `pending`, with the headers of their requests.
@@ -823,68 +862,133 @@ mod tests {
         }
     }
 
+    /// A group commit and its publisher on a fresh SQLite file and the
+    /// in-process bus, with history-service's consumer played by the test.
+    struct InProcess {
+        ctx: ServiceContext,
+        submit: mpsc::Sender<Submission>,
+        outbox: OutboxRepo,
+        room: RoomId,
+        owner: UserId,
+        live: unhidra_bus::Subscription,
+        history: unhidra_bus::Deliveries,
+        tasks: Vec<JoinHandle<()>>,
+    }
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    impl InProcess {
+        /// Started with what this process published of `room` before, if
+        /// anything (then its next messages go straight from memory).
+        async fn start(db: &TestDatabase, published_before: Option<u64>) -> anyhow::Result<Self> {
+            let (mut work, submit, room, owner) = sqlite_group_commit(db).await?;
+            let ctx = ServiceContext::connect(
+                "test",
+                unhidra_core::Config::default(),
+                std::future::pending(),
+            )
+            .await?;
+            let rooms_stream = ctx.subjects.rooms_stream();
+            ctx.bus.ensure_stream(&rooms_stream).await?;
+            let live = ctx.bus.subscribe(&ctx.subjects.room_messages(room)).await?;
+            let history = ctx.bus.consume(&ctx.subjects.history_consumer()).await?;
+            let (committed, to_publish) = mpsc::channel(4);
+            work.committed = committed;
+            let last = published_before.map(|seq| (room, seq));
+            let publisher = Publisher {
+                ctx: ctx.clone(),
+                rooms_stream: rooms_stream.name,
+                outbox: work.outbox.clone(),
+                published: IntCounter::new("published", "published")?,
+                last_published: Arc::new(tokio::sync::Mutex::new(last.into_iter().collect())),
+                unconsumed: Arc::default(),
+                unremoved: Some(work.unremoved.clone()),
+            };
+            let outbox = work.outbox.clone();
+            let tasks = vec![
+                tokio::spawn(commit_groups(work, ctx.shutdown.clone())),
+                tokio::spawn(publisher.run(to_publish)),
+            ];
+            Ok(Self {
+                ctx,
+                submit,
+                outbox,
+                room,
+                owner,
+                live,
+                history,
+                tasks,
+            })
+        }
+
+        /// Submits `count` messages and waits until they were delivered live.
+        async fn send(&mut self, count: usize) -> anyhow::Result<()> {
+            use futures::StreamExt;
+
+            let (request, _) = request(self.room, self.owner, count);
+            self.submit.send(request).await?;
+            for _ in 0..count {
+                tokio::time::timeout(WAIT, self.live.next())
+                    .await?
+                    .context("live delivery")?;
+            }
+            Ok(())
+        }
+
+        /// history-service stores (acknowledges) `count` deliveries.
+        async fn store(&mut self, count: usize) -> anyhow::Result<()> {
+            use futures::StreamExt;
+
+            for _ in 0..count {
+                let delivery = tokio::time::timeout(WAIT, self.history.next())
+                    .await?
+                    .context("history delivery")??;
+                delivery.ack().await?;
+            }
+            Ok(())
+        }
+    }
+
     #[tokio::test]
     async fn with_the_in_process_bus_a_message_leaves_the_outbox_once_history_has_it()
     -> anyhow::Result<()> {
-        use futures::StreamExt;
-
         let db = TestDatabase::sqlite().await?;
-        let (mut work, submit, room, owner) = sqlite_group_commit(&db).await?;
-        let ctx = ServiceContext::connect(
-            "test",
-            unhidra_core::Config::default(),
-            std::future::pending(),
-        )
-        .await?;
-        let rooms_stream = ctx.subjects.rooms_stream();
-        ctx.bus.ensure_stream(&rooms_stream).await?;
-        let mut live = ctx.bus.subscribe(&ctx.subjects.room_messages(room)).await?;
-        let (committed, to_publish) = mpsc::channel(4);
-        work.committed = committed;
-        let publisher = Publisher {
-            ctx: ctx.clone(),
-            rooms_stream: rooms_stream.name.clone(),
-            outbox: work.outbox.clone(),
-            published: IntCounter::new("published", "published")?,
-            last_published: Arc::default(),
-            unremoved: Some(work.unremoved.clone()),
-        };
-        let outbox = work.outbox.clone();
-        let shutdown = CancellationToken::new();
-        let tasks = [
-            tokio::spawn(commit_groups(work, shutdown.clone())),
-            tokio::spawn(publisher.publish_committed(to_publish)),
-        ];
-        let mut history = ctx.bus.consume(&ctx.subjects.history_consumer()).await?;
-        let wait = Duration::from_secs(10);
-
+        let mut chat = InProcess::start(&db, None).await?;
         // The room's first messages since the start go from the outbox;
         // then one that continues them, straight from memory. Each is
         // delivered live at once, but stays queued until history-service
         // acknowledged it (a crash meanwhile would lose it from the
         // in-process stream).
         for (count, seqs) in [(2, vec![1, 2]), (1, vec![3])] {
-            let (request, _) = request(room, owner, count);
-            submit.send(request).await?;
-            for _ in 0..count {
-                tokio::time::timeout(wait, live.next())
-                    .await?
-                    .context("live delivery")?;
-            }
+            chat.send(count).await?;
             tokio::time::sleep(REMOVAL_DELAY * 4).await;
-            assert_eq!(queued(&outbox, room).await, seqs);
-            for _ in 0..count {
-                let delivery = tokio::time::timeout(wait, history.next())
-                    .await?
-                    .context("history delivery")??;
-                delivery.ack().await?;
-            }
-            queued_until(&outbox, room, &[]).await;
+            assert_eq!(queued(&chat.outbox, chat.room).await, seqs);
+            chat.store(count).await?;
+            queued_until(&chat.outbox, chat.room, &[]).await;
         }
-        shutdown.cancel();
-        for task in tasks {
-            task.abort();
+        chat.ctx.shutdown.cancel();
+        for task in chat.tasks {
+            task.await?;
         }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn at_shutdown_the_publisher_removes_what_history_stored_after_the_group_commit_stopped()
+    -> anyhow::Result<()> {
+        let db = TestDatabase::sqlite().await?;
+        let mut chat = InProcess::start(&db, Some(0)).await?;
+        chat.send(2).await?;
+        // The group commit and the publisher stop; history-service stores
+        // the two messages only then (as the in-process bus closes).
+        chat.ctx.shutdown.cancel();
+        tokio::time::sleep(REMOVAL_DELAY * 4).await;
+        assert_eq!(queued(&chat.outbox, chat.room).await, [1, 2]);
+        chat.store(2).await?;
+        for task in chat.tasks {
+            tokio::time::timeout(WAIT, task).await??;
+        }
+        assert_eq!(queued(&chat.outbox, chat.room).await, Vec::<u64>::new());
         Ok(())
     }
 
