@@ -284,8 +284,22 @@ impl Binary {
         Ok(process)
     }
 
+    /// A binary started on a fresh directory, a user and a public room of
+    /// theirs.
+    async fn started_with_a_room() -> Result<(Self, std::process::Child, User, String), Error> {
+        let binary = Self::new()?;
+        let process = binary.start().await?;
+        let alice = binary.api().user("alice").await?;
+        let room = binary.api().create_room(&alice, "public").await?;
+        Ok((binary, process, alice, room))
+    }
+
     fn base(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn ws(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.port)
     }
 
     fn api(&self) -> Api {
@@ -377,12 +391,8 @@ async fn wait_until_stored(api: &Api, user: &User, room: &str, acked: &[String])
 
 #[tokio::test]
 async fn sigterm_during_traffic_closes_with_1012_and_loses_no_acknowledged_message() -> TestResult {
-    let binary = Binary::new()?;
-    let process = binary.start().await?;
-    let api = binary.api();
-    let alice = api.user("alice").await?;
-    let room = api.create_room(&alice, "public").await?;
-    let ws_url = format!("ws://127.0.0.1:{}/ws", binary.port);
+    let (binary, process, alice, room) = Binary::started_with_a_room().await?;
+    let (api, ws_url) = (binary.api(), binary.ws());
     let pause = std::time::Duration::from_millis(2);
     let reader = traffic(&ws_url, &alice.token, &room, pause).await?;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -415,12 +425,8 @@ async fn sigterm_during_traffic_closes_with_1012_and_loses_no_acknowledged_messa
 /// history-service has it).
 #[tokio::test]
 async fn kill_9_during_traffic_loses_no_acknowledged_message() -> TestResult {
-    let binary = Binary::new()?;
-    let process = binary.start().await?;
-    let api = binary.api();
-    let alice = api.user("alice").await?;
-    let room = api.create_room(&alice, "public").await?;
-    let ws_url = format!("ws://127.0.0.1:{}/ws", binary.port);
+    let (binary, process, alice, room) = Binary::started_with_a_room().await?;
+    let (api, ws_url) = (binary.api(), binary.ws());
     let mut readers = Vec::new();
     for _ in 0..4 {
         let pause = std::time::Duration::from_millis(1);
