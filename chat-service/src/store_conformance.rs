@@ -552,11 +552,71 @@ async fn a_repeated_client_id_gets_the_first_ack_and_posts_nothing() -> anyhow::
             .await?;
         assert_eq!(queued, 3);
 
-        // Forgotten after their time: the id posts anew.
+        // Past their time, ids post anew: a key not swept yet is replaced,
+        // then every key is swept.
         let forgetful = OutboxRepo::new(database, std::time::Duration::ZERO);
+        let fresh = forgetful.accept(vec![keyed(alice, "c-2", "second again")], &BTreeMap::new()).await?;
+        assert!(matches!(&fresh.outcomes[0], Ok(Accepted::New(e)) if e.seq == 4));
         assert_eq!(forgetful.forget_old_keys().await?, 3);
         let fresh = forgetful.accept(vec![keyed(alice, "c-1", "hello again")], &BTreeMap::new()).await?;
-        assert!(matches!(&fresh.outcomes[0], Ok(Accepted::New(e)) if e.seq == 4));
+        assert!(matches!(&fresh.outcomes[0], Ok(Accepted::New(e)) if e.seq == 5));
+        Ok(())
+    })
+    .await
+}
+
+/// The same send given to two instances at once (a retry reaching another
+/// instance while the first is still committing it): the retry waits for
+/// the first's key, then answers with its ack and posts nothing.
+#[tokio::test]
+async fn a_retry_racing_its_first_send_on_another_instance_posts_nothing() -> anyhow::Result<()> {
+    on_each_database(|db| async move {
+        let database = open(&db).await?;
+        if database.backend != Backend::Postgres {
+            // One writer at a time: the first send commits before a retry starts.
+            return Ok(());
+        }
+        let rooms = RoomRepo::new(database.clone(), ROOMY);
+        let outbox = OutboxRepo::new(database.clone(), KEYS_KEPT);
+        let alice = UserId::new();
+        let a = room("a", Visibility::Public);
+        rooms.create(&a, alice).await??;
+        let send = || NewMessage {
+            client_id: Some("c-1".to_owned()),
+            ..new_message(a.id, alice, "hello")
+        };
+
+        // The other instance's group: its key written, not yet committed.
+        let first = MessageId::new();
+        let mut elsewhere = database.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO send_keys (user_id, client_id, seq, message_id, created_at)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(alice.to_string())
+        .bind("c-1")
+        .bind(7_i64)
+        .bind(first.to_string())
+        .bind(unhidra_store::now_millis())
+        .execute(&mut *elsewhere)
+        .await?;
+        let nothing_published = BTreeMap::new();
+        let retry = outbox.accept(vec![send()], &nothing_published);
+        tokio::pin!(retry);
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut retry).await;
+        assert!(early.is_err(), "answered past an uncommitted key: {early:?}");
+        elsewhere.commit().await?;
+
+        let retried = retry.await?;
+        assert!(retried.queued.is_empty(), "posted again: {:?}", retried.queued);
+        assert!(
+            matches!(&retried.outcomes[..], [Ok(Accepted::Repeat(ack))] if ack.seq == 7 && ack.message_id == first),
+            "{:?}",
+            retried.outcomes
+        );
+        // Nothing numbered meanwhile: the room's next message is its first.
+        let next = outbox.accept(vec![new_message(a.id, alice, "next")], &BTreeMap::new()).await?;
+        assert_eq!(next.queued.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![1]);
         Ok(())
     })
     .await

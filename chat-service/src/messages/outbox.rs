@@ -109,6 +109,14 @@ impl OutboxRepo {
     /// sender sent its client id before is not posted again. The same
     /// transaction removes the messages `published` names (each room's
     /// highest sequence published).
+    ///
+    /// A send seldom repeats one of an earlier group (a client retrying
+    /// after a lost ack), so the first attempt does not look repeats up: it
+    /// numbers every send as new, and the send keys' upsert, which finds each
+    /// key anyway, tells whether a kept one was there. Only then is the
+    /// group rolled back and accepted again, its repeats looked up first.
+    /// (Looking them up in every group cost a statement, and on Postgres a
+    /// scan of every kept key whenever the table's statistics were behind.)
     pub async fn accept(
         &self,
         messages: Vec<NewMessage>,
@@ -118,12 +126,40 @@ impl OutboxRepo {
             self.remove(published).await?;
             return Ok(Acceptance::default());
         }
+        // On Postgres another instance may store a key between a look-up
+        // and the upsert; the next look-up finds it.
+        for look_up_repeats in [false, true, true] {
+            let mut write = self.db.begin_write().await?;
+            self.remove_published(write.conn(), published).await?;
+            if let Some(acceptance) = self
+                .accept_in(write.conn(), &messages, look_up_repeats)
+                .await?
+            {
+                write.commit().await?;
+                return Ok(acceptance);
+            }
+            // Dropped, the transaction rolls back.
+        }
+        anyhow::bail!("sends kept meeting keys stored while they were accepted")
+    }
+
+    /// Accepts `messages` on `conn`, in the caller's transaction; `None`
+    /// when a send repeats one of an earlier group that was not looked up
+    /// (the caller rolls back what was written).
+    async fn accept_in(
+        &self,
+        conn: &mut AnyConnection,
+        messages: &[NewMessage],
+        look_up_repeats: bool,
+    ) -> anyhow::Result<Option<Acceptance>> {
         // The checks read in the transaction that writes: on SQLite its
         // connection is the writer's own, with no trip to the pool.
-        let mut write = self.db.begin_write().await?;
-        self.remove_published(write.conn(), published).await?;
-        let allowed = self.allowed(write.conn(), &messages).await?;
-        let known = self.sent_before(write.conn(), &messages).await?;
+        let allowed = self.allowed(conn, messages).await?;
+        let known = if look_up_repeats {
+            self.sent_before(conn, messages).await?
+        } else {
+            HashMap::new()
+        };
         let mut plans = Vec::with_capacity(messages.len());
         let mut in_group: HashMap<(UserId, &str), usize> = HashMap::new();
         for (i, (m, ok)) in messages.iter().zip(allowed).enumerate() {
@@ -149,11 +185,11 @@ impl OutboxRepo {
                 *per_room.entry(m.room).or_default() += 1;
             }
         }
-        let mut next_seq = self.number(write.conn(), &per_room).await?;
+        let mut next_seq = self.number(conn, &per_room).await?;
         let mut outcomes: Vec<Result<Accepted, Refusal>> = Vec::with_capacity(messages.len());
         let mut queued = Vec::new();
         let mut keys = Vec::new();
-        for (m, plan) in messages.into_iter().zip(plans) {
+        for (m, plan) in messages.iter().zip(plans) {
             match plan {
                 Plan::Refused(refusal) => {
                     outcomes.push(Err(refusal));
@@ -180,7 +216,7 @@ impl OutboxRepo {
                 seq: *seq,
                 message_id: MessageId::new(),
                 sender: m.sender,
-                body: m.body,
+                body: m.body.clone(),
                 sent_at: m.sent_at,
             };
             *seq += 1;
@@ -190,20 +226,27 @@ impl OutboxRepo {
                 seq: event.seq,
                 payload: serde_json::to_string(&event)?,
             });
-            if let Some(client_id) = m.client_id {
+            if let Some(client_id) = &m.client_id {
                 keys.push((m.sender, client_id, event.seq, event.message_id));
             }
             outcomes.push(Ok(Accepted::New(event)));
         }
         let now = now_millis();
-        // A key remembered past its time is replaced.
-        self.db
+        // A key remembered past its time is replaced; one still kept is left
+        // as it is, and not counted.
+        let upsert = format!(
+            "ON CONFLICT (user_id, client_id) DO UPDATE SET seq = excluded.seq,
+                 message_id = excluded.message_id, created_at = excluded.created_at
+             WHERE send_keys.created_at <= excluded.created_at - {}",
+            self.keys_kept_ms
+        );
+        let stored = self
+            .db
             .insert_rows(
-                write.conn(),
+                conn,
                 "send_keys (user_id, client_id, seq, message_id, created_at)",
                 5,
-                "ON CONFLICT (user_id, client_id) DO UPDATE SET seq = excluded.seq,
-                     message_id = excluded.message_id, created_at = excluded.created_at",
+                &upsert,
                 &keys,
                 |query, (user, client_id, seq, message_id)| {
                     Ok(query
@@ -215,9 +258,12 @@ impl OutboxRepo {
                 },
             )
             .await?;
+        if stored < u64::try_from(keys.len())? {
+            return Ok(None);
+        }
         self.db
             .insert_rows(
-                write.conn(),
+                conn,
                 "outbox (message_id, room_id, seq, payload, created_at)",
                 5,
                 "",
@@ -232,8 +278,7 @@ impl OutboxRepo {
                 },
             )
             .await?;
-        write.commit().await?;
-        Ok(Acceptance { outcomes, queued })
+        Ok(Some(Acceptance { outcomes, queued }))
     }
 
     /// Advances each room's sequence by its count, in one statement for all
@@ -246,32 +291,32 @@ impl OutboxRepo {
         if per_room.is_empty() {
             return Ok(HashMap::new());
         }
-        if self.db.backend == Backend::Postgres {
-            // Row locks taken in one order by every transaction, so two
-            // chat-service instances numbering the same rooms cannot deadlock.
-            let rooms: Vec<&RoomId> = per_room.keys().collect();
-            let rooms = padded(&rooms);
-            let sql = format!(
-                "SELECT id FROM rooms WHERE id IN ({}) ORDER BY id FOR UPDATE",
-                self.db.placeholders(1, rooms.len())
-            );
-            let mut lock = sqlx::query(&sql);
-            for room in rooms {
-                lock = lock.bind(room.to_string());
-            }
-            lock.execute(&mut *conn).await?;
-        }
         // A room listed twice (padding) joins twice with the same count;
         // the row is updated once either way.
         let counts: Vec<(&RoomId, &u64)> = per_room.iter().collect();
         let counts = padded(&counts);
-        let sql = format!(
-            "WITH counts (id, n) AS (VALUES {})
-             UPDATE rooms SET last_seq = rooms.last_seq + counts.n
-             FROM counts WHERE rooms.id = counts.id
-             RETURNING rooms.id, rooms.last_seq",
-            self.db.value_rows(2, counts.len()),
-        );
+        let values = self.db.value_rows(2, counts.len());
+        let sql = match self.db.backend {
+            // Every row locked, in the rooms' order, before any is updated,
+            // so two chat-service instances numbering the same rooms cannot
+            // deadlock.
+            Backend::Postgres => format!(
+                "WITH counts (id, n) AS (VALUES {values}),
+                 locked AS MATERIALIZED (
+                     SELECT rooms.id FROM rooms JOIN counts ON rooms.id = counts.id
+                     ORDER BY rooms.id FOR UPDATE OF rooms)
+                 UPDATE rooms SET last_seq = rooms.last_seq + counts.n
+                 FROM counts JOIN locked ON locked.id = counts.id
+                 WHERE rooms.id = counts.id
+                 RETURNING rooms.id, rooms.last_seq"
+            ),
+            Backend::Sqlite => format!(
+                "WITH counts (id, n) AS (VALUES {values})
+                 UPDATE rooms SET last_seq = rooms.last_seq + counts.n
+                 FROM counts WHERE rooms.id = counts.id
+                 RETURNING rooms.id, rooms.last_seq"
+            ),
+        };
         let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
         for (room, count) in counts {
             query = query.bind(room.to_string()).bind(i64::try_from(**count)?);
