@@ -140,7 +140,7 @@ impl OutboxRepo {
             }
             // Dropped, the transaction rolls back.
         }
-        anyhow::bail!("sends kept meeting keys stored while they were accepted")
+        anyhow::bail!("another instance stored keys of this group's sends in every attempt")
     }
 
     /// Accepts `messages` on `conn`, in the caller's transaction; `None`
@@ -297,9 +297,9 @@ impl OutboxRepo {
         let counts = padded(&counts);
         let values = self.db.value_rows(2, counts.len());
         let sql = match self.db.backend {
-            // Every row locked, in the rooms' order, before any is updated,
-            // so two chat-service instances numbering the same rooms cannot
-            // deadlock.
+            // Each row locked, in the rooms' order, before it is updated (a
+            // wait happens only in that order), so two chat-service
+            // instances numbering the same rooms cannot deadlock.
             Backend::Postgres => format!(
                 "WITH counts (id, n) AS (VALUES {values}),
                  locked AS MATERIALIZED (
