@@ -20,7 +20,7 @@ use unhidra_runtime::{ApiState, Service, ServiceContext, rpc};
 use unhidra_store::{Database, Migration};
 
 use crate::{
-    messages::{GroupCommit, MessageMetrics, OutboxRepo},
+    messages::{GroupCommit, GroupMetrics, MessageMetrics, OutboxRepo},
     rooms::{Caps, RoomRepo},
 };
 
@@ -84,10 +84,7 @@ type ChatState = ApiState<Chat>;
 impl MessageMetrics {
     fn register(ctx: &ServiceContext) -> anyhow::Result<Self> {
         Ok(Self {
-            accepted: ctx.metrics.counter(
-                "unhidra_messages_accepted_total",
-                "Chat messages accepted by chat-service (durable in its outbox).",
-            )?,
+            groups: GroupMetrics::register(&ctx.metrics)?,
             published: ctx.metrics.counter(
                 "unhidra_messages_published_total",
                 "Chat messages published to the rooms stream (relayed retries included).",

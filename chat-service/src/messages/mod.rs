@@ -23,7 +23,7 @@ use std::{
 };
 
 use chrono::Utc;
-use prometheus::IntCounter;
+use prometheus::{Histogram, IntCounter};
 use tokio::{
     sync::{Notify, mpsc, oneshot},
     task::JoinHandle,
@@ -40,7 +40,10 @@ use unhidra_runtime::{
     batch::{next_batch, take_queued},
 };
 use unhidra_store::{Backend, now_millis};
-use unhidra_telemetry::request_id;
+use unhidra_telemetry::{
+    metrics::{LATENCY_BUCKETS, Metrics},
+    request_id,
+};
 
 use self::outbox::{Acceptance, Pending};
 pub use self::outbox::{Accepted, NewMessage, OutboxRepo};
@@ -138,8 +141,48 @@ pub struct GroupCommit {
 /// What the group commit, the publisher and the relay count.
 #[derive(Clone)]
 pub struct MessageMetrics {
-    pub accepted: IntCounter,
+    pub groups: GroupMetrics,
     pub published: IntCounter,
+}
+
+/// What the group commit counts and times: where a send's time in
+/// chat-service goes (waiting for its group, then the group's transaction),
+/// and how busy the commit loop is (the transactions' seconds per second).
+#[derive(Clone)]
+pub struct GroupMetrics {
+    accepted: IntCounter,
+    /// Per request: from being queued until its group's transaction began.
+    wait: Histogram,
+    /// Per group: its transaction, attempts included.
+    duration: Histogram,
+    /// Per group: its messages.
+    messages: Histogram,
+}
+
+impl GroupMetrics {
+    pub fn register(metrics: &Metrics) -> anyhow::Result<Self> {
+        Ok(Self {
+            accepted: metrics.counter(
+                "unhidra_messages_accepted_total",
+                "Chat messages accepted by chat-service (durable in its outbox).",
+            )?,
+            wait: metrics.histogram(
+                "unhidra_group_commit_wait_seconds",
+                "Per chat.send request: from being queued for the group commit until its group's transaction began.",
+                &LATENCY_BUCKETS,
+            )?,
+            duration: metrics.histogram(
+                "unhidra_group_commit_duration_seconds",
+                "Per group commit: its transaction (numbering, send keys, outbox), retries included.",
+                &LATENCY_BUCKETS,
+            )?,
+            messages: metrics.histogram(
+                "unhidra_group_commit_messages",
+                "Per group commit: the messages it accepted or refused.",
+                &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, MAX_GROUP as f64],
+            )?,
+        })
+    }
 }
 
 impl GroupCommit {
@@ -169,7 +212,7 @@ impl GroupCommit {
                 queue,
                 unremoved,
                 committed,
-                accepted: metrics.accepted,
+                metrics: metrics.groups,
                 linger: Duration::from_millis(ctx.config.group_commit_linger_ms),
             },
             ctx.shutdown.clone(),
@@ -318,7 +361,7 @@ struct GroupLoop {
     queue: mpsc::Receiver<Submission>,
     unremoved: Arc<Published>,
     committed: mpsc::Sender<Committed>,
-    accepted: IntCounter,
+    metrics: GroupMetrics,
     /// How long a group waits for more submissions after its first.
     linger: Duration,
 }
@@ -377,12 +420,20 @@ impl GroupLoop {
             remove_or_warn(&self.outbox, &published).await;
             return;
         }
+        let began = Instant::now();
+        for submission in &group {
+            let waited = began.saturating_duration_since(submission.queued_at);
+            self.metrics.wait.observe(waited.as_secs_f64());
+        }
         let sizes: Vec<usize> = group.iter().map(|s| s.messages.len()).collect();
         let messages: Vec<NewMessage> = group
             .iter_mut()
             .flat_map(|s| std::mem::take(&mut s.messages))
             .collect();
-        let Acceptance { outcomes, queued } = match self.outbox.accept(messages, &published).await {
+        self.metrics.messages.observe(messages.len() as f64);
+        let accepted = self.outbox.accept(messages, &published).await;
+        self.metrics.duration.observe(began.elapsed().as_secs_f64());
+        let Acceptance { outcomes, queued } = match accepted {
             Ok(acceptance) => acceptance,
             Err(e) => {
                 // Every request of the group is answered `unavailable`;
@@ -403,7 +454,7 @@ impl GroupLoop {
                 Accepted::New(event) => Some(event),
                 Accepted::Repeat(_) => None,
             }) {
-                self.accepted.inc();
+                self.metrics.accepted.inc();
                 publish
                     .headers
                     .insert(event.message_id, submission.headers.clone());
@@ -711,7 +762,7 @@ mod tests {
             queue,
             unremoved: Arc::default(),
             committed,
-            accepted: IntCounter::new("accepted", "accepted")?,
+            metrics: GroupMetrics::register(&Metrics::new()?)?,
             linger: Duration::ZERO,
         };
         Ok((work, submit, room.id, owner))

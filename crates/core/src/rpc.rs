@@ -28,6 +28,30 @@ pub trait Rpc {
     fn subject(subjects: &Subjects) -> String;
 }
 
+/// The subject of every contract below, each with its name (the subject
+/// after `<prefix>.rpc.`, as in `chat.send`): what request metrics are
+/// labelled with.
+pub fn contracts(subjects: &Subjects) -> Vec<(String, String)> {
+    let rpc = format!("{}.rpc.", subjects.prefix());
+    [
+        ChatSend::subject(subjects),
+        RoomsOf::subject(subjects),
+        Membership::subject(subjects),
+        RoomMembers::subject(subjects),
+        RoomHead::subject(subjects),
+        HistoryRange::subject(subjects),
+        AuthJwks::subject(subjects),
+        AuthRevocations::subject(subjects),
+        AuthApiKey::subject(subjects),
+    ]
+    .into_iter()
+    .map(|subject| {
+        let name = subject.strip_prefix(&rpc).unwrap_or(&subject).to_owned();
+        (subject, name)
+    })
+    .collect()
+}
+
 /// Why a request was refused. The message is shown to clients, so it is
 /// fixed text that never carries internals.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, thiserror::Error)]
@@ -335,6 +359,32 @@ pub struct ApiKeyLookup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_contract_is_named_after_its_subject() {
+        let subjects = Subjects::new("p1");
+        let names: Vec<String> = contracts(&subjects)
+            .into_iter()
+            .map(|(subject, name)| {
+                assert_eq!(subject, format!("p1.rpc.{name}"));
+                name
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "chat.send",
+                "chat.rooms_of",
+                "chat.membership",
+                "chat.room_members",
+                "chat.room_head",
+                "history.range",
+                "auth.jwks",
+                "auth.revocations",
+                "auth.api_key",
+            ]
+        );
+    }
 
     #[test]
     fn replies_keep_their_wire_shape() -> Result<(), serde_json::Error> {

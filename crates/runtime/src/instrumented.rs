@@ -1,26 +1,46 @@
 //! The bus every service actually uses: the configured one, wrapped to time
-//! publishes and to stamp outgoing messages with the current request id and
-//! trace context.
+//! publishes and requests and to stamp outgoing messages with the current
+//! request id and trace context.
 
 use std::{
+    collections::HashMap,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use prometheus::HistogramVec;
+use prometheus::{Histogram, HistogramVec};
 use unhidra_bus::{Bus, Deliveries, Headers, Message, Outgoing, Result, Subscription};
-use unhidra_core::streams::{ConsumerSpec, StreamSpec};
+use unhidra_core::{
+    rpc,
+    streams::{ConsumerSpec, StreamSpec},
+    subjects::Subjects,
+};
 use unhidra_telemetry::{metrics::Metrics, request_id};
 
 pub struct InstrumentedBus {
     inner: Arc<dyn Bus>,
     publish_duration: HistogramVec,
+    /// The round trip of each request/reply contract, by subject.
+    request_duration: HashMap<String, Histogram>,
 }
 
 impl InstrumentedBus {
-    pub fn new(inner: Arc<dyn Bus>, metrics: &Metrics) -> anyhow::Result<Self> {
+    pub fn new(
+        inner: Arc<dyn Bus>,
+        subjects: &Subjects,
+        metrics: &Metrics,
+    ) -> anyhow::Result<Self> {
+        let requests = rpc::contracts(subjects);
+        let names: Vec<[&str; 1]> = requests.iter().map(|(_, name)| [name.as_str()]).collect();
+        let series: Vec<&[&str]> = names.iter().map(|name| &name[..]).collect();
+        let request_duration = metrics.latency_vec(
+            "unhidra_bus_request_duration_seconds",
+            "Request/reply round trips as the caller waits for them (timeouts included).",
+            &["request"],
+            &series,
+        )?;
         Ok(Self {
             inner,
             publish_duration: metrics.latency_vec(
@@ -29,6 +49,12 @@ impl InstrumentedBus {
                 &["kind"],
                 &[&["core"], &["durable"]],
             )?,
+            request_duration: requests
+                .iter()
+                .map(|(subject, name)| {
+                    (subject.clone(), request_duration.with_label_values(&[name]))
+                })
+                .collect(),
         })
     }
 
@@ -98,9 +124,15 @@ impl Bus for InstrumentedBus {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Message> {
-        self.inner
+        let started = Instant::now();
+        let reply = self
+            .inner
             .request(subject, stamped(headers), payload, timeout)
-            .await
+            .await;
+        if let Some(duration) = self.request_duration.get(subject) {
+            duration.observe(started.elapsed().as_secs_f64());
+        }
+        reply
     }
 
     async fn ensure_stream(&self, spec: &StreamSpec) -> Result<()> {

@@ -144,7 +144,7 @@ impl ServiceContext {
             None => Arc::new(MemoryBus::new()),
         };
         let metrics = Metrics::new()?;
-        let bus: Arc<dyn Bus> = Arc::new(InstrumentedBus::new(bus, &metrics)?);
+        let bus: Arc<dyn Bus> = Arc::new(InstrumentedBus::new(bus, &subjects, &metrics)?);
         let token = CancellationToken::new();
         let trigger = token.clone();
         tokio::spawn(async move {

@@ -6,8 +6,8 @@
 //! `docs/operations.md` explains each metric.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    TextEncoder, core::Collector,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, TextEncoder, core::Collector,
 };
 
 /// Seconds, from 0.5 ms to 10 s.
@@ -77,6 +77,13 @@ impl Metrics {
         labels: &[&str],
     ) -> anyhow::Result<IntGaugeVec> {
         self.register(IntGaugeVec::new(Opts::new(name, help), labels)?)
+    }
+
+    /// A histogram without labels over `buckets` (for latencies, seconds,
+    /// [`LATENCY_BUCKETS`]).
+    pub fn histogram(&self, name: &str, help: &str, buckets: &[f64]) -> anyhow::Result<Histogram> {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        self.register(Histogram::with_opts(opts)?)
     }
 
     /// A latency histogram (seconds, [`LATENCY_BUCKETS`]); every value in

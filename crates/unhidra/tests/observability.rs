@@ -167,6 +167,16 @@ async fn one_scenario_moves_the_metrics_and_shares_one_request_id_across_service
             2.0,
         ),
         ("unhidra_audit_events_stored_total", 5.0),
+        // Alice waited for each ack before the next send: three requests,
+        // each its own group of one message.
+        (
+            r#"unhidra_bus_request_duration_seconds_count{request="chat.send"}"#,
+            3.0,
+        ),
+        ("unhidra_group_commit_wait_seconds_count", 3.0),
+        ("unhidra_group_commit_duration_seconds_count", 3.0),
+        ("unhidra_group_commit_messages_sum", 3.0),
+        (r#"unhidra_group_commit_messages_bucket{le="1"}"#, 3.0),
     ] {
         assert_eq!(delta(&before, &after, series), expected, "{series}");
     }
