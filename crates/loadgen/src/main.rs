@@ -276,14 +276,17 @@ async fn start(args: &TargetArgs) -> anyhow::Result<(Target, Option<RelayProcess
                 args.cpu_of.is_empty() || !pids.is_empty(),
                 "--cpu-of needs the gateway (--url) on this machine too"
             );
+            let mut services = Vec::new();
             for url in &args.cpu_of {
                 pids.push(local::server_pid(url).with_context(|| {
                     format!("--cpu-of {url}: no process of this machine listens there")
                 })?);
+                services.push(Client::with_endpoints(Endpoints::all_at(url)));
             }
             Ok((
                 Target::Unhidra {
                     client: Client::with_endpoints(endpoints),
+                    services,
                     pids,
                 },
                 None,

@@ -29,6 +29,9 @@ pub struct Setup {
 pub enum Target {
     Unhidra {
         client: Client,
+        /// The other services named with `--cpu-of`, whose metrics count
+        /// as the server's too.
+        services: Vec<Client>,
         /// The server's processes when they run on this machine: the
         /// gateway's, and scaled out those of the other services as named.
         pids: Vec<u32>,
@@ -129,7 +132,7 @@ impl Target {
     pub async fn cpu_seconds(&self) -> anyhow::Result<f64> {
         match self {
             Self::Relay { pid, .. } => cpu_seconds_of(&pid.to_string()),
-            Self::Unhidra { client, pids } if pids.is_empty() => {
+            Self::Unhidra { client, pids, .. } if pids.is_empty() => {
                 metric(&client.metrics().await?, "process_cpu_seconds_total")
             }
             Self::Unhidra { pids, .. } => pids
@@ -140,13 +143,102 @@ impl Target {
     }
 }
 
+/// Running totals (sum, count) of the send path's histograms, over the
+/// server's processes: where an ack's time goes (docs/operations.md).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SendPath {
+    round_trips: (f64, f64),
+    waits: (f64, f64),
+    groups: (f64, f64),
+    messages: (f64, f64),
+}
+
+impl Target {
+    /// The send path's totals now; none for the relay.
+    pub async fn send_path(&self) -> anyhow::Result<Option<SendPath>> {
+        let Self::Unhidra {
+            client, services, ..
+        } = self
+        else {
+            return Ok(None);
+        };
+        let mut totals = SendPath::default();
+        for process in std::iter::once(client).chain(services) {
+            let text = process.metrics().await?;
+            let add = |total: &mut (f64, f64), name: &str, labels: &str| {
+                total.0 += series(&text, &format!("{name}_sum{labels}"));
+                total.1 += series(&text, &format!("{name}_count{labels}"));
+            };
+            let chat_send = r#"{request="chat.send"}"#;
+            add(
+                &mut totals.round_trips,
+                "unhidra_bus_request_duration_seconds",
+                chat_send,
+            );
+            add(&mut totals.waits, "unhidra_group_commit_wait_seconds", "");
+            add(
+                &mut totals.groups,
+                "unhidra_group_commit_duration_seconds",
+                "",
+            );
+            add(&mut totals.messages, "unhidra_group_commit_messages", "");
+        }
+        Ok(Some(totals))
+    }
+}
+
+impl SendPath {
+    /// What moved since `before`, `seconds` ago: the means, and the
+    /// fraction of the time the group commit was in transactions.
+    pub fn figures_since(&self, before: &Self, seconds: f64) -> Vec<(String, f64)> {
+        let mean = |now: (f64, f64), then: (f64, f64), scale: f64| {
+            let count = now.1 - then.1;
+            (count > 0.0).then(|| (now.0 - then.0) / count * scale)
+        };
+        [
+            (
+                "chat.send round trip, mean (ms)",
+                mean(self.round_trips, before.round_trips, 1e3),
+            ),
+            (
+                "wait for the group commit, mean (ms)",
+                mean(self.waits, before.waits, 1e3),
+            ),
+            (
+                "group commit transaction, mean (ms)",
+                mean(self.groups, before.groups, 1e3),
+            ),
+            (
+                "messages per group commit",
+                mean(self.messages, before.messages, 1.0),
+            ),
+            (
+                "group commit busy (fraction of the time)",
+                (self.groups.1 > before.groups.1 && seconds > 0.0)
+                    .then(|| (self.groups.0 - before.groups.0) / seconds),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name.to_owned(), value?)))
+        .collect()
+    }
+}
+
 /// The value of the unlabelled metric `name` in a Prometheus text exposition.
 fn metric(text: &str, name: &str) -> anyhow::Result<f64> {
-    let value = text
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .with_context(|| format!("no {name} in /metrics"))?;
-    Ok(value.trim().parse()?)
+    value_of(text, name).with_context(|| format!("no {name} in /metrics"))
+}
+
+/// The value of `series` (a name and its labels) in a Prometheus text
+/// exposition; 0 when the process does not export it.
+fn series(text: &str, series: &str) -> f64 {
+    value_of(text, series).unwrap_or(0.0)
+}
+
+fn value_of(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// A WebSocket URL and the token to present there (none for the relay).

@@ -79,6 +79,7 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
         }
     }
     let cpu_before = (target.cpu_seconds().await?, cpu_seconds_of("self")?);
+    let send_path_before = target.send_path().await?;
     let started = Instant::now();
     let total = traffic.rate * traffic.seconds;
     let mut senders = Vec::new();
@@ -133,6 +134,12 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
     eprintln!();
     let server_cpu = target.cpu_seconds().await? - cpu_before.0;
     let loadgen_cpu = cpu_seconds_of("self")? - cpu_before.1;
+    let send_path = match (send_path_before, target.send_path().await?) {
+        (Some(before), Some(after)) => {
+            after.figures_since(&before, started.elapsed().as_secs_f64())
+        }
+        _ => Vec::new(),
+    };
 
     let sent = counters.sent.load(Ordering::Relaxed);
     let acked = counters.acked.load(Ordering::Relaxed);
@@ -161,7 +168,7 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
         ));
     }
     let seconds = sending_done.as_secs_f64();
-    Ok(Report {
+    let mut report = Report {
         scenario: scenario.to_owned(),
         target: target.name().to_owned(),
         parameters: serde_json::to_value(&traffic)?,
@@ -199,7 +206,11 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
             ("delivery".into(), Latency::of(&delivery_latency)),
         ],
         failures,
-    })
+    };
+    // Where an ack's time went in the server, after the figures every
+    // target reports.
+    report.figures.extend(send_path);
+    Ok(report)
 }
 
 /// `seconds` per item in microseconds (0 without items).

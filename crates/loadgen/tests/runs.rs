@@ -55,6 +55,8 @@ fn a_clean_relay_run_reports_every_figure() -> Result<(), Box<dyn std::error::Er
     ] {
         assert!(figure(&report, cpu).is_some_and(|v| v >= 0.0), "{stdout}");
     }
+    // The relay has no group commit to report on.
+    assert_eq!(figure(&report, "messages per group commit"), None);
     Ok(())
 }
 
@@ -122,6 +124,22 @@ async fn a_small_run_against_the_embedded_default() -> Result<(), Box<dyn std::e
     // the 10 ms that process times count in.
     let cpu = figure(&report, "server CPU per acked message (µs)").unwrap_or_default();
     assert!(cpu > 0.0, "{stdout}");
+    // Where the acks' time went, read off the server's metrics: 400 sends
+    // went to chat-service, in groups of at most 400 messages.
+    let per_group = figure(&report, "messages per group commit").unwrap_or_default();
+    assert!((1.0..=400.0).contains(&per_group), "{stdout}");
+    for spent in [
+        "chat.send round trip, mean (ms)",
+        "wait for the group commit, mean (ms)",
+        "group commit transaction, mean (ms)",
+    ] {
+        assert!(
+            figure(&report, spent).is_some_and(|ms| ms > 0.0),
+            "{spent}: {stdout}"
+        );
+    }
+    let busy = figure(&report, "group commit busy (fraction of the time)").unwrap_or_default();
+    assert!(busy > 0.0 && busy <= 1.0, "{stdout}");
 
     // A flood of logins with 1 MiB passwords: every one refused unread.
     let args = ["logins", "--url", &url, "--concurrency", "20"].map(str::to_owned);
