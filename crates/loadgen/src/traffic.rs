@@ -79,7 +79,7 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
         }
     }
     let cpu_before = (target.cpu_seconds().await?, cpu_seconds_of("self")?);
-    let send_path_before = target.send_path().await?;
+    let send_path_before = target.send_path().await;
     let started = Instant::now();
     let total = traffic.rate * traffic.seconds;
     let mut senders = Vec::new();
@@ -134,7 +134,7 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
     eprintln!();
     let server_cpu = target.cpu_seconds().await? - cpu_before.0;
     let loadgen_cpu = cpu_seconds_of("self")? - cpu_before.1;
-    let send_path = match (send_path_before, target.send_path().await?) {
+    let send_path = match (send_path_before, target.send_path().await) {
         (Some(before), Some(after)) => {
             after.figures_since(&before, started.elapsed().as_secs_f64())
         }
