@@ -71,6 +71,9 @@ pub struct OutboxRepo {
     db: Database,
     /// How long a send's client id is remembered, in milliseconds.
     keys_kept_ms: i64,
+    /// How a group's send keys are stored: a key remembered past its time
+    /// is replaced; one still kept is left as it is, and not counted.
+    keys_upsert: String,
 }
 
 /// What accepting a group did: one outcome per message, in order, and the
@@ -93,9 +96,15 @@ enum Plan {
 
 impl OutboxRepo {
     pub fn new(db: Database, keys_kept: std::time::Duration) -> Self {
+        let keys_kept_ms = i64::try_from(keys_kept.as_millis()).unwrap_or(i64::MAX);
         Self {
             db,
-            keys_kept_ms: i64::try_from(keys_kept.as_millis()).unwrap_or(i64::MAX),
+            keys_kept_ms,
+            keys_upsert: format!(
+                "ON CONFLICT (user_id, client_id) DO UPDATE SET seq = excluded.seq,
+                     message_id = excluded.message_id, created_at = excluded.created_at
+                 WHERE send_keys.created_at <= excluded.created_at - {keys_kept_ms}"
+            ),
         }
     }
 
@@ -232,21 +241,13 @@ impl OutboxRepo {
             outcomes.push(Ok(Accepted::New(event)));
         }
         let now = now_millis();
-        // A key remembered past its time is replaced; one still kept is left
-        // as it is, and not counted.
-        let upsert = format!(
-            "ON CONFLICT (user_id, client_id) DO UPDATE SET seq = excluded.seq,
-                 message_id = excluded.message_id, created_at = excluded.created_at
-             WHERE send_keys.created_at <= excluded.created_at - {}",
-            self.keys_kept_ms
-        );
         let stored = self
             .db
             .insert_rows(
                 conn,
                 "send_keys (user_id, client_id, seq, message_id, created_at)",
                 5,
-                &upsert,
+                &self.keys_upsert,
                 &keys,
                 |query, (user, client_id, seq, message_id)| {
                     Ok(query
