@@ -54,7 +54,8 @@ const MAX_GROUP: usize = 2048;
 /// Requests waiting for the group commit before new ones wait to be queued.
 const SUBMISSION_QUEUE: usize = 1024;
 /// How long published messages wait for a group to be removed with, on
-/// SQLite, before they are removed on their own.
+/// SQLite, before they are removed on their own; on Postgres, the least
+/// time between two removals.
 const REMOVAL_DELAY: Duration = Duration::from_millis(50);
 /// Messages one publisher round takes from the outbox at most.
 const PUBLISH_LIMIT: usize = 4096;
@@ -97,9 +98,10 @@ struct Committed {
 /// are still to acknowledge, [`Publisher::remove_once_consumed`]; then on
 /// SQLite what the next group's transaction removes, which saves a
 /// transaction (a sync of the log) per group, or the group commit on its
-/// own when no group comes within `REMOVAL_DELAY`. (On Postgres they are
-/// removed at once: a group's transaction must not wait on the row locks
-/// another instance's publisher holds.)
+/// own when no group comes within `REMOVAL_DELAY`. (On Postgres the
+/// publisher removes them itself, at most once per `REMOVAL_DELAY`: a
+/// group's transaction must not wait on the row locks another instance's
+/// publisher holds.)
 #[derive(Default)]
 struct Published {
     highest: Mutex<BTreeMap<RoomId, u64>>,
@@ -556,7 +558,16 @@ impl Publisher {
                 self.remove_now(published).await;
                 return;
             }
+            let removed_now = self.unremoved.is_none() && !published.is_empty();
             self.remove(published).await;
+            if removed_now {
+                // Each removal is a statement and a commit of its own:
+                // what is published meanwhile goes with the next one.
+                tokio::select! {
+                    () = tokio::time::sleep(REMOVAL_DELAY) => {}
+                    () = publishing_done.cancelled() => {}
+                }
+            }
             tokio::select! {
                 () = self.unconsumed.added.notified() => {}
                 () = publishing_done.cancelled() => {}
@@ -735,9 +746,9 @@ mod tests {
     use super::*;
     use crate::rooms::{Caps, Room, RoomRepo};
 
-    /// A group commit on a fresh SQLite file, its queue's sender, and one
-    /// room and its owner.
-    async fn sqlite_group_commit(
+    /// A group commit on a fresh database, its queue's sender, and one room
+    /// and its owner.
+    async fn group_commit(
         db: &TestDatabase,
     ) -> anyhow::Result<(GroupLoop, mpsc::Sender<Submission>, RoomId, UserId)> {
         let database = crate::bench::open(db.url()).await?;
@@ -820,7 +831,7 @@ mod tests {
     #[tokio::test]
     async fn on_sqlite_the_next_group_removes_what_was_published() -> anyhow::Result<()> {
         let db = TestDatabase::sqlite().await?;
-        let (mut work, _submit, room, owner) = sqlite_group_commit(&db).await?;
+        let (mut work, _submit, room, owner) = group_commit(&db).await?;
         let (first, _) = request(room, owner, 3);
         work.commit(vec![first]).await;
         assert_eq!(queued(&work.outbox, room).await, [1, 2, 3]);
@@ -837,7 +848,7 @@ mod tests {
     #[tokio::test]
     async fn below_capacity_a_group_waits_the_linger_for_more_requests() -> anyhow::Result<()> {
         let db = TestDatabase::sqlite().await?;
-        let (mut work, submit, room, owner) = sqlite_group_commit(&db).await?;
+        let (mut work, submit, room, owner) = group_commit(&db).await?;
         work.linger = Duration::from_secs(1);
         let (committed, mut to_publish) = mpsc::channel(4);
         work.committed = committed;
@@ -863,7 +874,7 @@ mod tests {
     #[tokio::test]
     async fn on_sqlite_an_idle_group_commit_removes_what_was_published() -> anyhow::Result<()> {
         let db = TestDatabase::sqlite().await?;
-        let (mut work, _submit, room, owner) = sqlite_group_commit(&db).await?;
+        let (mut work, _submit, room, owner) = group_commit(&db).await?;
         let (first, _) = request(room, owner, 2);
         work.commit(vec![first]).await;
         let (outbox, unremoved) = (work.outbox.clone(), work.unremoved.clone());
@@ -882,7 +893,7 @@ mod tests {
     async fn on_sqlite_the_group_commit_removes_what_was_published_as_it_stops()
     -> anyhow::Result<()> {
         let db = TestDatabase::sqlite().await?;
-        let (mut work, _submit, room, owner) = sqlite_group_commit(&db).await?;
+        let (mut work, _submit, room, owner) = group_commit(&db).await?;
         let (first, _) = request(room, owner, 2);
         work.commit(vec![first]).await;
         let outbox = work.outbox.clone();
@@ -910,7 +921,7 @@ mod tests {
         }
     }
 
-    /// A group commit and its publisher on a fresh SQLite file and the
+    /// A group commit and its publisher on a fresh database and the
     /// in-process bus, with history-service's consumer played by the test.
     struct InProcess {
         ctx: ServiceContext,
@@ -929,7 +940,8 @@ mod tests {
         /// Started with what this process published of `room` before, if
         /// anything (then its next messages go straight from memory).
         async fn start(db: &TestDatabase, published_before: Option<u64>) -> anyhow::Result<Self> {
-            let (mut work, submit, room, owner) = sqlite_group_commit(db).await?;
+            let (mut work, submit, room, owner) = group_commit(db).await?;
+            let on_sqlite = work.outbox.backend() == Backend::Sqlite;
             let ctx = ServiceContext::connect(
                 "test",
                 unhidra_core::Config::default(),
@@ -950,7 +962,7 @@ mod tests {
                 published: IntCounter::new("published", "published")?,
                 last_published: Arc::new(tokio::sync::Mutex::new(last.into_iter().collect())),
                 unconsumed: Arc::default(),
-                unremoved: Some(work.unremoved.clone()),
+                unremoved: on_sqlite.then(|| work.unremoved.clone()),
             };
             let outbox = work.outbox.clone();
             let tasks = vec![
@@ -979,6 +991,15 @@ mod tests {
                 tokio::time::timeout(WAIT, self.live.next())
                     .await?
                     .context("live delivery")?;
+            }
+            Ok(())
+        }
+
+        /// Shuts down and waits for the group commit and the publisher.
+        async fn stop(self) -> anyhow::Result<()> {
+            self.ctx.shutdown.cancel();
+            for task in self.tasks {
+                tokio::time::timeout(WAIT, task).await??;
             }
             Ok(())
         }
@@ -1014,11 +1035,31 @@ mod tests {
             chat.store(count).await?;
             queued_until(&chat.outbox, chat.room, &[]).await;
         }
-        chat.ctx.shutdown.cancel();
-        for task in chat.tasks {
-            task.await?;
+        chat.stop().await
+    }
+
+    #[tokio::test]
+    async fn on_postgres_the_publisher_removes_what_history_has_in_rounds() -> anyhow::Result<()> {
+        let Some(db) = TestDatabase::postgres().await? else {
+            return Ok(());
+        };
+        // Published straight from memory (a publish from the outbox keeps
+        // the rows locked until history has them, which `queued` would
+        // wait for). The second and third rounds come within
+        // `REMOVAL_DELAY` of the removal before them, and still leave.
+        let mut chat = InProcess::start(&db, Some(0)).await?;
+        for (count, seqs, wait) in [
+            (2, vec![1, 2], REMOVAL_DELAY * 4),
+            (1, vec![3], Duration::ZERO),
+            (2, vec![4, 5], Duration::ZERO),
+        ] {
+            chat.send(count).await?;
+            tokio::time::sleep(wait).await;
+            assert_eq!(queued(&chat.outbox, chat.room).await, seqs);
+            chat.store(count).await?;
+            queued_until(&chat.outbox, chat.room, &[]).await;
         }
-        Ok(())
+        chat.stop().await
     }
 
     #[tokio::test]

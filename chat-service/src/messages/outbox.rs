@@ -297,33 +297,63 @@ impl OutboxRepo {
         let counts: Vec<(&RoomId, &u64)> = per_room.iter().collect();
         let counts = padded(&counts);
         let values = self.db.value_rows(2, counts.len());
-        let sql = match self.db.backend {
+        let update = "UPDATE rooms SET last_seq = rooms.last_seq + counts.n";
+        let last = match self.db.backend {
             // Each row locked, in the rooms' order, before it is updated (a
             // wait happens only in that order), so two chat-service
             // instances numbering the same rooms cannot deadlock.
-            Backend::Postgres => format!(
-                "WITH counts (id, n) AS (VALUES {values}),
-                 locked AS MATERIALIZED (
-                     SELECT rooms.id FROM rooms JOIN counts ON rooms.id = counts.id
-                     ORDER BY rooms.id FOR UPDATE OF rooms)
-                 UPDATE rooms SET last_seq = rooms.last_seq + counts.n
-                 FROM counts JOIN locked ON locked.id = counts.id
-                 WHERE rooms.id = counts.id
-                 RETURNING rooms.id, rooms.last_seq"
-            ),
-            Backend::Sqlite => format!(
-                "WITH counts (id, n) AS (VALUES {values})
-                 UPDATE rooms SET last_seq = rooms.last_seq + counts.n
-                 FROM counts WHERE rooms.id = counts.id
-                 RETURNING rooms.id, rooms.last_seq"
-            ),
+            Backend::Postgres => {
+                let sql = format!(
+                    "WITH counts (id, n) AS (VALUES {values}),
+                     locked AS MATERIALIZED (
+                         SELECT rooms.id FROM rooms JOIN counts ON rooms.id = counts.id
+                         ORDER BY rooms.id FOR UPDATE OF rooms)
+                     {update} FROM counts JOIN locked ON locked.id = counts.id
+                     WHERE rooms.id = counts.id
+                     RETURNING rooms.id, rooms.last_seq"
+                );
+                let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
+                for (room, count) in &counts {
+                    query = query.bind(room.to_string()).bind(i64::try_from(**count)?);
+                }
+                query.fetch_all(conn).await?
+            }
+            // The writer holds SQLite's only write lock, so the rows read
+            // back after the update are its own. Read back as one row:
+            // each row returned is a hand-off from SQLite's worker thread.
+            Backend::Sqlite => {
+                let sql = format!(
+                    "WITH counts (id, n) AS (VALUES {values})
+                     {update} FROM counts WHERE rooms.id = counts.id"
+                );
+                let mut query = sqlx::query(&sql);
+                for (room, count) in &counts {
+                    query = query.bind(room.to_string()).bind(i64::try_from(**count)?);
+                }
+                query.execute(&mut *conn).await?;
+                let sql = format!(
+                    "SELECT group_concat(id || ' ' || last_seq, ',') FROM rooms WHERE id IN ({})",
+                    self.db.placeholders(1, counts.len())
+                );
+                let mut query = sqlx::query_scalar::<_, Option<String>>(&sql);
+                for (room, _) in &counts {
+                    query = query.bind(room.to_string());
+                }
+                let listed = query.fetch_one(conn).await?.unwrap_or_default();
+                listed
+                    .split(',')
+                    .filter(|pair| !pair.is_empty())
+                    .map(|pair| {
+                        let (room, last) = pair
+                            .split_once(' ')
+                            .with_context(|| format!("numbered room `{pair}`"))?;
+                        Ok((room.to_owned(), last.parse()?))
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            }
         };
-        let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
-        for (room, count) in counts {
-            query = query.bind(room.to_string()).bind(i64::try_from(**count)?);
-        }
         let mut first = HashMap::with_capacity(per_room.len());
-        for (room, last) in query.fetch_all(conn).await? {
+        for (room, last) in last {
             let room: RoomId = room.parse().with_context(|| format!("room id `{room}`"))?;
             let count = per_room.get(&room).context("a room numbered unasked")?;
             let seq = u64::try_from(last)?
@@ -394,7 +424,9 @@ impl OutboxRepo {
             .rows_affected())
     }
 
-    /// For each message: allowed, or why not (one query for all).
+    /// For each message: allowed, or why not (one query for all, which
+    /// returns only the refused pairs: on SQLite every row returned is a
+    /// hand-off from its worker thread, and a group's pairs are hundreds).
     async fn allowed(
         &self,
         conn: &mut AnyConnection,
@@ -409,34 +441,40 @@ impl OutboxRepo {
         // One index lookup per (room, sender) pair, not per combination.
         let sql = format!(
             "WITH wanted (room_id, user_id) AS (VALUES {})
-             SELECT r.id, m.user_id FROM wanted
-             JOIN rooms r ON r.id = wanted.room_id
+             SELECT DISTINCT wanted.room_id, wanted.user_id, r.id FROM wanted
+             LEFT JOIN rooms r ON r.id = wanted.room_id
              LEFT JOIN room_members m
-               ON m.room_id = wanted.room_id AND m.user_id = wanted.user_id",
+               ON m.room_id = wanted.room_id AND m.user_id = wanted.user_id
+             WHERE m.user_id IS NULL",
             self.db.value_rows(2, pairs.len()),
         );
-        let mut query = sqlx::query_as::<_, (String, Option<String>)>(&sql);
+        let mut query = sqlx::query_as::<_, (String, String, Option<String>)>(&sql);
         for (room, user) in pairs {
             query = query.bind(room).bind(user);
         }
-        let rows = query.fetch_all(conn).await?;
-        let existing: HashSet<&str> = rows.iter().map(|(room, _)| room.as_str()).collect();
-        let members: HashSet<(&str, &str)> = rows
-            .iter()
-            .filter_map(|(room, user)| Some((room.as_str(), user.as_deref()?)))
+        let refused: HashMap<(String, String), Refusal> = query
+            .fetch_all(conn)
+            .await?
+            .into_iter()
+            .map(|(room, user, found)| {
+                let refusal = match found {
+                    None => Refusal::NoSuchRoom,
+                    Some(_) => Refusal::NotAMember,
+                };
+                ((room, user), refusal)
+            })
             .collect();
+        if refused.is_empty() {
+            return Ok(vec![Ok(()); messages.len()]);
+        }
         Ok(messages
             .iter()
-            .map(|m| {
-                let (room, user) = (m.room.to_string(), m.sender.to_string());
-                if !existing.contains(room.as_str()) {
-                    Err(Refusal::NoSuchRoom)
-                } else if !members.contains(&(room.as_str(), user.as_str())) {
-                    Err(Refusal::NotAMember)
-                } else {
-                    Ok(())
-                }
-            })
+            .map(
+                |m| match refused.get(&(m.room.to_string(), m.sender.to_string())) {
+                    Some(refusal) => Err(*refusal),
+                    None => Ok(()),
+                },
+            )
             .collect())
     }
 
