@@ -1,6 +1,6 @@
 //! Accepted messages and the outbox. A group of sends is accepted in one
 //! transaction: each room's sequence advances once for the whole group (one
-//! statement per room, not per message), and every accepted event is queued
+//! statement for all its rooms, not one per message), and every accepted event is queued
 //! in the outbox, so sequences have no gaps and an accepted message is never
 //! lost. Publishing takes a room's queued messages from its lowest sequence
 //! on, publishes them in that order and only then removes them, so whoever
@@ -283,7 +283,8 @@ impl OutboxRepo {
     }
 
     /// Advances each room's sequence by its count, in one statement for all
-    /// rooms: the first new sequence number of each room.
+    /// rooms (on SQLite one more reads them back): the first new sequence
+    /// number of each room.
     async fn number(
         &self,
         conn: &mut AnyConnection,
