@@ -54,9 +54,13 @@ const MAX_GROUP: usize = 2048;
 /// Requests waiting for the group commit before new ones wait to be queued.
 const SUBMISSION_QUEUE: usize = 1024;
 /// How long published messages wait for a group to be removed with, on
-/// SQLite, before they are removed on their own; on Postgres, the least
-/// time between two removals.
+/// SQLite, before they are removed on their own.
 const REMOVAL_DELAY: Duration = Duration::from_millis(50);
+/// On Postgres, the least time between two removals by the publisher. A
+/// removal's plan reads the outbox's rows removed before too, until the
+/// table is vacuumed, so its cost grows with the time since then, not with
+/// the rows it removes: fewer, larger removals cost less.
+const REMOVAL_INTERVAL: Duration = Duration::from_millis(500);
 /// Messages one publisher round takes from the outbox at most.
 const PUBLISH_LIMIT: usize = 4096;
 /// Committed groups waiting for the publisher; beyond this the relay has them.
@@ -99,7 +103,7 @@ struct Committed {
 /// SQLite what the next group's transaction removes, which saves a
 /// transaction (a sync of the log) per group, or the group commit on its
 /// own when no group comes within `REMOVAL_DELAY`. (On Postgres the
-/// publisher removes them itself, at most once per `REMOVAL_DELAY`: a
+/// publisher removes them itself, at most once per `REMOVAL_INTERVAL`: a
 /// group's transaction must not wait on the row locks another instance's
 /// publisher holds.)
 #[derive(Default)]
@@ -564,7 +568,7 @@ impl Publisher {
                 // Each removal is a statement and a commit of its own:
                 // what is published meanwhile goes with the next one.
                 tokio::select! {
-                    () = tokio::time::sleep(REMOVAL_DELAY) => {}
+                    () = tokio::time::sleep(REMOVAL_INTERVAL) => {}
                     () = publishing_done.cancelled() => {}
                 }
             }
@@ -1046,7 +1050,7 @@ mod tests {
         // Published straight from memory (a publish from the outbox keeps
         // the rows locked until history has them, which `queued` would
         // wait for). The second and third rounds come within
-        // `REMOVAL_DELAY` of the removal before them, and still leave.
+        // `REMOVAL_INTERVAL` of the removal before them, and still leave.
         let mut chat = InProcess::start(&db, Some(0)).await?;
         for (count, seqs, wait) in [
             (2, vec![1, 2], REMOVAL_DELAY * 4),
