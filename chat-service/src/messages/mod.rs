@@ -3,7 +3,8 @@
 //! commit, which accepts everything submitted meanwhile in one transaction
 //! (membership, gap-free room sequences, the outbox) and answers each request
 //! once that transaction committed. The publisher then publishes the committed
-//! messages to the rooms stream in one batch, straight from memory for each
+//! messages (live to their rooms, and into the rooms stream many to a stream
+//! message: [`publication`]), straight from memory for each
 //! room whose previous message it published itself, else from the outbox in
 //! sequence order (so a room's earlier messages, queued by another instance
 //! or left by a failed publish, go first); whatever it could not publish (or
@@ -14,6 +15,7 @@
 //! window and history-service's idempotency absorb repeats.
 
 mod outbox;
+mod publication;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -30,7 +32,7 @@ use tokio::{
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
-use unhidra_bus::{Headers, Outgoing};
+use unhidra_bus::Headers;
 use unhidra_core::{
     ids::{MessageId, RoomId},
     rpc::{MAX_SENDS_PER_BATCH, RpcCode, RpcError, RpcReply, SendAccepted, SendBatch},
@@ -45,8 +47,11 @@ use unhidra_telemetry::{
     request_id,
 };
 
-use self::outbox::{Acceptance, Pending};
 pub use self::outbox::{Accepted, NewMessage, OutboxRepo};
+use self::{
+    outbox::{Acceptance, Pending},
+    publication::Publication,
+};
 use crate::{ChatState, membership::store_unavailable, rooms::Refusal};
 
 /// Messages accepted in one transaction at most.
@@ -637,31 +642,20 @@ impl Publisher {
         }
         let highest: BTreeMap<RoomId, u64> = continuing.iter().map(|p| (p.room, p.seq)).collect();
         let count = continuing.len();
-        let outgoing = self.outgoing(continuing, headers);
-        if let Err(e) = self.ctx.bus.publish_durable_batch(outgoing).await {
+        let sent = match Publication::new(&self.ctx.subjects, continuing, headers) {
+            Ok(publication) => publication.send(self.ctx.bus.as_ref()).await,
+            Err(e) => {
+                tracing::error!(error = %e, "messages not publishable; the relay will retry");
+                return;
+            }
+        };
+        if let Err(e) = sent {
             tracing::warn!(error = %e, "publish failed; the relay will retry");
             return;
         }
         self.published.inc_by(count as u64);
         last.extend(highest.iter().map(|(room, seq)| (*room, *seq)));
         self.unconsumed.add(highest);
-    }
-
-    /// The bus messages of `pending`, with the headers of their requests.
-    fn outgoing(
-        &self,
-        pending: Vec<Pending>,
-        headers: &mut HashMap<MessageId, Headers>,
-    ) -> Vec<Outgoing> {
-        pending
-            .into_iter()
-            .map(|p| Outgoing {
-                subject: self.ctx.subjects.room_messages(p.room),
-                msg_id: p.message_id.to_string(),
-                headers: headers.remove(&p.message_id).unwrap_or_default(),
-                payload: p.payload.into(),
-            })
-            .collect()
     }
 
     /// Republishes what failed or what a crash left in the outbox, and
@@ -717,9 +711,9 @@ impl Publisher {
                 .outbox
                 .publish(rooms, PUBLISH_LIMIT, |pending| {
                     highest.extend(pending.iter().map(|p| (p.room, p.seq)));
-                    let outgoing = self.outgoing(pending, &mut headers);
+                    let publication = Publication::new(&self.ctx.subjects, pending, &mut headers);
                     async move {
-                        bus.publish_durable_batch(outgoing).await?;
+                        publication?.send(bus.as_ref()).await?;
                         Ok(bus.consumed(stream).await?)
                     }
                 })
@@ -1008,16 +1002,22 @@ mod tests {
             Ok(())
         }
 
-        /// history-service stores (acknowledges) `count` deliveries.
+        /// history-service stores (acknowledges) the deliveries that hold
+        /// the next `count` messages.
         async fn store(&mut self, count: usize) -> anyhow::Result<()> {
             use futures::StreamExt;
 
-            for _ in 0..count {
+            let mut stored = 0;
+            while stored < count {
                 let delivery = tokio::time::timeout(WAIT, self.history.next())
                     .await?
                     .context("history delivery")??;
+                let batch: unhidra_core::events::CommittedMessages =
+                    serde_json::from_slice(&delivery.message.payload)?;
+                stored += batch.messages.len();
                 delivery.ack().await?;
             }
+            anyhow::ensure!(stored == count, "{stored} messages stored, not {count}");
             Ok(())
         }
     }

@@ -133,6 +133,7 @@ impl Subjects {
             Role::Chat => {
                 publish.extend([
                     self.all_room_messages(),
+                    self.committed_messages(),
                     self.room_members_of_any_room(),
                     self.all_audit(),
                 ]);
@@ -190,6 +191,8 @@ mod tests {
         }
         assert!(allows(&gateway.publish, &subjects.room_typing(room)));
         assert!(!allows(&gateway.publish, &subjects.room_messages(room)));
+        assert!(!allows(&gateway.publish, &subjects.committed_messages()));
+        assert!(!allows(&gateway.subscribe, &subjects.committed_messages()));
         assert!(!allows(&gateway.publish, &subjects.room_members(room)));
         assert!(!allows(&gateway.publish, &subjects.audit("login_failed")));
         assert!(!allows(&gateway.subscribe, &subjects.audit("login_failed")));
@@ -200,6 +203,22 @@ mod tests {
         assert!(!allows(&gateway.subscribe, "_INBOX.u.chat-service.abc.1"));
         assert!(allows(&gateway.subscribe, "_INBOX.u.gateway-service.abc.1"));
         assert!(!gateway.respond);
+    }
+
+    #[test]
+    fn only_chat_service_posts_messages_live_or_into_the_rooms_stream() {
+        let subjects = Subjects::new("u");
+        let room = RoomId::new();
+        for role in Role::ALL {
+            let permissions = subjects.permissions(role);
+            for subject in [subjects.room_messages(room), subjects.committed_messages()] {
+                assert_eq!(
+                    allows(&permissions.publish, &subject),
+                    role == Role::Chat,
+                    "{role:?} {subject}"
+                );
+            }
+        }
     }
 
     #[test]

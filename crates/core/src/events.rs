@@ -2,6 +2,8 @@
 //! version `v` and its idempotency key (`message_id`, `id`), which is also the
 //! JetStream `Nats-Msg-Id`. Request/reply payloads are in [`crate::rpc`].
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -22,7 +24,9 @@ pub struct SessionsRevoked {
     pub until: i64,
 }
 
-/// A message accepted into a room (stream `rooms`).
+/// A message accepted into a room: published live on its room's subject
+/// (`room.<room>.messages`, for the gateways), and stored in the rooms
+/// stream within [`CommittedMessages`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RoomMessage {
     pub v: u32,
@@ -32,6 +36,26 @@ pub struct RoomMessage {
     pub sender: UserId,
     pub body: String,
     pub sent_at: DateTime<Utc>,
+}
+
+/// Accepted messages as the rooms stream stores them (subject
+/// `messages.committed`): many in one stream message, each room's in
+/// sequence order, so the stream and its consumer handle a batch where
+/// they handled a message. Its `Nats-Msg-Id` is derived from the messages'
+/// ids; each message's own idempotency key is its `message_id`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CommittedMessages {
+    pub v: u32,
+    pub messages: Vec<CommittedMessage>,
+}
+
+/// One message of [`CommittedMessages`], with the headers (request id,
+/// trace context) of the request that sent it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CommittedMessage {
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub message: RoomMessage,
 }
 
 /// A gateway's users with an open connection (core subject

@@ -84,14 +84,21 @@ impl Subjects {
         format!("{}.room.{room}.{}", self.prefix, kind.token())
     }
 
-    /// A room's message events (JetStream, stream `rooms`).
+    /// A room's messages, live (core NATS, not stored: the rooms stream
+    /// stores them as [`Self::committed_messages`]).
     pub fn room_messages(&self, room: RoomId) -> String {
         self.room_event(&room.to_string(), RoomEventKind::Messages)
     }
 
-    /// Every room's message events: what the rooms stream stores.
+    /// Every room's live messages.
     pub fn all_room_messages(&self) -> String {
         self.room_event("*", RoomEventKind::Messages)
+    }
+
+    /// Accepted messages in batches (`CommittedMessages`): what the rooms
+    /// stream stores, for history-service.
+    pub fn committed_messages(&self) -> String {
+        format!("{}.messages.committed", self.prefix)
     }
 
     /// A room's membership changes (core NATS, not stored): gateways add or
@@ -241,11 +248,11 @@ impl Subjects {
         )
     }
 
-    /// Room events, kept for gap recovery and consumed by history-service.
+    /// Accepted messages, kept until history-service stored them.
     pub fn rooms_stream(&self) -> StreamSpec {
         StreamSpec {
             name: self.stream_name("ROOMS"),
-            subjects: vec![self.all_room_messages()],
+            subjects: vec![self.committed_messages()],
             max_age: Duration::from_secs(7 * 24 * 3600),
             max_bytes: self.stream_max_bytes,
             duplicate_window: Duration::from_secs(120),

@@ -1,15 +1,16 @@
 //! A recorder: a durable consumer that decodes events and stores them
-//! idempotently, a batch at a time (one multi-row insert of up to 512),
-//! acknowledging each only after it is stored. history-service and
+//! idempotently, many deliveries at a time (multi-row inserts), acknowledging
+//! each delivery only after its events are stored. A delivery holds one event
+//! or, where the publisher batches them, many. history-service and
 //! audit-service are recorders of their streams; each implements [`Record`]
-//! for what differs (the event type, its insert).
+//! for what differs (the event type, its decoding, its insert).
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, ops::Range, sync::Arc, time::Duration};
 
 use prometheus::IntCounter;
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
-use unhidra_bus::Delivery;
+use unhidra_bus::{Delivery, Headers, Message};
 use unhidra_core::streams::ConsumerSpec;
 use unhidra_telemetry::request_id;
 
@@ -17,10 +18,21 @@ use crate::{ServiceContext, consumer::spawn_consumer};
 
 /// How long a failed insert waits before its redelivery.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Events stored together at most (a consumer's batch of deliveries that
+/// each hold many is stored in parts).
+const MAX_EVENTS: usize = 4096;
 
 /// What a recorder stores.
 pub trait Record: Send + Sync + 'static {
     type Event: DeserializeOwned + Send + Sync + 'static;
+
+    /// The events `message` holds, each with the headers (request id,
+    /// trace context) of the action that caused it: by default one, the
+    /// message's payload.
+    fn decode(&self, message: &Message) -> anyhow::Result<Vec<(Headers, Self::Event)>> {
+        let event = serde_json::from_slice(&message.payload)?;
+        Ok(vec![(message.headers.clone(), event)])
+    }
 
     /// Stores `events`, skipping those already stored; returns how many were
     /// new.
@@ -32,10 +44,11 @@ pub trait Record: Send + Sync + 'static {
 }
 
 /// Consumes `spec` until shutdown, storing every event with `record`; new
-/// events count in `stored`. When a batch fails, its events are stored one by
-/// one, so one event that cannot be stored (and is redelivered) does not hold
-/// back the others; an event that cannot be decoded is logged and dropped,
-/// since no redelivery could fix it.
+/// events count in `stored`. When a batch of deliveries fails, each
+/// delivery's events are stored on their own, so one that cannot be stored
+/// (and is redelivered) does not hold back the others; a delivery that
+/// cannot be decoded is logged and dropped, since no redelivery could fix
+/// it.
 pub async fn spawn_recorder<R: Record>(
     ctx: &ServiceContext,
     spec: ConsumerSpec,
@@ -62,45 +75,93 @@ struct Recorder<R> {
     record: R,
 }
 
+/// A decoded delivery.
+struct Decoded<E> {
+    delivery: Delivery,
+    events: Vec<(Headers, E)>,
+}
+
+/// Deliveries whose events are stored together: the events in delivery
+/// order, and each delivery's part of them.
+struct Part {
+    delivery: Delivery,
+    headers: Vec<Headers>,
+    events: Range<usize>,
+}
+
 impl<R: Record> Recorder<R> {
     async fn handle(&self, batch: Vec<Delivery>) {
         let mut decoded = Vec::with_capacity(batch.len());
+        let mut events = 0;
         for delivery in batch {
-            match serde_json::from_slice::<R::Event>(&delivery.message.payload) {
-                Ok(event) => decoded.push((delivery, event)),
+            match self.record.decode(&delivery.message) {
+                Ok(held) => {
+                    events += held.len();
+                    decoded.push(Decoded {
+                        delivery,
+                        events: held,
+                    });
+                    if events >= MAX_EVENTS {
+                        self.store_together(std::mem::take(&mut decoded)).await;
+                        events = 0;
+                    }
+                }
                 Err(e) => {
                     tracing::error!(consumer = %self.durable, subject = %delivery.message.subject, error = %e, "undecodable event dropped");
                     ack(delivery).await;
                 }
             }
         }
-        if decoded.is_empty() {
-            return;
+        if !decoded.is_empty() {
+            self.store_together(decoded).await;
         }
-        let (deliveries, events): (Vec<Delivery>, Vec<R::Event>) = decoded.into_iter().unzip();
+    }
+
+    /// Stores the events of `decoded` in one go, acknowledging each
+    /// delivery once stored; if that fails, each delivery's on its own.
+    async fn store_together(&self, decoded: Vec<Decoded<R::Event>>) {
+        let mut events = Vec::new();
+        let mut parts = Vec::with_capacity(decoded.len());
+        for Decoded {
+            delivery,
+            events: held,
+        } in decoded
+        {
+            let start = events.len();
+            let mut headers = Vec::with_capacity(held.len());
+            for (h, event) in held {
+                headers.push(h);
+                events.push(event);
+            }
+            parts.push(Part {
+                delivery,
+                headers,
+                events: start..events.len(),
+            });
+        }
         match self.store(&events).await {
             Ok(()) => {
-                for (delivery, event) in deliveries.iter().zip(&events) {
-                    self.report_stored(delivery, event).await;
-                }
-                for delivery in deliveries {
-                    ack(delivery).await;
+                for part in parts {
+                    self.report_stored(&part.headers, &events[part.events])
+                        .await;
+                    ack(part.delivery).await;
                 }
             }
-            Err(e) if events.len() == 1 => {
-                for delivery in deliveries {
-                    self.retry(delivery, &e).await;
+            Err(e) if parts.len() == 1 => {
+                for part in parts {
+                    self.retry(part.delivery, &e).await;
                 }
             }
             Err(e) => {
-                tracing::warn!(consumer = %self.durable, count = events.len(), error = ?e, "batch not stored; storing one by one");
-                for (delivery, event) in deliveries.into_iter().zip(&events) {
-                    match self.store(std::slice::from_ref(event)).await {
+                tracing::warn!(consumer = %self.durable, count = events.len(), error = ?e, "batch not stored; storing each delivery on its own");
+                for part in parts {
+                    let mine = &events[part.events];
+                    match self.store(mine).await {
                         Ok(()) => {
-                            self.report_stored(&delivery, event).await;
-                            ack(delivery).await;
+                            self.report_stored(&part.headers, mine).await;
+                            ack(part.delivery).await;
                         }
-                        Err(e) => self.retry(delivery, &e).await,
+                        Err(e) => self.retry(part.delivery, &e).await,
                     }
                 }
             }
@@ -108,16 +169,21 @@ impl<R: Record> Recorder<R> {
     }
 
     async fn store(&self, events: &[R::Event]) -> anyhow::Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
         let new = self.record.store(events).await?;
         self.stored.inc_by(new);
         Ok(())
     }
 
-    async fn report_stored(&self, delivery: &Delivery, event: &R::Event) {
-        request_id::scope_from(&self.span_name, &delivery.message.headers, async {
-            self.record.stored(event);
-        })
-        .await;
+    async fn report_stored(&self, headers: &[Headers], events: &[R::Event]) {
+        for (headers, event) in headers.iter().zip(events) {
+            request_id::scope_from(&self.span_name, headers, async {
+                self.record.stored(event);
+            })
+            .await;
+        }
     }
 
     async fn retry(&self, delivery: Delivery, error: &anyhow::Error) {

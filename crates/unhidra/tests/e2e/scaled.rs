@@ -349,8 +349,8 @@ async fn a_group_committed_but_not_published_before_a_restart_is_published_after
             return Err("connection ended".into());
         };
         let frame: Value = serde_json::from_str(text.as_str())?;
-        // Live subscribers may see a message whose stream publish failed
-        // (NATS delivers it before JetStream refuses to store it).
+        // Live subscribers see the messages: they go live before the
+        // stream's publish fails.
         match frame["type"].as_str() {
             Some("ack") => acked.push(str_of(&frame, "message_id")?),
             Some("message") => {}
