@@ -23,10 +23,9 @@ use unhidra_core::{
     events::{SCHEMA_VERSION, Typing},
     ids::{RoomId, UserId},
     protocol::{ClientFrame, ErrorCode, ResumePoint, ServerFrame, close, parse_client_frame},
-    rpc::{ChatSend, Draft, MAX_SENDS_PER_BATCH, RpcError, RpcReply, SendAccepted, SendBatch},
+    rpc::{Draft, MAX_SENDS_PER_BATCH},
 };
 use unhidra_runtime::ClientIp;
-use unhidra_telemetry::request_id;
 
 use crate::{
     Gateway,
@@ -36,7 +35,7 @@ use crate::{
     metrics::GatewayMetrics,
     pipeline::{Pipeline, error},
     registry::{ConnId, Outbound},
-    resume,
+    resume, sends,
 };
 
 /// How long a closing connection waits for the client's close frame.
@@ -214,7 +213,7 @@ impl Connection {
         let warn_before = Duration::from_secs(config.token_warning_secs);
         let idle_timeout = Duration::from_secs(config.ws_idle_timeout_secs);
         let ping_every = Duration::from_secs(config.ws_ping_secs);
-        let mut in_flight: Option<BoxFuture<'static, BatchOutcome>> = None;
+        let mut in_flight: Option<BoxFuture<'static, sends::Outcome>> = None;
         let mut heard = Instant::now();
         let mut expires_at = self.auth.expires_at;
         let mut timers = Timers::new(Instant::now(), ping_every, until(expires_at), warn_before);
@@ -230,7 +229,9 @@ impl Connection {
                 self.write_frames(&ready).await?;
             }
             if in_flight.is_none() {
-                let batch = self.pipeline.next_batch(MAX_SENDS_PER_BATCH);
+                let batch = self
+                    .pipeline
+                    .next_batch(MAX_SENDS_PER_BATCH, sends::MAX_REQUEST_BYTES);
                 if !batch.is_empty() {
                     in_flight = Some(submit(&gateway, &self.auth, batch));
                 }
@@ -461,41 +462,15 @@ async fn timed<T>(
     }
 }
 
-type BatchOutcome = Result<Vec<RpcReply<SendAccepted>>, RpcError>;
-
-/// Sends a batch to chat-service, as one request with its own request id.
+/// Hands a batch to the gateway's sends, which take it to chat-service with
+/// other connections' batches.
 fn submit(
     gateway: &Gateway,
     auth: &Authenticated,
-    sends: Vec<Draft>,
-) -> BoxFuture<'static, BatchOutcome> {
-    let rpc = gateway.ctx.rpc.clone();
-    let user = auth.user;
-    let rooms: Vec<RoomId> = sends.iter().map(|d| d.room).collect();
-    let batch = SendBatch {
-        v: SCHEMA_VERSION,
-        user,
-        sends,
-    };
-    Box::pin(request_id::scope(
-        "ws frame",
-        request_id::generate(),
-        async move {
-            let outcome = rpc.call::<ChatSend>(&batch).await;
-            for (room, reply) in rooms.iter().zip(outcome.iter().flatten()) {
-                if let RpcReply::Ok(accepted) = reply {
-                    tracing::debug!(
-                        user_id = %user,
-                        room_id = %room,
-                        seq = accepted.seq,
-                        message_id = %accepted.message_id,
-                        "message sent"
-                    );
-                }
-            }
-            outcome
-        },
-    ))
+    batch: Vec<Draft>,
+) -> BoxFuture<'static, sends::Outcome> {
+    let (sends, user) = (gateway.sends.clone(), auth.user);
+    Box::pin(async move { sends.send(user, batch).await })
 }
 
 /// What a text frame asks for beyond an immediate answer.

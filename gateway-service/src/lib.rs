@@ -21,6 +21,7 @@ mod registry;
 mod resume;
 mod revocations;
 mod rooms_of;
+mod sends;
 mod tail;
 
 /// What `benches/registry.rs` measures, reachable from outside the crate.
@@ -53,6 +54,7 @@ struct Gateway {
     limits: SocketLimits,
     admission: Arc<Admission>,
     rooms: rooms_of::RoomsLoader,
+    sends: sends::Sends,
 }
 
 /// The WebSocket rate limits (each `None` when set to `off`).
@@ -86,6 +88,7 @@ pub async fn build(ctx: ServiceContext) -> anyhow::Result<Service> {
             ctx.config.ws_connections_per_ip,
         )),
         rooms,
+        sends: sends::Sends::start(ctx.rpc.clone()),
         ctx,
     });
     let fanout = fanout::spawn(Arc::clone(&gateway)).await?;

@@ -1,6 +1,7 @@
 //! A connection's pipeline: every frame the client sent is answered in the
 //! order it arrived, while its sends travel to chat-service in batches, one
-//! batch in flight at a time. The gateway keeps reading while a batch is in
+//! batch in flight at a time (with other connections' batches:
+//! [`crate::sends`]). The gateway keeps reading while a batch is in
 //! flight, so a client that sends without waiting is limited by group commit
 //! throughput, not by one round trip per message; and since a connection's
 //! batches are sequential, its sends to a room are numbered in sending order.
@@ -64,14 +65,20 @@ impl Pipeline {
         ready
     }
 
-    /// The next batch: up to `max` queued sends, in order, now in flight.
-    pub fn next_batch(&mut self, max: usize) -> Vec<Draft> {
+    /// The next batch: up to `max` queued sends with bodies of up to
+    /// `max_bytes` together (at least one send), in order, now in flight.
+    pub fn next_batch(&mut self, max: usize, max_bytes: usize) -> Vec<Draft> {
         let mut batch = Vec::new();
+        let mut bytes = 0;
         for slot in &mut self.slots {
             if batch.len() == max {
                 break;
             }
             if let Slot::Queued(draft) = slot {
+                bytes += draft.body.len();
+                if !batch.is_empty() && bytes > max_bytes {
+                    break;
+                }
                 let submitted = Slot::Submitted {
                     id: draft.id.clone(),
                     room: draft.room,
@@ -168,7 +175,7 @@ mod tests {
         assert_eq!(ids(&pipeline.take_ready()), vec!["pong p0"]);
 
         // At most two sends per batch; the pong between them waits its turn.
-        let batch = pipeline.next_batch(2);
+        let batch = pipeline.next_batch(2, 1024);
         assert_eq!(
             batch.iter().map(|d| d.body.as_str()).collect::<Vec<_>>(),
             vec!["one", "two"]
@@ -184,11 +191,31 @@ mod tests {
         );
         assert_eq!(pipeline.len(), 1);
 
-        let batch = pipeline.next_batch(2);
+        let batch = pipeline.next_batch(2, 1024);
         assert_eq!(batch.len(), 1);
         pipeline.complete(Err(RpcError::new(RpcCode::Unavailable, "retry later")));
         assert_eq!(ids(&pipeline.take_ready()), vec!["error s3 Unavailable"]);
         assert_eq!(pipeline.len(), 0);
+    }
+
+    #[test]
+    fn a_batch_is_bounded_by_its_bodies_bytes_but_takes_at_least_one_send() {
+        let room = RoomId::new();
+        let mut pipeline = Pipeline::default();
+        for (id, bytes) in [("a", 600), ("b", 400), ("c", 30), ("d", 5000), ("e", 10)] {
+            pipeline.push_send(draft(id, room, &"x".repeat(bytes)));
+        }
+        let mut batches = Vec::new();
+        loop {
+            let batch = pipeline.next_batch(10, 1000);
+            if batch.is_empty() {
+                break;
+            }
+            batches.push(batch.iter().map(|d| d.id.clone()).collect::<Vec<_>>());
+            let accepted = (0..batch.len() as u64).map(accepted).collect();
+            pipeline.complete(Ok(accepted));
+        }
+        assert_eq!(batches, [vec!["a", "b"], vec!["c"], vec!["d"], vec!["e"]]);
     }
 
     #[test]
@@ -197,7 +224,7 @@ mod tests {
         let mut pipeline = Pipeline::default();
         pipeline.push_send(draft("a", room, "a"));
         pipeline.push_send(draft("b", room, "b"));
-        pipeline.next_batch(10);
+        pipeline.next_batch(10, 1024);
         pipeline.complete(Ok(vec![accepted(1)]));
         assert_eq!(
             ids(&pipeline.take_ready()),

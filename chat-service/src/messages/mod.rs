@@ -268,7 +268,8 @@ pub async fn send(
     state: ChatState,
     batch: SendBatch,
 ) -> Result<Vec<RpcReply<SendAccepted>>, RpcError> {
-    if batch.sends.len() > MAX_SENDS_PER_BATCH {
+    let count: usize = batch.users.iter().map(|u| u.sends.len()).sum();
+    if count > MAX_SENDS_PER_BATCH {
         return Err(RpcError::new(
             RpcCode::InvalidInput,
             format!("at most {MAX_SENDS_PER_BATCH} sends per request"),
@@ -293,21 +294,26 @@ pub async fn send(
             Ok(())
         }
     };
-    let checks: Vec<Result<(), RpcError>> = batch.sends.iter().map(|d| check(&d.body)).collect();
-    let sent_at = Utc::now();
-    let valid: Vec<NewMessage> = batch
-        .sends
+    let sends = batch
+        .users
         .into_iter()
-        .zip(&checks)
-        .filter(|(_, check)| check.is_ok())
-        .map(|(draft, _)| NewMessage {
-            room: draft.room,
-            sender: batch.user,
-            body: draft.body,
-            sent_at,
-            client_id: Some(draft.id),
-        })
-        .collect();
+        .flat_map(|u| u.sends.into_iter().map(move |draft| (u.user, draft)));
+    let sent_at = Utc::now();
+    let mut checks: Vec<Result<(), RpcError>> = Vec::with_capacity(count);
+    let mut valid: Vec<NewMessage> = Vec::with_capacity(count);
+    for (sender, draft) in sends {
+        let checked = check(&draft.body);
+        if checked.is_ok() {
+            valid.push(NewMessage {
+                room: draft.room,
+                sender,
+                body: draft.body,
+                sent_at,
+                client_id: Some(draft.id),
+            });
+        }
+        checks.push(checked);
+    }
     let mut accepted = if valid.is_empty() {
         Vec::new()
     } else {

@@ -146,11 +146,12 @@ impl<T> From<RpcReply<T>> for Result<T, RpcError> {
     }
 }
 
-/// `chat.send`: the gateway forwards a connection's sends, in the order the
-/// client sent them; the reply has one outcome per send, in the same order,
-/// each the room sequence it was accepted with or why it was refused. A
-/// connection has one such request in flight at a time, so its sends to a
-/// room are numbered in the order it sent them.
+/// `chat.send`: the gateway forwards the sends of one or more connections,
+/// each connection's in the order the client sent them; the reply has one
+/// outcome per send, in the same order, each the room sequence it was
+/// accepted with or why it was refused. A connection has sends in one such
+/// request at a time, so its sends to a room are numbered in the order it
+/// sent them.
 pub enum ChatSend {}
 
 impl Rpc for ChatSend {
@@ -162,13 +163,19 @@ impl Rpc for ChatSend {
     }
 }
 
-/// Sends one `chat.send` request carries at most.
+/// Sends one `chat.send` request carries at most (all its users' together).
 pub const MAX_SENDS_PER_BATCH: usize = 256;
 
-/// Sends of one user, in order.
+/// Sends of one or more connections.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SendBatch {
     pub v: u32,
+    pub users: Vec<UserSends>,
+}
+
+/// One connection's sends, of its user, in order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UserSends {
     pub user: UserId,
     pub sends: Vec<Draft>,
 }

@@ -139,15 +139,26 @@ async fn a_gateway_follows_the_rooms_of_its_connections_and_no_others() -> TestR
 
 /// Sends `body` to `room` on `socket` and waits for the ack: a connection
 /// reads frames only once it has its rooms, so every `chat.rooms_of` of its
-/// opening was made before.
-async fn sent(socket: &mut Socket, id: &str, room: &str, body: &str) -> TestResult {
+/// opening was made before. Returns the bodies of the messages that came
+/// before the ack (the sender's own message may come before it or after).
+async fn sent(socket: &mut Socket, id: &str, room: &str, body: &str) -> Result<Vec<Value>, Error> {
     send(
         socket,
         json!({"type": "send", "id": id, "room": room, "body": body}),
     )
     .await?;
-    assert_eq!(next_of(socket, "ack").await?["id"], id);
-    Ok(())
+    let mut before = Vec::new();
+    loop {
+        let frame = next_frame(socket).await?;
+        match frame["type"].as_str() {
+            Some("ack") => {
+                assert_eq!(frame["id"], id);
+                return Ok(before);
+            }
+            Some("message") => before.push(frame["body"].clone()),
+            _ => {}
+        }
+    }
 }
 
 /// The `chat.rooms_of` requests that reached NATS so far.
@@ -188,16 +199,14 @@ async fn a_connect_loads_the_users_rooms_again_only_when_they_may_have_changed_m
 
     // Nothing changed while the second one opened: loaded once.
     let mut second = connect(&stack.gateway.ws(), &alice.token).await?;
-    sent(&mut second, "c-2", &room, "to both").await?;
+    let early = sent(&mut second, "c-2", &room, "to both").await?;
     assert_eq!(requests_seen(&mut requests).await, 1);
 
     // Both connections are in the room all the same.
-    for socket in [&mut first, &mut second] {
-        loop {
-            let message = next_of(socket, "message").await?;
-            if message["body"] == "to both" {
-                break;
-            }
+    let to_both = json!("to both");
+    for (socket, mut seen) in [(&mut first, false), (&mut second, early.contains(&to_both))] {
+        while !seen {
+            seen = next_of(socket, "message").await?["body"] == to_both;
         }
     }
     stack.stop().await
