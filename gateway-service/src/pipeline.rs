@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 
+use crate::sends;
 use unhidra_core::{
     ids::RoomId,
     protocol::{ErrorCode, ServerFrame},
@@ -66,7 +67,8 @@ impl Pipeline {
     }
 
     /// The next batch: up to `max` queued sends with bodies of up to
-    /// `max_bytes` together (at least one send), in order, now in flight.
+    /// `max_bytes` together as JSON writes them (at least one send), in
+    /// order, now in flight.
     pub fn next_batch(&mut self, max: usize, max_bytes: usize) -> Vec<Draft> {
         let mut batch = Vec::new();
         let mut bytes = 0;
@@ -75,7 +77,7 @@ impl Pipeline {
                 break;
             }
             if let Slot::Queued(draft) = slot {
-                bytes += draft.body.len();
+                bytes += sends::wire_bytes(&draft.body);
                 if !batch.is_empty() && bytes > max_bytes {
                     break;
                 }

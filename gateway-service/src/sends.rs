@@ -22,9 +22,12 @@ use unhidra_telemetry::request_id;
 
 /// Requests out at once at most.
 const IN_FLIGHT: usize = 4;
-/// Bytes of message bodies one request carries at most, unless a single
-/// connection's batch is larger (NATS refuses payloads above 1 MiB by
-/// default). A connection's batch is bounded the same way.
+/// Bytes of message bodies one request carries at most, as written in its
+/// JSON ([`wire_bytes`]), unless a single connection's batch is larger
+/// (NATS refuses payloads above 1 MiB by default, and a body of control
+/// characters takes six times its size there). A connection's batch is
+/// bounded the same way, so one client's sends cannot make a request that
+/// fails for the others in it.
 pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
 /// Batches waiting for a request before a connection waits to hand its own
 /// over.
@@ -58,7 +61,7 @@ impl Sends {
     pub async fn send(&self, user: UserId, sends: Vec<Draft>) -> Outcome {
         let unavailable = || RpcError::new(RpcCode::Unavailable, "chat unavailable");
         let (answer, answered) = oneshot::channel();
-        let bytes = sends.iter().map(|d| d.body.len()).sum();
+        let bytes = sends.iter().map(|d| wire_bytes(&d.body)).sum();
         let batch = Batch {
             sends: UserSends { user, sends },
             bytes,
@@ -68,6 +71,18 @@ impl Sends {
         // Dropped unanswered only if the request could not be made.
         answered.await.map_err(|_| unavailable())?
     }
+}
+
+/// The bytes `body` takes as a JSON string's contents: what JSON escapes
+/// (quotes, backslashes, control characters) takes two or six.
+pub fn wire_bytes(body: &str) -> usize {
+    body.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum()
 }
 
 /// The batches for one request: those waiting now, up to the bounds; the
@@ -283,7 +298,7 @@ mod tests {
         if let Some(first) = drafts.first_mut() {
             first.body = "x".repeat(bytes);
         }
-        let bytes = drafts.iter().map(|d| d.body.len()).sum();
+        let bytes = drafts.iter().map(|d| wire_bytes(&d.body)).sum();
         Batch {
             sends: UserSends {
                 user: UserId::new(),
@@ -292,6 +307,21 @@ mod tests {
             bytes,
             answer: oneshot::channel().0,
         }
+    }
+
+    #[test]
+    fn bodies_count_as_many_bytes_as_their_json_takes() -> anyhow::Result<()> {
+        for body in [
+            "plain",
+            "é ✓",
+            "\"quoted\" \\",
+            "line\nbreak\t",
+            "\u{1}\u{1f}\u{7f}",
+        ] {
+            let json = serde_json::to_string(body)?;
+            assert_eq!(wire_bytes(body), json.len() - 2, "{json}");
+        }
+        Ok(())
     }
 
     #[tokio::test]
