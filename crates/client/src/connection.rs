@@ -11,13 +11,21 @@ use futures::{
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream, client_async_with_config,
-    tungstenite::{Message, client::IntoClientRequest, http::HeaderValue},
+    tungstenite::{
+        Message, client::IntoClientRequest, http::HeaderValue, protocol::WebSocketConfig,
+    },
 };
 use unhidra_core::protocol::{BEARER_PROTOCOL_PREFIX, ClientFrame, SUBPROTOCOL, ServerFrame};
 
 use crate::{ClientError, Result, transport};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The connection's read buffer. tungstenite fills the buffer's whole
+/// capacity with zeros before each read from the socket, so its default
+/// (128 KiB) cost a 128 KiB memset per read and as much memory per
+/// connection; larger frames still arrive whole, over several reads.
+const READ_BUFFER_BYTES: usize = 8 * 1024;
 
 /// An open connection.
 pub struct Connection {
@@ -72,22 +80,24 @@ impl Connection {
             .next()
             .ok_or_else(|| transport(format!("{host} has no address")))?;
         let tcp = tcp_connect(server, source).await.map_err(transport)?;
-        let (socket, _) = client_async_with_config(request, MaybeTlsStream::Plain(tcp), None)
-            .await
-            .map_err(|e| match e {
-                tokio_tungstenite::tungstenite::Error::Http(response) => ClientError::Refused {
-                    status: response.status().as_u16(),
-                    body: response
-                        .body()
-                        .as_ref()
-                        .and_then(|b| serde_json::from_slice(b).ok())
-                        .unwrap_or_else(|| unhidra_core::error::ErrorBody {
-                            error: "unknown".into(),
-                            message: "handshake refused".into(),
-                        }),
-                },
-                other => transport(other),
-            })?;
+        let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER_BYTES);
+        let (socket, _) =
+            client_async_with_config(request, MaybeTlsStream::Plain(tcp), Some(config))
+                .await
+                .map_err(|e| match e {
+                    tokio_tungstenite::tungstenite::Error::Http(response) => ClientError::Refused {
+                        status: response.status().as_u16(),
+                        body: response
+                            .body()
+                            .as_ref()
+                            .and_then(|b| serde_json::from_slice(b).ok())
+                            .unwrap_or_else(|| unhidra_core::error::ErrorBody {
+                                error: "unknown".into(),
+                                message: "handshake refused".into(),
+                            }),
+                    },
+                    other => transport(other),
+                })?;
         Ok(Self { socket })
     }
 
