@@ -329,8 +329,8 @@ async fn publishing_takes_each_room_in_sequence_order_and_keeps_what_failed() ->
             .into_iter()
             .filter_map(|o| posted(o).ok())
             .collect();
-        assert_eq!(outbox.stale_rooms(0, 10).await?, vec![]);
-        let mut stale = outbox.stale_rooms(i64::MAX, 10).await?;
+        assert_eq!(outbox.stale_rooms(0, 100).await?, vec![]);
+        let mut stale = outbox.stale_rooms(i64::MAX, 100).await?;
         stale.sort();
         let mut both = vec![a.id, b.id];
         both.sort();
@@ -378,6 +378,78 @@ async fn publishing_takes_each_room_in_sequence_order_and_keeps_what_failed() ->
                 .await?,
             0
         );
+        assert_eq!(outbox.stale_rooms(i64::MAX, 10).await?, vec![]);
+        Ok(())
+    })
+    .await
+}
+
+/// A removal takes each room's rows through the sequence given, whatever
+/// this or another process removed of the room before; the relay finds the
+/// rooms of the oldest rows first.
+#[tokio::test]
+async fn removals_take_what_is_left_through_each_given_sequence() -> anyhow::Result<()> {
+    on_each_database(|db| async move {
+        let database = open(&db).await?;
+        let rooms = RoomRepo::new(database.clone(), ROOMY);
+        let outbox = OutboxRepo::new(database.clone(), KEYS_KEPT);
+        let owner = UserId::new();
+        let (a, b) = (room("a", Visibility::Public), room("b", Visibility::Public));
+        rooms.create(&a, owner).await??;
+        rooms.create(&b, owner).await??;
+        let messages = (0..10)
+            .flat_map(|i| [a.id, b.id].map(|r| new_message(r, owner, &format!("m{i}"))))
+            .collect();
+        outbox.accept(messages, &BTreeMap::new()).await?;
+        // A row a crash left long ago, in a room of its own.
+        let old = RoomId::new();
+        sqlx::query(
+            "INSERT INTO outbox (message_id, room_id, seq, payload, created_at)
+             VALUES ($1, $2, 1, 'old', 1)",
+        )
+        .bind(MessageId::new().to_string())
+        .bind(old.to_string())
+        .execute(&database.pool)
+        .await?;
+        assert_eq!(outbox.stale_rooms(i64::MAX, 1).await?, vec![old]);
+
+        let queued = || async {
+            let rows: Vec<(String, i64)> =
+                sqlx::query_as("SELECT room_id, seq FROM outbox ORDER BY room_id, seq")
+                    .fetch_all(&database.pool)
+                    .await?;
+            let rows: Vec<(RoomId, u64)> = rows
+                .into_iter()
+                .map(|(room, seq)| Ok((room.parse()?, u64::try_from(seq)?)))
+                .collect::<anyhow::Result<_>>()?;
+            anyhow::Ok(rows)
+        };
+        let of = |room: RoomId, seqs: std::ops::RangeInclusive<u64>| {
+            seqs.map(move |seq| (room, seq)).collect::<Vec<_>>()
+        };
+        outbox
+            .remove(&BTreeMap::from([(a.id, 4), (b.id, 10), (old, 1)]))
+            .await?;
+        assert_eq!(queued().await?, of(a.id, 5..=10));
+        // Another process, which removed nothing of the room before.
+        let other = OutboxRepo::new(database.clone(), KEYS_KEPT);
+        other.remove(&BTreeMap::from([(a.id, 7)])).await?;
+        assert_eq!(queued().await?, of(a.id, 8..=10));
+        // Below what this one removed: nothing.
+        outbox.remove(&BTreeMap::from([(a.id, 3)])).await?;
+        assert_eq!(queued().await?, of(a.id, 8..=10));
+        // Above it: the rest, including what the other removed meanwhile.
+        outbox.remove(&BTreeMap::from([(a.id, 9)])).await?;
+        assert_eq!(queued().await?, of(a.id, 10..=10));
+        let mut seen = Vec::new();
+        outbox
+            .publish(&[a.id], 10, |pending| {
+                seen = pending.into_iter().map(|p| p.seq).collect();
+                async { Ok(()) }
+            })
+            .await?;
+        assert_eq!(seen, vec![10]);
+        assert_eq!(queued().await?, vec![]);
         assert_eq!(outbox.stale_rooms(i64::MAX, 10).await?, vec![]);
         Ok(())
     })

@@ -61,10 +61,9 @@ const SUBMISSION_QUEUE: usize = 1024;
 /// How long published messages wait for a group to be removed with, on
 /// SQLite, before they are removed on their own.
 const REMOVAL_DELAY: Duration = Duration::from_millis(50);
-/// On Postgres, the least time between two removals by the publisher. A
-/// removal's plan reads the outbox's rows removed before too, until the
-/// table is vacuumed, so its cost grows with the time since then, not with
-/// the rows it removes: fewer, larger removals cost less.
+/// On Postgres, the least time between two removals by the publisher:
+/// each is a statement and a commit (a sync of the log) of its own, so what
+/// is published meanwhile goes with the next.
 const REMOVAL_INTERVAL: Duration = Duration::from_millis(500);
 /// Messages one publisher round takes from the outbox at most.
 const PUBLISH_LIMIT: usize = 4096;
@@ -74,8 +73,9 @@ const PUBLISH_QUEUE: usize = 256;
 const RELAY_INTERVAL: Duration = Duration::from_secs(1);
 /// Outbox rows younger than this are left to the publisher.
 const RELAY_GRACE_MS: i64 = 2_000;
-/// Rooms one relay round takes at most.
-const RELAY_ROOMS: i64 = 500;
+/// Outbox rows one relay round looks at, the oldest first: it publishes
+/// their rooms.
+const RELAY_ROWS: i64 = 500;
 /// Rooms whose last published sequence the publisher remembers at most;
 /// beyond that it forgets them all and reads them from the outbox again.
 const REMEMBERED_ROOMS: usize = 100_000;
@@ -678,7 +678,7 @@ impl Publisher {
             }
             match self
                 .outbox
-                .stale_rooms(now_millis() - RELAY_GRACE_MS, RELAY_ROOMS)
+                .stale_rooms(now_millis() - RELAY_GRACE_MS, RELAY_ROWS)
                 .await
             {
                 Ok(rooms) if !rooms.is_empty() => {

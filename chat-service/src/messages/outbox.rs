@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     future::Future,
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use anyhow::Context;
@@ -74,6 +75,51 @@ pub struct OutboxRepo {
     /// How a group's send keys are stored: a key remembered past its time
     /// is replaced; one still kept is left as it is, and not counted.
     keys_upsert: String,
+    /// Shared by clones: [`Removed`].
+    removed: Arc<Removed>,
+}
+
+/// The rows of a room a removal takes: its sequences above `above`, through
+/// `through`.
+#[derive(Debug, Clone, Copy)]
+struct Removal {
+    room: RoomId,
+    above: u64,
+    through: u64,
+}
+
+/// Rooms whose removals this process remembers at most; beyond that it
+/// forgets them all, and the next removal of each reads from its lowest.
+const REMEMBERED_REMOVALS: usize = 100_000;
+
+/// Each room's sequence through which this process removed the outbox's
+/// rows, in a committed transaction: none at or below it is left, and none
+/// comes back (a room's new messages are numbered above its last one). A
+/// removal reads only the range above it: a range from the room's lowest
+/// would read every row removed before as well, until the table is
+/// vacuumed, so each removal would cost more than the one before.
+#[derive(Debug, Default)]
+struct Removed(Mutex<HashMap<RoomId, u64>>);
+
+impl Removed {
+    /// The room's sequence removed through, or 0.
+    fn through(&self, room: RoomId) -> u64 {
+        let removed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        removed.get(&room).copied().unwrap_or(0)
+    }
+
+    /// Records `published` as removed, once the transaction that removed it
+    /// committed.
+    fn committed(&self, published: &BTreeMap<RoomId, u64>) {
+        let mut removed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if removed.len() + published.len() > REMEMBERED_REMOVALS {
+            removed.clear();
+        }
+        for (room, seq) in published {
+            let through = removed.entry(*room).or_default();
+            *through = (*through).max(*seq);
+        }
+    }
 }
 
 /// What accepting a group did: one outcome per message, in order, and the
@@ -105,6 +151,7 @@ impl OutboxRepo {
                      message_id = excluded.message_id, created_at = excluded.created_at
                  WHERE send_keys.created_at <= excluded.created_at - {keys_kept_ms}"
             ),
+            removed: Arc::default(),
         }
     }
 
@@ -145,6 +192,7 @@ impl OutboxRepo {
                 .await?
             {
                 write.commit().await?;
+                self.removed.committed(published);
                 return Ok(acceptance);
             }
             // Dropped, the transaction rolls back.
@@ -555,6 +603,7 @@ impl OutboxRepo {
             .await
             .context("published, but not removed from the outbox")?;
         write.commit().await?;
+        self.removed.committed(&published);
         Ok(count)
     }
 
@@ -567,46 +616,90 @@ impl OutboxRepo {
             return Ok(());
         }
         let mut write = self.db.write_connection().await?;
-        self.remove_published(write.conn(), published).await
+        // Each statement commits on its own: what one removed stays removed
+        // if the next fails.
+        for chunk in self.ranges(published).chunks(MAX_ROWS_PER_STATEMENT) {
+            self.remove_ranges(write.conn(), chunk).await?;
+            self.removed
+                .committed(&chunk.iter().map(|r| (r.room, r.through)).collect());
+        }
+        Ok(())
     }
 
-    /// Removes each room's queued messages up to its given sequence.
+    /// Removes each room's queued messages up to its given sequence, in the
+    /// caller's transaction.
     async fn remove_published(
         &self,
         conn: &mut AnyConnection,
         published: &BTreeMap<RoomId, u64>,
     ) -> anyhow::Result<()> {
-        let rooms: Vec<(&RoomId, &u64)> = published.iter().collect();
-        for chunk in rooms.chunks(MAX_ROWS_PER_STATEMENT) {
-            let chunk = padded(chunk);
-            let ranges: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    format!(
-                        "(room_id = {} AND seq <= {})",
-                        self.db.placeholders(1 + 2 * i, 1),
-                        self.db.placeholders(2 + 2 * i, 1)
-                    )
-                })
-                .collect();
-            let sql = format!("DELETE FROM outbox WHERE {}", ranges.join(" OR "));
-            let mut query = sqlx::query(&sql);
-            for (room, seq) in chunk {
-                query = query.bind(room.to_string()).bind(i64::try_from(**seq)?);
-            }
-            query.execute(&mut *conn).await?;
+        for chunk in self.ranges(published).chunks(MAX_ROWS_PER_STATEMENT) {
+            self.remove_ranges(conn, chunk).await?;
         }
         Ok(())
     }
 
-    /// Rooms with messages queued before `before_ms` (Unix milliseconds): what
-    /// the relay publishes after a failed publish or a crash.
-    pub async fn stale_rooms(&self, before_ms: i64, limit: i64) -> anyhow::Result<Vec<RoomId>> {
-        let rows: Vec<(String,)> =
-            sqlx::query_as("SELECT DISTINCT room_id FROM outbox WHERE created_at < $1 LIMIT $2")
-                .bind(before_ms)
-                .bind(limit)
-                .fetch_all(&self.db.pool)
-                .await?;
+    /// What removing `published` removes of each room: the rows above
+    /// what this process removed of it before ([`Removed`]).
+    fn ranges(&self, published: &BTreeMap<RoomId, u64>) -> Vec<Removal> {
+        published
+            .iter()
+            .map(|(&room, &through)| Removal {
+                room,
+                above: self.removed.through(room),
+                through,
+            })
+            .filter(|r| r.above < r.through)
+            .collect()
+    }
+
+    async fn remove_ranges(
+        &self,
+        conn: &mut AnyConnection,
+        ranges: &[Removal],
+    ) -> anyhow::Result<()> {
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let ranges = padded(ranges);
+        let conditions: Vec<String> = (0..ranges.len())
+            .map(|i| {
+                format!(
+                    "(room_id = {} AND seq > {} AND seq <= {})",
+                    self.db.placeholders(1 + 3 * i, 1),
+                    self.db.placeholders(2 + 3 * i, 1),
+                    self.db.placeholders(3 + 3 * i, 1)
+                )
+            })
+            .collect();
+        let sql = format!("DELETE FROM outbox WHERE {}", conditions.join(" OR "));
+        let mut query = sqlx::query(&sql);
+        for range in ranges {
+            query = query
+                .bind(range.room.to_string())
+                .bind(i64::try_from(range.above)?)
+                .bind(i64::try_from(range.through)?);
+        }
+        query.execute(conn).await?;
+        Ok(())
+    }
+
+    /// The rooms of the oldest `rows` messages queued before `before_ms`
+    /// (Unix milliseconds): what the relay publishes after a failed publish
+    /// or a crash. Read oldest first through the index, which a scan marks
+    /// the rows removed since the last one in as it passes them, so each
+    /// scan steps over those few instead of every row removed since the
+    /// table was vacuumed.
+    pub async fn stale_rooms(&self, before_ms: i64, rows: i64) -> anyhow::Result<Vec<RoomId>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT DISTINCT room_id FROM
+               (SELECT room_id FROM outbox WHERE created_at < $1 ORDER BY created_at LIMIT $2)
+               AS stale",
+        )
+        .bind(before_ms)
+        .bind(rows)
+        .fetch_all(&self.db.pool)
+        .await?;
         rows.iter()
             .map(|(room,)| {
                 room.parse()
