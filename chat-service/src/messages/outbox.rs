@@ -686,10 +686,10 @@ impl OutboxRepo {
 
     /// The rooms of the oldest `rows` messages queued before `before_ms`
     /// (Unix milliseconds): what the relay publishes after a failed publish
-    /// or a crash. Read oldest first through the index, which a scan marks
-    /// the rows removed since the last one in as it passes them, so each
-    /// scan steps over those few instead of every row removed since the
-    /// table was vacuumed.
+    /// or a crash. They are read oldest first through the `created_at`
+    /// index: such a scan marks the removed rows it passes, so the next one
+    /// steps over them cheaply instead of reading every row removed since
+    /// the table was vacuumed.
     pub async fn stale_rooms(&self, before_ms: i64, rows: i64) -> anyhow::Result<Vec<RoomId>> {
         let rows: Vec<(String,)> = sqlx::query_as(
             "SELECT DISTINCT room_id FROM
