@@ -205,6 +205,8 @@ async fn tcp_connect(server: SocketAddr, source: Option<IpAddr>) -> std::io::Res
 
 #[cfg(test)]
 mod tests {
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+
     use super::*;
 
     #[tokio::test]
@@ -220,6 +222,41 @@ mod tests {
         drop(stream);
         let refused = opening.await.map_err(std::io::Error::other)?;
         assert!(refused.is_err());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_frame_many_times_the_read_buffer_arrives_whole()
+    -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("ws://{}/ws", listener.local_addr()?);
+        let frame = ServerFrame::Pong {
+            id: Some("é".repeat(40 * READ_BUFFER_BYTES)),
+        };
+        let sent = frame.clone();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await?;
+            // tungstenite's callback type, error response included.
+            #[allow(clippy::result_large_err)]
+            let agree = |_: &Request, mut response: Response| {
+                let protocol = HeaderValue::from_static(SUBPROTOCOL);
+                response
+                    .headers_mut()
+                    .insert("sec-websocket-protocol", protocol);
+                Ok(response)
+            };
+            let mut socket = tokio_tungstenite::accept_hdr_async(stream, agree).await?;
+            socket
+                .send(Message::text(serde_json::to_string(&sent)?))
+                .await?;
+            // Open until the client has read it.
+            socket.next().await;
+            std::result::Result::<(), Box<dyn std::error::Error + Send + Sync>>::Ok(())
+        });
+        let mut connection = Connection::open(&url, None).await?;
+        assert_eq!(connection.next().await?, Some(frame));
+        connection.close().await?;
+        server.await??;
         Ok(())
     }
 
