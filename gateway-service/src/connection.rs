@@ -229,11 +229,11 @@ impl Connection {
                 self.write_frames(&ready).await?;
             }
             if in_flight.is_none() {
-                let batch = self
+                let (batch, bytes) = self
                     .pipeline
                     .next_batch(MAX_SENDS_PER_BATCH, sends::MAX_REQUEST_BYTES);
                 if !batch.is_empty() {
-                    in_flight = Some(submit(&gateway, &self.auth, batch));
+                    in_flight = Some(submit(&gateway, &self.auth, batch, bytes));
                 }
             }
             let answered = async {
@@ -468,9 +468,10 @@ fn submit(
     gateway: &Gateway,
     auth: &Authenticated,
     batch: Vec<Draft>,
+    bytes: usize,
 ) -> BoxFuture<'static, sends::Outcome> {
     let (sends, user) = (gateway.sends.clone(), auth.user);
-    Box::pin(async move { sends.send(user, batch).await })
+    Box::pin(async move { sends.send(user, batch, bytes).await })
 }
 
 /// What a text frame asks for beyond an immediate answer.

@@ -68,8 +68,8 @@ impl Pipeline {
 
     /// The next batch: up to `max` queued sends with bodies of up to
     /// `max_bytes` together as JSON writes them (at least one send), in
-    /// order, now in flight.
-    pub fn next_batch(&mut self, max: usize, max_bytes: usize) -> Vec<Draft> {
+    /// order, now in flight; and those bodies' bytes.
+    pub fn next_batch(&mut self, max: usize, max_bytes: usize) -> (Vec<Draft>, usize) {
         let mut batch = Vec::new();
         let mut bytes = 0;
         for slot in &mut self.slots {
@@ -77,10 +77,11 @@ impl Pipeline {
                 break;
             }
             if let Slot::Queued(draft) = slot {
-                bytes += sends::wire_bytes(&draft.body);
-                if !batch.is_empty() && bytes > max_bytes {
+                let size = sends::wire_bytes(&draft.body);
+                if !batch.is_empty() && bytes + size > max_bytes {
                     break;
                 }
+                bytes += size;
                 let submitted = Slot::Submitted {
                     id: draft.id.clone(),
                     room: draft.room,
@@ -90,7 +91,7 @@ impl Pipeline {
                 }
             }
         }
-        batch
+        (batch, bytes)
     }
 
     /// Answers the sends of the batch in flight with its outcome: an ack or
@@ -177,7 +178,8 @@ mod tests {
         assert_eq!(ids(&pipeline.take_ready()), vec!["pong p0"]);
 
         // At most two sends per batch; the pong between them waits its turn.
-        let batch = pipeline.next_batch(2, 1024);
+        let (batch, bytes) = pipeline.next_batch(2, 1024);
+        assert_eq!(bytes, "onetwo".len());
         assert_eq!(
             batch.iter().map(|d| d.body.as_str()).collect::<Vec<_>>(),
             vec!["one", "two"]
@@ -193,7 +195,7 @@ mod tests {
         );
         assert_eq!(pipeline.len(), 1);
 
-        let batch = pipeline.next_batch(2, 1024);
+        let (batch, _) = pipeline.next_batch(2, 1024);
         assert_eq!(batch.len(), 1);
         pipeline.complete(Err(RpcError::new(RpcCode::Unavailable, "retry later")));
         assert_eq!(ids(&pipeline.take_ready()), vec!["error s3 Unavailable"]);
@@ -209,15 +211,24 @@ mod tests {
         }
         let mut batches = Vec::new();
         loop {
-            let batch = pipeline.next_batch(10, 1000);
+            let (batch, bytes) = pipeline.next_batch(10, 1000);
             if batch.is_empty() {
                 break;
             }
-            batches.push(batch.iter().map(|d| d.id.clone()).collect::<Vec<_>>());
+            let ids: Vec<&str> = batch.iter().map(|d| d.id.as_str()).collect();
+            batches.push((ids.join(" "), bytes));
             let accepted = (0..batch.len() as u64).map(accepted).collect();
             pipeline.complete(Ok(accepted));
         }
-        assert_eq!(batches, [vec!["a", "b"], vec!["c"], vec!["d"], vec!["e"]]);
+        assert_eq!(
+            batches,
+            [
+                ("a b".to_owned(), 1000),
+                ("c".to_owned(), 30),
+                ("d".to_owned(), 5000),
+                ("e".to_owned(), 10)
+            ]
+        );
     }
 
     #[test]

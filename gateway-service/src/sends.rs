@@ -57,11 +57,12 @@ impl Sends {
         Self { batches }
     }
 
-    /// Sends `sends` of `user` (in order) and waits for their outcomes.
-    pub async fn send(&self, user: UserId, sends: Vec<Draft>) -> Outcome {
+    /// Sends `sends` of `user` (in order) and waits for their outcomes;
+    /// `bytes` is their bodies' size as [`wire_bytes`] counts it (the
+    /// pipeline counted it when it took them).
+    pub async fn send(&self, user: UserId, sends: Vec<Draft>, bytes: usize) -> Outcome {
         let unavailable = || RpcError::new(RpcCode::Unavailable, "chat unavailable");
         let (answer, answered) = oneshot::channel();
-        let bytes = sends.iter().map(|d| wire_bytes(&d.body)).sum();
         let batch = Batch {
             sends: UserSends { user, sends },
             bytes,
@@ -249,7 +250,9 @@ mod tests {
         let send = |from: u64, count: u64| {
             let sends = sends.clone();
             let user = UserId::new();
-            let task = tokio::spawn(async move { sends.send(user, numbered(from, count)).await });
+            let drafts = numbered(from, count);
+            let bytes = drafts.iter().map(|d| wire_bytes(&d.body)).sum();
+            let task = tokio::spawn(async move { sends.send(user, drafts, bytes).await });
             (user, task)
         };
         let asked_len = || asked.lock().expect("asked").len();
