@@ -116,7 +116,8 @@ pub async fn build(ctx: ServiceContext, db: Database) -> anyhow::Result<Service>
             std::time::Duration::from_secs(ctx.config.send_idempotency_secs),
         ),
         MessageMetrics::register(&ctx)?,
-    )?;
+    )
+    .await?;
     let state = ChatState {
         ctx: ctx.clone(),
         service: Chat {

@@ -637,6 +637,52 @@ async fn a_repeated_client_id_gets_the_first_ack_and_posts_nothing() -> anyhow::
     .await
 }
 
+/// A group larger than one statement's rows (512), every other send
+/// keyed: its keys and its outbox rows come in chunks that do not line up,
+/// and a repeat in its last chunk still makes the group look repeats up.
+#[tokio::test]
+async fn a_group_of_many_statements_keeps_every_key_and_message() -> anyhow::Result<()> {
+    on_each_database(|db| async move {
+        let database = open(&db).await?;
+        let rooms = RoomRepo::new(database.clone(), ROOMY);
+        let outbox = OutboxRepo::new(database.clone(), KEYS_KEPT);
+        let alice = UserId::new();
+        let a = room("a", Visibility::Public);
+        rooms.create(&a, alice).await??;
+        let send = |i: usize| NewMessage {
+            client_id: (i % 2 == 0).then(|| format!("c-{i}")),
+            ..new_message(a.id, alice, &format!("m{i}"))
+        };
+        let count = |sql: &'static str| {
+            let pool = database.pool.clone();
+            async move { anyhow::Ok(sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await?) }
+        };
+
+        let first = outbox
+            .accept((0..1100).map(send).collect(), &BTreeMap::new())
+            .await?;
+        let seqs: Vec<u64> = first.queued.iter().map(|p| p.seq).collect();
+        assert_eq!(seqs, (1..=1100).collect::<Vec<u64>>());
+        assert_eq!(count("SELECT COUNT(*) FROM outbox").await?, 1100);
+        assert_eq!(count("SELECT COUNT(*) FROM send_keys").await?, 550);
+
+        // 1,100 new sends, then one sent before (message 1098, seq 1099).
+        let again: Vec<NewMessage> = (1100..2200).chain([1098]).map(send).collect();
+        let again = outbox.accept(again, &BTreeMap::new()).await?;
+        assert_eq!(again.queued.len(), 1100);
+        assert_eq!(again.queued.last().map(|p| p.seq), Some(2200));
+        assert!(
+            matches!(again.outcomes.last(), Some(Ok(Accepted::Repeat(ack))) if ack.seq == 1099),
+            "{:?}",
+            again.outcomes.last()
+        );
+        assert_eq!(count("SELECT COUNT(*) FROM outbox").await?, 2200);
+        assert_eq!(count("SELECT COUNT(*) FROM send_keys").await?, 1100);
+        Ok(())
+    })
+    .await
+}
+
 /// The same send given to two instances at once (a retry reaching another
 /// instance while the first is still committing it): the retry waits for
 /// the first's key, then answers with its ack and posts nothing.

@@ -199,7 +199,7 @@ impl GroupMetrics {
 impl GroupCommit {
     /// Starts the group commit, the publisher and the relay; they stop at
     /// shutdown, leaving anything unpublished in the outbox.
-    pub fn start(
+    pub async fn start(
         ctx: &ServiceContext,
         outbox: OutboxRepo,
         metrics: MessageMetrics,
@@ -219,7 +219,7 @@ impl GroupCommit {
         };
         let commit = commit_groups(
             GroupLoop {
-                outbox,
+                outbox: outbox.with_own_writer().await?,
                 queue,
                 unremoved,
                 committed,
@@ -457,6 +457,7 @@ impl GroupLoop {
                 // the next transaction removes what this one did not.
                 self.unremoved.add(published);
                 store_unavailable(&e);
+                self.outbox.mend_writer().await;
                 return;
             }
         };

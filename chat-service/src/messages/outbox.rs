@@ -21,7 +21,9 @@ use unhidra_core::{
     ids::{MessageId, RoomId, UserId},
     rpc::SendAccepted,
 };
-use unhidra_store::{Backend, Database, MAX_ROWS_PER_STATEMENT, now_millis, padded};
+use unhidra_store::{
+    AnyQuery, Backend, Database, MAX_ROWS_PER_STATEMENT, bind_rows, now_millis, padded,
+};
 
 use crate::rooms::Refusal;
 
@@ -122,6 +124,62 @@ impl Removed {
     }
 }
 
+/// The send keys' table and columns, as a group inserts them.
+const SEND_KEYS: &str = "send_keys (user_id, client_id, seq, message_id, created_at)";
+/// The outbox's table and columns, as a group inserts them.
+const OUTBOX: &str = "outbox (message_id, room_id, seq, payload, created_at)";
+
+/// Of the pairs `wanted (room_id, user_id)`, those whose user may not send
+/// to the room, with the room's id if it exists ([`RefusedPair`]): one index
+/// lookup per pair, not per combination of rooms and users.
+const REFUSED_PAIRS: &str = "SELECT DISTINCT wanted.room_id, wanted.user_id, r.id AS found
+     FROM wanted
+     LEFT JOIN rooms r ON r.id = wanted.room_id
+     LEFT JOIN room_members m ON m.room_id = wanted.room_id AND m.user_id = wanted.user_id
+     WHERE m.user_id IS NULL";
+
+/// Advances the sequence of each room in `counts (id, n)` and `locked` by
+/// its count; returns each room's id and last sequence. Postgres.
+const NUMBER_LOCKED: &str = "UPDATE rooms SET last_seq = rooms.last_seq + counts.n
+     FROM counts JOIN locked ON locked.id = counts.id
+     WHERE rooms.id = counts.id
+     RETURNING rooms.id, rooms.last_seq";
+
+/// A (room, sender) pair refused, and the room's id if it exists.
+type RefusedPair = (String, String, Option<String>);
+
+/// A send's key, as a group stores it.
+struct SendKey<'a> {
+    user: UserId,
+    client_id: &'a str,
+    seq: u64,
+    message_id: MessageId,
+}
+
+impl SendKey<'_> {
+    /// Binds the values of [`SEND_KEYS`]'s columns.
+    fn bind<'q>(&'q self, query: AnyQuery<'q>, now: i64) -> anyhow::Result<AnyQuery<'q>> {
+        Ok(query
+            .bind(self.user.to_string())
+            .bind(self.client_id)
+            .bind(i64::try_from(self.seq)?)
+            .bind(self.message_id.to_string())
+            .bind(now))
+    }
+}
+
+impl Pending {
+    /// Binds the values of [`OUTBOX`]'s columns.
+    fn bind<'q>(&'q self, query: AnyQuery<'q>, now: i64) -> anyhow::Result<AnyQuery<'q>> {
+        Ok(query
+            .bind(self.message_id.to_string())
+            .bind(self.room.to_string())
+            .bind(i64::try_from(self.seq)?)
+            .bind(self.payload.as_str())
+            .bind(now))
+    }
+}
+
 /// What accepting a group did: one outcome per message, in order, and the
 /// new messages as they were queued, in the order numbered.
 #[derive(Debug, Default)]
@@ -153,6 +211,20 @@ impl OutboxRepo {
             ),
             removed: Arc::default(),
         }
+    }
+
+    /// This outbox, writing through a connection of its own: for the group
+    /// commit ([`Database::with_own_writer`]).
+    pub async fn with_own_writer(&self) -> sqlx::Result<Self> {
+        Ok(Self {
+            db: self.db.with_own_writer().await?,
+            ..self.clone()
+        })
+    }
+
+    /// After a failed write: [`Database::mend_writer`].
+    pub async fn mend_writer(&self) {
+        self.db.mend_writer().await;
     }
 
     /// The database the outbox is in.
@@ -209,40 +281,12 @@ impl OutboxRepo {
         messages: &[NewMessage],
         look_up_repeats: bool,
     ) -> anyhow::Result<Option<Acceptance>> {
-        // The checks read in the transaction that writes: on SQLite its
-        // connection is the writer's own, with no trip to the pool.
-        let allowed = self.allowed(conn, messages).await?;
         let known = if look_up_repeats {
             self.sent_before(conn, messages).await?
         } else {
             HashMap::new()
         };
-        let mut plans = Vec::with_capacity(messages.len());
-        let mut in_group: HashMap<(UserId, &str), usize> = HashMap::new();
-        for (i, (m, ok)) in messages.iter().zip(allowed).enumerate() {
-            let key = m.client_id.as_deref().map(|id| (m.sender, id));
-            plans.push(match (ok, key) {
-                (Err(refusal), _) => Plan::Refused(refusal),
-                (Ok(()), Some(key)) => {
-                    if let Some(ack) = known.get(&(key.0, key.1.to_owned())) {
-                        Plan::Repeat(ack.clone())
-                    } else if let Some(first) = in_group.get(&key) {
-                        Plan::SameAs(*first)
-                    } else {
-                        in_group.insert(key, i);
-                        Plan::New
-                    }
-                }
-                (Ok(()), None) => Plan::New,
-            });
-        }
-        let mut per_room: BTreeMap<RoomId, u64> = BTreeMap::new();
-        for (m, plan) in messages.iter().zip(&plans) {
-            if matches!(plan, Plan::New) {
-                *per_room.entry(m.room).or_default() += 1;
-            }
-        }
-        let mut next_seq = self.number(conn, &per_room).await?;
+        let (plans, mut next_seq) = self.check_and_number(conn, messages, &known).await?;
         let mut outcomes: Vec<Result<Accepted, Refusal>> = Vec::with_capacity(messages.len());
         let mut queued = Vec::new();
         let mut keys = Vec::new();
@@ -284,70 +328,175 @@ impl OutboxRepo {
                 payload: serde_json::to_string(&event)?,
             });
             if let Some(client_id) = &m.client_id {
-                keys.push((m.sender, client_id, event.seq, event.message_id));
+                keys.push(SendKey {
+                    user: m.sender,
+                    client_id,
+                    seq: event.seq,
+                    message_id: event.message_id,
+                });
             }
             outcomes.push(Ok(Accepted::New(event)));
         }
-        let now = now_millis();
-        let stored = self
-            .db
-            .insert_rows(
-                conn,
-                "send_keys (user_id, client_id, seq, message_id, created_at)",
-                5,
-                &self.keys_upsert,
-                &keys,
-                |query, (user, client_id, seq, message_id)| {
-                    Ok(query
-                        .bind(user.to_string())
-                        .bind(client_id.as_str())
-                        .bind(i64::try_from(*seq)?)
-                        .bind(message_id.to_string())
-                        .bind(now))
-                },
-            )
-            .await?;
+        let stored = self.queue(conn, &keys, &queued).await?;
         if stored < u64::try_from(keys.len())? {
             return Ok(None);
         }
-        self.db
-            .insert_rows(
-                conn,
-                "outbox (message_id, room_id, seq, payload, created_at)",
-                5,
-                "",
-                &queued,
-                |query, p| {
-                    Ok(query
-                        .bind(p.message_id.to_string())
-                        .bind(p.room.to_string())
-                        .bind(i64::try_from(p.seq)?)
-                        .bind(p.payload.as_str())
-                        .bind(now))
-                },
-            )
-            .await?;
         Ok(Some(Acceptance { outcomes, queued }))
     }
 
+    /// How each message is to be accepted (`allowed` and `known`, the
+    /// repeats looked up, given), and each room's new messages, numbered
+    /// from its next sequence. On Postgres one statement checks every
+    /// sender's membership and numbers the rooms, numbering only if no
+    /// sender is refused (almost always); else, and on SQLite, one statement
+    /// checks and another numbers what was allowed.
+    async fn check_and_number(
+        &self,
+        conn: &mut AnyConnection,
+        messages: &[NewMessage],
+        known: &HashMap<(UserId, String), SendAccepted>,
+    ) -> anyhow::Result<(Vec<Plan>, HashMap<RoomId, u64>)> {
+        let allowed = match self.db.backend {
+            Backend::Postgres => {
+                let plans = plan(messages, &vec![Ok(()); messages.len()], known);
+                let per_room = new_per_room(messages, &plans);
+                if !per_room.is_empty() {
+                    let (refused, last) =
+                        self.check_and_number_pg(conn, messages, &per_room).await?;
+                    if refused.is_empty() {
+                        return Ok((plans, first_numbers(&per_room, last)?));
+                    }
+                    refusals(messages, &refused)
+                } else {
+                    self.allowed(conn, messages).await?
+                }
+            }
+            Backend::Sqlite => self.allowed(conn, messages).await?,
+        };
+        let plans = plan(messages, &allowed, known);
+        let per_room = new_per_room(messages, &plans);
+        let last = self.number(conn, &per_room).await?;
+        Ok((plans, first_numbers(&per_room, last)?))
+    }
+
+    /// On Postgres: the refused (room, sender) pairs of `messages`, as
+    /// [`Self::allowed`] reads them, and, only if there are none, each
+    /// room's last sequence after advancing it by its count, as
+    /// [`Self::number`] does; in one statement.
+    async fn check_and_number_pg(
+        &self,
+        conn: &mut AnyConnection,
+        messages: &[NewMessage],
+        per_room: &BTreeMap<RoomId, u64>,
+    ) -> anyhow::Result<(Vec<RefusedPair>, Vec<(String, i64)>)> {
+        let pairs = sender_pairs(messages);
+        let pairs = padded(&pairs);
+        let counts: Vec<(&RoomId, &u64)> = per_room.iter().collect();
+        let counts = padded(&counts);
+        let sql = format!(
+            "WITH wanted (room_id, user_id) AS (VALUES {}),
+             refused AS ({REFUSED_PAIRS}),
+             counts (id, n) AS (VALUES {}),
+             locked AS MATERIALIZED (
+                 SELECT rooms.id FROM rooms JOIN counts ON rooms.id = counts.id
+                 WHERE NOT EXISTS (SELECT 1 FROM refused)
+                 ORDER BY rooms.id FOR UPDATE OF rooms),
+             numbered AS ({NUMBER_LOCKED})
+             SELECT room_id, user_id, found, NULL FROM refused
+             UNION ALL SELECT id, NULL, NULL, last_seq FROM numbered",
+            self.db.value_rows(2, pairs.len()),
+            self.db
+                .value_rows_from(1 + 2 * pairs.len(), 2, counts.len()),
+        );
+        let mut query =
+            sqlx::query_as::<_, (String, Option<String>, Option<String>, Option<i64>)>(&sql);
+        for (room, user) in pairs {
+            query = query.bind(room).bind(user);
+        }
+        for (room, count) in &counts {
+            query = query.bind(room.to_string()).bind(i64::try_from(**count)?);
+        }
+        let mut refused = Vec::new();
+        let mut last = Vec::new();
+        for (room, user, found, last_seq) in query.fetch_all(conn).await? {
+            match (user, last_seq) {
+                (Some(user), _) => refused.push((room, user, found)),
+                (None, Some(seq)) => last.push((room, seq)),
+                (None, None) => anyhow::bail!("room {room} neither refused nor numbered"),
+            }
+        }
+        Ok((refused, last))
+    }
+
+    /// Stores the send keys and queues the messages in the outbox: on
+    /// Postgres both in one statement (one round trip), on SQLite one each.
+    /// Returns how many keys were stored (a key still kept from an earlier
+    /// send is not).
+    async fn queue(
+        &self,
+        conn: &mut AnyConnection,
+        keys: &[SendKey<'_>],
+        queued: &[Pending],
+    ) -> anyhow::Result<u64> {
+        let now = now_millis();
+        if self.db.backend == Backend::Sqlite {
+            let stored = self
+                .db
+                .insert_rows(conn, SEND_KEYS, 5, &self.keys_upsert, keys, |query, key| {
+                    key.bind(query, now)
+                })
+                .await?;
+            self.db
+                .insert_rows(conn, OUTBOX, 5, "", queued, |query, p| p.bind(query, now))
+                .await?;
+            return Ok(stored);
+        }
+        // Each statement inserts a chunk of the outbox's rows and, as its
+        // main part, one of the keys (never more of them than rows): its
+        // count of rows is the keys stored.
+        let mut stored = 0;
+        let mut key_chunks = keys.chunks(MAX_ROWS_PER_STATEMENT);
+        for rows in queued.chunks(MAX_ROWS_PER_STATEMENT) {
+            let keys = key_chunks.next().unwrap_or_default();
+            let mut sql = self.db.insert_statement(OUTBOX, 5, "", rows.len(), 1);
+            if !keys.is_empty() {
+                let first = 1 + 6 * rows.len().next_power_of_two();
+                let keys =
+                    self.db
+                        .insert_statement(SEND_KEYS, 5, &self.keys_upsert, keys.len(), first);
+                sql = format!("WITH queued AS ({sql}) {keys}");
+            }
+            let query = bind_rows(sqlx::query(&sql), rows, &|query, p: &Pending| {
+                p.bind(query, now)
+            })?;
+            let query = bind_rows(query, keys, &|query, key: &SendKey<'_>| {
+                key.bind(query, now)
+            })?;
+            let affected = query.execute(&mut *conn).await?.rows_affected();
+            if !keys.is_empty() {
+                stored += affected;
+            }
+        }
+        Ok(stored)
+    }
+
     /// Advances each room's sequence by its count, in one statement for all
-    /// rooms (on SQLite one more reads them back): the first new sequence
-    /// number of each room.
+    /// rooms (on SQLite one more reads them back): each room's last
+    /// sequence, as its id and number.
     async fn number(
         &self,
         conn: &mut AnyConnection,
         per_room: &BTreeMap<RoomId, u64>,
-    ) -> anyhow::Result<HashMap<RoomId, u64>> {
+    ) -> anyhow::Result<Vec<(String, i64)>> {
         if per_room.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(Vec::new());
         }
         // A room listed twice (padding) joins twice with the same count;
         // the row is updated once either way.
         let counts: Vec<(&RoomId, &u64)> = per_room.iter().collect();
         let counts = padded(&counts);
         let values = self.db.value_rows(2, counts.len());
-        let update = "UPDATE rooms SET last_seq = rooms.last_seq + counts.n";
-        let last = match self.db.backend {
+        Ok(match self.db.backend {
             // Each row locked, in the rooms' order, before it is updated (a
             // wait happens only in that order), so two chat-service
             // instances numbering the same rooms cannot deadlock.
@@ -357,9 +506,7 @@ impl OutboxRepo {
                      locked AS MATERIALIZED (
                          SELECT rooms.id FROM rooms JOIN counts ON rooms.id = counts.id
                          ORDER BY rooms.id FOR UPDATE OF rooms)
-                     {update} FROM counts JOIN locked ON locked.id = counts.id
-                     WHERE rooms.id = counts.id
-                     RETURNING rooms.id, rooms.last_seq"
+                     {NUMBER_LOCKED}"
                 );
                 let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
                 for (room, count) in &counts {
@@ -373,7 +520,8 @@ impl OutboxRepo {
             Backend::Sqlite => {
                 let sql = format!(
                     "WITH counts (id, n) AS (VALUES {values})
-                     {update} FROM counts WHERE rooms.id = counts.id"
+                     UPDATE rooms SET last_seq = rooms.last_seq + counts.n
+                     FROM counts WHERE rooms.id = counts.id"
                 );
                 let mut query = sqlx::query(&sql);
                 for (room, count) in &counts {
@@ -400,23 +548,7 @@ impl OutboxRepo {
                     })
                     .collect::<anyhow::Result<_>>()?
             }
-        };
-        let mut first = HashMap::with_capacity(per_room.len());
-        for (room, last) in last {
-            let room: RoomId = room.parse().with_context(|| format!("room id `{room}`"))?;
-            let count = per_room.get(&room).context("a room numbered unasked")?;
-            let seq = u64::try_from(last)?
-                .checked_sub(count - 1)
-                .with_context(|| format!("room {room} numbered below its own count"))?;
-            first.insert(room, seq);
-        }
-        anyhow::ensure!(
-            first.len() == per_room.len(),
-            "{} of {} rooms numbered",
-            first.len(),
-            per_room.len()
-        );
-        Ok(first)
+        })
     }
 
     /// The acks of the sends among `messages` whose sender sent the same
@@ -481,50 +613,17 @@ impl OutboxRepo {
         conn: &mut AnyConnection,
         messages: &[NewMessage],
     ) -> anyhow::Result<Vec<Result<(), Refusal>>> {
-        let pairs = unique_pairs(
-            messages
-                .iter()
-                .map(|m| (m.room.to_string(), m.sender.to_string())),
-        );
+        let pairs = sender_pairs(messages);
         let pairs = padded(&pairs);
-        // One index lookup per (room, sender) pair, not per combination.
         let sql = format!(
-            "WITH wanted (room_id, user_id) AS (VALUES {})
-             SELECT DISTINCT wanted.room_id, wanted.user_id, r.id FROM wanted
-             LEFT JOIN rooms r ON r.id = wanted.room_id
-             LEFT JOIN room_members m
-               ON m.room_id = wanted.room_id AND m.user_id = wanted.user_id
-             WHERE m.user_id IS NULL",
+            "WITH wanted (room_id, user_id) AS (VALUES {}) {REFUSED_PAIRS}",
             self.db.value_rows(2, pairs.len()),
         );
-        let mut query = sqlx::query_as::<_, (String, String, Option<String>)>(&sql);
+        let mut query = sqlx::query_as::<_, RefusedPair>(&sql);
         for (room, user) in pairs {
             query = query.bind(room).bind(user);
         }
-        let refused: HashMap<(String, String), Refusal> = query
-            .fetch_all(conn)
-            .await?
-            .into_iter()
-            .map(|(room, user, found)| {
-                let refusal = match found {
-                    None => Refusal::NoSuchRoom,
-                    Some(_) => Refusal::NotAMember,
-                };
-                ((room, user), refusal)
-            })
-            .collect();
-        if refused.is_empty() {
-            return Ok(vec![Ok(()); messages.len()]);
-        }
-        Ok(messages
-            .iter()
-            .map(
-                |m| match refused.get(&(m.room.to_string(), m.sender.to_string())) {
-                    Some(refusal) => Err(*refusal),
-                    None => Ok(()),
-                },
-            )
-            .collect())
+        Ok(refusals(messages, &query.fetch_all(conn).await?))
     }
 
     /// Takes up to `limit` queued messages of `rooms`, the lowest sequence
@@ -709,7 +808,106 @@ impl OutboxRepo {
     }
 }
 
+/// How each message is to be accepted, given whether its sender may send
+/// to its room and the repeats looked up (`known`).
+fn plan(
+    messages: &[NewMessage],
+    allowed: &[Result<(), Refusal>],
+    known: &HashMap<(UserId, String), SendAccepted>,
+) -> Vec<Plan> {
+    let mut plans = Vec::with_capacity(messages.len());
+    let mut in_group: HashMap<(UserId, &str), usize> = HashMap::new();
+    for (i, (m, ok)) in messages.iter().zip(allowed).enumerate() {
+        let key = m.client_id.as_deref().map(|id| (m.sender, id));
+        plans.push(match (ok, key) {
+            (Err(refusal), _) => Plan::Refused(*refusal),
+            (Ok(()), Some(key)) => {
+                if let Some(ack) = known.get(&(key.0, key.1.to_owned())) {
+                    Plan::Repeat(ack.clone())
+                } else if let Some(first) = in_group.get(&key) {
+                    Plan::SameAs(*first)
+                } else {
+                    in_group.insert(key, i);
+                    Plan::New
+                }
+            }
+            (Ok(()), None) => Plan::New,
+        });
+    }
+    plans
+}
+
+/// Each room's count of new messages.
+fn new_per_room(messages: &[NewMessage], plans: &[Plan]) -> BTreeMap<RoomId, u64> {
+    let mut per_room = BTreeMap::new();
+    for (m, plan) in messages.iter().zip(plans) {
+        if matches!(plan, Plan::New) {
+            *per_room.entry(m.room).or_default() += 1;
+        }
+    }
+    per_room
+}
+
+/// Each message's (room, sender) pair, once.
+fn sender_pairs(messages: &[NewMessage]) -> Vec<(String, String)> {
+    unique_pairs(
+        messages
+            .iter()
+            .map(|m| (m.room.to_string(), m.sender.to_string())),
+    )
+}
+
+/// For each message: allowed, or why not, from the pairs refused.
+fn refusals(messages: &[NewMessage], refused: &[RefusedPair]) -> Vec<Result<(), Refusal>> {
+    if refused.is_empty() {
+        return vec![Ok(()); messages.len()];
+    }
+    let refused: HashMap<(&str, &str), Refusal> = refused
+        .iter()
+        .map(|(room, user, found)| {
+            let refusal = match found {
+                None => Refusal::NoSuchRoom,
+                Some(_) => Refusal::NotAMember,
+            };
+            ((room.as_str(), user.as_str()), refusal)
+        })
+        .collect();
+    messages
+        .iter()
+        .map(
+            |m| match refused.get(&(m.room.to_string().as_str(), m.sender.to_string().as_str())) {
+                Some(refusal) => Err(*refusal),
+                None => Ok(()),
+            },
+        )
+        .collect()
+}
+
 fn unique_pairs(pairs: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
     let mut seen = HashSet::new();
     pairs.filter(|pair| seen.insert(pair.clone())).collect()
+}
+
+/// Each room's first new sequence, from its last one after numbering
+/// `per_room`'s count of messages.
+fn first_numbers(
+    per_room: &BTreeMap<RoomId, u64>,
+    last: Vec<(String, i64)>,
+) -> anyhow::Result<HashMap<RoomId, u64>> {
+    let mut first = HashMap::with_capacity(per_room.len());
+    for (room, last) in last {
+        let room: RoomId = room.parse().with_context(|| format!("room id `{room}`"))?;
+        let count = per_room.get(&room).context("a room numbered unasked")?;
+        let seq = u64::try_from(last)?
+            .checked_sub(count - 1)
+            .with_context(|| format!("room {room} numbered below its own count"))?;
+        first.insert(room, seq);
+    }
+    anyhow::ensure!(
+        first.len() == per_room.len(),
+        "{} of {} rooms numbered",
+        first.len(),
+        per_room.len()
+    );
+    Ok(first)
 }

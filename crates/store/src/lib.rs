@@ -48,7 +48,8 @@ pub struct Database {
     /// connection of its own, outside the pool, and its writers queue here
     /// for it rather than in SQLite's busy handler, which sleeps for
     /// milliseconds at a time. (A pooled connection also costs a round trip
-    /// to its worker thread each time it goes back to the pool.)
+    /// to its worker thread each time it goes back to the pool.) On Postgres
+    /// only a clone made by [`Self::with_own_writer`] has one.
     writer: Option<Arc<tokio::sync::Mutex<AnyConnection>>>,
 }
 
@@ -56,8 +57,8 @@ pub struct Database {
 /// database.
 type Transactions = <Any as sqlx::Database>::TransactionManager;
 
-/// A connection held for writing: on SQLite the process's writer connection
-/// (its turn held until dropped), on Postgres one from the pool.
+/// A connection held for writing: the writer connection (its turn held
+/// until dropped), else one from the pool.
 enum Held {
     Pooled(PoolConnection<Any>),
     Writer(OwnedMutexGuard<AnyConnection>),
@@ -196,6 +197,45 @@ impl Database {
             backend,
             writer,
         })
+    }
+
+    /// This database with a writer connection of its own, for a task that
+    /// writes all the time (the group commit): its transactions then skip
+    /// the pool, which on Postgres costs two round trips per use (sqlx pings
+    /// a connection when it is taken and again when it is given back). On
+    /// SQLite, where the process's writer is shared already, a clone.
+    pub async fn with_own_writer(&self) -> sqlx::Result<Self> {
+        if self.writer.is_some() {
+            return Ok(self.clone());
+        }
+        let conn = self.pool.acquire().await?.detach();
+        Ok(Self {
+            writer: Some(Arc::new(tokio::sync::Mutex::new(conn))),
+            ..self.clone()
+        })
+    }
+
+    /// After a failed write: replaces the writer connection with a new one
+    /// from the pool if it no longer answers (the database restarted, the
+    /// connection broke), so later writes do not fail with it. A pooled
+    /// connection needs none of this: the pool tests it.
+    pub async fn mend_writer(&self) {
+        let Some(writer) = &self.writer else {
+            return;
+        };
+        let mut conn = writer.lock().await;
+        if conn.ping().await.is_ok() {
+            return;
+        }
+        match self.pool.acquire().await {
+            Ok(fresh) => {
+                *conn = fresh.detach();
+                tracing::warn!("the writer connection was broken; replaced");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the writer connection is broken, and no new one could be opened")
+            }
+        }
     }
 
     /// Applies `service`'s migrations that are not applied yet, each in its own
@@ -340,13 +380,18 @@ impl Database {
 
     /// `rows` tuples of `columns` parameters, for a multi-row `VALUES`.
     pub fn value_rows(&self, columns: usize, rows: usize) -> String {
+        self.value_rows_from(1, columns, rows)
+    }
+
+    /// [`Self::value_rows`], numbered from `first`.
+    pub fn value_rows_from(&self, first: usize, columns: usize, rows: usize) -> String {
         let mut sql = String::with_capacity(rows * (columns * 4 + 4));
         for row in 0..rows {
             if row > 0 {
                 sql.push_str(", ");
             }
             sql.push('(');
-            self.push_placeholders(&mut sql, 1 + row * columns, columns);
+            self.push_placeholders(&mut sql, first + row * columns, columns);
             sql.push(')');
         }
         sql
@@ -417,29 +462,57 @@ impl Database {
     where
         F: for<'q> Fn(AnyQuery<'q>, &'q T) -> anyhow::Result<AnyQuery<'q>>,
     {
-        let selected = (1..=columns)
-            .map(|n| format!("v.column{n}"))
-            .collect::<Vec<_>>()
-            .join(", ");
         let mut inserted = 0;
         for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
-            let padded = padded(chunk);
-            // `WHERE` also tells SQLite that an `ON CONFLICT` in `suffix`
-            // belongs to the insert, not to a join.
-            let sql = format!(
-                "INSERT INTO {into} SELECT {selected} FROM (VALUES {}) AS v
-                 WHERE v.column{} = 1 {suffix}",
-                self.value_rows(columns + 1, padded.len()),
-                columns + 1,
-            );
-            let mut query = sqlx::query(&sql);
-            for (i, row) in padded.into_iter().enumerate() {
-                query = bind(query, row)?.bind(i64::from(i < chunk.len()));
-            }
+            let sql = self.insert_statement(into, columns, suffix, chunk.len(), 1);
+            let query = bind_rows(sqlx::query(&sql), chunk, &bind)?;
             inserted += query.execute(&mut *conn).await?.rows_affected();
         }
         Ok(inserted)
     }
+
+    /// The statement [`Self::insert_rows`] runs for a chunk of `rows` rows
+    /// (at most [`MAX_ROWS_PER_STATEMENT`]), its parameters numbered from
+    /// `first`; [`bind_rows`] binds them. For a statement that inserts into
+    /// two tables at once (on Postgres, as a `WITH` query's parts).
+    pub fn insert_statement(
+        &self,
+        into: &str,
+        columns: usize,
+        suffix: &str,
+        rows: usize,
+        first: usize,
+    ) -> String {
+        let selected = (1..=columns)
+            .map(|n| format!("v.column{n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // `WHERE` also tells SQLite that an `ON CONFLICT` in `suffix`
+        // belongs to the insert, not to a join.
+        format!(
+            "INSERT INTO {into} SELECT {selected} FROM (VALUES {}) AS v
+             WHERE v.column{} = 1 {suffix}",
+            self.value_rows_from(first, columns + 1, rows.next_power_of_two()),
+            columns + 1,
+        )
+    }
+}
+
+/// Binds `chunk`'s rows to a statement of [`Database::insert_statement`],
+/// padded, `bind` binding one row's values in order: the parameters
+/// numbered from its `first` on.
+pub fn bind_rows<'q, T, F>(
+    mut query: AnyQuery<'q>,
+    chunk: &'q [T],
+    bind: &F,
+) -> anyhow::Result<AnyQuery<'q>>
+where
+    F: Fn(AnyQuery<'q>, &'q T) -> anyhow::Result<AnyQuery<'q>>,
+{
+    for (i, row) in padded(chunk).into_iter().enumerate() {
+        query = bind(query, row)?.bind(i64::from(i < chunk.len()));
+    }
+    Ok(query)
 }
 
 /// Whether an error is a unique-constraint violation.
@@ -457,7 +530,52 @@ pub fn now_millis() -> i64 {
 
 #[cfg(test)]
 mod tests {
+    use unhidra_testkit::TestDatabase;
+
     use super::*;
+
+    /// The backend process serving the writer connection.
+    async fn writer_pid(db: &Database) -> anyhow::Result<i32> {
+        let mut write = db.begin_write().await?;
+        let pid = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(write.conn())
+            .await?;
+        write.commit().await?;
+        Ok(pid)
+    }
+
+    #[tokio::test]
+    async fn a_broken_writer_connection_is_replaced() -> anyhow::Result<()> {
+        let Some(test_db) = TestDatabase::postgres().await? else {
+            return Ok(());
+        };
+        let db = Database::connect(test_db.url(), 4).await?;
+        let own = db.with_own_writer().await?;
+        let pid = writer_pid(&own).await?;
+        assert_eq!(
+            writer_pid(&own).await?,
+            pid,
+            "the same connection each time"
+        );
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(&db.pool)
+            .await?;
+        assert!(
+            writer_pid(&own).await.is_err(),
+            "a write on the broken connection"
+        );
+        own.mend_writer().await;
+        let replaced = writer_pid(&own).await?;
+        assert_ne!(replaced, pid);
+        own.mend_writer().await;
+        assert_eq!(
+            writer_pid(&own).await?,
+            replaced,
+            "a working connection is kept"
+        );
+        Ok(())
+    }
 
     #[test]
     fn lists_are_padded_to_a_power_of_two_with_their_last_item() {
