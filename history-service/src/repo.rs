@@ -7,7 +7,9 @@ use unhidra_core::{
     events::RoomMessage,
     ids::{MessageId, RoomId, UserId},
 };
-use unhidra_store::{Database, now_millis};
+use unhidra_store::{
+    Database, MAX_ROWS_PER_STATEMENT, WriteConnection, is_unique_violation_in, now_millis,
+};
 
 /// One message as history serves it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -33,16 +35,42 @@ impl HistoryRepo {
     /// stored; returns how many were new. Each statement (of up to 512
     /// events) commits on its own: what one that failed left out is stored
     /// when the events come again, and the rest is skipped then.
+    ///
+    /// Events seldom come again (a redelivery), so each chunk is inserted
+    /// plainly first, and only if that fails on a stored one with `ON
+    /// CONFLICT DO NOTHING`: on Postgres that clause makes every insert a
+    /// speculative one, a look-up in each unique index before it and a
+    /// record in the log after it.
     pub async fn insert(&self, events: &[RoomMessage]) -> anyhow::Result<u64> {
         let now = now_millis();
         let mut write = self.db.write_connection().await?;
-        let inserted = self
-            .db
+        let mut inserted = 0;
+        for chunk in events.chunks(MAX_ROWS_PER_STATEMENT) {
+            let plain = self.insert_chunk(&mut write, chunk, "", now).await;
+            inserted += match plain {
+                Err(e) if is_unique_violation_in(&e) => {
+                    self.insert_chunk(&mut write, chunk, "ON CONFLICT DO NOTHING", now)
+                        .await?
+                }
+                other => other?,
+            };
+        }
+        Ok(inserted)
+    }
+
+    async fn insert_chunk(
+        &self,
+        write: &mut WriteConnection,
+        events: &[RoomMessage],
+        suffix: &str,
+        now: i64,
+    ) -> anyhow::Result<u64> {
+        self.db
             .insert_rows(
                 write.conn(),
                 "messages (message_id, room_id, seq, sender, body, sent_at, stored_at)",
                 7,
-                "ON CONFLICT DO NOTHING",
+                suffix,
                 events,
                 |query, event| {
                     Ok(query
@@ -55,8 +83,7 @@ impl HistoryRepo {
                         .bind(now))
                 },
             )
-            .await?;
-        Ok(inserted)
+            .await
     }
 
     /// Up to `limit` messages of `room` with a sequence below `before`,
@@ -159,7 +186,14 @@ mod conformance {
                 .map(|seq| event(other, seq + 1, "bulk"))
                 .collect();
             assert_eq!(history.insert(&many).await?, 1200);
-            assert_eq!(history.page(other, i64::MAX, 1).await?[0].seq, 1201);
+            // Over two statements: the first's chunk mixes new events and
+            // redeliveries, the second's holds only redeliveries.
+            let mixed: Vec<RoomMessage> = (1202..=1301)
+                .map(|seq| event(other, seq, "new"))
+                .chain(many[400..].iter().cloned())
+                .collect();
+            assert_eq!(history.insert(&mixed).await?, 100);
+            assert_eq!(history.page(other, i64::MAX, 1).await?[0].seq, 1301);
 
             let page = history.page(room, i64::MAX, 2).await?;
             let stored = |e: &RoomMessage| StoredMessage {

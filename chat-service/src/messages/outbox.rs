@@ -22,7 +22,8 @@ use unhidra_core::{
     rpc::SendAccepted,
 };
 use unhidra_store::{
-    AnyQuery, Backend, Database, MAX_ROWS_PER_STATEMENT, bind_rows, now_millis, padded,
+    AnyQuery, Backend, Database, MAX_ROWS_PER_STATEMENT, bind_rows, is_unique_violation_in,
+    now_millis, padded,
 };
 
 use crate::rooms::Refusal;
@@ -240,11 +241,16 @@ impl OutboxRepo {
     ///
     /// A send seldom repeats one of an earlier group (a client retrying
     /// after a lost ack), so the first attempt does not look repeats up: it
-    /// numbers every send as new, and the send keys' upsert, which finds each
-    /// key anyway, tells whether a kept one was there. Only then is the
-    /// group rolled back and accepted again, its repeats looked up first.
-    /// (Looking them up in every group cost a statement, and on Postgres a
-    /// scan of every kept key whenever the table's statistics were behind.)
+    /// numbers every send as new and inserts the send keys plainly, which
+    /// fails if any key is stored already. Only then is the group rolled
+    /// back and accepted again, its repeats looked up first, its keys
+    /// upserted: a key remembered past its time is replaced, and one that
+    /// another instance stored meanwhile is not counted, so the next
+    /// attempt looks it up. (Looking repeats up in every group cost a
+    /// statement, and on Postgres a scan of every kept key whenever the
+    /// table's statistics were behind; an upsert in every group cost
+    /// Postgres a speculative insertion per key: a look-up in the key's
+    /// index before the insert, and a record in its log after.)
     pub async fn accept(
         &self,
         messages: Vec<NewMessage>,
@@ -259,13 +265,19 @@ impl OutboxRepo {
         for look_up_repeats in [false, true, true] {
             let mut write = self.db.begin_write().await?;
             self.remove_published(write.conn(), published).await?;
-            if let Some(acceptance) = self
+            match self
                 .accept_in(write.conn(), &messages, look_up_repeats)
-                .await?
+                .await
             {
-                write.commit().await?;
-                self.removed.committed(published);
-                return Ok(acceptance);
+                Ok(Some(acceptance)) => {
+                    write.commit().await?;
+                    self.removed.committed(published);
+                    return Ok(acceptance);
+                }
+                Ok(None) => {}
+                // A key stored before, kept or not: look it up.
+                Err(e) if !look_up_repeats && is_unique_violation_in(&e) => {}
+                Err(e) => return Err(e),
             }
             // Dropped, the transaction rolls back.
         }
@@ -337,7 +349,7 @@ impl OutboxRepo {
             }
             outcomes.push(Ok(Accepted::New(event)));
         }
-        let stored = self.queue(conn, &keys, &queued).await?;
+        let stored = self.queue(conn, &keys, &queued, look_up_repeats).await?;
         if stored < u64::try_from(keys.len())? {
             return Ok(None);
         }
@@ -430,19 +442,26 @@ impl OutboxRepo {
 
     /// Stores the send keys and queues the messages in the outbox: on
     /// Postgres both in one statement (one round trip), on SQLite one each.
-    /// Returns how many keys were stored (a key still kept from an earlier
-    /// send is not).
+    /// The keys are inserted plainly (failing if one is stored already), or
+    /// `upserted` ([`Self::accept`]). Returns how many keys were stored (an
+    /// upsert does not store a key still kept from an earlier send).
     async fn queue(
         &self,
         conn: &mut AnyConnection,
         keys: &[SendKey<'_>],
         queued: &[Pending],
+        upserted: bool,
     ) -> anyhow::Result<u64> {
         let now = now_millis();
+        let keys_suffix = if upserted {
+            self.keys_upsert.as_str()
+        } else {
+            ""
+        };
         if self.db.backend == Backend::Sqlite {
             let stored = self
                 .db
-                .insert_rows(conn, SEND_KEYS, 5, &self.keys_upsert, keys, |query, key| {
+                .insert_rows(conn, SEND_KEYS, 5, keys_suffix, keys, |query, key| {
                     key.bind(query, now)
                 })
                 .await?;
@@ -461,9 +480,9 @@ impl OutboxRepo {
             let mut sql = self.db.insert_statement(OUTBOX, 5, "", rows.len(), 1);
             if !keys.is_empty() {
                 let first = 1 + 6 * rows.len().next_power_of_two();
-                let keys =
-                    self.db
-                        .insert_statement(SEND_KEYS, 5, &self.keys_upsert, keys.len(), first);
+                let keys = self
+                    .db
+                    .insert_statement(SEND_KEYS, 5, keys_suffix, keys.len(), first);
                 sql = format!("WITH queued AS ({sql}) {keys}");
             }
             let query = bind_rows(sqlx::query(&sql), rows, &|query, p: &Pending| {

@@ -520,6 +520,14 @@ pub fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(e) if e.is_unique_violation())
 }
 
+/// Whether an error, or one it was caused by, is a unique-constraint
+/// violation.
+pub fn is_unique_violation_in(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .any(|cause| cause.downcast_ref().is_some_and(is_unique_violation))
+}
+
 /// The current time in Unix milliseconds, how every table stores time.
 pub fn now_millis() -> i64 {
     let now = std::time::SystemTime::now()
