@@ -356,9 +356,8 @@ impl OutboxRepo {
         Ok(Some(Acceptance { outcomes, queued }))
     }
 
-    /// How each message is to be accepted (`allowed` and `known`, the
-    /// repeats looked up, given), and each room's new messages, numbered
-    /// from its next sequence. On Postgres one statement checks every
+    /// How each message is to be accepted (`known`: the repeats looked
+    /// up), and each room's first new sequence. On Postgres one statement checks every
     /// sender's membership and numbers the rooms, numbering only if no
     /// sender is refused (almost always); else, and on SQLite, one statement
     /// checks and another numbers what was allowed.

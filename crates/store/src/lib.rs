@@ -216,15 +216,15 @@ impl Database {
     }
 
     /// After a failed write: replaces the writer connection with a new one
-    /// from the pool if it no longer answers (the database restarted, the
-    /// connection broke), so later writes do not fail with it. A pooled
-    /// connection needs none of this: the pool tests it.
+    /// from the pool if it does not answer within two seconds (the database
+    /// restarted, the connection broke), so later writes do not fail with
+    /// it. A pooled connection needs none of this: the pool tests it.
     pub async fn mend_writer(&self) {
         let Some(writer) = &self.writer else {
             return;
         };
         let mut conn = writer.lock().await;
-        if conn.ping().await.is_ok() {
+        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), conn.ping()).await {
             return;
         }
         match self.pool.acquire().await {
