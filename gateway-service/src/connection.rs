@@ -271,7 +271,9 @@ impl Connection {
                 },
                 outcome = answered => {
                     in_flight = None;
-                    self.pipeline.complete(outcome);
+                    let answers = &gateway.metrics.send_answers;
+                    self.pipeline
+                        .complete(outcome, |waited| answers.observe(waited.as_secs_f64()));
                 }
                 next = self.socket.next(), if self.pipeline.len() < MAX_PIPELINE => {
                     heard = Instant::now();

@@ -1,8 +1,8 @@
 //! What the gateway counts, registered with the process registry when the
 //! gateway is built.
 
-use prometheus::{IntCounter, IntGauge};
-use unhidra_telemetry::metrics::Metrics;
+use prometheus::{Histogram, IntCounter, IntGauge};
+use unhidra_telemetry::metrics::{LATENCY_BUCKETS, Metrics};
 
 #[derive(Clone, Debug)]
 pub struct GatewayMetrics {
@@ -10,6 +10,7 @@ pub struct GatewayMetrics {
     pub frames_in: IntCounter,
     pub frames_out: IntCounter,
     pub frames_limited: IntCounter,
+    pub send_answers: Histogram,
     pub slow_consumers: IntCounter,
     pub revoked: IntCounter,
     pub delivered: IntCounter,
@@ -31,6 +32,11 @@ impl GatewayMetrics {
             frames_limited: metrics.counter(
                 "unhidra_ws_frames_rate_limited_total",
                 "WebSocket frames refused with rate_limited (frames or bytes per second).",
+            )?,
+            send_answers: metrics.histogram(
+                "unhidra_ws_send_answer_seconds",
+                "Per send frame: from the gateway reading it until its ack or error was ready to write (the wait behind the connection's batch in flight, for a chat.send request, and its round trip).",
+                &LATENCY_BUCKETS,
             )?,
             slow_consumers: metrics.counter(
                 "unhidra_ws_slow_consumer_disconnects_total",

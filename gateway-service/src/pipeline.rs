@@ -6,7 +6,10 @@
 //! throughput, not by one round trip per message; and since a connection's
 //! batches are sequential, its sends to a room are numbered in sending order.
 
-use std::collections::VecDeque;
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
 
 use crate::sends;
 use unhidra_core::{
@@ -18,10 +21,14 @@ use unhidra_core::{
 enum Slot {
     /// Answered; goes out once every earlier slot has.
     Ready(ServerFrame),
-    /// A send waiting for the next batch.
-    Queued(Draft),
-    /// A send in the batch in flight.
-    Submitted { id: String, room: RoomId },
+    /// A send waiting for the next batch, and when it was read.
+    Queued(Draft, Instant),
+    /// A send in the batch in flight, and when it was read.
+    Submitted {
+        id: String,
+        room: RoomId,
+        read_at: Instant,
+    },
 }
 
 /// The frames of one connection that are read but not yet written.
@@ -50,9 +57,9 @@ impl Pipeline {
         self.slots.push_back(Slot::Ready(frame));
     }
 
-    /// A send, answered when its batch comes back.
+    /// A send, read now, answered when its batch comes back.
     pub fn push_send(&mut self, draft: Draft) {
-        self.slots.push_back(Slot::Queued(draft));
+        self.slots.push_back(Slot::Queued(draft, Instant::now()));
     }
 
     /// The answers that may be written now: the leading answered frames.
@@ -76,7 +83,7 @@ impl Pipeline {
             if batch.len() == max {
                 break;
             }
-            if let Slot::Queued(draft) = slot {
+            if let Slot::Queued(draft, read_at) = slot {
                 let size = sends::wire_bytes(&draft.body);
                 if !batch.is_empty() && bytes + size > max_bytes {
                     break;
@@ -85,8 +92,9 @@ impl Pipeline {
                 let submitted = Slot::Submitted {
                     id: draft.id.clone(),
                     room: draft.room,
+                    read_at: *read_at,
                 };
-                if let Slot::Queued(draft) = std::mem::replace(slot, submitted) {
+                if let Slot::Queued(draft, _) = std::mem::replace(slot, submitted) {
                     batch.push(draft);
                 }
             }
@@ -95,17 +103,23 @@ impl Pipeline {
     }
 
     /// Answers the sends of the batch in flight with its outcome: an ack or
-    /// an error frame each, in order.
-    pub fn complete(&mut self, outcome: Result<Vec<RpcReply<SendAccepted>>, RpcError>) {
+    /// an error frame each, in order; `answered` is told how long each
+    /// waited since it was read.
+    pub fn complete(
+        &mut self,
+        outcome: Result<Vec<RpcReply<SendAccepted>>, RpcError>,
+        mut answered: impl FnMut(Duration),
+    ) {
         let (mut replies, refused) = match outcome {
             Ok(replies) => (replies.into_iter(), None),
             Err(e) => (Vec::new().into_iter(), Some(e)),
         };
         for slot in &mut self.slots {
-            let Slot::Submitted { id, room } = slot else {
+            let Slot::Submitted { id, room, read_at } = slot else {
                 continue;
             };
             let (id, room) = (std::mem::take(id), *room);
+            answered(read_at.elapsed());
             let answer = match (&refused, replies.next().as_ref()) {
                 (Some(e), _) | (None, Some(RpcReply::Err(e))) => {
                     error(Some(id), e.code.frame_code(), &e.message)
@@ -185,10 +199,15 @@ mod tests {
             vec!["one", "two"]
         );
         assert!(pipeline.take_ready().is_empty());
-        pipeline.complete(Ok(vec![
-            accepted(7),
-            RpcReply::Err(RpcError::new(RpcCode::Forbidden, "not a member")),
-        ]));
+        let mut waited = Vec::new();
+        pipeline.complete(
+            Ok(vec![
+                accepted(7),
+                RpcReply::Err(RpcError::new(RpcCode::Forbidden, "not a member")),
+            ]),
+            |w| waited.push(w),
+        );
+        assert_eq!(waited.len(), 2, "each send of the batch, acked or refused");
         assert_eq!(
             ids(&pipeline.take_ready()),
             vec!["ack s1 7", "pong p1", "error s2 Forbidden"]
@@ -197,8 +216,14 @@ mod tests {
 
         let (batch, _) = pipeline.next_batch(2, 1024);
         assert_eq!(batch.len(), 1);
-        pipeline.complete(Err(RpcError::new(RpcCode::Unavailable, "retry later")));
+        pipeline.complete(
+            Err(RpcError::new(RpcCode::Unavailable, "retry later")),
+            |w| waited.push(w),
+        );
         assert_eq!(ids(&pipeline.take_ready()), vec!["error s3 Unavailable"]);
+        assert_eq!(waited.len(), 3);
+        // s3 was read after s1 and answered after it.
+        assert!(waited[2] >= waited[0], "{waited:?}");
         assert_eq!(pipeline.len(), 0);
     }
 
@@ -218,7 +243,7 @@ mod tests {
             let ids: Vec<&str> = batch.iter().map(|d| d.id.as_str()).collect();
             batches.push((ids.join(" "), bytes));
             let accepted = (0..batch.len() as u64).map(accepted).collect();
-            pipeline.complete(Ok(accepted));
+            pipeline.complete(Ok(accepted), |_| {});
         }
         assert_eq!(
             batches,
@@ -238,7 +263,7 @@ mod tests {
         pipeline.push_send(draft("a", room, "a"));
         pipeline.push_send(draft("b", room, "b"));
         pipeline.next_batch(10, 1024);
-        pipeline.complete(Ok(vec![accepted(1)]));
+        pipeline.complete(Ok(vec![accepted(1)]), |_| {});
         assert_eq!(
             ids(&pipeline.take_ready()),
             vec!["ack a 1", "error b Internal"]

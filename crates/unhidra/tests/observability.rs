@@ -173,6 +173,7 @@ async fn one_scenario_moves_the_metrics_and_shares_one_request_id_across_service
             r#"unhidra_bus_request_duration_seconds_count{request="chat.send"}"#,
             3.0,
         ),
+        ("unhidra_ws_send_answer_seconds_count", 3.0),
         ("unhidra_group_commit_wait_seconds_count", 3.0),
         ("unhidra_group_commit_duration_seconds_count", 3.0),
         ("unhidra_group_commit_messages_sum", 3.0),
