@@ -114,12 +114,13 @@ impl Pipeline {
             Ok(replies) => (replies.into_iter(), None),
             Err(e) => (Vec::new().into_iter(), Some(e)),
         };
+        let now = Instant::now();
         for slot in &mut self.slots {
             let Slot::Submitted { id, room, read_at } = slot else {
                 continue;
             };
             let (id, room) = (std::mem::take(id), *room);
-            answered(read_at.elapsed());
+            answered(now.saturating_duration_since(*read_at));
             let answer = match (&refused, replies.next().as_ref()) {
                 (Some(e), _) | (None, Some(RpcReply::Err(e))) => {
                     error(Some(id), e.code.frame_code(), &e.message)
