@@ -464,9 +464,12 @@ impl OutboxRepo {
                     key.bind(query, now)
                 })
                 .await?;
-            self.db
-                .insert_rows(conn, OUTBOX, 5, "", queued, |query, p| p.bind(query, now))
-                .await?;
+            if stored == u64::try_from(keys.len())? {
+                // Else the group is rolled back: nothing more to write.
+                self.db
+                    .insert_rows(conn, OUTBOX, 5, "", queued, |query, p| p.bind(query, now))
+                    .await?;
+            }
             return Ok(stored);
         }
         // Each statement inserts a chunk of the outbox's rows and, as its
