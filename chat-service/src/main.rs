@@ -1,12 +1,10 @@
 //! The `chat-service` binary: one Unhidra service in its own process, configured by
 //! `UNHIDRA_*` variables (see the README).
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     unhidra_runtime::main_for(
         chat_service::NAME,
         chat_service::DEFAULT_PORT,
         |listener, config| chat_service::run(listener, config, unhidra_runtime::shutdown_signal()),
     )
-    .await
 }

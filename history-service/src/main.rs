@@ -1,8 +1,7 @@
 //! The `history-service` binary: one Unhidra service in its own process, configured by
 //! `UNHIDRA_*` variables (see the README).
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     unhidra_runtime::main_for(
         history_service::NAME,
         history_service::DEFAULT_PORT,
@@ -10,5 +9,4 @@ async fn main() -> anyhow::Result<()> {
             history_service::run(listener, config, unhidra_runtime::shutdown_signal())
         },
     )
-    .await
 }

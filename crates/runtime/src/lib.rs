@@ -373,26 +373,61 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown requested");
 }
 
-/// The body of every service binary: configuration, logs and traces,
-/// listener, run.
-pub async fn main_for<F, Fut>(service: &str, default_port: u16, run: F) -> anyhow::Result<()>
+/// The body of every service binary: configuration, the runtime, logs
+/// and traces, listener, run.
+pub fn main_for<F, Fut>(service: &str, default_port: u16, run: F) -> anyhow::Result<()>
 where
     F: FnOnce(TcpListener, Config) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let config = Config::load()?;
-    let address = config.bind_or(default_port);
-    if std::env::args().nth(1).as_deref() == Some("healthcheck") {
-        return healthcheck(address, config.tls_cert.is_some()).await;
+    runtime(&config)?.block_on(async move {
+        let address = config.bind_or(default_port);
+        if std::env::args().nth(1).as_deref() == Some("healthcheck") {
+            return healthcheck(address, config.tls_cert.is_some()).await;
+        }
+        let _traces = unhidra_telemetry::init(&unhidra_telemetry::Reporting {
+            json: config.log_format == unhidra_core::config::LogFormat::Json,
+            filter: &config.log,
+            otlp_endpoint: config.otlp_endpoint.as_deref(),
+            service,
+        })?;
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {address}: {e}"))?;
+        run(listener, config).await
+    })
+}
+
+/// The runtime a process runs on: `worker_threads` threads for its tasks,
+/// or one per CPU it may use when that is 0.
+pub fn runtime(config: &Config) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if config.worker_threads > 0 {
+        builder.worker_threads(config.worker_threads);
     }
-    let _traces = unhidra_telemetry::init(&unhidra_telemetry::Reporting {
-        json: config.log_format == unhidra_core::config::LogFormat::Json,
-        filter: &config.log,
-        otlp_endpoint: config.otlp_endpoint.as_deref(),
-        service,
-    })?;
-    let listener = TcpListener::bind(address)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {address}: {e}"))?;
-    run(listener, config).await
+    builder.build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_runtime_has_the_configured_worker_threads() -> anyhow::Result<()> {
+        let workers = |worker_threads| -> anyhow::Result<usize> {
+            let config = Config {
+                worker_threads,
+                ..Config::default()
+            };
+            Ok(runtime(&config)?
+                .block_on(async { tokio::runtime::Handle::current().metrics().num_workers() }))
+        };
+        assert_eq!(workers(1)?, 1);
+        assert_eq!(workers(3)?, 3);
+        // 0: one per CPU the process may use.
+        assert_eq!(workers(0)?, std::thread::available_parallelism()?.get());
+        Ok(())
+    }
 }

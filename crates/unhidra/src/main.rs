@@ -16,38 +16,43 @@ const KEYS_USAGE: &str = "usage: unhidra keys rotate";
 const NATS_USAGE: &str =
     "usage: unhidra nats-config   (for the bus prefix UNHIDRA_BUS_PREFIX names)";
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("admin") {
-        return admin(&args[1..]).await;
-    }
-    if args.first().map(String::as_str) == Some("keys") {
-        return keys(&args[1..]).await;
-    }
-    if args.first().map(String::as_str) == Some("nats-config") {
-        if args.len() > 1 {
-            anyhow::bail!(NATS_USAGE);
+    match args.first().map(String::as_str) {
+        Some("admin") => with_runtime(|config| admin(&args[1..], config)),
+        Some("keys") => with_runtime(|config| keys(&args[1..], config)),
+        Some("nats-config") => {
+            if args.len() > 1 {
+                anyhow::bail!(NATS_USAGE);
+            }
+            let config = unhidra_core::Config::load()?;
+            let subjects = unhidra_core::subjects::Subjects::new(&config.bus_prefix);
+            print!("{}", unhidra_bus::nats_authorization(&subjects));
+            Ok(())
         }
-        let config = unhidra_core::Config::load()?;
-        let subjects = unhidra_core::subjects::Subjects::new(&config.bus_prefix);
-        print!("{}", unhidra_bus::nats_authorization(&subjects));
-        return Ok(());
+        _ => unhidra_runtime::main_for("unhidra", unhidra::DEFAULT_PORT, |listener, config| {
+            unhidra::run(listener, config, unhidra_runtime::shutdown_signal())
+        }),
     }
-    unhidra_runtime::main_for("unhidra", unhidra::DEFAULT_PORT, |listener, config| {
-        unhidra::run(listener, config, unhidra_runtime::shutdown_signal())
-    })
-    .await
 }
 
-async fn admin(args: &[String]) -> anyhow::Result<()> {
+/// Runs an administrative command with the configuration, on its runtime.
+fn with_runtime<F, Fut>(command: F) -> anyhow::Result<()>
+where
+    F: FnOnce(unhidra_core::Config) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let config = unhidra_core::Config::load()?;
+    unhidra_runtime::runtime(&config)?.block_on(command(config))
+}
+
+async fn admin(args: &[String], config: unhidra_core::Config) -> anyhow::Result<()> {
     let [command, email] = args else {
         anyhow::bail!(ADMIN_USAGE);
     };
     if command != "create" {
         anyhow::bail!(ADMIN_USAGE);
     }
-    let config = unhidra_core::Config::load()?;
     // Read, not taken from the command line, where other users could see it.
     let mut password = String::new();
     std::io::stdin().lock().read_line(&mut password)?;
@@ -57,11 +62,10 @@ async fn admin(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn keys(args: &[String]) -> anyhow::Result<()> {
+async fn keys(args: &[String], config: unhidra_core::Config) -> anyhow::Result<()> {
     if args != ["rotate"] {
         anyhow::bail!(KEYS_USAGE);
     }
-    let config = unhidra_core::Config::load()?;
     let kid = auth_api::rotate_signing_key(&config).await?;
     println!(
         "new tokens are signed with key {kid} (running replicas switch within {} s)",
