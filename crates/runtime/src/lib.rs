@@ -400,14 +400,18 @@ where
 }
 
 /// The runtime a process runs on: `worker_threads` threads for its tasks,
-/// or one per CPU it may use when that is 0.
+/// or one per CPU it may use when that is 0. Always set here, so that
+/// `UNHIDRA_WORKER_THREADS` is the one way to choose it (tokio would
+/// otherwise read `TOKIO_WORKER_THREADS`).
 pub fn runtime(config: &Config) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if config.worker_threads > 0 {
-        builder.worker_threads(config.worker_threads);
-    }
-    builder.build()
+    let workers = match config.worker_threads {
+        0 => std::thread::available_parallelism()?.get(),
+        n => n,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(workers)
+        .build()
 }
 
 #[cfg(test)]
