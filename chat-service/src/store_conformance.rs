@@ -306,6 +306,52 @@ async fn groups_get_gap_free_sequences_in_order_and_refusals_take_none() -> anyh
     .await
 }
 
+/// A group's rooms are listed padded to a power of two (copies of the last
+/// room): each room is still numbered once, by its own count.
+#[tokio::test]
+async fn a_group_over_five_rooms_numbers_each_room_by_its_own_count() -> anyhow::Result<()> {
+    on_each_database(|db| async move {
+        let database = open(&db).await?;
+        let rooms = RoomRepo::new(database.clone(), ROOMY);
+        let outbox = OutboxRepo::new(database.clone(), KEYS_KEPT);
+        let owner = UserId::new();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let r = room(&format!("r{i}"), Visibility::Public);
+            rooms.create(&r, owner).await??;
+            ids.push(r.id);
+        }
+        // Room i gets i + 1 messages in each of two groups.
+        for group in 0..2u64 {
+            let messages = ids
+                .iter()
+                .enumerate()
+                .flat_map(|(i, room)| (0..=i).map(move |_| new_message(*room, owner, "m")))
+                .collect();
+            let acceptance = outbox.accept(messages, &BTreeMap::new()).await?;
+            let mut numbered: BTreeMap<RoomId, Vec<u64>> = BTreeMap::new();
+            for outcome in acceptance.outcomes {
+                let event = posted(outcome).map_err(|r| anyhow::anyhow!("refused: {r:?}"))?;
+                numbered.entry(event.room).or_default().push(event.seq);
+            }
+            for (i, room) in ids.iter().enumerate() {
+                let count = i as u64 + 1;
+                let first = group * count + 1;
+                assert_eq!(numbered[room], (first..first + count).collect::<Vec<_>>());
+            }
+        }
+        for (i, room) in ids.iter().enumerate() {
+            let last: i64 = sqlx::query_scalar("SELECT last_seq FROM rooms WHERE id = $1")
+                .bind(room.to_string())
+                .fetch_one(&database.pool)
+                .await?;
+            assert_eq!(last, 2 * (i as i64 + 1));
+        }
+        Ok(())
+    })
+    .await
+}
+
 #[tokio::test]
 async fn publishing_takes_each_room_in_sequence_order_and_keeps_what_failed() -> anyhow::Result<()>
 {

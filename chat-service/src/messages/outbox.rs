@@ -146,6 +146,14 @@ const NUMBER_LOCKED: &str = "UPDATE rooms SET last_seq = rooms.last_seq + counts
      WHERE rooms.id = counts.id
      RETURNING rooms.id, rooms.last_seq";
 
+/// `counts (id, n)`: each room and its count, from `values`, value rows
+/// padded with copies of the last (see [`padded`]). The copies are left
+/// out: each would join every other, and a group's rooms padded from 65 to
+/// 128 made the update join 4,096 rows for one room.
+fn counts_of(values: &str) -> String {
+    format!("counts (id, n) AS (SELECT DISTINCT * FROM (VALUES {values}) AS v)")
+}
+
 /// A (room, sender) pair refused, and the room's id if it exists.
 type RefusedPair = (String, String, Option<String>);
 
@@ -407,7 +415,7 @@ impl OutboxRepo {
         let sql = format!(
             "WITH wanted (room_id, user_id) AS (VALUES {}),
              refused AS ({REFUSED_PAIRS}),
-             counts (id, n) AS (VALUES {}),
+             {},
              locked AS MATERIALIZED (
                  SELECT rooms.id FROM rooms JOIN counts ON rooms.id = counts.id
                  WHERE NOT EXISTS (SELECT 1 FROM refused)
@@ -416,8 +424,11 @@ impl OutboxRepo {
              SELECT room_id, user_id, found, NULL FROM refused
              UNION ALL SELECT id, NULL, NULL, last_seq FROM numbered",
             self.db.value_rows(2, pairs.len()),
-            self.db
-                .value_rows_from(1 + 2 * pairs.len(), 2, counts.len()),
+            counts_of(
+                &self
+                    .db
+                    .value_rows_from(1 + 2 * pairs.len(), 2, counts.len())
+            ),
         );
         let mut query =
             sqlx::query_as::<_, (String, Option<String>, Option<String>, Option<i64>)>(&sql);
@@ -512,18 +523,16 @@ impl OutboxRepo {
         if per_room.is_empty() {
             return Ok(Vec::new());
         }
-        // A room listed twice (padding) joins twice with the same count;
-        // the row is updated once either way.
         let counts: Vec<(&RoomId, &u64)> = per_room.iter().collect();
         let counts = padded(&counts);
-        let values = self.db.value_rows(2, counts.len());
+        let counted = counts_of(&self.db.value_rows(2, counts.len()));
         Ok(match self.db.backend {
             // Each row locked, in the rooms' order, before it is updated (a
             // wait happens only in that order), so two chat-service
             // instances numbering the same rooms cannot deadlock.
             Backend::Postgres => {
                 let sql = format!(
-                    "WITH counts (id, n) AS (VALUES {values}),
+                    "WITH {counted},
                      locked AS MATERIALIZED (
                          SELECT rooms.id FROM rooms JOIN counts ON rooms.id = counts.id
                          ORDER BY rooms.id FOR UPDATE OF rooms)
@@ -540,7 +549,7 @@ impl OutboxRepo {
             // each row returned is a hand-off from SQLite's worker thread.
             Backend::Sqlite => {
                 let sql = format!(
-                    "WITH counts (id, n) AS (VALUES {values})
+                    "WITH {counted}
                      UPDATE rooms SET last_seq = rooms.last_seq + counts.n
                      FROM counts WHERE rooms.id = counts.id"
                 );
