@@ -146,10 +146,10 @@ const NUMBER_LOCKED: &str = "UPDATE rooms SET last_seq = rooms.last_seq + counts
      WHERE rooms.id = counts.id
      RETURNING rooms.id, rooms.last_seq";
 
-/// `counts (id, n)`: each room and its count, from `values`, value rows
-/// padded with copies of the last (see [`padded`]). The copies are left
-/// out: each would join every other, and a group's rooms padded from 65 to
-/// 128 made the update join 4,096 rows for one room.
+/// `counts (id, n)`, each room and its count, from `values`: value rows
+/// padded with copies of the last ([`padded`]), which are left out. Each
+/// copy would join every other: a group over 65 rooms, padded to 128, would
+/// join 4,096 rows for its last room.
 fn counts_of(values: &str) -> String {
     format!("counts (id, n) AS (SELECT DISTINCT * FROM (VALUES {values}) AS v)")
 }
