@@ -527,7 +527,7 @@ impl Config {
         if self.group_commit_linger_ms > 100 {
             return invalid("group_commit_linger_ms must be at most 100");
         }
-        if self.worker_threads > MAX_WORKER_THREADS {
+        if self.worker_threads > 1024 {
             return invalid("worker_threads must be at most 1024");
         }
         if self.database_max_connections == 0 {
@@ -573,8 +573,6 @@ impl Config {
 const HARD_FRAME_FACTOR: usize = 32;
 /// No WebSocket frame is ever read beyond this size.
 pub const MAX_FRAME_LIMIT: usize = 1024 * 1024;
-/// The most worker threads a process may be given.
-const MAX_WORKER_THREADS: usize = 1024;
 
 fn per_minute(count: u32) -> Rate {
     NonZeroU32::new(count).map_or(Rate::Off, Rate::per_minute)
