@@ -1,8 +1,9 @@
-//! `logins`: a login flood. Many logins at once, each with a password of the
-//! given size (1 MiB by default: refused before hashing, before the body is
-//! even read), while `/healthz` is probed; reports how the logins were
-//! answered, how `/healthz` answered meanwhile, and the server's resident
-//! memory before and after.
+//! `logins`: a login flood, or a long run of logins. Logins with a password
+//! of the given size (1 MiB by default: refused before hashing, before the
+//! body is even read), a number of them at once, while `/healthz` is probed;
+//! reports how the logins were answered, how `/healthz` answered meanwhile,
+//! and the server's resident memory before and after. Against an account
+//! of its own (`--account`) the logins succeed, as a user's do.
 
 use std::{
     collections::BTreeMap,
@@ -13,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::StreamExt;
 use hdrhistogram::Histogram;
 
 use crate::{
@@ -23,16 +25,34 @@ use crate::{
 /// Between two `/healthz` probes.
 const PROBE_EVERY: Duration = Duration::from_millis(10);
 
-pub async fn run(
-    target: &Target,
-    concurrency: usize,
-    password_bytes: usize,
-) -> anyhow::Result<Report> {
+/// What to send and how: `total` logins, `concurrency` at a time, with
+/// passwords of `password_bytes`; to an account registered first when
+/// `account`, else to an address no account has.
+pub struct Logins {
+    pub total: usize,
+    pub concurrency: usize,
+    pub password_bytes: usize,
+    pub account: bool,
+}
+
+pub async fn run(target: &Target, logins: &Logins) -> anyhow::Result<Report> {
     let Target::Unhidra { client, .. } = target else {
         anyhow::bail!("logins runs against unhidra only: the relay has no accounts");
     };
+    anyhow::ensure!(logins.concurrency > 0, "--concurrency must be at least 1");
     let endpoints = client.endpoints().clone();
     let http = reqwest::Client::new();
+    let (email, password) = if logins.account {
+        let email = format!("logins-{}@loadgen.example", uuid::Uuid::new_v4().simple());
+        let password = random_password(logins.password_bytes)?;
+        client.register(&email, &password, "logins").await?;
+        (email, password)
+    } else {
+        (
+            "flood@loadgen.example".to_owned(),
+            "p".repeat(logins.password_bytes),
+        )
+    };
     let before = target.resident_bytes().await?;
 
     let flooding = Arc::new(AtomicBool::new(true));
@@ -44,12 +64,12 @@ pub async fn run(
         Arc::clone(&flooding),
     ));
     let body = serde_json::to_vec(&serde_json::json!({
-        "email": "flood@loadgen.example",
-        "password": "p".repeat(password_bytes),
+        "email": email,
+        "password": password,
     }))?;
     let url = format!("{}/api/v1/auth/login", endpoints.auth);
     let started = Instant::now();
-    let answers = futures::future::join_all((0..concurrency).map(|_| {
+    let answers: Vec<(String, Duration)> = futures::stream::iter((0..logins.total).map(|_| {
         let request = http
             .post(&url)
             .header("content-type", "application/json")
@@ -65,6 +85,8 @@ pub async fn run(
             (answer, sent.elapsed())
         }
     }))
+    .buffer_unordered(logins.concurrency)
+    .collect()
     .await;
     let took = started.elapsed();
     flooding.store(false, Ordering::Relaxed);
@@ -87,14 +109,20 @@ pub async fn run(
             "/healthz failed {times} times during the flood: {why}"
         ));
     }
+    // A login to the run's own account succeeds unless the server sheds
+    // it; any other is refused.
+    let expected: &[&str] = if logins.account {
+        &["200", "429", "503"]
+    } else {
+        &["401", "413", "422", "429", "503", "closed unread"]
+    };
     for answer in by_answer.keys() {
-        let expected = ["401", "413", "422", "429", "503", "closed unread"];
         if !expected.contains(&answer.as_str()) {
             failures.push(format!("a login was answered {answer}"));
         }
     }
     let mut figures = vec![
-        ("logins sent".to_owned(), concurrency as f64),
+        ("logins sent".to_owned(), logins.total as f64),
         ("seconds until all answered".to_owned(), took.as_secs_f64()),
     ];
     figures.extend(
@@ -111,11 +139,20 @@ pub async fn run(
             "server resident MiB after".to_owned(),
             after as f64 / 1048576.0,
         ),
+        (
+            "server resident MiB above before".to_owned(),
+            (after as f64 - before as f64) / 1048576.0,
+        ),
     ]);
     Ok(Report {
         scenario: "logins".into(),
         target: target.name().into(),
-        parameters: serde_json::json!({ "concurrency": concurrency, "password_bytes": password_bytes }),
+        parameters: serde_json::json!({
+            "total": logins.total,
+            "concurrency": logins.concurrency,
+            "password_bytes": logins.password_bytes,
+            "account": logins.account,
+        }),
         figures,
         latencies: vec![
             ("login answer".into(), Latency::of(&answered)),
@@ -123,6 +160,21 @@ pub async fn run(
         ],
         failures,
     })
+}
+
+/// A password of `bytes` hexadecimal digits, random, so that it passes
+/// the server's policy (8 to 128 characters, not common, not repeated).
+fn random_password(bytes: usize) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        (8..=128).contains(&bytes),
+        "an account's password must have 8 to 128 characters, not {bytes} (--password-bytes)"
+    );
+    let mut password = String::with_capacity(bytes + 32);
+    while password.len() < bytes {
+        password.push_str(&uuid::Uuid::new_v4().simple().to_string());
+    }
+    password.truncate(bytes);
+    Ok(password)
 }
 
 /// Probes `/healthz` until the flood ends: latencies, and how many probes

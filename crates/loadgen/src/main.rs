@@ -87,16 +87,24 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
-    /// A login flood: how it is answered, and how `/healthz` answers meanwhile.
+    /// A login flood: how it is answered, how `/healthz` answers meanwhile,
+    /// and the server's memory before and after.
     Logins {
         #[command(flatten)]
         target: TargetArgs,
         /// Logins sent at once.
         #[arg(long, default_value_t = 300)]
         concurrency: usize,
+        /// Logins sent in all, `--concurrency` at a time (default: one wave).
+        #[arg(long)]
+        total: Option<usize>,
         /// Size of each login's password (1 MiB: refused before hashing).
         #[arg(long, default_value_t = 1024 * 1024)]
         password_bytes: usize,
+        /// Register an account first and log in to it (each login hashes
+        /// and succeeds); else the logins name an address with no account.
+        #[arg(long)]
+        account: bool,
     },
     /// Holds connections for `idle --processes` (started by it).
     #[command(hide = true)]
@@ -212,10 +220,18 @@ async fn main() -> anyhow::Result<()> {
         Command::Logins {
             target,
             concurrency,
+            total,
             password_bytes,
+            account,
         } => {
             let (running, _relay) = start(&target).await?;
-            let report = logins::run(&running, concurrency, password_bytes).await?;
+            let logins = logins::Logins {
+                total: total.unwrap_or(concurrency),
+                concurrency,
+                password_bytes,
+                account,
+            };
+            let report = logins::run(&running, &logins).await?;
             (target, report)
         }
         Command::Idle {

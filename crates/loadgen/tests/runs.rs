@@ -154,6 +154,32 @@ async fn a_small_run_against_the_embedded_default() -> Result<(), Box<dyn std::e
         report["latencies"][1][1]["count"].as_u64() >= Some(1),
         "{stdout}"
     );
+
+    // Logins to an account of the run's own, two at a time: each succeeds,
+    // and the memory they left is reported.
+    let args = [
+        "logins",
+        "--url",
+        &url,
+        "--account",
+        "--total",
+        "6",
+        "--concurrency",
+        "2",
+        "--password-bytes",
+        "20",
+    ]
+    .map(str::to_owned);
+    let (ok, report, stdout) =
+        tokio::task::spawn_blocking(move || loadgen(&args.each_ref().map(String::as_str)))
+            .await??;
+    assert!(ok, "{stdout}");
+    assert_eq!(figure(&report, "logins sent"), Some(6.0), "{stdout}");
+    assert_eq!(figure(&report, "answered 200"), Some(6.0), "{stdout}");
+    assert!(
+        figure(&report, "server resident MiB above before").is_some(),
+        "{stdout}"
+    );
     stop.cancel();
     server.await??;
     Ok(())
