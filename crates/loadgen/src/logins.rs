@@ -39,7 +39,10 @@ pub async fn run(target: &Target, logins: &Logins) -> anyhow::Result<Report> {
     let Target::Unhidra { client, .. } = target else {
         anyhow::bail!("logins runs against unhidra only: the relay has no accounts");
     };
-    anyhow::ensure!(logins.concurrency > 0, "--concurrency must be at least 1");
+    anyhow::ensure!(
+        logins.total > 0 && logins.concurrency > 0,
+        "--total and --concurrency must be at least 1"
+    );
     let endpoints = client.endpoints().clone();
     let http = reqwest::Client::new();
     let (email, password) = if logins.account {
