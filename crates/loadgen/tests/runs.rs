@@ -176,8 +176,11 @@ async fn a_small_run_against_the_embedded_default() -> Result<(), Box<dyn std::e
     assert!(ok, "{stdout}");
     assert_eq!(figure(&report, "logins sent"), Some(6.0), "{stdout}");
     assert_eq!(figure(&report, "answered 200"), Some(6.0), "{stdout}");
+    let grown = figure(&report, "server resident MiB above before");
+    let before = figure(&report, "server resident MiB before").unwrap_or_default();
+    let after = figure(&report, "server resident MiB after").unwrap_or_default();
     assert!(
-        figure(&report, "server resident MiB above before").is_some(),
+        grown.is_some_and(|mib| (mib - (after - before)).abs() < 1e-6),
         "{stdout}"
     );
     stop.cancel();
