@@ -17,7 +17,10 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use unhidra_client::{Client, Endpoints};
 
-use crate::{target::Target, traffic::Traffic};
+use crate::{
+    target::Target,
+    traffic::{ClientIds, Traffic},
+};
 
 #[derive(Parser)]
 #[command(version, about)]
@@ -45,6 +48,9 @@ enum Command {
         seconds: u64,
         #[arg(long, default_value_t = 100)]
         body_bytes: usize,
+        /// How the sends' client ids (their idempotency keys) are made.
+        #[arg(long, value_enum, default_value_t = ClientIds::Sequential)]
+        ids: ClientIds,
     },
     /// Many senders, one receiver per room: accepted messages per second.
     Ingest {
@@ -61,6 +67,9 @@ enum Command {
         seconds: u64,
         #[arg(long, default_value_t = 100)]
         body_bytes: usize,
+        /// How the sends' client ids (their idempotency keys) are made.
+        #[arg(long, value_enum, default_value_t = ClientIds::Sequential)]
+        ids: ClientIds,
     },
     /// Holds authenticated connections; memory per connection, connects per second.
     Idle {
@@ -180,6 +189,7 @@ async fn main() -> anyhow::Result<()> {
             rate,
             seconds,
             body_bytes,
+            ids,
         } => {
             let traffic = Traffic {
                 rooms,
@@ -188,6 +198,7 @@ async fn main() -> anyhow::Result<()> {
                 rate,
                 seconds,
                 body_bytes,
+                ids,
             };
             run_traffic(target, "fanout", traffic).await?
         }
@@ -198,6 +209,7 @@ async fn main() -> anyhow::Result<()> {
             rate,
             seconds,
             body_bytes,
+            ids,
         } => {
             let traffic = Traffic {
                 rooms,
@@ -206,6 +218,7 @@ async fn main() -> anyhow::Result<()> {
                 rate,
                 seconds,
                 body_bytes,
+                ids,
             };
             run_traffic(target, "ingest", traffic).await?
         }

@@ -38,6 +38,32 @@ pub struct Traffic {
     pub rate: u64,
     pub seconds: u64,
     pub body_bytes: usize,
+    pub ids: ClientIds,
+}
+
+/// How senders choose their sends' client ids (each is also the send's
+/// idempotency key, which the server indexes per user: how the ids sort
+/// decides how many of the index's pages each group commit writes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientIds {
+    /// A prefix per sender and a counter: `<uuid>-0`, `<uuid>-1`, ...
+    Sequential,
+    /// A fresh random UUID (version 4) per send, as `crypto.randomUUID()`.
+    Random,
+    /// A fresh time-ordered UUID (version 7) per send.
+    TimeOrdered,
+}
+
+impl ClientIds {
+    /// The id of a sender's `sent`th send (`prefix`: the sender's own).
+    fn id(self, prefix: &uuid::Uuid, sent: u64) -> String {
+        match self {
+            Self::Sequential => format!("{prefix}-{sent}"),
+            Self::Random => uuid::Uuid::new_v4().to_string(),
+            Self::TimeOrdered => uuid::Uuid::now_v7().to_string(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -237,7 +263,7 @@ async fn send(
     let mut sent = 0;
     // Client ids are remembered per user for a while (a repeat gets the
     // first ack): unique across runs.
-    let run = unhidra_core::ids::MessageId::new();
+    let prefix = uuid::Uuid::now_v7();
     while sent < count {
         ticker.tick().await;
         let due = ((started.elapsed().as_secs_f64() * per_second) as u64 + 1).min(count);
@@ -245,7 +271,7 @@ async fn send(
             let stamp = format!("t={};", unix_nanos());
             let padding = traffic.body_bytes.saturating_sub(stamp.len());
             let frame = ClientFrame::Send {
-                id: format!("{run}-{sent}"),
+                id: traffic.ids.id(&prefix, sent),
                 room,
                 body: format!("{stamp}{}", "x".repeat(padding)),
             };
@@ -350,5 +376,37 @@ async fn progress(counters: Arc<Counters>, total: u64, fanout: u64) {
             counters.delivered.load(Ordering::Relaxed),
             counters.acked.load(Ordering::Relaxed) * fanout,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_of_client_id_sorts_as_named() -> anyhow::Result<()> {
+        let prefix = uuid::Uuid::now_v7();
+        let ids = |kind: ClientIds| (0..50).map(|n| kind.id(&prefix, n)).collect::<Vec<_>>();
+
+        let sequential = ids(ClientIds::Sequential);
+        assert_eq!(sequential[0], format!("{prefix}-0"));
+        assert_eq!(sequential[49], format!("{prefix}-49"));
+
+        let random = ids(ClientIds::Random);
+        for id in &random {
+            assert_eq!(uuid::Uuid::parse_str(id)?.get_version_num(), 4);
+        }
+        let mut sorted = random.clone();
+        sorted.sort();
+        assert_ne!(sorted, random, "50 random ids came out in order");
+
+        let time_ordered = ids(ClientIds::TimeOrdered);
+        for id in &time_ordered {
+            assert_eq!(uuid::Uuid::parse_str(id)?.get_version_num(), 7);
+        }
+        let mut sorted = time_ordered.clone();
+        sorted.sort();
+        assert_eq!(sorted, time_ordered);
+        Ok(())
     }
 }

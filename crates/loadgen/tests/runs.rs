@@ -141,6 +141,31 @@ async fn a_small_run_against_the_embedded_default() -> Result<(), Box<dyn std::e
     let busy = figure(&report, "group commit busy (fraction of the time)").unwrap_or_default();
     assert!(busy > 0.0 && busy <= 1.0, "{stdout}");
 
+    // Random client ids (a fresh UUID per send), as a browser's
+    // `crypto.randomUUID()` makes them: accepted alike, and named in the report.
+    let args = [
+        "ingest",
+        "--url",
+        &url,
+        "--rooms",
+        "1",
+        "--senders",
+        "2",
+        "--rate",
+        "100",
+        "--seconds",
+        "1",
+        "--ids",
+        "random",
+    ]
+    .map(str::to_owned);
+    let (ok, report, stdout) =
+        tokio::task::spawn_blocking(move || loadgen(&args.each_ref().map(String::as_str)))
+            .await??;
+    assert!(ok, "{stdout}");
+    assert_eq!(report["parameters"]["ids"], "random", "{stdout}");
+    assert_eq!(figure(&report, "messages acked"), Some(100.0), "{stdout}");
+
     // A flood of logins with 1 MiB passwords: every one refused unread.
     let args = ["logins", "--url", &url, "--concurrency", "20"].map(str::to_owned);
     let (ok, report, stdout) =
