@@ -51,6 +51,10 @@ enum Command {
         /// How the sends' client ids (their idempotency keys) are made.
         #[arg(long, value_enum, default_value_t = ClientIds::Sequential)]
         ids: ClientIds,
+        /// Each sender connection a user of its own (registered and joined
+        /// to its room); else a room's senders share one user.
+        #[arg(long)]
+        user_per_sender: bool,
     },
     /// Many senders, one receiver per room: accepted messages per second.
     Ingest {
@@ -70,6 +74,10 @@ enum Command {
         /// How the sends' client ids (their idempotency keys) are made.
         #[arg(long, value_enum, default_value_t = ClientIds::Sequential)]
         ids: ClientIds,
+        /// Each sender connection a user of its own (registered and joined
+        /// to its room); else a room's senders share one user.
+        #[arg(long)]
+        user_per_sender: bool,
     },
     /// Holds authenticated connections; memory per connection, connects per second.
     Idle {
@@ -190,6 +198,7 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             body_bytes,
             ids,
+            user_per_sender,
         } => {
             let traffic = Traffic {
                 rooms,
@@ -199,6 +208,7 @@ async fn main() -> anyhow::Result<()> {
                 seconds,
                 body_bytes,
                 ids,
+                user_per_sender,
             };
             run_traffic(target, "fanout", traffic).await?
         }
@@ -210,6 +220,7 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             body_bytes,
             ids,
+            user_per_sender,
         } => {
             let traffic = Traffic {
                 rooms,
@@ -219,6 +230,7 @@ async fn main() -> anyhow::Result<()> {
                 seconds,
                 body_bytes,
                 ids,
+                user_per_sender,
             };
             run_traffic(target, "ingest", traffic).await?
         }

@@ -85,6 +85,28 @@ impl Target {
         Ok(setup)
     }
 
+    /// Adds a sender identity of its own for each of `senders` beyond the
+    /// rooms' first senders: a user who joins room `i % rooms`, so that
+    /// sender connection `i` can send as `setup.senders[i]`.
+    pub async fn add_senders(&self, setup: &mut Setup, senders: usize) -> anyhow::Result<()> {
+        for i in setup.senders.len()..senders {
+            let room = setup.rooms[i % setup.rooms.len()];
+            let token = match self {
+                Self::Relay { .. } => None,
+                Self::Unhidra { client, .. } => {
+                    let sender = account(client, &format!("sender{i}")).await?;
+                    client.join(&sender, room).await?;
+                    Some(sender)
+                }
+            };
+            setup.senders.push(Identity {
+                token,
+                rooms: vec![room],
+            });
+        }
+        Ok(())
+    }
+
     pub async fn connect(&self, identity: &Identity) -> anyhow::Result<Connection> {
         self.endpoint(identity).connect(None).await
     }

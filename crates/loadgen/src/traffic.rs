@@ -39,6 +39,9 @@ pub struct Traffic {
     pub seconds: u64,
     pub body_bytes: usize,
     pub ids: ClientIds,
+    /// Each sender connection a user of its own; else the senders of a
+    /// room share its one sending user.
+    pub user_per_sender: bool,
 }
 
 /// How senders choose their sends' client ids (each is also the send's
@@ -89,7 +92,10 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
         traffic.rooms > 0 && traffic.senders > 0,
         "--rooms and --senders must be at least 1"
     );
-    let setup = target.prepare(traffic.rooms).await?;
+    let mut setup = target.prepare(traffic.rooms).await?;
+    if traffic.user_per_sender {
+        target.add_senders(&mut setup, traffic.senders).await?;
+    }
     let counters = Arc::new(Counters::default());
     let (stop, stopped) = watch::channel(false);
 
@@ -111,7 +117,8 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
     let mut senders = Vec::new();
     for s in 0..traffic.senders {
         let room = s % setup.rooms.len();
-        let (sender, receiver) = target.connect(&setup.senders[room]).await?.split();
+        let identity = &setup.senders[if traffic.user_per_sender { s } else { room }];
+        let (sender, receiver) = target.connect(identity).await?.split();
         let share =
             total / traffic.senders as u64 + u64::from((s as u64) < total % traffic.senders as u64);
         let (sent_at_tx, sent_at_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -142,7 +142,10 @@ async fn a_small_run_against_the_embedded_default() -> Result<(), Box<dyn std::e
     assert!(busy > 0.0 && busy <= 1.0, "{stdout}");
 
     // Random client ids (a fresh UUID per send), as a browser's
-    // `crypto.randomUUID()` makes them: accepted alike, and named in the report.
+    // `crypto.randomUUID()` makes them, from three senders each a user of
+    // its own (two registered and joined for the run: a sender that is not
+    // a member would be refused, and the run fail): all accepted, and both
+    // choices named in the report.
     let args = [
         "ingest",
         "--url",
@@ -150,7 +153,8 @@ async fn a_small_run_against_the_embedded_default() -> Result<(), Box<dyn std::e
         "--rooms",
         "1",
         "--senders",
-        "2",
+        "3",
+        "--user-per-sender",
         "--rate",
         "100",
         "--seconds",
@@ -164,6 +168,7 @@ async fn a_small_run_against_the_embedded_default() -> Result<(), Box<dyn std::e
             .await??;
     assert!(ok, "{stdout}");
     assert_eq!(report["parameters"]["ids"], "random", "{stdout}");
+    assert_eq!(report["parameters"]["user_per_sender"], true, "{stdout}");
     assert_eq!(figure(&report, "messages acked"), Some(100.0), "{stdout}");
 
     // A flood of logins with 1 MiB passwords: every one refused unread.
