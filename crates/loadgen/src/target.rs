@@ -19,7 +19,8 @@ pub struct Identity {
 
 /// The rooms of a scenario, and per room a sender and a subscriber identity,
 /// each a member of that room only (every member connection receives the
-/// room's messages, so senders are kept out of other rooms).
+/// room's messages, so senders are kept out of other rooms); with
+/// [`Target::add_senders`], more senders after the rooms' own.
 pub struct Setup {
     pub rooms: Vec<RoomId>,
     pub senders: Vec<Identity>,
