@@ -48,13 +48,8 @@ enum Command {
         seconds: u64,
         #[arg(long, default_value_t = 100)]
         body_bytes: usize,
-        /// How the sends' client ids (their idempotency keys) are made.
-        #[arg(long, value_enum, default_value_t = ClientIds::Sequential)]
-        ids: ClientIds,
-        /// Each sender connection a user of its own (registered and joined
-        /// to its room); else a room's senders share one user.
-        #[arg(long)]
-        user_per_sender: bool,
+        #[command(flatten)]
+        senders_as: SendersAs,
     },
     /// Many senders, one receiver per room: accepted messages per second.
     Ingest {
@@ -71,13 +66,8 @@ enum Command {
         seconds: u64,
         #[arg(long, default_value_t = 100)]
         body_bytes: usize,
-        /// How the sends' client ids (their idempotency keys) are made.
-        #[arg(long, value_enum, default_value_t = ClientIds::Sequential)]
-        ids: ClientIds,
-        /// Each sender connection a user of its own (registered and joined
-        /// to its room); else a room's senders share one user.
-        #[arg(long)]
-        user_per_sender: bool,
+        #[command(flatten)]
+        senders_as: SendersAs,
     },
     /// Holds authenticated connections; memory per connection, connects per second.
     Idle {
@@ -147,6 +137,18 @@ enum Command {
     },
 }
 
+/// Who the senders are and how they name their sends.
+#[derive(Args)]
+struct SendersAs {
+    /// How the sends' client ids (their idempotency keys) are made.
+    #[arg(long, value_enum, default_value_t = ClientIds::Sequential)]
+    ids: ClientIds,
+    /// Each sender connection a user of its own (registered and joined to
+    /// its room); else a room's senders share one user.
+    #[arg(long)]
+    user_per_sender: bool,
+}
+
 #[derive(Args)]
 struct TargetArgs {
     /// `unhidra` or `relay` (the built-in bare relay, started for the run).
@@ -197,8 +199,7 @@ async fn main() -> anyhow::Result<()> {
             rate,
             seconds,
             body_bytes,
-            ids,
-            user_per_sender,
+            senders_as,
         } => {
             let traffic = Traffic {
                 rooms,
@@ -207,8 +208,8 @@ async fn main() -> anyhow::Result<()> {
                 rate,
                 seconds,
                 body_bytes,
-                ids,
-                user_per_sender,
+                ids: senders_as.ids,
+                user_per_sender: senders_as.user_per_sender,
             };
             run_traffic(target, "fanout", traffic).await?
         }
@@ -219,8 +220,7 @@ async fn main() -> anyhow::Result<()> {
             rate,
             seconds,
             body_bytes,
-            ids,
-            user_per_sender,
+            senders_as,
         } => {
             let traffic = Traffic {
                 rooms,
@@ -229,8 +229,8 @@ async fn main() -> anyhow::Result<()> {
                 rate,
                 seconds,
                 body_bytes,
-                ids,
-                user_per_sender,
+                ids: senders_as.ids,
+                user_per_sender: senders_as.user_per_sender,
             };
             run_traffic(target, "ingest", traffic).await?
         }

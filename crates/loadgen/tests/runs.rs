@@ -18,6 +18,14 @@ fn loadgen(args: &[&str]) -> std::io::Result<(bool, Value, String)> {
     Ok((output.status.success(), report, stdout))
 }
 
+/// [`loadgen`] from async code (it waits for the process on a blocking
+/// thread, so a server in this test's runtime keeps running).
+async fn loadgen_async(args: &[&str]) -> Result<(bool, Value, String), Box<dyn std::error::Error>> {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let args = move || loadgen(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    Ok(tokio::task::spawn_blocking(args).await??)
+}
+
 fn figure(report: &Value, name: &str) -> Option<f64> {
     report["figures"]
         .as_array()?
@@ -99,7 +107,7 @@ async fn a_small_run_against_the_embedded_default() -> Result<(), Box<dyn std::e
     let server = tokio::spawn(unhidra::run(listener, config, async move {
         signal.cancelled().await
     }));
-    let args = [
+    let (ok, report, stdout) = loadgen_async(&[
         "ingest",
         "--url",
         &url,
@@ -111,11 +119,8 @@ async fn a_small_run_against_the_embedded_default() -> Result<(), Box<dyn std::e
         "400",
         "--seconds",
         "1",
-    ]
-    .map(str::to_owned);
-    let (ok, report, stdout) =
-        tokio::task::spawn_blocking(move || loadgen(&args.each_ref().map(String::as_str)))
-            .await??;
+    ])
+    .await?;
     assert!(ok, "{stdout}");
     assert_eq!(report["target"], "unhidra");
     assert_eq!(figure(&report, "messages acked"), Some(400.0));
@@ -146,7 +151,7 @@ async fn a_small_run_against_the_embedded_default() -> Result<(), Box<dyn std::e
     // its own (two registered and joined for the run: a sender that is not
     // a member would be refused, and the run fail): all accepted, and both
     // choices named in the report.
-    let args = [
+    let (ok, report, stdout) = loadgen_async(&[
         "ingest",
         "--url",
         &url,
@@ -161,21 +166,16 @@ async fn a_small_run_against_the_embedded_default() -> Result<(), Box<dyn std::e
         "1",
         "--ids",
         "random",
-    ]
-    .map(str::to_owned);
-    let (ok, report, stdout) =
-        tokio::task::spawn_blocking(move || loadgen(&args.each_ref().map(String::as_str)))
-            .await??;
+    ])
+    .await?;
     assert!(ok, "{stdout}");
     assert_eq!(report["parameters"]["ids"], "random", "{stdout}");
     assert_eq!(report["parameters"]["user_per_sender"], true, "{stdout}");
     assert_eq!(figure(&report, "messages acked"), Some(100.0), "{stdout}");
 
     // A flood of logins with 1 MiB passwords: every one refused unread.
-    let args = ["logins", "--url", &url, "--concurrency", "20"].map(str::to_owned);
     let (ok, report, stdout) =
-        tokio::task::spawn_blocking(move || loadgen(&args.each_ref().map(String::as_str)))
-            .await??;
+        loadgen_async(&["logins", "--url", &url, "--concurrency", "20"]).await?;
     assert!(ok, "{stdout}");
     let refused = figure(&report, "answered 413").unwrap_or_default()
         + figure(&report, "answered closed unread").unwrap_or_default();
@@ -187,7 +187,7 @@ async fn a_small_run_against_the_embedded_default() -> Result<(), Box<dyn std::e
 
     // Logins to an account of the run's own, two at a time: each succeeds,
     // and the memory they left is reported.
-    let args = [
+    let (ok, report, stdout) = loadgen_async(&[
         "logins",
         "--url",
         &url,
@@ -198,11 +198,8 @@ async fn a_small_run_against_the_embedded_default() -> Result<(), Box<dyn std::e
         "2",
         "--password-bytes",
         "20",
-    ]
-    .map(str::to_owned);
-    let (ok, report, stdout) =
-        tokio::task::spawn_blocking(move || loadgen(&args.each_ref().map(String::as_str)))
-            .await??;
+    ])
+    .await?;
     assert!(ok, "{stdout}");
     assert_eq!(figure(&report, "logins sent"), Some(6.0), "{stdout}");
     assert_eq!(figure(&report, "answered 200"), Some(6.0), "{stdout}");
