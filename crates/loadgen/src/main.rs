@@ -49,7 +49,7 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         body_bytes: usize,
         #[command(flatten)]
-        senders_as: SendersAs,
+        sending: Sending,
     },
     /// Many senders, one receiver per room: accepted messages per second.
     Ingest {
@@ -67,7 +67,7 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         body_bytes: usize,
         #[command(flatten)]
-        senders_as: SendersAs,
+        sending: Sending,
     },
     /// Holds authenticated connections; memory per connection, connects per second.
     Idle {
@@ -137,9 +137,10 @@ enum Command {
     },
 }
 
-/// Who the senders are and how they name their sends.
+/// How the senders send: who they are, how they name their sends, and
+/// how long they send before the measured seconds.
 #[derive(Args)]
-struct SendersAs {
+struct Sending {
     /// How the sends' client ids (their idempotency keys) are made.
     #[arg(long, value_enum, default_value_t = ClientIds::Sequential)]
     ids: ClientIds,
@@ -147,6 +148,11 @@ struct SendersAs {
     /// its room); else a room's senders share one user.
     #[arg(long)]
     user_per_sender: bool,
+    /// Seconds at the full rate before the measured `--seconds`, answered
+    /// and delivered but neither timed nor counted (0: measured from the
+    /// first send, the step from idle included).
+    #[arg(long, default_value_t = 1)]
+    warm_up: u64,
 }
 
 #[derive(Args)]
@@ -199,7 +205,7 @@ async fn main() -> anyhow::Result<()> {
             rate,
             seconds,
             body_bytes,
-            senders_as,
+            sending,
         } => {
             let traffic = Traffic {
                 rooms,
@@ -208,8 +214,9 @@ async fn main() -> anyhow::Result<()> {
                 rate,
                 seconds,
                 body_bytes,
-                ids: senders_as.ids,
-                user_per_sender: senders_as.user_per_sender,
+                ids: sending.ids,
+                user_per_sender: sending.user_per_sender,
+                warm_up_seconds: sending.warm_up,
             };
             run_traffic(target, "fanout", traffic).await?
         }
@@ -220,7 +227,7 @@ async fn main() -> anyhow::Result<()> {
             rate,
             seconds,
             body_bytes,
-            senders_as,
+            sending,
         } => {
             let traffic = Traffic {
                 rooms,
@@ -229,8 +236,9 @@ async fn main() -> anyhow::Result<()> {
                 rate,
                 seconds,
                 body_bytes,
-                ids: senders_as.ids,
-                user_per_sender: senders_as.user_per_sender,
+                ids: sending.ids,
+                user_per_sender: sending.user_per_sender,
+                warm_up_seconds: sending.warm_up,
             };
             run_traffic(target, "ingest", traffic).await?
         }

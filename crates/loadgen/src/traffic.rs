@@ -42,6 +42,10 @@ pub struct Traffic {
     /// Each sender connection a user of its own; else the senders of a
     /// room share its one sending user.
     pub user_per_sender: bool,
+    /// Seconds of sending at the full rate before the measured `seconds`
+    /// (not timed, not in the figures): the run starts from idle, and
+    /// its first moments are not the rate's steady state.
+    pub warm_up_seconds: u64,
 }
 
 /// How senders choose their sends' client ids (each is also the send's
@@ -77,11 +81,52 @@ struct Counters {
     delivered: AtomicU64,
 }
 
+/// What each phase of a run counted: the warm-up's sends are answered and
+/// delivered like the others (and fail the run alike when they are not),
+/// but not timed and not in the figures.
+#[derive(Default)]
+struct Phases {
+    warm_up: Counters,
+    measured: Counters,
+}
+
+impl Phases {
+    fn of(&self, warm_up: bool) -> &Counters {
+        if warm_up {
+            &self.warm_up
+        } else {
+            &self.measured
+        }
+    }
+}
+
+/// One sender's sends: first its warm-up's, then those measured.
+#[derive(Debug, Clone, Copy)]
+struct Share {
+    warm_up: u64,
+    measured: u64,
+}
+
+/// Sender `s`'s part of `total` sends spread over `senders`.
+fn part(total: u64, s: usize, senders: usize) -> u64 {
+    total / senders as u64 + u64::from((s as u64) < total % senders as u64)
+}
+
+/// How a body starts: the send's time, measured or warm-up (the
+/// subscribers tell them apart by it).
+const MEASURED_STAMP: &str = "t=";
+const WARM_UP_STAMP: &str = "w=";
+
 /// How often a sender wakes at most to send what is due: a sender at its
 /// share of the rate wakes once per send when that is rarer (a thousand
 /// senders at ten messages a second each would otherwise wake 200,000
 /// times a second to send 10,000 messages).
 const TICK: Duration = Duration::from_millis(5);
+
+/// How often a sender at `per_second` wakes ([`TICK`]).
+fn wake_period(per_second: f64) -> Duration {
+    TICK.max(Duration::try_from_secs_f64(1.0 / per_second).unwrap_or(TICK))
+}
 const DRAIN: Duration = Duration::from_secs(5);
 
 fn unix_nanos() -> u64 {
@@ -100,7 +145,7 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
     if traffic.user_per_sender {
         target.add_senders(&mut setup, traffic.senders).await?;
     }
-    let counters = Arc::new(Counters::default());
+    let counters = Arc::new(Phases::default());
     let (stop, stopped) = watch::channel(false);
 
     let mut subscribers = Vec::new();
@@ -114,17 +159,27 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
             )));
         }
     }
-    let cpu_before = (target.cpu_seconds().await?, cpu_seconds_of("self")?);
-    let send_path_before = target.send_path().await;
-    let started = Instant::now();
-    let total = traffic.rate * traffic.seconds;
-    let mut senders = Vec::new();
+    // Every sender connects before the clock starts: with many senders the
+    // connects (authenticated, one at a time) would count as sending time,
+    // and their CPU as the messages'.
+    let mut connected = Vec::with_capacity(traffic.senders);
     for s in 0..traffic.senders {
         let room = s % setup.rooms.len();
         let identity = &setup.senders[if traffic.user_per_sender { s } else { room }];
-        let (sender, receiver) = target.connect(identity).await?.split();
-        let share =
-            total / traffic.senders as u64 + u64::from((s as u64) < total % traffic.senders as u64);
+        connected.push((room, target.connect(identity).await?.split()));
+    }
+    let started = Instant::now();
+    let total = traffic.rate * traffic.seconds;
+    let warm_up = traffic.rate * traffic.warm_up_seconds;
+    // The senders' wake-ups spread evenly over one period, as independent
+    // clients' would be, not all at once.
+    let period = wake_period(traffic.rate as f64 / traffic.senders as f64);
+    let mut senders = Vec::new();
+    for (s, (room, (sender, receiver))) in connected.into_iter().enumerate() {
+        let share = Share {
+            warm_up: part(warm_up, s, traffic.senders),
+            measured: part(total, s, traffic.senders),
+        };
         let (sent_at_tx, sent_at_rx) = tokio::sync::mpsc::unbounded_channel();
         senders.push((
             tokio::spawn(send(
@@ -132,6 +187,7 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
                 setup.rooms[room],
                 share,
                 traffic.clone(),
+                started + period.mul_f64(s as f64 / traffic.senders as f64),
                 sent_at_tx,
                 Arc::clone(&counters),
             )),
@@ -143,6 +199,10 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
         total,
         traffic.subscribers_per_room as u64,
     ));
+    tokio::time::sleep_until((started + Duration::from_secs(traffic.warm_up_seconds)).into()).await;
+    let cpu_before = (target.cpu_seconds().await?, cpu_seconds_of("self")?);
+    let send_path_before = target.send_path().await;
+    let measured_from = Instant::now();
 
     let mut ack_latency = histogram()?;
     let mut send_errors = Vec::new();
@@ -152,10 +212,15 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
         }
         ack_latency.add(acking.await??)?;
     }
-    let sending_done = started.elapsed();
-    let expected = counters.acked.load(Ordering::Relaxed) * traffic.subscribers_per_room as u64;
+    let sending_done = measured_from.elapsed();
+    let fanout = traffic.subscribers_per_room as u64;
+    let undelivered = |c: &Counters| {
+        c.delivered.load(Ordering::Relaxed) < c.acked.load(Ordering::Relaxed) * fanout
+    };
     let drain_until = Instant::now() + DRAIN;
-    while counters.delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
+    while (undelivered(&counters.measured) || undelivered(&counters.warm_up))
+        && Instant::now() < drain_until
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = stop.send(true);
@@ -173,15 +238,11 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
     let loadgen_cpu = cpu_seconds_of("self")? - cpu_before.1;
     let send_path = match (send_path_before, target.send_path().await) {
         (Some(before), Some(after)) => {
-            after.figures_since(&before, started.elapsed().as_secs_f64())
+            after.figures_since(&before, measured_from.elapsed().as_secs_f64())
         }
         _ => Vec::new(),
     };
 
-    let sent = counters.sent.load(Ordering::Relaxed);
-    let acked = counters.acked.load(Ordering::Relaxed);
-    let refused = counters.refused.load(Ordering::Relaxed);
-    let delivered = counters.delivered.load(Ordering::Relaxed);
     let mut failures = send_errors;
     if let Some(first) = subscriber_errors.first() {
         failures.push(format!(
@@ -189,21 +250,13 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
             subscriber_errors.len()
         ));
     }
-    if acked + refused < sent {
-        failures.push(format!(
-            "{} of {sent} sends never answered",
-            sent - acked - refused
-        ));
-    }
-    if refused > 0 {
-        failures.push(format!("{refused} of {sent} sends refused"));
-    }
-    if delivered < expected {
-        failures.push(format!(
-            "{} of {expected} deliveries missing after {DRAIN:?}",
-            expected - delivered
-        ));
-    }
+    failures.extend(missing(&counters.warm_up, fanout, "warm-up "));
+    failures.extend(missing(&counters.measured, fanout, ""));
+    let measured = &counters.measured;
+    let sent = measured.sent.load(Ordering::Relaxed);
+    let acked = measured.acked.load(Ordering::Relaxed);
+    let delivered = measured.delivered.load(Ordering::Relaxed);
+    let expected = acked * fanout;
     let seconds = sending_done.as_secs_f64();
     let mut report = Report {
         scenario: scenario.to_owned(),
@@ -251,6 +304,32 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
 }
 
 /// `seconds` per item in microseconds (0 without items).
+/// What went missing in a phase, `phase` naming it ("warm-up " or "").
+fn missing(counters: &Counters, fanout: u64, phase: &str) -> Vec<String> {
+    let sent = counters.sent.load(Ordering::Relaxed);
+    let acked = counters.acked.load(Ordering::Relaxed);
+    let refused = counters.refused.load(Ordering::Relaxed);
+    let delivered = counters.delivered.load(Ordering::Relaxed);
+    let expected = acked * fanout;
+    let mut failures = Vec::new();
+    if acked + refused < sent {
+        failures.push(format!(
+            "{} of {sent} {phase}sends never answered",
+            sent - acked - refused
+        ));
+    }
+    if refused > 0 {
+        failures.push(format!("{refused} of {sent} {phase}sends refused"));
+    }
+    if delivered < expected {
+        failures.push(format!(
+            "{} of {expected} {phase}deliveries missing after {DRAIN:?}",
+            expected - delivered
+        ));
+    }
+    failures
+}
+
 fn per_million(seconds: f64, items: u64) -> f64 {
     if items == 0 {
         0.0
@@ -259,28 +338,35 @@ fn per_million(seconds: f64, items: u64) -> f64 {
     }
 }
 
-/// Sends `count` messages to `room` at this connection's share of the rate.
+/// Sends its `share` of messages to `room` at this connection's share of
+/// the rate, from `start` on.
 async fn send(
     mut sender: Sender,
     room: RoomId,
-    count: u64,
+    share: Share,
     traffic: Traffic,
+    start: Instant,
     sent_at: tokio::sync::mpsc::UnboundedSender<Instant>,
-    counters: Arc<Counters>,
+    counters: Arc<Phases>,
 ) -> anyhow::Result<()> {
+    let count = share.warm_up + share.measured;
     let per_second = traffic.rate as f64 / traffic.senders as f64;
-    let started = Instant::now();
-    let between_sends = Duration::try_from_secs_f64(1.0 / per_second).unwrap_or(TICK);
-    let mut ticker = tokio::time::interval(TICK.max(between_sends));
+    let mut ticker = tokio::time::interval_at(start.into(), wake_period(per_second));
     let mut sent = 0;
     // Client ids are remembered per user for a while (a repeat gets the
     // first ack): unique across runs.
     let prefix = uuid::Uuid::now_v7();
     while sent < count {
         ticker.tick().await;
-        let due = ((started.elapsed().as_secs_f64() * per_second) as u64 + 1).min(count);
+        let due = ((start.elapsed().as_secs_f64() * per_second) as u64 + 1).min(count);
         while sent < due {
-            let stamp = format!("t={};", unix_nanos());
+            let warm_up = sent < share.warm_up;
+            let stamp = if warm_up {
+                WARM_UP_STAMP
+            } else {
+                MEASURED_STAMP
+            };
+            let stamp = format!("{stamp}{};", unix_nanos());
             let padding = traffic.body_bytes.saturating_sub(stamp.len());
             let frame = ClientFrame::Send {
                 id: traffic.ids.id(&prefix, sent),
@@ -290,20 +376,22 @@ async fn send(
             sender.feed(&frame).await?;
             let _ = sent_at.send(Instant::now());
             sent += 1;
-            counters.sent.fetch_add(1, Ordering::Relaxed);
+            counters.of(warm_up).sent.fetch_add(1, Ordering::Relaxed);
         }
         sender.flush().await?;
     }
     Ok(())
 }
 
-/// Times the acks of one sender connection (they come in send order).
+/// Times the acks of one sender connection (they come in send order), but
+/// not its warm-up's.
 async fn acks(
     mut receiver: Receiver,
-    count: u64,
+    share: Share,
     mut sent_at: tokio::sync::mpsc::UnboundedReceiver<Instant>,
-    counters: Arc<Counters>,
+    counters: Arc<Phases>,
 ) -> anyhow::Result<Histogram<u64>> {
+    let count = share.warm_up + share.measured;
     let mut latency = histogram()?;
     let mut pending: VecDeque<Instant> = VecDeque::new();
     let mut answered = 0;
@@ -323,10 +411,12 @@ async fn acks(
         while let Ok(at) = sent_at.try_recv() {
             pending.push_back(at);
         }
-        if let Some(at) = pending.pop_front() {
+        let warm_up = answered < share.warm_up;
+        if let Some(at) = pending.pop_front().filter(|_| !warm_up) {
             latency.record(at.elapsed().as_micros().max(1) as u64)?;
         }
         answered += 1;
+        let counters = counters.of(warm_up);
         if ack {
             counters.acked.fetch_add(1, Ordering::Relaxed);
         }
@@ -337,10 +427,10 @@ async fn acks(
     Ok(latency)
 }
 
-/// Counts and times deliveries until told to stop.
+/// Counts deliveries, and times those measured, until told to stop.
 async fn subscribe(
     mut receiver: Receiver,
-    counters: Arc<Counters>,
+    counters: Arc<Phases>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Histogram<u64>> {
     let mut latency = histogram()?;
@@ -351,9 +441,13 @@ async fn subscribe(
         };
         match frame {
             Some(ServerFrame::Message { body, .. }) => {
-                counters.delivered.fetch_add(1, Ordering::Relaxed);
+                let warm_up = body.starts_with(WARM_UP_STAMP);
+                counters
+                    .of(warm_up)
+                    .delivered
+                    .fetch_add(1, Ordering::Relaxed);
                 let sent = body
-                    .strip_prefix("t=")
+                    .strip_prefix(MEASURED_STAMP)
                     .and_then(|rest| rest.split(';').next())
                     .and_then(|nanos| nanos.parse::<u64>().ok());
                 if let Some(sent) = sent {
@@ -368,7 +462,8 @@ async fn subscribe(
 }
 
 /// A progress bar on stderr, once a second.
-async fn progress(counters: Arc<Counters>, total: u64, fanout: u64) {
+async fn progress(counters: Arc<Phases>, total: u64, fanout: u64) {
+    let counters = &counters.measured;
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     loop {
         ticker.tick().await;

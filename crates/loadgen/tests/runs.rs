@@ -88,8 +88,14 @@ fn missing_deliveries_fail_the_run() -> Result<(), Box<dyn std::error::Error>> {
         "10",
     ])?;
     assert!(!ok, "a lossy run passed: {stdout}");
+    // The figures count the measured second; the warm-up second before it
+    // (the default) is sent, delivered and checked the same way.
     assert_eq!(figure(&report, "deliveries"), Some(180.0));
     assert!(stdout.contains("20 of 200 deliveries missing"), "{stdout}");
+    assert!(
+        stdout.contains("20 of 200 warm-up deliveries missing"),
+        "{stdout}"
+    );
     Ok(())
 }
 
