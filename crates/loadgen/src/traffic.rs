@@ -2,8 +2,9 @@
 //! each) send at a fixed total rate without waiting for acks; subscriber
 //! connections receive. Each body carries its send time, so every delivery is a latency
 //! sample; acks are timed against their send (they arrive in send order).
-//! The server's CPU time (and the loadgen's own) from the first send to the
-//! last delivery is reported per acked message and per delivery.
+//! A warm-up at the full rate comes first, sent and checked but not timed.
+//! The server's CPU time (and the loadgen's own) from the first measured
+//! send to the last delivery is reported per acked message and per delivery.
 
 use std::{
     collections::VecDeque,
@@ -127,6 +128,7 @@ const TICK: Duration = Duration::from_millis(5);
 fn wake_period(per_second: f64) -> Duration {
     TICK.max(Duration::try_from_secs_f64(1.0 / per_second).unwrap_or(TICK))
 }
+
 const DRAIN: Duration = Duration::from_secs(5);
 
 fn unix_nanos() -> u64 {
@@ -303,7 +305,6 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
     Ok(report)
 }
 
-/// `seconds` per item in microseconds (0 without items).
 /// What went missing in a phase, `phase` naming it ("warm-up " or "").
 fn missing(counters: &Counters, fanout: u64, phase: &str) -> Vec<String> {
     let sent = counters.sent.load(Ordering::Relaxed);
@@ -330,6 +331,7 @@ fn missing(counters: &Counters, fanout: u64, phase: &str) -> Vec<String> {
     failures
 }
 
+/// `seconds` per item in microseconds (0 without items).
 fn per_million(seconds: f64, items: u64) -> f64 {
     if items == 0 {
         0.0
