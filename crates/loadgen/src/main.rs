@@ -151,7 +151,7 @@ struct Sending {
     /// Seconds at the full rate before the measured `--seconds`, answered
     /// and delivered but neither timed nor counted (0: measured from the
     /// first send, the step from idle included).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=3600))]
     warm_up: u64,
 }
 

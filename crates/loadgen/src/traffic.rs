@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use anyhow::Context;
 use hdrhistogram::Histogram;
 use tokio::sync::watch;
 use unhidra_client::{Receiver, Sender};
@@ -108,6 +109,17 @@ struct Share {
     measured: u64,
 }
 
+impl Share {
+    fn total(self) -> u64 {
+        self.warm_up + self.measured
+    }
+
+    /// Whether the sender's `i`th send (from 0) is one of its warm-up's.
+    fn is_warm_up(self, i: u64) -> bool {
+        i < self.warm_up
+    }
+}
+
 /// Sender `s`'s part of `total` sends spread over `senders`.
 fn part(total: u64, s: usize, senders: usize) -> u64 {
     total / senders as u64 + u64::from((s as u64) < total % senders as u64)
@@ -143,6 +155,14 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
         traffic.rooms > 0 && traffic.senders > 0,
         "--rooms and --senders must be at least 1"
     );
+    let sends = |seconds: u64| {
+        traffic
+            .rate
+            .checked_mul(seconds)
+            .context("--rate times the seconds is too many sends")
+    };
+    let total = sends(traffic.seconds)?;
+    let warm_up = sends(traffic.warm_up_seconds)?;
     let mut setup = target.prepare(traffic.rooms).await?;
     if traffic.user_per_sender {
         target.add_senders(&mut setup, traffic.senders).await?;
@@ -171,8 +191,6 @@ pub async fn run(target: &Target, scenario: &str, traffic: Traffic) -> anyhow::R
         connected.push((room, target.connect(identity).await?.split()));
     }
     let started = Instant::now();
-    let total = traffic.rate * traffic.seconds;
-    let warm_up = traffic.rate * traffic.warm_up_seconds;
     // The senders' wake-ups spread evenly over one period, as independent
     // clients' would be, not all at once.
     let period = wake_period(traffic.rate as f64 / traffic.senders as f64);
@@ -351,7 +369,7 @@ async fn send(
     sent_at: tokio::sync::mpsc::UnboundedSender<Instant>,
     counters: Arc<Phases>,
 ) -> anyhow::Result<()> {
-    let count = share.warm_up + share.measured;
+    let count = share.total();
     let per_second = traffic.rate as f64 / traffic.senders as f64;
     let mut ticker = tokio::time::interval_at(start.into(), wake_period(per_second));
     let mut sent = 0;
@@ -362,7 +380,7 @@ async fn send(
         ticker.tick().await;
         let due = ((start.elapsed().as_secs_f64() * per_second) as u64 + 1).min(count);
         while sent < due {
-            let warm_up = sent < share.warm_up;
+            let warm_up = share.is_warm_up(sent);
             let stamp = if warm_up {
                 WARM_UP_STAMP
             } else {
@@ -393,7 +411,7 @@ async fn acks(
     mut sent_at: tokio::sync::mpsc::UnboundedReceiver<Instant>,
     counters: Arc<Phases>,
 ) -> anyhow::Result<Histogram<u64>> {
-    let count = share.warm_up + share.measured;
+    let count = share.total();
     let mut latency = histogram()?;
     let mut pending: VecDeque<Instant> = VecDeque::new();
     let mut answered = 0;
@@ -413,7 +431,7 @@ async fn acks(
         while let Ok(at) = sent_at.try_recv() {
             pending.push_back(at);
         }
-        let warm_up = answered < share.warm_up;
+        let warm_up = share.is_warm_up(answered);
         if let Some(at) = pending.pop_front().filter(|_| !warm_up) {
             latency.record(at.elapsed().as_micros().max(1) as u64)?;
         }
