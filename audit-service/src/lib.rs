@@ -24,11 +24,13 @@ const MIGRATIONS: &[Migration] = &[
         version: 1,
         name: "audit_events",
         sql: include_str!("../migrations/0001_audit_events.sql"),
+        only_on: None,
     },
     Migration {
         version: 2,
         name: "origins",
         sql: include_str!("../migrations/0002_origins.sql"),
+        only_on: None,
     },
 ];
 

@@ -55,56 +55,67 @@ const MIGRATIONS: &[Migration] = &[
         version: 1,
         name: "identities",
         sql: include_str!("../migrations/0001_identities.sql"),
+        only_on: None,
     },
     Migration {
         version: 2,
         name: "lockout",
         sql: include_str!("../migrations/0002_lockout.sql"),
+        only_on: None,
     },
     Migration {
         version: 3,
         name: "roles",
         sql: include_str!("../migrations/0003_roles.sql"),
+        only_on: None,
     },
     Migration {
         version: 4,
         name: "session families",
         sql: include_str!("../migrations/0004_session_families.sql"),
+        only_on: None,
     },
     Migration {
         version: 5,
         name: "profiles",
         sql: include_str!("../migrations/0005_profiles.sql"),
+        only_on: None,
     },
     Migration {
         version: 6,
         name: "password resets",
         sql: include_str!("../migrations/0006_password_resets.sql"),
+        only_on: None,
     },
     Migration {
         version: 7,
         name: "registration",
         sql: include_str!("../migrations/0007_registration.sql"),
+        only_on: None,
     },
     Migration {
         version: 8,
         name: "mfa",
         sql: include_str!("../migrations/0008_mfa.sql"),
+        only_on: None,
     },
     Migration {
         version: 9,
         name: "devices",
         sql: include_str!("../migrations/0009_devices.sql"),
+        only_on: None,
     },
     Migration {
         version: 10,
         name: "signing key generations",
         sql: include_str!("../migrations/0010_signing_key_generations.sql"),
+        only_on: None,
     },
     Migration {
         version: 11,
         name: "api keys",
         sql: include_str!("../migrations/0011_api_keys.sql"),
+        only_on: None,
     },
 ];
 

@@ -17,7 +17,7 @@ use unhidra_core::{
     rpc::{ChatSend, Membership, RoomHead, RoomMembers, RoomsOf},
 };
 use unhidra_runtime::{ApiState, Service, ServiceContext, rpc};
-use unhidra_store::{Database, Migration};
+use unhidra_store::{Backend, Database, Migration};
 
 use crate::{
     messages::{GroupCommit, GroupMetrics, MessageMetrics, OutboxRepo},
@@ -49,26 +49,37 @@ const MIGRATIONS: &[Migration] = &[
         version: 1,
         name: "rooms",
         sql: include_str!("../migrations/0001_rooms.sql"),
+        only_on: None,
     },
     Migration {
         version: 2,
         name: "outbox_seq",
         sql: include_str!("../migrations/0002_outbox_seq.sql"),
+        only_on: None,
     },
     Migration {
         version: 3,
         name: "room epochs",
         sql: include_str!("../migrations/0003_room_epochs.sql"),
+        only_on: None,
     },
     Migration {
         version: 4,
         name: "send keys",
         sql: include_str!("../migrations/0004_send_keys.sql"),
+        only_on: None,
     },
     Migration {
         version: 5,
         name: "outbox by room",
         sql: include_str!("../migrations/0005_outbox_by_room.sql"),
+        only_on: None,
+    },
+    Migration {
+        version: 6,
+        name: "send log",
+        sql: include_str!("../migrations/0006_send_log.sql"),
+        only_on: Some(Backend::Sqlite),
     },
 ];
 

@@ -547,6 +547,48 @@ async fn queued_messages_survive_the_outbox_rebuild() -> anyhow::Result<()> {
     .await
 }
 
+/// Keys stored before the send log (migration 6, SQLite only) are still
+/// found after it: a retry of a send from before the upgrade posts nothing.
+#[tokio::test]
+async fn send_keys_stored_before_the_send_log_are_kept() -> anyhow::Result<()> {
+    on_each_database(|db| async move {
+        let database = Database::connect(db.url(), 4).await?;
+        let before = MIGRATIONS.iter().position(|m| m.version == 6).unwrap_or(0);
+        database.migrate(NAME, &MIGRATIONS[..before]).await?;
+        let rooms = RoomRepo::new(database.clone(), ROOMY);
+        let alice = UserId::new();
+        let a = room("a", Visibility::Public);
+        rooms.create(&a, alice).await??;
+        let first = MessageId::new();
+        sqlx::query(
+            "INSERT INTO send_keys (user_id, client_id, seq, message_id, created_at)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(alice.to_string())
+        .bind("c-1")
+        .bind(7_i64)
+        .bind(first.to_string())
+        .bind(unhidra_store::now_millis())
+        .execute(&database.pool)
+        .await?;
+        database.migrate(NAME, MIGRATIONS).await?;
+        let outbox = OutboxRepo::new(database, KEYS_KEPT);
+        let retry = NewMessage {
+            client_id: Some("c-1".to_owned()),
+            ..new_message(a.id, alice, "hello")
+        };
+        let retried = outbox.accept(vec![retry], &BTreeMap::new()).await?;
+        assert!(retried.queued.is_empty(), "posted again: {:?}", retried.queued);
+        assert!(
+            matches!(&retried.outcomes[..], [Ok(Accepted::Repeat(ack))] if ack.seq == 7 && ack.message_id == first),
+            "{:?}",
+            retried.outcomes
+        );
+        Ok(())
+    })
+    .await
+}
+
 /// Two publishers of one room at once (the relay and the publisher, or two
 /// instances). On Postgres the second waits for the first and takes what is
 /// left; on SQLite it does not wait (the first holds nothing), and a stream
@@ -676,13 +718,116 @@ async fn a_repeated_client_id_gets_the_first_ack_and_posts_nothing() -> anyhow::
         assert_eq!(queued, 3);
 
         // Past their time, ids post anew: a key not swept yet is replaced,
-        // then every key is swept.
+        // then the keys are swept (on Postgres the three keys; on SQLite's
+        // log the four rows but its highest, kept so that ids given later
+        // stay above it).
         let forgetful = OutboxRepo::new(database, std::time::Duration::ZERO);
         let fresh = forgetful.accept(vec![keyed(alice, "c-2", "second again")], &BTreeMap::new()).await?;
         assert!(matches!(&fresh.outcomes[0], Ok(Accepted::New(e)) if e.seq == 4));
         assert_eq!(forgetful.forget_old_keys().await?, 3);
         let fresh = forgetful.accept(vec![keyed(alice, "c-1", "hello again")], &BTreeMap::new()).await?;
         assert!(matches!(&fresh.outcomes[0], Ok(Accepted::New(e)) if e.seq == 5));
+        Ok(())
+    })
+    .await
+}
+
+/// A retry that reaches another instance (on SQLite another process on the
+/// same file, with an index of its own), or the same one after a restart,
+/// gets the first ack and posts nothing; so does one after the old keys
+/// were swept, through an instance started after the sweep.
+#[tokio::test]
+async fn a_retry_through_another_instance_or_a_restart_gets_the_first_ack() -> anyhow::Result<()> {
+    on_each_database(|db| async move {
+        let instance = || async { anyhow::Ok(OutboxRepo::new(open(&db).await?, KEYS_KEPT)) };
+        let (one, other) = (instance().await?, instance().await?);
+        let rooms = RoomRepo::new(open(&db).await?, ROOMY);
+        let alice = UserId::new();
+        let a = room("a", Visibility::Public);
+        rooms.create(&a, alice).await??;
+        let keyed = |id: &str| NewMessage {
+            client_id: Some(id.to_owned()),
+            ..new_message(a.id, alice, id)
+        };
+        let nothing_published = BTreeMap::new();
+        let acks = |outcomes: Vec<Result<Accepted, Refusal>>| {
+            outcomes
+                .into_iter()
+                .map(|o| match o {
+                    Ok(Accepted::New(e)) => Ok(("new", e.seq, e.message_id)),
+                    Ok(Accepted::Repeat(ack)) => Ok(("repeat", ack.seq, ack.message_id)),
+                    Err(r) => Err(anyhow::anyhow!("refused: {r:?}")),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        };
+
+        let first = acks(
+            one.accept(vec![keyed("c-1")], &nothing_published)
+                .await?
+                .outcomes,
+        )?;
+        let [("new", 1, c1)] = first[..] else {
+            anyhow::bail!("{first:?}");
+        };
+        let second = acks(
+            other
+                .accept(vec![keyed("c-2"), keyed("c-1")], &nothing_published)
+                .await?
+                .outcomes,
+        )?;
+        let [("new", 2, c2), ("repeat", 1, again)] = second[..] else {
+            anyhow::bail!("{second:?}");
+        };
+        assert_eq!(again, c1);
+        // The first instance learns the other's key.
+        let third = acks(
+            one.accept(vec![keyed("c-2"), keyed("c-3")], &nothing_published)
+                .await?
+                .outcomes,
+        )?;
+        assert_eq!(third[0], ("repeat", 2, c2));
+        assert_eq!(third[1].0, "new");
+        assert_eq!(third[1].1, 3);
+
+        let restarted = instance().await?;
+        let fourth = acks(
+            restarted
+                .accept(vec![keyed("c-1"), keyed("c-3")], &nothing_published)
+                .await?
+                .outcomes,
+        )?;
+        assert_eq!(fourth, vec![("repeat", 1, c1), ("repeat", 3, third[1].2)]);
+
+        // Swept, all keys are forgotten (on SQLite all but the last row);
+        // an instance started after the sweep stores its keys where the
+        // others find them.
+        let database = open(&db).await?;
+        let swept = match database.backend {
+            Backend::Sqlite => 2,
+            Backend::Postgres => 3,
+        };
+        let forgetful = OutboxRepo::new(database, Duration::ZERO);
+        forgetful.read_send_log().await?;
+        assert_eq!(forgetful.forget_old_keys().await?, swept);
+        let late = instance().await?;
+        let fifth = acks(
+            late.accept(vec![keyed("c-4")], &nothing_published)
+                .await?
+                .outcomes,
+        )?;
+        let [("new", 4, c4)] = fifth[..] else {
+            anyhow::bail!("{fifth:?}");
+        };
+        let sixth = acks(
+            one.accept(vec![keyed("c-4")], &nothing_published)
+                .await?
+                .outcomes,
+        )?;
+        assert_eq!(sixth, vec![("repeat", 4, c4)]);
+        let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
+            .fetch_one(&open(&db).await?.pool)
+            .await?;
+        assert_eq!(queued, 4);
         Ok(())
     })
     .await
@@ -708,6 +853,10 @@ async fn a_group_of_many_statements_keeps_every_key_and_message() -> anyhow::Res
             let pool = database.pool.clone();
             async move { anyhow::Ok(sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await?) }
         };
+        let keys_stored = match database.backend {
+            Backend::Sqlite => "SELECT COUNT(*) FROM send_log",
+            Backend::Postgres => "SELECT COUNT(*) FROM send_keys",
+        };
 
         let first = outbox
             .accept((0..1100).map(send).collect(), &BTreeMap::new())
@@ -715,7 +864,7 @@ async fn a_group_of_many_statements_keeps_every_key_and_message() -> anyhow::Res
         let seqs: Vec<u64> = first.queued.iter().map(|p| p.seq).collect();
         assert_eq!(seqs, (1..=1100).collect::<Vec<u64>>());
         assert_eq!(count("SELECT COUNT(*) FROM outbox").await?, 1100);
-        assert_eq!(count("SELECT COUNT(*) FROM send_keys").await?, 550);
+        assert_eq!(count(keys_stored).await?, 550);
 
         // 1,100 new sends, then one sent before (message 1098, seq 1099).
         let again: Vec<NewMessage> = (1100..2200).chain([1098]).map(send).collect();
@@ -728,7 +877,7 @@ async fn a_group_of_many_statements_keeps_every_key_and_message() -> anyhow::Res
             again.outcomes.last()
         );
         assert_eq!(count("SELECT COUNT(*) FROM outbox").await?, 2200);
-        assert_eq!(count("SELECT COUNT(*) FROM send_keys").await?, 1100);
+        assert_eq!(count(keys_stored).await?, 1100);
         Ok(())
     })
     .await

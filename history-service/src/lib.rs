@@ -26,6 +26,7 @@ const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "messages",
     sql: include_str!("../migrations/0001_messages.sql"),
+    only_on: None,
 }];
 
 type HistoryState = ApiState<HistoryRepo>;

@@ -16,6 +16,7 @@
 
 mod outbox;
 mod publication;
+mod send_log;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -204,6 +205,7 @@ impl GroupCommit {
         outbox: OutboxRepo,
         metrics: MessageMetrics,
     ) -> anyhow::Result<(Self, Vec<JoinHandle<()>>)> {
+        outbox.read_send_log().await?;
         let (submissions, queue) = mpsc::channel(SUBMISSION_QUEUE);
         let (committed, to_publish) = mpsc::channel(PUBLISH_QUEUE);
         let backend = outbox.backend();

@@ -26,6 +26,7 @@ use unhidra_store::{
     now_millis, padded,
 };
 
+use super::send_log::{Known, SendLog};
 use crate::rooms::Refusal;
 
 /// One message to accept.
@@ -75,9 +76,13 @@ pub struct OutboxRepo {
     db: Database,
     /// How long a send's client id is remembered, in milliseconds.
     keys_kept_ms: i64,
-    /// How a group's send keys are stored: a key remembered past its time
-    /// is replaced; one still kept is left as it is, and not counted.
+    /// On Postgres, how a group's send keys are stored when its repeats
+    /// were looked up: a key remembered past its time is replaced; one
+    /// still kept is left as it is, and not counted.
     keys_upsert: String,
+    /// On SQLite, the send keys' log and this instance's index of it,
+    /// shared by clones.
+    send_log: Option<Arc<SendLog>>,
     /// Shared by clones: [`Removed`].
     removed: Arc<Removed>,
 }
@@ -125,7 +130,7 @@ impl Removed {
     }
 }
 
-/// The send keys' table and columns, as a group inserts them.
+/// The send keys' table and columns, as a group inserts them on Postgres.
 const SEND_KEYS: &str = "send_keys (user_id, client_id, seq, message_id, created_at)";
 /// The outbox's table and columns, as a group inserts them.
 const OUTBOX: &str = "outbox (message_id, room_id, seq, payload, created_at)";
@@ -158,16 +163,16 @@ fn counts_of(values: &str) -> String {
 type RefusedPair = (String, String, Option<String>);
 
 /// A send's key, as a group stores it.
-struct SendKey<'a> {
-    user: UserId,
-    client_id: &'a str,
+pub(super) struct SendKey<'a> {
+    pub user: UserId,
+    pub client_id: &'a str,
     seq: u64,
     message_id: MessageId,
 }
 
 impl SendKey<'_> {
     /// Binds the values of [`SEND_KEYS`]'s columns.
-    fn bind<'q>(&'q self, query: AnyQuery<'q>, now: i64) -> anyhow::Result<AnyQuery<'q>> {
+    pub fn bind<'q>(&'q self, query: AnyQuery<'q>, now: i64) -> anyhow::Result<AnyQuery<'q>> {
         Ok(query
             .bind(self.user.to_string())
             .bind(self.client_id)
@@ -211,7 +216,6 @@ impl OutboxRepo {
     pub fn new(db: Database, keys_kept: std::time::Duration) -> Self {
         let keys_kept_ms = i64::try_from(keys_kept.as_millis()).unwrap_or(i64::MAX);
         Self {
-            db,
             keys_kept_ms,
             keys_upsert: format!(
                 "ON CONFLICT (user_id, client_id) DO UPDATE SET seq = excluded.seq,
@@ -219,6 +223,8 @@ impl OutboxRepo {
                  WHERE send_keys.created_at <= excluded.created_at - {keys_kept_ms}"
             ),
             removed: Arc::default(),
+            send_log: (db.backend == Backend::Sqlite).then(|| Arc::new(SendLog::new(keys_kept_ms))),
+            db,
         }
     }
 
@@ -229,6 +235,15 @@ impl OutboxRepo {
             db: self.db.with_own_writer().await?,
             ..self.clone()
         })
+    }
+
+    /// On SQLite, reads the send keys' log into this instance's index (at
+    /// start, so that the first group does not); on Postgres nothing.
+    pub async fn read_send_log(&self) -> anyhow::Result<()> {
+        if let Some(log) = &self.send_log {
+            log.catch_up(&mut *self.db.pool.acquire().await?).await?;
+        }
+        Ok(())
     }
 
     /// After a failed write: [`Database::mend_writer`].
@@ -246,19 +261,6 @@ impl OutboxRepo {
     /// sender sent its client id before is not posted again. The same
     /// transaction removes the messages `published` names (each room's
     /// highest sequence published).
-    ///
-    /// A send seldom repeats one of an earlier group (a client retrying
-    /// after a lost ack), so the first attempt does not look repeats up: it
-    /// numbers every send as new and inserts the send keys plainly, which
-    /// fails if any key is stored already. Only then is the group rolled
-    /// back and accepted again, its repeats looked up first, its keys
-    /// upserted: a key remembered past its time is replaced, and one that
-    /// another instance stored meanwhile is not counted, so the next
-    /// attempt looks it up. (Looking repeats up in every group cost a
-    /// statement, and on Postgres a scan of every kept key whenever the
-    /// table's statistics were behind; an upsert in every group cost
-    /// Postgres a speculative insertion per key: a look-up in the key's
-    /// index before the insert, and a record in its log after.)
     pub async fn accept(
         &self,
         messages: Vec<NewMessage>,
@@ -268,21 +270,88 @@ impl OutboxRepo {
             self.remove(published).await?;
             return Ok(Acceptance::default());
         }
-        // On Postgres another instance may store a key between a look-up
-        // and the upsert; the next look-up finds it.
+        let acceptance = match &self.send_log {
+            Some(log) => self.accept_logged(log, &messages, published).await?,
+            None => self.accept_keyed(&messages, published).await?,
+        };
+        self.removed.committed(published);
+        Ok(acceptance)
+    }
+
+    /// On SQLite: the group's repeats looked up in the send log's index
+    /// (almost always none, without a statement), its keys appended to the
+    /// log.
+    async fn accept_logged(
+        &self,
+        log: &SendLog,
+        messages: &[NewMessage],
+        published: &BTreeMap<RoomId, u64>,
+    ) -> anyhow::Result<Acceptance> {
+        let mut write = self.db.begin_write().await?;
+        self.remove_published(write.conn(), published).await?;
+        log.catch_up(write.conn()).await?;
+        let keys: Vec<(UserId, &str)> = messages
+            .iter()
+            .filter_map(|m| Some((m.sender, m.client_id.as_deref()?)))
+            .collect();
+        let known = log.sent_before(write.conn(), &keys).await?;
+        let (acceptance, keys) = self.accept_in(write.conn(), messages, &known).await?;
+        let now = now_millis();
+        let appended = log.append(&self.db, write.conn(), &keys, now).await?;
+        self.db
+            .insert_rows(
+                write.conn(),
+                OUTBOX,
+                5,
+                "",
+                &acceptance.queued,
+                |query, p| p.bind(query, now),
+            )
+            .await?;
+        write.commit().await?;
+        log.committed(appended);
+        Ok(acceptance)
+    }
+
+    /// On Postgres, where instances write at once and the send keys' unique
+    /// index refuses a key stored twice. A send seldom repeats one of an
+    /// earlier group (a client retrying after a lost ack), so the first
+    /// attempt does not look repeats up: it numbers every send as new and
+    /// inserts the send keys plainly, which fails if any key is stored
+    /// already. Only then is the group rolled back and accepted again, its
+    /// repeats looked up first, its keys upserted: a key remembered past its
+    /// time is replaced, and one that another instance stored meanwhile is
+    /// not counted, so the next attempt looks it up. (Looking repeats up in
+    /// every group cost a statement, and a scan of every kept key whenever
+    /// the table's statistics were behind; an upsert in every group cost a
+    /// speculative insertion per key: a look-up in the key's index before
+    /// the insert, and a record in its log after.)
+    async fn accept_keyed(
+        &self,
+        messages: &[NewMessage],
+        published: &BTreeMap<RoomId, u64>,
+    ) -> anyhow::Result<Acceptance> {
+        // Another instance may store a key between a look-up and the
+        // upsert; the next look-up finds it.
         for look_up_repeats in [false, true, true] {
             let mut write = self.db.begin_write().await?;
             self.remove_published(write.conn(), published).await?;
-            match self
-                .accept_in(write.conn(), &messages, look_up_repeats)
-                .await
-            {
-                Ok(Some(acceptance)) => {
+            let known = if look_up_repeats {
+                self.sent_before(write.conn(), messages).await?
+            } else {
+                Known::new()
+            };
+            let (acceptance, keys) = self.accept_in(write.conn(), messages, &known).await?;
+            let queued = self
+                .queue(write.conn(), &keys, &acceptance.queued, look_up_repeats)
+                .await;
+            match queued {
+                Ok(stored) if stored == u64::try_from(keys.len())? => {
                     write.commit().await?;
-                    self.removed.committed(published);
                     return Ok(acceptance);
                 }
-                Ok(None) => {}
+                // A key another instance stored meanwhile: look it up.
+                Ok(_) => {}
                 // A key stored before, kept or not: look it up.
                 Err(e) if !look_up_repeats && is_unique_violation_in(&e) => {}
                 Err(e) => return Err(e),
@@ -292,21 +361,17 @@ impl OutboxRepo {
         anyhow::bail!("another instance stored keys of this group's sends in every attempt")
     }
 
-    /// Accepts `messages` on `conn`, in the caller's transaction; `None`
-    /// when a send repeats one of an earlier group that was not looked up
-    /// (the caller rolls back what was written).
-    async fn accept_in(
+    /// Accepts `messages` on `conn`, in the caller's transaction (`known`:
+    /// the repeats looked up): checks and numbers them, and returns what
+    /// was accepted and the keys of the new sends, for the caller to store
+    /// with the queued messages.
+    async fn accept_in<'m>(
         &self,
         conn: &mut AnyConnection,
-        messages: &[NewMessage],
-        look_up_repeats: bool,
-    ) -> anyhow::Result<Option<Acceptance>> {
-        let known = if look_up_repeats {
-            self.sent_before(conn, messages).await?
-        } else {
-            HashMap::new()
-        };
-        let (plans, mut next_seq) = self.check_and_number(conn, messages, &known).await?;
+        messages: &'m [NewMessage],
+        known: &Known,
+    ) -> anyhow::Result<(Acceptance, Vec<SendKey<'m>>)> {
+        let (plans, mut next_seq) = self.check_and_number(conn, messages, known).await?;
         let mut outcomes: Vec<Result<Accepted, Refusal>> = Vec::with_capacity(messages.len());
         let mut queued = Vec::new();
         let mut keys = Vec::new();
@@ -357,11 +422,7 @@ impl OutboxRepo {
             }
             outcomes.push(Ok(Accepted::New(event)));
         }
-        let stored = self.queue(conn, &keys, &queued, look_up_repeats).await?;
-        if stored < u64::try_from(keys.len())? {
-            return Ok(None);
-        }
-        Ok(Some(Acceptance { outcomes, queued }))
+        Ok((Acceptance { outcomes, queued }, keys))
     }
 
     /// How each message is to be accepted (`known`: the repeats looked
@@ -373,7 +434,7 @@ impl OutboxRepo {
         &self,
         conn: &mut AnyConnection,
         messages: &[NewMessage],
-        known: &HashMap<(UserId, String), SendAccepted>,
+        known: &Known,
     ) -> anyhow::Result<(Vec<Plan>, HashMap<RoomId, u64>)> {
         let allowed = match self.db.backend {
             Backend::Postgres => {
@@ -450,10 +511,10 @@ impl OutboxRepo {
         Ok((refused, last))
     }
 
-    /// Stores the send keys and queues the messages in the outbox: on
-    /// Postgres both in one statement (one round trip), on SQLite one each.
-    /// The keys are inserted plainly (failing if one is stored already), or
-    /// `upserted` ([`Self::accept`]). Returns how many keys were stored (an
+    /// On Postgres: stores the send keys and queues the messages in the
+    /// outbox, both in one statement (one round trip). The keys are
+    /// inserted plainly (failing if one is stored already), or `upserted`
+    /// ([`Self::accept_keyed`]). Returns how many keys were stored (an
     /// upsert does not store a key still kept from an earlier send).
     async fn queue(
         &self,
@@ -468,21 +529,6 @@ impl OutboxRepo {
         } else {
             ""
         };
-        if self.db.backend == Backend::Sqlite {
-            let stored = self
-                .db
-                .insert_rows(conn, SEND_KEYS, 5, keys_suffix, keys, |query, key| {
-                    key.bind(query, now)
-                })
-                .await?;
-            if stored == u64::try_from(keys.len())? {
-                // Else the group is rolled back: nothing more to write.
-                self.db
-                    .insert_rows(conn, OUTBOX, 5, "", queued, |query, p| p.bind(query, now))
-                    .await?;
-            }
-            return Ok(stored);
-        }
         // Each statement inserts a chunk of the outbox's rows and, as its
         // main part, one of the keys (never more of them than rows): its
         // count of rows is the keys stored.
@@ -581,16 +627,17 @@ impl OutboxRepo {
         })
     }
 
-    /// The acks of the sends among `messages` whose sender sent the same
-    /// client id within the time keys are kept (one query for all).
+    /// On Postgres: the acks of the sends among `messages` whose sender
+    /// sent the same client id within the time keys are kept (one query for
+    /// all).
     async fn sent_before(
         &self,
         conn: &mut AnyConnection,
         messages: &[NewMessage],
-    ) -> anyhow::Result<HashMap<(UserId, String), SendAccepted>> {
+    ) -> anyhow::Result<Known> {
         let keyed: Vec<&NewMessage> = messages.iter().filter(|m| m.client_id.is_some()).collect();
         if keyed.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(Known::new());
         }
         let pairs = unique_pairs(
             keyed
@@ -627,6 +674,9 @@ impl OutboxRepo {
 
     /// Forgets the client ids of sends older than the time keys are kept.
     pub async fn forget_old_keys(&self) -> anyhow::Result<u64> {
+        if let Some(log) = &self.send_log {
+            return log.forget_old(&self.db).await;
+        }
         let cutoff = now_millis().saturating_sub(self.keys_kept_ms);
         Ok(sqlx::query("DELETE FROM send_keys WHERE created_at <= $1")
             .bind(cutoff)
@@ -840,11 +890,7 @@ impl OutboxRepo {
 
 /// How each message is to be accepted, given whether its sender may send
 /// to its room and the repeats looked up (`known`).
-fn plan(
-    messages: &[NewMessage],
-    allowed: &[Result<(), Refusal>],
-    known: &HashMap<(UserId, String), SendAccepted>,
-) -> Vec<Plan> {
+fn plan(messages: &[NewMessage], allowed: &[Result<(), Refusal>], known: &Known) -> Vec<Plan> {
     let mut plans = Vec::with_capacity(messages.len());
     let mut in_group: HashMap<(UserId, &str), usize> = HashMap::new();
     for (i, (m, ok)) in messages.iter().zip(allowed).enumerate() {

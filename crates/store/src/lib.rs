@@ -120,6 +120,9 @@ pub struct Migration {
     pub version: i64,
     pub name: &'static str,
     pub sql: &'static str,
+    /// The one backend the change is for; on the other it is recorded as
+    /// applied and not run (its schema differs there by design).
+    pub only_on: Option<Backend>,
 }
 
 /// The SQLite URL of a service's own database file under `data_dir`.
@@ -259,7 +262,7 @@ impl Database {
                 .execute(&mut *conn)
                 .await?;
         }
-        let result = apply(&mut conn, service, migrations).await;
+        let result = apply(&mut conn, self.backend, service, migrations).await;
         if self.backend == Backend::Postgres {
             sqlx::query("SELECT pg_advisory_unlock(7325481)")
                 .execute(&mut *conn)
@@ -314,6 +317,7 @@ impl Database {
 
 async fn apply(
     conn: &mut AnyConnection,
+    backend: Backend,
     service: &str,
     migrations: &[Migration],
 ) -> anyhow::Result<()> {
@@ -356,6 +360,15 @@ async fn apply(
         .await?
         .rows_affected();
         if claimed == 0 {
+            continue;
+        }
+        if migration.only_on.is_some_and(|only| only != backend) {
+            tx.commit().await?;
+            tracing::info!(
+                service,
+                migration = migration.name,
+                "migration not for this database, recorded as applied"
+            );
             continue;
         }
         tx.execute(migration.sql)

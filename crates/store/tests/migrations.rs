@@ -1,6 +1,6 @@
 //! The migration runner and the shared SQL dialect, on SQLite and Postgres.
 
-use unhidra_store::{Database, Migration, is_unique_violation};
+use unhidra_store::{Backend, Database, Migration, is_unique_violation};
 use unhidra_testkit::TestDatabase;
 
 const MIGRATIONS: &[Migration] = &[
@@ -8,11 +8,19 @@ const MIGRATIONS: &[Migration] = &[
         version: 1,
         name: "notes",
         sql: "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT NOT NULL, at BIGINT NOT NULL);",
+        only_on: None,
     },
     Migration {
         version: 2,
         name: "notes_index",
         sql: "CREATE INDEX notes_at ON notes (at); ALTER TABLE notes ADD COLUMN author TEXT;",
+        only_on: None,
+    },
+    Migration {
+        version: 3,
+        name: "sqlite_only",
+        sql: "CREATE TABLE embedded_notes (id INTEGER PRIMARY KEY);",
+        only_on: Some(Backend::Sqlite),
     },
 ];
 
@@ -26,7 +34,16 @@ async fn exercise(db: &Database) -> anyhow::Result<()> {
     .bind("notes-service")
     .fetch_all(&db.pool)
     .await?;
-    assert_eq!(applied, vec![1, 2]);
+    assert_eq!(applied, vec![1, 2, 3]);
+    // A migration for the other backend is recorded, not run.
+    let sqlite_only = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM embedded_notes")
+        .fetch_one(&db.pool)
+        .await;
+    assert_eq!(
+        sqlite_only.is_ok(),
+        db.backend == Backend::Sqlite,
+        "{sqlite_only:?}"
+    );
 
     let hostile = "'); DROP TABLE notes; --";
     sqlx::query("INSERT INTO notes (id, body, at, author) VALUES ($1, $2, $3, NULL)")
@@ -94,7 +111,7 @@ async fn concurrent_migrators_on_postgres_apply_once() -> anyhow::Result<()> {
     let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM unhidra_migrations")
         .fetch_one(&a.pool)
         .await?;
-    assert_eq!(count, 2);
+    assert_eq!(count, i64::try_from(MIGRATIONS.len())?);
     Ok(())
 }
 
@@ -118,7 +135,7 @@ async fn concurrent_migrators_on_one_sqlite_file_apply_once() -> anyhow::Result<
         let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM unhidra_migrations")
             .fetch_one(&database.pool)
             .await?;
-        assert_eq!(count, 2);
+        assert_eq!(count, i64::try_from(MIGRATIONS.len())?);
     }
     Ok(())
 }
