@@ -797,6 +797,15 @@ async fn a_retry_through_another_instance_or_a_restart_gets_the_first_ack() -> a
                 .outcomes,
         )?;
         assert_eq!(fourth, vec![("repeat", 1, c1), ("repeat", 3, third[1].2)]);
+        // Kept keys outlive a sweep.
+        assert_eq!(restarted.forget_old_keys().await?, 0);
+        let kept = acks(
+            restarted
+                .accept(vec![keyed("c-2")], &nothing_published)
+                .await?
+                .outcomes,
+        )?;
+        assert_eq!(kept, vec![("repeat", 2, c2)]);
 
         // Swept, all keys are forgotten (on SQLite all but the last row);
         // an instance started after the sweep stores its keys where the

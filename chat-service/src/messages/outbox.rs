@@ -171,7 +171,8 @@ pub(super) struct SendKey<'a> {
 }
 
 impl SendKey<'_> {
-    /// Binds the values of [`SEND_KEYS`]'s columns.
+    /// Binds the values of [`SEND_KEYS`]'s columns (on SQLite, the log's
+    /// after its id).
     pub fn bind<'q>(&'q self, query: AnyQuery<'q>, now: i64) -> anyhow::Result<AnyQuery<'q>> {
         Ok(query
             .bind(self.user.to_string())
@@ -241,7 +242,13 @@ impl OutboxRepo {
     /// start, so that the first group does not); on Postgres nothing.
     pub async fn read_send_log(&self) -> anyhow::Result<()> {
         if let Some(log) = &self.send_log {
-            log.catch_up(&mut *self.db.pool.acquire().await?).await?;
+            let started = std::time::Instant::now();
+            let keys = log.catch_up(&mut *self.db.pool.acquire().await?).await?;
+            tracing::info!(
+                keys,
+                elapsed_ms = started.elapsed().as_millis(),
+                "send keys read"
+            );
         }
         Ok(())
     }

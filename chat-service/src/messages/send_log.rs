@@ -4,8 +4,8 @@
 //! a page per sender in every group's transaction.
 //!
 //! The index holds a 64-bit hash of each key (user and client id, hashed
-//! with this process's random key) and its row's id, about 16 bytes a key
-//! and a B-tree's share of overhead; a hash found is read back from its row
+//! with this process's random key) and its row's id, about 27 bytes a key
+//! with the B-tree's overhead; a hash found is read back from its row
 //! (a look-up by id) and compared, so two keys with one hash are told apart.
 //! Only one connection writes to a SQLite file at a time, so at the start
 //! of each of its group's transactions an instance reads the rows other
@@ -60,11 +60,12 @@ impl Index {
         self.hasher.hash_one((user, client_id))
     }
 
-    /// Records that every row up to `id` was appended by `at`.
+    /// Records that every row up to `id` was appended by `at` (or by the
+    /// time recorded before, if later: a clock set back).
     fn appended(&mut self, id: i64, at: i64) {
         self.last_id = self.last_id.max(id);
         match self.appended_by.back_mut() {
-            Some(last) if last.1 / 1000 == at / 1000 => *last = (id.max(last.0), at.max(last.1)),
+            Some(last) if last.1 / 1000 >= at / 1000 => *last = (id.max(last.0), at.max(last.1)),
             _ => self.appended_by.push_back((id, at)),
         }
     }
@@ -95,8 +96,9 @@ impl SendLog {
 
     /// Reads into the index the rows appended since it last looked: by other
     /// instances, on the group's connection inside its transaction (before
-    /// its own look-ups and appends); every row the first time.
-    pub async fn catch_up(&self, conn: &mut AnyConnection) -> anyhow::Result<()> {
+    /// its own look-ups and appends); every row the first time. Returns how
+    /// many rows it read.
+    pub async fn catch_up(&self, conn: &mut AnyConnection) -> anyhow::Result<u64> {
         let after = self.index().last_id;
         // Streamed: at the first, the rows are every key kept.
         let mut rows = sqlx::query_as::<_, (i64, String, String, i64)>(
@@ -104,13 +106,15 @@ impl SendLog {
         )
         .bind(after)
         .fetch(conn);
+        let mut read = 0;
         while let Some((id, user, client_id, created_at)) = rows.try_next().await? {
             let mut index = self.index();
             let hash = index.hash(user.parse()?, &client_id);
             index.keys.insert((hash, id));
             index.appended(id, created_at);
+            read += 1;
         }
-        Ok(())
+        Ok(read)
     }
 
     /// The first acks of the keys among `keys` sent before, while kept:
