@@ -547,6 +547,35 @@ async fn queued_messages_survive_the_outbox_rebuild() -> anyhow::Result<()> {
     .await
 }
 
+/// Stores `user`'s send key `c-1` for `message`, numbered 7, in `send_keys`
+/// (as another Postgres instance, or a version before the send log, does).
+async fn store_key_seven<'e>(
+    db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    user: UserId,
+    message: MessageId,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO send_keys (user_id, client_id, seq, message_id, created_at)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(user.to_string())
+    .bind("c-1")
+    .bind(7_i64)
+    .bind(message.to_string())
+    .bind(unhidra_store::now_millis())
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// A group of one send answered with the first ack of [`store_key_seven`].
+fn assert_repeat_of_seven(outcomes: &[Result<Accepted, Refusal>], first: MessageId) {
+    assert!(
+        matches!(outcomes, [Ok(Accepted::Repeat(ack))] if ack.seq == 7 && ack.message_id == first),
+        "{outcomes:?}"
+    );
+}
+
 /// Keys stored before the send log (migration 6, SQLite only) are still
 /// found after it: a retry of a send from before the upgrade posts nothing.
 #[tokio::test]
@@ -560,17 +589,7 @@ async fn send_keys_stored_before_the_send_log_are_kept() -> anyhow::Result<()> {
         let a = room("a", Visibility::Public);
         rooms.create(&a, alice).await??;
         let first = MessageId::new();
-        sqlx::query(
-            "INSERT INTO send_keys (user_id, client_id, seq, message_id, created_at)
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(alice.to_string())
-        .bind("c-1")
-        .bind(7_i64)
-        .bind(first.to_string())
-        .bind(unhidra_store::now_millis())
-        .execute(&database.pool)
-        .await?;
+        store_key_seven(&database.pool, alice, first).await?;
         database.migrate(NAME, MIGRATIONS).await?;
         let outbox = OutboxRepo::new(database, KEYS_KEPT);
         let retry = NewMessage {
@@ -578,12 +597,12 @@ async fn send_keys_stored_before_the_send_log_are_kept() -> anyhow::Result<()> {
             ..new_message(a.id, alice, "hello")
         };
         let retried = outbox.accept(vec![retry], &BTreeMap::new()).await?;
-        assert!(retried.queued.is_empty(), "posted again: {:?}", retried.queued);
         assert!(
-            matches!(&retried.outcomes[..], [Ok(Accepted::Repeat(ack))] if ack.seq == 7 && ack.message_id == first),
-            "{:?}",
-            retried.outcomes
+            retried.queued.is_empty(),
+            "posted again: {:?}",
+            retried.queued
         );
+        assert_repeat_of_seven(&retried.outcomes, first);
         Ok(())
     })
     .await
@@ -745,66 +764,37 @@ async fn a_retry_through_another_instance_or_a_restart_gets_the_first_ack() -> a
         let alice = UserId::new();
         let a = room("a", Visibility::Public);
         rooms.create(&a, alice).await??;
-        let keyed = |id: &str| NewMessage {
-            client_id: Some(id.to_owned()),
-            ..new_message(a.id, alice, id)
-        };
-        let nothing_published = BTreeMap::new();
-        let acks = |outcomes: Vec<Result<Accepted, Refusal>>| {
-            outcomes
-                .into_iter()
-                .map(|o| match o {
-                    Ok(Accepted::New(e)) => Ok(("new", e.seq, e.message_id)),
-                    Ok(Accepted::Repeat(ack)) => Ok(("repeat", ack.seq, ack.message_id)),
-                    Err(r) => Err(anyhow::anyhow!("refused: {r:?}")),
+        let sends = |ids: &[&str]| -> Vec<NewMessage> {
+            ids.iter()
+                .map(|id| NewMessage {
+                    client_id: Some((*id).to_owned()),
+                    ..new_message(a.id, alice, id)
                 })
-                .collect::<anyhow::Result<Vec<_>>>()
+                .collect()
         };
 
-        let first = acks(
-            one.accept(vec![keyed("c-1")], &nothing_published)
-                .await?
-                .outcomes,
-        )?;
+        let first = acks(&one, sends(&["c-1"])).await?;
         let [("new", 1, c1)] = first[..] else {
             anyhow::bail!("{first:?}");
         };
-        let second = acks(
-            other
-                .accept(vec![keyed("c-2"), keyed("c-1")], &nothing_published)
-                .await?
-                .outcomes,
-        )?;
+        let second = acks(&other, sends(&["c-2", "c-1"])).await?;
         let [("new", 2, c2), ("repeat", 1, again)] = second[..] else {
             anyhow::bail!("{second:?}");
         };
         assert_eq!(again, c1);
         // The first instance learns the other's key.
-        let third = acks(
-            one.accept(vec![keyed("c-2"), keyed("c-3")], &nothing_published)
-                .await?
-                .outcomes,
-        )?;
-        assert_eq!(third[0], ("repeat", 2, c2));
-        assert_eq!(third[1].0, "new");
-        assert_eq!(third[1].1, 3);
+        let third = acks(&one, sends(&["c-2", "c-3"])).await?;
+        let [("repeat", 2, again), ("new", 3, c3)] = third[..] else {
+            anyhow::bail!("{third:?}");
+        };
+        assert_eq!(again, c2);
 
         let restarted = instance().await?;
-        let fourth = acks(
-            restarted
-                .accept(vec![keyed("c-1"), keyed("c-3")], &nothing_published)
-                .await?
-                .outcomes,
-        )?;
-        assert_eq!(fourth, vec![("repeat", 1, c1), ("repeat", 3, third[1].2)]);
+        let fourth = acks(&restarted, sends(&["c-1", "c-3"])).await?;
+        assert_eq!(fourth, vec![("repeat", 1, c1), ("repeat", 3, c3)]);
         // Kept keys outlive a sweep.
         assert_eq!(restarted.forget_old_keys().await?, 0);
-        let kept = acks(
-            restarted
-                .accept(vec![keyed("c-2")], &nothing_published)
-                .await?
-                .outcomes,
-        )?;
+        let kept = acks(&restarted, sends(&["c-2"])).await?;
         assert_eq!(kept, vec![("repeat", 2, c2)]);
 
         // Swept, all keys are forgotten (on SQLite all but the last row);
@@ -819,20 +809,11 @@ async fn a_retry_through_another_instance_or_a_restart_gets_the_first_ack() -> a
         forgetful.read_send_log().await?;
         assert_eq!(forgetful.forget_old_keys().await?, swept);
         let late = instance().await?;
-        let fifth = acks(
-            late.accept(vec![keyed("c-4")], &nothing_published)
-                .await?
-                .outcomes,
-        )?;
+        let fifth = acks(&late, sends(&["c-4"])).await?;
         let [("new", 4, c4)] = fifth[..] else {
             anyhow::bail!("{fifth:?}");
         };
-        let sixth = acks(
-            one.accept(vec![keyed("c-4")], &nothing_published)
-                .await?
-                .outcomes,
-        )?;
-        assert_eq!(sixth, vec![("repeat", 4, c4)]);
+        assert_eq!(acks(&one, sends(&["c-4"])).await?, vec![("repeat", 4, c4)]);
         let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
             .fetch_one(&open(&db).await?.pool)
             .await?;
@@ -840,6 +821,25 @@ async fn a_retry_through_another_instance_or_a_restart_gets_the_first_ack() -> a
         Ok(())
     })
     .await
+}
+
+/// `outbox`'s answer to `messages` as one group: for each, "new" or
+/// "repeat", its sequence and its message id.
+async fn acks(
+    outbox: &OutboxRepo,
+    messages: Vec<NewMessage>,
+) -> anyhow::Result<Vec<(&'static str, u64, MessageId)>> {
+    outbox
+        .accept(messages, &BTreeMap::new())
+        .await?
+        .outcomes
+        .into_iter()
+        .map(|o| match o {
+            Ok(Accepted::New(e)) => Ok(("new", e.seq, e.message_id)),
+            Ok(Accepted::Repeat(ack)) => Ok(("repeat", ack.seq, ack.message_id)),
+            Err(r) => Err(anyhow::anyhow!("refused: {r:?}")),
+        })
+        .collect()
 }
 
 /// A group larger than one statement's rows (512), every other send
@@ -916,34 +916,32 @@ async fn a_retry_racing_its_first_send_on_another_instance_posts_nothing() -> an
         // The other instance's group: its key written, not yet committed.
         let first = MessageId::new();
         let mut elsewhere = database.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO send_keys (user_id, client_id, seq, message_id, created_at)
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(alice.to_string())
-        .bind("c-1")
-        .bind(7_i64)
-        .bind(first.to_string())
-        .bind(unhidra_store::now_millis())
-        .execute(&mut *elsewhere)
-        .await?;
+        store_key_seven(&mut *elsewhere, alice, first).await?;
         let nothing_published = BTreeMap::new();
         let retry = outbox.accept(vec![send()], &nothing_published);
         tokio::pin!(retry);
         let early = tokio::time::timeout(Duration::from_millis(300), &mut retry).await;
-        assert!(early.is_err(), "answered past an uncommitted key: {early:?}");
+        assert!(
+            early.is_err(),
+            "answered past an uncommitted key: {early:?}"
+        );
         elsewhere.commit().await?;
 
         let retried = retry.await?;
-        assert!(retried.queued.is_empty(), "posted again: {:?}", retried.queued);
         assert!(
-            matches!(&retried.outcomes[..], [Ok(Accepted::Repeat(ack))] if ack.seq == 7 && ack.message_id == first),
-            "{:?}",
-            retried.outcomes
+            retried.queued.is_empty(),
+            "posted again: {:?}",
+            retried.queued
         );
+        assert_repeat_of_seven(&retried.outcomes, first);
         // Nothing numbered meanwhile: the room's next message is its first.
-        let next = outbox.accept(vec![new_message(a.id, alice, "next")], &BTreeMap::new()).await?;
-        assert_eq!(next.queued.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![1]);
+        let next = outbox
+            .accept(vec![new_message(a.id, alice, "next")], &BTreeMap::new())
+            .await?;
+        assert_eq!(
+            next.queued.iter().map(|p| p.seq).collect::<Vec<_>>(),
+            vec![1]
+        );
         Ok(())
     })
     .await
