@@ -301,7 +301,7 @@ impl OutboxRepo {
             .iter()
             .filter_map(|m| Some((m.sender, m.client_id.as_deref()?)))
             .collect();
-        let known = log.sent_before(write.conn(), &keys).await?;
+        let known = log.sent_before(&self.db, write.conn(), &keys).await?;
         let (acceptance, keys) = self.accept_in(write.conn(), messages, &known).await?;
         let now = now_millis();
         let appended = log.append(&self.db, write.conn(), &keys, now).await?;

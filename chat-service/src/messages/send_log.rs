@@ -72,7 +72,7 @@ impl Index {
 }
 
 /// A group's keys as appended, for the index once the group committed.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Appended {
     keys: Vec<(u64, i64)>,
     at: i64,
@@ -122,6 +122,7 @@ impl SendLog {
     /// (almost every group), else one look-up of the rows found.
     pub async fn sent_before(
         &self,
+        db: &Database,
         conn: &mut AnyConnection,
         keys: &[(UserId, &str)],
     ) -> anyhow::Result<Known> {
@@ -145,10 +146,9 @@ impl SendLog {
         let ids = padded(&ids);
         let sql = format!(
             "SELECT user_id, client_id, seq, message_id FROM send_log
-             WHERE id IN ({}) AND created_at > ?",
-            std::iter::repeat_n("?", ids.len())
-                .collect::<Vec<_>>()
-                .join(", "),
+             WHERE id IN ({}) AND created_at > {}",
+            db.placeholders(1, ids.len()),
+            db.placeholders(1 + ids.len(), 1),
         );
         let mut query = sqlx::query_as::<_, (String, String, i64, String)>(&sql);
         for id in ids {
