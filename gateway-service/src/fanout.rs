@@ -12,10 +12,12 @@ use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
 use futures::StreamExt;
+use serde::Deserialize;
 use tokio::task::JoinHandle;
 use unhidra_bus::Message;
 use unhidra_core::{
     events::{MembershipChanged, RoomMessage, Typing},
+    ids::RoomId,
     protocol::{ResumePoint, ServerFrame},
     subjects::RoomEventKind,
 };
@@ -90,8 +92,11 @@ pub fn dispatch(gateway: &Arc<Gateway>, event: &Message, tail: &Mutex<RoomTail>)
         return;
     };
     match kind {
-        RoomEventKind::Messages => match serde_json::from_slice::<RoomMessage>(&event.payload) {
-            Ok(m) if m.room == room => deliver(gateway, m, tail),
+        RoomEventKind::Messages => match serde_json::from_slice::<Head>(&event.payload) {
+            Ok(head) if head.room == room => match frame_text(&event.payload) {
+                Some(text) => deliver(gateway, room, head.seq, text, tail),
+                None => tracing::warn!(subject = %event.subject, "undecodable room message"),
+            },
             Ok(_) => {
                 tracing::warn!(subject = %event.subject, "room message on another room's subject")
             }
@@ -134,25 +139,39 @@ pub fn dispatch(gateway: &Arc<Gateway>, event: &Message, tail: &Mutex<RoomTail>)
     }
 }
 
-fn deliver(gateway: &Gateway, m: RoomMessage, tail: &Mutex<RoomTail>) {
-    let room = m.room;
-    let seq = m.seq;
+/// What fan-out reads of a [`RoomMessage`] event (its text is checked whole).
+#[derive(Deserialize)]
+struct Head {
+    room: RoomId,
+    seq: u64,
+}
+
+/// The `message` frame of a room message event: made from its text as
+/// chat-service wrote it, or (written otherwise, by another version) read
+/// and written whole.
+fn frame_text(payload: &[u8]) -> Option<String> {
+    if let Some(text) = std::str::from_utf8(payload)
+        .ok()
+        .and_then(ServerFrame::message_text)
+    {
+        return Some(text);
+    }
+    let m: RoomMessage = serde_json::from_slice(payload).ok()?;
     let frame = ServerFrame::Message {
-        room,
-        seq,
+        room: m.room,
+        seq: m.seq,
         message_id: m.message_id,
         sender: m.sender,
         body: m.body,
         sent_at: m.sent_at,
     };
-    match serde_json::to_string(&frame) {
-        Ok(text) => {
-            let text = Utf8Bytes::from(text);
-            lock(tail).push(seq, &text);
-            let fanout = gateway.registry.deliver(room, seq, &text);
-            gateway.metrics.delivered.inc_by(fanout.delivered);
-            gateway.metrics.slow_consumers.inc_by(fanout.cut_off);
-        }
-        Err(e) => tracing::error!(error = %e, "message frame not serialisable"),
-    }
+    serde_json::to_string(&frame).ok()
+}
+
+fn deliver(gateway: &Gateway, room: RoomId, seq: u64, text: String, tail: &Mutex<RoomTail>) {
+    let text = Utf8Bytes::from(text);
+    lock(tail).push(seq, &text);
+    let fanout = gateway.registry.deliver(room, seq, &text);
+    gateway.metrics.delivered.inc_by(fanout.delivered);
+    gateway.metrics.slow_consumers.inc_by(fanout.cut_off);
 }

@@ -466,7 +466,7 @@ impl GroupLoop {
         let mut outcomes = outcomes.into_iter();
         let mut publish = Committed {
             queued,
-            headers: HashMap::new(),
+            headers: HashMap::with_capacity(outcomes.len()),
         };
         for (submission, size) in group.into_iter().zip(sizes) {
             let mine: Vec<_> = outcomes.by_ref().take(size).collect();
@@ -498,7 +498,7 @@ type LastPublished = HashMap<RoomId, u64>;
 /// first since this process started) is published from the outbox, all of
 /// its messages in order, so none of it is taken as continuing.
 fn split_by_continuity(last: &LastPublished, queued: Vec<Pending>) -> (Vec<Pending>, Vec<RoomId>) {
-    let mut next: LastPublished = HashMap::new();
+    let mut next: LastPublished = HashMap::with_capacity(queued.len());
     let mut behind = Vec::new();
     for pending in &queued {
         let expected = next

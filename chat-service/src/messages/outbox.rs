@@ -899,13 +899,17 @@ impl OutboxRepo {
 /// to its room and the repeats looked up (`known`).
 fn plan(messages: &[NewMessage], allowed: &[Result<(), Refusal>], known: &Known) -> Vec<Plan> {
     let mut plans = Vec::with_capacity(messages.len());
-    let mut in_group: HashMap<(UserId, &str), usize> = HashMap::new();
+    let mut in_group: HashMap<(UserId, &str), usize> = HashMap::with_capacity(messages.len());
     for (i, (m, ok)) in messages.iter().zip(allowed).enumerate() {
         let key = m.client_id.as_deref().map(|id| (m.sender, id));
         plans.push(match (ok, key) {
             (Err(refusal), _) => Plan::Refused(*refusal),
             (Ok(()), Some(key)) => {
-                if let Some(ack) = known.get(&(key.0, key.1.to_owned())) {
+                // Repeats are few: most groups look none up.
+                let repeat = (!known.is_empty())
+                    .then(|| known.get(&(key.0, key.1.to_owned())))
+                    .flatten();
+                if let Some(ack) = repeat {
                     Plan::Repeat(ack.clone())
                 } else if let Some(first) = in_group.get(&key) {
                     Plan::SameAs(*first)

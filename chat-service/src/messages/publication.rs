@@ -94,7 +94,7 @@ impl Batch {
     }
 
     fn push(&mut self, id: MessageId, entry: String) {
-        self.ids.update(id.to_string().as_bytes());
+        self.ids.update(id.0.as_bytes());
         self.bytes += entry.len();
         self.entries.push(entry);
     }

@@ -62,7 +62,10 @@ struct Inner {
 }
 
 struct Sub {
-    pattern: String,
+    /// What of the pattern follows its literal part (and that part's dot),
+    /// matched against what of a subject follows the same prefix; `None`
+    /// when the pattern has no wildcard.
+    wild: Option<String>,
     group: Option<String>,
     tx: mpsc::Sender<Message>,
 }
@@ -84,7 +87,8 @@ struct Subscriptions {
 /// Additions between two sweeps of dropped subscriptions, at the least.
 const SWEEP_AT_LEAST: usize = 64;
 
-/// The tokens of `pattern` before its first wildcard.
+/// The tokens of `pattern` before its first wildcard (all of it when it has
+/// none).
 fn literal_part(pattern: &str) -> &str {
     let mut end = 0;
     for (i, token) in pattern.split('.').enumerate() {
@@ -108,7 +112,7 @@ fn prefixes(subject: &str) -> impl Iterator<Item = &str> {
 }
 
 impl Subscriptions {
-    fn add(&mut self, sub: Sub) {
+    fn add(&mut self, pattern: &str, group: Option<&str>, tx: mpsc::Sender<Message>) {
         // Subscriptions dropped since are swept out once as many were added
         // as the last sweep kept: the map stays within about twice what is
         // listening, and a request's reply inbox costs no walk over every
@@ -122,27 +126,47 @@ impl Subscriptions {
             self.added_since_sweep = 0;
             self.kept_by_sweep = self.by_literal.len();
         }
+        let literal = literal_part(pattern);
+        let wild = match pattern.get(literal.len()..) {
+            Some("") | None => None,
+            Some(wild) if literal.is_empty() => Some(wild),
+            Some(dot_wild) => dot_wild.get(1..),
+        };
         self.by_literal
-            .entry(literal_part(&sub.pattern).to_owned())
+            .entry(literal.to_owned())
             .or_default()
-            .push(sub);
+            .push(Sub {
+                wild: wild.map(str::to_owned),
+                group: group.map(str::to_owned),
+                tx,
+            });
     }
 
-    /// The live subscriptions matching `subject`; closed ones are dropped.
-    fn matching(&mut self, subject: &str) -> Vec<&Sub> {
+    /// The live subscriptions matching `subject`: under each of its
+    /// prefixes, those whose wildcard part matches what follows the prefix.
+    /// Closed ones are skipped here and swept out by [`Subscriptions::add`]:
+    /// a publish looks up each prefix of its subject once.
+    fn matching(&self, subject: &str) -> Vec<&Sub> {
+        let mut found = Vec::new();
         for prefix in prefixes(subject) {
-            if let Some(subs) = self.by_literal.get_mut(prefix) {
-                subs.retain(|s| !s.tx.is_closed());
-                if subs.is_empty() {
-                    self.by_literal.remove(prefix);
-                }
-            }
+            let Some(subs) = self.by_literal.get(prefix) else {
+                continue;
+            };
+            let after = if prefix.is_empty() {
+                Some(subject)
+            } else {
+                subject.get(prefix.len() + 1..)
+            };
+            found.extend(subs.iter().filter(|s| {
+                !s.tx.is_closed()
+                    && match (&s.wild, after) {
+                        (None, after) => after.is_none(),
+                        (Some(wild), Some(after)) => matches(wild, after),
+                        (Some(_), None) => false,
+                    }
+            }));
         }
-        prefixes(subject)
-            .filter_map(|prefix| self.by_literal.get(prefix))
-            .flatten()
-            .filter(|s| matches(&s.pattern, subject))
-            .collect()
+        found
     }
 }
 
@@ -162,7 +186,7 @@ impl MemoryBus {
     /// Hands `message` to matching subscribers; returns how many got it.
     fn deliver(&self, message: &Message) -> usize {
         let pick = self.inner.counter.fetch_add(1, Ordering::Relaxed) as usize;
-        let mut subscriptions = lock(&self.inner.subscriptions);
+        let subscriptions = lock(&self.inner.subscriptions);
         let mut groups: HashMap<&str, Vec<&Sub>> = HashMap::new();
         let mut delivered = 0;
         for sub in subscriptions.matching(&message.subject) {
@@ -192,11 +216,7 @@ impl MemoryBus {
 
     fn add_subscription(&self, pattern: &str, group: Option<&str>) -> Subscription {
         let (tx, rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
-        lock(&self.inner.subscriptions).add(Sub {
-            pattern: pattern.to_owned(),
-            group: group.map(str::to_owned),
-            tx,
-        });
+        lock(&self.inner.subscriptions).add(pattern, group, tx);
         stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) }).boxed()
     }
 }
@@ -727,7 +747,11 @@ impl Settle for MemorySettle {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+    use futures::{FutureExt, StreamExt};
+
     use super::{MemoryBus, literal_part, lock, prefixes};
+    use crate::{Bus, Headers};
 
     #[test]
     fn dropped_subscriptions_are_swept_out_as_new_ones_come() {
@@ -742,6 +766,43 @@ mod tests {
             .collect();
         let keys = lock(&bus.inner.subscriptions).by_literal.len();
         assert_eq!(keys, held.len(), "the dropped room subscriptions are gone");
+    }
+
+    #[tokio::test]
+    async fn a_message_reaches_every_pattern_matching_its_subject_once() {
+        let bus = MemoryBus::new();
+        let patterns = [
+            "p.room.r1.*",
+            "p.room.*.messages",
+            "p.room.r1.messages",
+            "p.>",
+            ">",
+            "*.room.r1.>",
+            "p.room.r1",
+            "p.room.r1.messages.>",
+            "p.room.r2.*",
+            "p.room.*",
+            "q.>",
+        ];
+        let mut subscriptions = Vec::new();
+        for pattern in patterns {
+            subscriptions.push((pattern, bus.subscribe(pattern).await.expect("subscribed")));
+        }
+        bus.publish(
+            "p.room.r1.messages",
+            Headers::new(),
+            Bytes::from_static(b"m"),
+        )
+        .await
+        .expect("published");
+        let mut reached = Vec::new();
+        for (pattern, subscription) in &mut subscriptions {
+            while let Some(Some(message)) = subscription.next().now_or_never() {
+                assert_eq!(message.subject, "p.room.r1.messages");
+                reached.push(*pattern);
+            }
+        }
+        assert_eq!(reached, patterns[..6]);
     }
 
     #[test]

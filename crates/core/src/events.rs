@@ -35,6 +35,7 @@ pub struct RoomMessage {
     pub message_id: MessageId,
     pub sender: UserId,
     pub body: String,
+    #[serde(with = "crate::timestamps")]
     pub sent_at: DateTime<Utc>,
 }
 
@@ -182,6 +183,7 @@ pub struct AuditEvent {
     pub actor: Option<UserId>,
     /// What it was done to: a room id, or the email a failed login named.
     pub subject: Option<String>,
+    #[serde(with = "crate::timestamps")]
     pub at: DateTime<Utc>,
     pub detail: serde_json::Value,
     /// Where the request that caused it came from (filled in by the service

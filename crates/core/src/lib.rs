@@ -18,6 +18,7 @@ pub mod routes;
 pub mod rpc;
 pub mod streams;
 pub mod subjects;
+pub mod timestamps;
 pub mod token;
 pub mod users;
 

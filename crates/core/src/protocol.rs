@@ -120,6 +120,7 @@ pub enum ServerFrame {
         message_id: MessageId,
         sender: UserId,
         body: String,
+        #[serde(with = "crate::timestamps")]
         sent_at: DateTime<Utc>,
     },
     Pong {
@@ -214,6 +215,28 @@ impl From<FrameError> for ServerFrame {
     }
 }
 
+/// How a [`RoomMessage`](crate::events::RoomMessage) event's JSON begins,
+/// as chat-service writes it (`v` is its first field), and how its
+/// `message` frame begins.
+const EVENT_START: &str = "{\"v\":1,";
+const MESSAGE_FRAME_START: &str = "{\"type\":\"message\",";
+
+impl ServerFrame {
+    /// The text of the `message` frame of a room message, made from the
+    /// event's JSON as chat-service wrote it: the frame has the event's
+    /// fields but `v`, in the same order, so it is the event's text with
+    /// `v` replaced by the frame's `type`, and a gateway fanning a message
+    /// out neither reads all of it into types nor writes it again. `None`
+    /// when `event` does not begin as this version writes it.
+    pub fn message_text(event: &str) -> Option<String> {
+        let fields = event.strip_prefix(EVENT_START)?;
+        let mut text = String::with_capacity(MESSAGE_FRAME_START.len() + fields.len());
+        text.push_str(MESSAGE_FRAME_START);
+        text.push_str(fields);
+        Some(text)
+    }
+}
+
 const KNOWN_TYPES: [&str; 5] = ["send", "ping", "resume", "refresh", "typing"];
 
 /// Parses a text frame. A valid frame is parsed once; only a refused one is
@@ -273,6 +296,44 @@ fn explain(text: &str, error: serde_json::Error) -> FrameError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_frame_made_from_the_event_text_is_the_frame_written_whole() {
+        use crate::events::{RoomMessage, SCHEMA_VERSION};
+
+        for body in [
+            "hello",
+            "",
+            "quote \" backslash \\ newline \n nul \u{0} é 🦀",
+            "{\"v\":1,",
+        ] {
+            let event = RoomMessage {
+                v: SCHEMA_VERSION,
+                room: RoomId::new(),
+                seq: 42,
+                message_id: MessageId::new(),
+                sender: UserId::new(),
+                body: body.to_owned(),
+                sent_at: Utc::now(),
+            };
+            let written = serde_json::to_string(&ServerFrame::Message {
+                room: event.room,
+                seq: event.seq,
+                message_id: event.message_id,
+                sender: event.sender,
+                body: event.body.clone(),
+                sent_at: event.sent_at,
+            })
+            .expect("written");
+            let text = serde_json::to_string(&event).expect("written");
+            assert_eq!(
+                ServerFrame::message_text(&text).as_deref(),
+                Some(written.as_str())
+            );
+        }
+        assert_eq!(ServerFrame::message_text(r#"{"room":"r","v":1}"#), None);
+        assert_eq!(ServerFrame::message_text(r#"{"v":2,"room":"r"}"#), None);
+    }
 
     #[test]
     fn resume_names_rooms_by_sequence_with_or_without_an_epoch() {

@@ -37,18 +37,32 @@ pub const DEFAULT_STREAM_MAX_BYTES: u64 = 256 * 1024 * 1024;
 /// Whether `subject` matches `pattern` (NATS rules: tokens separated by
 /// `.`, `*` matches one token, a final `>` matches one or more).
 pub fn matches(pattern: &str, subject: &str) -> bool {
-    let mut subject_tokens = subject.split('.');
-    let mut pattern_tokens = pattern.split('.').peekable();
-    while let Some(p) = pattern_tokens.next() {
-        if p == ">" && pattern_tokens.peek().is_none() {
-            return subject_tokens.next().is_some();
+    let (mut pattern, mut subject) = (Some(pattern), Some(subject));
+    while let Some(p) = next_token(&mut pattern) {
+        if p == ">" && pattern.is_none() {
+            return subject.is_some();
         }
-        match subject_tokens.next() {
+        match next_token(&mut subject) {
             Some(s) if p == "*" || p == s => {}
             _ => return false,
         }
     }
-    subject_tokens.next().is_none()
+    subject.is_none()
+}
+
+/// The first token of `rest` (as `split('.')` gives them, empty ones
+/// included), leaving what follows it; `rest` is `None` after the last.
+/// A plain scan: tokens are short, and every message published in-process
+/// is matched this way against the subscriptions and streams.
+fn next_token<'a>(rest: &mut Option<&'a str>) -> Option<&'a str> {
+    let text = rest.take()?;
+    match text.bytes().position(|b| b == b'.') {
+        Some(dot) => {
+            *rest = Some(&text[dot + 1..]);
+            Some(&text[..dot])
+        }
+        None => Some(text),
+    }
 }
 
 /// Subject and stream names under one prefix.
@@ -323,6 +337,15 @@ mod tests {
         assert!(!matches("a.>", "a"));
         assert!(matches("*.b.>", "z.b.c"));
         assert!(!matches("a.b.c", "a.b.d"));
+        assert!(!matches("a.b", "a.bc"));
+        assert!(!matches("a.bc", "a.b"));
+        assert!(matches("*", "abc"));
+        assert!(!matches("*", "a.b"));
+        assert!(matches(">", "a.b"));
+        // Empty tokens count as tokens, as NATS never sends them anyway.
+        assert!(matches("a.*.b", "a..b"));
+        assert!(matches("a.>", "a."));
+        assert!(!matches("a", ""));
     }
 
     #[test]
