@@ -12,13 +12,11 @@ use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
 use futures::StreamExt;
-use serde::Deserialize;
 use tokio::task::JoinHandle;
 use unhidra_bus::Message;
 use unhidra_core::{
     events::{MembershipChanged, RoomMessage, Typing},
-    ids::RoomId,
-    protocol::{ResumePoint, ServerFrame},
+    protocol::{MessageText, ResumePoint, ServerFrame},
     subjects::RoomEventKind,
 };
 
@@ -92,17 +90,12 @@ pub fn dispatch(gateway: &Arc<Gateway>, event: &Message, tail: &Mutex<RoomTail>)
         return;
     };
     match kind {
-        RoomEventKind::Messages => match serde_json::from_slice::<Head>(&event.payload) {
-            Ok(head) if head.room == room => match frame_text(&event.payload) {
-                Some(text) => deliver(gateway, room, head.seq, text, tail),
-                None => tracing::warn!(subject = %event.subject, "undecodable room message"),
-            },
-            Ok(_) => {
+        RoomEventKind::Messages => match message_frame(&event.payload) {
+            Some(m) if m.room == room => deliver(gateway, m, tail),
+            Some(_) => {
                 tracing::warn!(subject = %event.subject, "room message on another room's subject")
             }
-            Err(e) => {
-                tracing::warn!(subject = %event.subject, error = %e, "undecodable room message")
-            }
+            None => tracing::warn!(subject = %event.subject, "undecodable room message"),
         },
         RoomEventKind::Typing => match serde_json::from_slice::<Typing>(&event.payload) {
             Ok(typing) if typing.room == room => {
@@ -139,39 +132,77 @@ pub fn dispatch(gateway: &Arc<Gateway>, event: &Message, tail: &Mutex<RoomTail>)
     }
 }
 
-/// What fan-out reads of a [`RoomMessage`] event (its text is checked whole).
-#[derive(Deserialize)]
-struct Head {
-    room: RoomId,
-    seq: u64,
-}
-
 /// The `message` frame of a room message event: made from its text as
 /// chat-service wrote it, or (written otherwise, by another version) read
 /// and written whole.
-fn frame_text(payload: &[u8]) -> Option<String> {
-    if let Some(text) = std::str::from_utf8(payload)
+fn message_frame(payload: &[u8]) -> Option<MessageText> {
+    if let Some(made) = std::str::from_utf8(payload)
         .ok()
         .and_then(ServerFrame::message_text)
     {
-        return Some(text);
+        return Some(made);
     }
     let m: RoomMessage = serde_json::from_slice(payload).ok()?;
+    let (room, seq) = (m.room, m.seq);
     let frame = ServerFrame::Message {
-        room: m.room,
-        seq: m.seq,
+        room,
+        seq,
         message_id: m.message_id,
         sender: m.sender,
         body: m.body,
         sent_at: m.sent_at,
     };
-    serde_json::to_string(&frame).ok()
+    let text = serde_json::to_string(&frame).ok()?;
+    Some(MessageText { room, seq, text })
 }
 
-fn deliver(gateway: &Gateway, room: RoomId, seq: u64, text: String, tail: &Mutex<RoomTail>) {
-    let text = Utf8Bytes::from(text);
-    lock(tail).push(seq, &text);
-    let fanout = gateway.registry.deliver(room, seq, &text);
+fn deliver(gateway: &Gateway, m: MessageText, tail: &Mutex<RoomTail>) {
+    let text = Utf8Bytes::from(m.text);
+    lock(tail).push(m.seq, &text);
+    let fanout = gateway.registry.deliver(m.room, m.seq, &text);
     gateway.metrics.delivered.inc_by(fanout.delivered);
     gateway.metrics.slow_consumers.inc_by(fanout.cut_off);
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use unhidra_core::{
+        events::SCHEMA_VERSION,
+        ids::{MessageId, RoomId, UserId},
+    };
+
+    use super::*;
+
+    #[test]
+    fn a_message_event_of_another_version_is_read_and_written_whole() {
+        let event = RoomMessage {
+            v: SCHEMA_VERSION,
+            room: RoomId::new(),
+            seq: 3,
+            message_id: MessageId::new(),
+            sender: UserId::new(),
+            body: "hi".into(),
+            sent_at: Utc::now(),
+        };
+        let written = serde_json::to_string(&ServerFrame::Message {
+            room: event.room,
+            seq: event.seq,
+            message_id: event.message_id,
+            sender: event.sender,
+            body: event.body.clone(),
+            sent_at: event.sent_at,
+        })
+        .expect("written");
+        let mut newer = serde_json::to_value(&event).expect("a value");
+        newer["v"] = 2.into();
+        newer["edited"] = true.into();
+        for payload in [serde_json::to_string(&event), serde_json::to_string(&newer)] {
+            let payload = payload.expect("written");
+            let made = message_frame(payload.as_bytes()).expect("a frame");
+            assert_eq!((made.room, made.seq), (event.room, event.seq));
+            assert_eq!(made.text, written, "{payload}");
+        }
+        assert_eq!(message_frame(br#"{"v":1,"room":"r"}"#), None);
+    }
 }

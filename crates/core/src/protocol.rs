@@ -221,19 +221,53 @@ impl From<FrameError> for ServerFrame {
 const EVENT_START: &str = "{\"v\":1,";
 const MESSAGE_FRAME_START: &str = "{\"type\":\"message\",";
 
+/// A `message` frame made from a room message event's text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageText {
+    pub room: RoomId,
+    pub seq: u64,
+    pub text: String,
+}
+
+/// The fields of a room message event, each checked, none other allowed
+/// (nor any twice); the body borrowed, not copied.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventFields<'a> {
+    #[serde(rename = "v")]
+    _v: u32,
+    room: RoomId,
+    seq: u64,
+    #[serde(rename = "message_id")]
+    _message_id: MessageId,
+    #[serde(rename = "sender")]
+    _sender: UserId,
+    #[serde(rename = "body", borrow)]
+    _body: std::borrow::Cow<'a, str>,
+    #[serde(rename = "sent_at", with = "crate::timestamps")]
+    _sent_at: DateTime<Utc>,
+}
+
 impl ServerFrame {
-    /// The text of the `message` frame of a room message, made from the
-    /// event's JSON as chat-service wrote it: the frame has the event's
-    /// fields but `v`, in the same order, so it is the event's text with
-    /// `v` replaced by the frame's `type`, and a gateway fanning a message
-    /// out neither reads all of it into types nor writes it again. `None`
-    /// when `event` does not begin as this version writes it.
-    pub fn message_text(event: &str) -> Option<String> {
+    /// The `message` frame of a room message, made from the event's JSON as
+    /// chat-service wrote it: the frame has the event's fields but `v`, in
+    /// the same order, so it is the event's text with `v` replaced by the
+    /// frame's `type`, and a gateway fanning a message out does not write it
+    /// again. The event's fields are checked (every one, and no other), so
+    /// the text is a well-formed `message` frame. `None` when `event` is not
+    /// exactly such a text (another version's, or not a message): read it
+    /// whole then.
+    pub fn message_text(event: &str) -> Option<MessageText> {
         let fields = event.strip_prefix(EVENT_START)?;
+        let checked: EventFields = serde_json::from_str(event).ok()?;
         let mut text = String::with_capacity(MESSAGE_FRAME_START.len() + fields.len());
         text.push_str(MESSAGE_FRAME_START);
         text.push_str(fields);
-        Some(text)
+        Some(MessageText {
+            room: checked.room,
+            seq: checked.seq,
+            text,
+        })
     }
 }
 
@@ -326,13 +360,39 @@ mod tests {
             })
             .expect("written");
             let text = serde_json::to_string(&event).expect("written");
+            let made = ServerFrame::message_text(&text).expect("made");
+            assert_eq!((made.room, made.seq), (event.room, event.seq));
+            assert_eq!(made.text, written);
+        }
+        let event = |fields: &str| {
+            format!(
+                r#"{{"v":1,"room":"{}","seq":1,"message_id":"{}","sender":"{}",{fields}}}"#,
+                RoomId::new(),
+                MessageId::new(),
+                UserId::new()
+            )
+        };
+        let sent_at = r#""sent_at":"2026-12-07T20:06:01.123Z""#;
+        let whole = event(&format!(r#""body":"hi",{sent_at}"#));
+        assert!(ServerFrame::message_text(&whole).is_some(), "{whole}");
+        for not_exactly in [
+            event(sent_at),
+            event(&format!(r#""body":7,{sent_at}"#)),
+            event(r#""body":"hi","sent_at":"yesterday""#),
+            event(&format!(r#""body":"hi",{sent_at},"type":"ack""#)),
+            event(&format!(r#""body":"hi",{sent_at},"seq":2"#)),
+            whole.replacen(r#""v":1"#, r#""v":2"#, 1),
+            whole
+                .replacen(r#"{"v":1,"#, "{", 1)
+                .replacen('}', r#","v":1}"#, 1),
+            format!("{whole} trailing"),
+        ] {
             assert_eq!(
-                ServerFrame::message_text(&text).as_deref(),
-                Some(written.as_str())
+                ServerFrame::message_text(&not_exactly),
+                None,
+                "{not_exactly}"
             );
         }
-        assert_eq!(ServerFrame::message_text(r#"{"room":"r","v":1}"#), None);
-        assert_eq!(ServerFrame::message_text(r#"{"v":2,"room":"r"}"#), None);
     }
 
     #[test]
