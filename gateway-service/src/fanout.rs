@@ -144,15 +144,7 @@ fn message_frame(payload: &[u8]) -> Option<MessageText> {
     }
     let m: RoomMessage = serde_json::from_slice(payload).ok()?;
     let (room, seq) = (m.room, m.seq);
-    let frame = ServerFrame::Message {
-        room,
-        seq,
-        message_id: m.message_id,
-        sender: m.sender,
-        body: m.body,
-        sent_at: m.sent_at,
-    };
-    let text = serde_json::to_string(&frame).ok()?;
+    let text = serde_json::to_string(&ServerFrame::from(m)).ok()?;
     Some(MessageText { room, seq, text })
 }
 
@@ -185,15 +177,7 @@ mod tests {
             body: "hi".into(),
             sent_at: Utc::now(),
         };
-        let written = serde_json::to_string(&ServerFrame::Message {
-            room: event.room,
-            seq: event.seq,
-            message_id: event.message_id,
-            sender: event.sender,
-            body: event.body.clone(),
-            sent_at: event.sent_at,
-        })
-        .expect("written");
+        let written = serde_json::to_string(&ServerFrame::from(event.clone())).expect("written");
         let mut newer = serde_json::to_value(&event).expect("a value");
         newer["v"] = 2.into();
         newer["edited"] = true.into();

@@ -206,15 +206,7 @@ async fn missed(
                 Ok(messages) => {
                     for m in messages {
                         if let Entry::Vacant(slot) = found.entry(m.seq) {
-                            let frame = ServerFrame::Message {
-                                room,
-                                seq: m.seq,
-                                message_id: m.message_id,
-                                sender: m.sender,
-                                body: m.body,
-                                sent_at: m.sent_at,
-                            };
-                            if let Ok(text) = text(&frame) {
+                            if let Ok(text) = text(&ServerFrame::from(m)) {
                                 slot.insert(text);
                             }
                         }

@@ -204,6 +204,20 @@ pub struct FrameError {
     pub message: String,
 }
 
+/// A room message's `message` frame, written whole.
+impl From<crate::events::RoomMessage> for ServerFrame {
+    fn from(m: crate::events::RoomMessage) -> Self {
+        Self::Message {
+            room: m.room,
+            seq: m.seq,
+            message_id: m.message_id,
+            sender: m.sender,
+            body: m.body,
+            sent_at: m.sent_at,
+        }
+    }
+}
+
 impl From<FrameError> for ServerFrame {
     fn from(e: FrameError) -> Self {
         Self::Error {
@@ -350,15 +364,8 @@ mod tests {
                 body: body.to_owned(),
                 sent_at: Utc::now(),
             };
-            let written = serde_json::to_string(&ServerFrame::Message {
-                room: event.room,
-                seq: event.seq,
-                message_id: event.message_id,
-                sender: event.sender,
-                body: event.body.clone(),
-                sent_at: event.sent_at,
-            })
-            .expect("written");
+            let written =
+                serde_json::to_string(&ServerFrame::from(event.clone())).expect("written");
             let text = serde_json::to_string(&event).expect("written");
             let made = ServerFrame::message_text(&text).expect("made");
             assert_eq!((made.room, made.seq), (event.room, event.seq));
