@@ -342,7 +342,8 @@ mod tests {
         assert!(matches("*", "abc"));
         assert!(!matches("*", "a.b"));
         assert!(matches(">", "a.b"));
-        // Empty tokens count as tokens, as NATS never sends them anyway.
+        // Empty tokens count as tokens, as they did (NATS refuses such
+        // subjects; the in-process bus takes them).
         assert!(matches("a.*.b", "a..b"));
         assert!(matches("a.>", "a."));
         assert!(!matches("a", ""));
