@@ -91,11 +91,13 @@ pub fn dispatch(gateway: &Arc<Gateway>, event: &Message, tail: &Mutex<RoomTail>)
     };
     match kind {
         RoomEventKind::Messages => match message_frame(&event.payload) {
-            Some(m) if m.room == room => deliver(gateway, m, tail),
-            Some(_) => {
+            Ok(m) if m.room == room => deliver(gateway, m, tail),
+            Ok(_) => {
                 tracing::warn!(subject = %event.subject, "room message on another room's subject")
             }
-            None => tracing::warn!(subject = %event.subject, "undecodable room message"),
+            Err(e) => {
+                tracing::warn!(subject = %event.subject, error = %e, "undecodable room message")
+            }
         },
         RoomEventKind::Typing => match serde_json::from_slice::<Typing>(&event.payload) {
             Ok(typing) if typing.room == room => {
@@ -135,17 +137,17 @@ pub fn dispatch(gateway: &Arc<Gateway>, event: &Message, tail: &Mutex<RoomTail>)
 /// The `message` frame of a room message event: made from its text as
 /// chat-service wrote it, or (written otherwise, by another version) read
 /// and written whole.
-fn message_frame(payload: &[u8]) -> Option<MessageText> {
+fn message_frame(payload: &[u8]) -> Result<MessageText, serde_json::Error> {
     if let Some(made) = std::str::from_utf8(payload)
         .ok()
         .and_then(ServerFrame::message_text)
     {
-        return Some(made);
+        return Ok(made);
     }
-    let m: RoomMessage = serde_json::from_slice(payload).ok()?;
+    let m: RoomMessage = serde_json::from_slice(payload)?;
     let (room, seq) = (m.room, m.seq);
-    let text = serde_json::to_string(&ServerFrame::from(m)).ok()?;
-    Some(MessageText { room, seq, text })
+    let text = serde_json::to_string(&ServerFrame::from(m))?;
+    Ok(MessageText { room, seq, text })
 }
 
 fn deliver(gateway: &Gateway, m: MessageText, tail: &Mutex<RoomTail>) {
@@ -187,6 +189,7 @@ mod tests {
             assert_eq!((made.room, made.seq), (event.room, event.seq));
             assert_eq!(made.text, written, "{payload}");
         }
-        assert_eq!(message_frame(br#"{"v":1,"room":"r"}"#), None);
+        let refused = message_frame(br#"{"v":1,"room":"r"}"#).expect_err("not a message");
+        assert!(refused.to_string().contains("UUID"), "{refused}");
     }
 }
